@@ -1,0 +1,49 @@
+# vfiod developer entry points. `make deps` once (root, Debian/Ubuntu), then `make demo` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := dbus polkitd pkexec pci.ids pkg-config gcc libsystemd-dev libdbus-1-dev libglib2.0-dev \
+	systemd util-linux procps
+
+.PHONY: deps venv test lint typecheck unit demo check clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make deps: missing Debian packages; run as root:"; \
+	    echo "  apt-get update && apt-get install -y --no-install-recommends $$missing"; exit 1; \
+	  fi; \
+	  echo "make deps: installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@$(MAKE) --no-print-directory venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+lint:
+	$(VENV)/bin/ruff check vfiod tests bench
+	$(VENV)/bin/ruff format --check vfiod tests bench
+
+typecheck:
+	$(VENV)/bin/mypy
+
+unit:
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+check:
+	$(VENV)/bin/vfiod check --simulate workstation-l4
+
+demo: check
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,249 @@
+"""Tests for `vfiod check` (vfiod.cli.daemon.main + vfiod.cli.check): the acceptance reports on the
+simulator, the JSON shape, human output, and exit status 2 without a traceback for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.core.test_hostcritical import FakeSys, workstation
+from vfiod.cli.daemon import main
+
+REPO = Path(__file__).resolve().parents[2]
+VFIOD = REPO / ".venv/bin/vfiod"
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["check", *args, "--json"]) == 0
+    out = capsys.readouterr().out
+    doc: dict[str, Any] = json.loads(out)
+    # Exactly {"host", "devices"}, sorted keys, 2-space indent.
+    assert set(doc) == {"host", "devices"}
+    assert out == json.dumps(doc, sort_keys=True, indent=2) + "\n"
+    return doc
+
+
+def devices_by_addr(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["pci_address"]: d for d in doc["devices"]}
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    fs = FakeSys(tmp_path / "host")
+    workstation(fs)
+    fs.pci("0000:00:01.0", cls="0x060400", driver="pcieport", group=12, header=1)
+    fs.pci(
+        "0000:a2:00.0",
+        parent="0000:00:01.0",
+        vendor="10de",
+        device="27b8",
+        cls="0x030200",
+        group=12,
+        driver="nvidia",
+        reset="flr bus",
+    )
+    fs.pci(
+        "0000:a2:00.1",
+        parent="0000:00:01.0",
+        vendor="10de",
+        device="22bc",
+        cls="0x040300",
+        group=12,
+        driver="snd_hda_intel",
+    )
+    fs.pci("0000:00:1f.0", cls="0x060100", driver="lpc_ich", group=12)  # ISA bridge sharing the group
+    return fs.root
+
+
+# ----- acceptance on the simulator -----------------------------------------------------------------------
+
+
+def test_workstation_l4(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(capsys, "--simulate", "workstation-l4")
+    got = devices_by_addr(doc)
+    gpu = got["0000:a2:00.0"]
+    assert gpu["vendor_name"] == "NVIDIA Corporation"
+    assert gpu["device_name"] == "AD104GL [L4]"
+    assert gpu["type"] == "gpu"
+    assert "0000:a2:00.1" in gpu["iommu_group_members"]
+    assert "0000:a2:00.1" not in got  # the audio function is not a candidate of its own
+    igpu = got["0000:00:02.0"]
+    assert igpu["host_critical"].startswith("is the boot VGA with the console bound to it")
+    assert not igpu["passthrough_ready"]
+    assert doc["host"]["iommu_enabled"] is True
+    assert doc["host"]["gpu_mode"] == "passthrough"
+
+
+def test_workstation_l4_all_marks_nic_and_nvme(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(capsys, "--simulate", "workstation-l4", "--all")
+    critical = {d["pci_address"]: d["host_critical"] for d in doc["devices"] if d["host_critical"]}
+    classes = {d["pci_address"]: d["class"] for d in doc["devices"]}
+    assert any(classes[a].startswith("0108") and r.startswith("backs /") for a, r in critical.items())
+    assert any(classes[a].startswith("0200") and "default route" in r for a, r in critical.items())
+
+
+def test_no_iommu(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(capsys, "--simulate", "no-iommu")
+    host = doc["host"]
+    assert host["iommu_enabled"] is False
+    assert any("intel_iommu=on" in p and "amd_iommu=on" in p for p in host["problems"])
+    assert doc["devices"], "devices without an IOMMU group are reported, not dropped"
+    for d in doc["devices"]:
+        assert d["iommu_group"] == -1
+        assert any("intel_iommu=on" in b for b in d["blockers"])
+
+
+def test_human_report_on_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--simulate", "workstation-l4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Host\n")
+    assert "✓ IOMMU enabled" in out
+    assert "0000:a2:00.0" in out and "AD104GL [L4]" in out
+
+
+def test_console_script_subprocess() -> None:
+    if not VFIOD.exists():
+        subprocess.run([str(REPO / ".venv/bin/pip"), "install", "-q", "-e", str(REPO)], check=True)
+    proc = subprocess.run(
+        [str(VFIOD), "check", "--simulate", "workstation-l4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    gpu = devices_by_addr(doc)["0000:a2:00.0"]
+    assert (gpu["vendor_name"], gpu["device_name"], gpu["type"]) == (
+        "NVIDIA Corporation",
+        "AD104GL [L4]",
+        "gpu",
+    )
+    assert "Traceback" not in proc.stderr
+
+
+# ----- hand-built trees --------------------------------------------------------------------------------
+
+
+def test_sysfs_root_tree_json(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
+    doc = run_json(capsys, "--sysfs-root", str(tree), "--pci-ids", "/nonexistent/pci.ids")
+    got = devices_by_addr(doc)
+    assert list(got) == ["0000:00:02.0", "0000:a2:00.0"]
+    gpu = got["0000:a2:00.0"]
+    assert gpu["vendor_name"] == "10de" and gpu["device_name"] == "27b8"
+    # The LPC bridge is bound to a host driver in the L4's group, in another slot: a real blocker.
+    assert gpu["blockers"] == [
+        "IOMMU group 12 also holds 0000:00:1f.0 (lpc_ich), which the host is using; it must be passed "
+        "through with it or unbound"
+    ]
+    assert doc["host"]["gpu_slots_total"] == 1
+
+
+def test_sysfs_root_tree_all(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
+    doc = run_json(capsys, "--sysfs-root", str(tree), "--all")
+    got = devices_by_addr(doc)
+    assert got["0000:03:00.0"]["host_critical"].startswith("backs / (ext4 on /dev/nvme0n1p2)")
+    assert got["0000:00:1f.6"]["host_critical"].startswith("carries the IPv4 and IPv6 default route")
+    assert got["0000:a2:00.1"]["type"] == "pci"
+
+
+def test_human_report(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
+    assert main(["check", "--sysfs-root", str(tree), "--pci-ids", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "Host"
+    assert "  ✓ IOMMU enabled (5 IOMMU groups)" in lines
+    assert "  ✗ vfio-pci loaded" in lines
+    assert (
+        "  ✗ vfio-pci is not loaded: modprobe vfio-pci (vfiod loads it through modprobe@vfio_pci.service)"
+        in lines
+    )
+    header = next(line for line in lines if line.lstrip().startswith("ADDRESS"))
+    for column in ("DEVICE", "TYPE", "GROUP", "MEMBERS", "DRIVER", "RESET", "READY"):
+        assert column in header
+    gpu_row = next(line for line in lines if line.lstrip().startswith("0000:a2:00.0"))
+    assert "0000:a2:00.1 (snd_hda_intel)" in gpu_row
+    assert "0000:00:1f.0 (lpc_ich)" in gpu_row
+    assert "flr,bus" in gpu_row and gpu_row.rstrip().endswith("no")
+    blocker = lines[lines.index(gpu_row) + 1]
+    assert blocker.strip().startswith("✗ IOMMU group 12 also holds 0000:00:1f.0 (lpc_ich)")
+    igpu_row = next(line for line in lines if line.lstrip().startswith("0000:00:02.0"))
+    assert "the host needs it: it is the boot VGA" in lines[lines.index(igpu_row) + 1]
+
+
+def test_ascii_fallback_for_terminals_without_unicode(tree: Path) -> None:
+    import argparse
+    import io
+
+    from vfiod.cli import check
+
+    buf = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    args = argparse.Namespace(simulate=None, sysfs_root=tree, all=False, json=False, pci_ids=None)
+    assert check.run(args, out=buf) == 0
+    buf.flush()
+    text = buf.buffer.getvalue().decode("ascii")
+    assert "ok IOMMU enabled" in text and "!! vfio-pci loaded" in text
+
+
+def test_sysfs_root_that_is_a_bare_sysfs_mount(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
+    # Without sys/ inside, DIR is sysfs itself and /dev, /proc, /etc are the real ones (read only).
+    assert main(["check", "--sysfs-root", str(tree / "sys"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "0000:a2:00.0" in devices_by_addr(doc)
+
+
+# ----- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["check", "--simulate"],
+        ["check", "--no-such-option"],
+        ["check", "--simulate", "workstation-l4", "--sysfs-root", "/tmp"],
+        ["run"],
+    ],
+)
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+
+
+def test_unknown_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--simulate", "no-such-profile"]) == 2
+    captured = capsys.readouterr()
+    assert "'no-such-profile'" in captured.err and "workstation-l4" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_missing_sysfs_root(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["check", "--sysfs-root", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert main(["check", "--help"]) == 0
+    assert "--simulate" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vfiod.cli.daemon", "check", "--simulate", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,44 @@
+"""Shared fixtures: a simulated host built from a profile in a temporary directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
+from vfiod.host.simulator import SimulatedKernel, build
+
+
+@dataclass
+class SimHost:
+    """A simulated kernel, a Host on it, and every sysfs write the Host made."""
+
+    root: Path
+    kernel: SimulatedKernel
+    host: Host
+    writes: list[WriteRecord] = field(default_factory=list)
+
+
+SimFactory = Callable[..., SimHost]
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> SimFactory:
+    """`sim("workstation-l4", deadline=0.5)` builds a profile and returns a SimHost on it."""
+    count = 0
+
+    def make(profile: str = "workstation-l4", *, deadline: float = 5.0) -> SimHost:
+        nonlocal count
+        count += 1
+        root = tmp_path / f"sim{count}"
+        kernel = build(root, profile)
+        policy = DeadlinePolicy(default=deadline, per_driver={})
+        host = Host(HostRoots.under(root), backend=kernel, deadlines=policy)
+        sh = SimHost(root=root, kernel=kernel, host=host)
+        host.add_write_listener(sh.writes.append)
+        return sh
+
+    return make

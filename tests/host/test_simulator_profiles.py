@@ -1,0 +1,309 @@
+"""Profiles, the built tree, processes, reboot, crash recovery, other processes sharing one simulated
+kernel, and the `python -m vfiod.host.simulator` tool."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SimFactory
+from vfiod.host.host import Host, HostRoots, ProcUnreadable
+from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.simulator import SimulatedKernel, build, get_profile, processes
+from vfiod.host.simulator import kernel as kernel_mod
+from vfiod.host.simulator.__main__ import main as tool
+from vfiod.host.simulator.profiles import Profile
+
+L4 = PciAddress.parse("0000:a2:00.0")
+L4_AUDIO = PciAddress.parse("0000:a2:00.1")
+IGPU = PciAddress.parse("0000:00:02.0")
+VFIO = DriverName.parse("vfio-pci")
+NVIDIA = DriverName.parse("nvidia")
+L4_GROUP = 7
+
+PROFILES = ["workstation-l4", "dgx-h100", "no-iommu", "qemu-q35", "synthetic:5"]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_builds_as_declared(sim: SimFactory, name: str) -> None:
+    sh = sim(name)
+    prof = sh.kernel.profile
+    assert sh.host.pci_addresses() == sorted(PciAddress.parse(d.address) for d in prof.devices)
+    for d in prof.devices:
+        addr = PciAddress.parse(d.address)
+        assert sh.host.driver(addr) == d.driver, addr  # the boot probe agrees with the profile
+        assert sh.host.iommu_group(addr) == (d.iommu_group if prof.iommu else None)
+        assert sh.host.hex_attr(addr, "vendor") == f"{d.vendor:04x}"
+        with open(sh.host.device_dir(addr) / "config", "rb") as f:
+            assert (f.read(0x10)[0x0E] & 0x7F) == d.header_type
+    assert {g: [str(a) for a in sh.host.group_members(g)] for g in sh.host.iommu_groups()} == prof.groups()
+    assert sh.host.cmdline() == prof.cmdline
+    assert len(sh.host.boot_id()) == 36
+    # every link in the tree is relative and resolves inside it (or is a /proc logical path)
+    for dirpath, dirnames, filenames in os.walk(sh.root):
+        for name_ in dirnames + filenames:
+            path = Path(dirpath) / name_
+            if path.is_symlink() and "/proc/" not in str(path):
+                target = os.readlink(path)
+                assert not target.startswith("/"), path
+                assert path.resolve().is_relative_to(sh.root.resolve()), path
+
+
+def test_profiles_round_trip_through_json() -> None:
+    for name in PROFILES:
+        prof = get_profile(name)
+        assert Profile.from_json(prof.to_json()) == prof
+    with pytest.raises(KeyError):
+        get_profile("no-such-profile")
+    with pytest.raises(KeyError):
+        get_profile("synthetic:0")
+
+
+def test_built_from_json_data(tmp_path: Path) -> None:
+    text = get_profile("qemu-q35").to_json()
+    kernel = build(tmp_path / "r", Profile.from_json(text))
+    assert kernel.profile.name == "qemu-q35"
+    with pytest.raises(FileExistsError):
+        build(tmp_path / "r", "qemu-q35")  # never over an existing tree
+
+
+def test_workstation_details(sim: SimFactory) -> None:
+    sh = sim("workstation-l4")
+    h, root = sh.host, sh.root
+    assert h.attr(L4, "reset_method") == "flr bus" and h.attr(L4, "numa_node") == "0"
+    assert h.attr(IGPU, "boot_vga") == "1" and h.attr(L4, "boot_vga") is None  # 0302 is no VGA
+    assert h.driver_module(PciAddress.parse("0000:00:01.0")) is None  # pcieport is built in
+    assert h.driver_module(L4) == "nvidia"
+    info = h.read_text(root / "proc/driver/nvidia/gpus" / L4 / "information") or ""
+    assert "Device Minor: \t 0" in info and f"Bus Location: \t {L4}" in info and "Model:" in info
+    assert h.list_dir(h.device_dir(IGPU) / "drm") == ["card0", "renderD128"]
+    assert os.readlink(root / f"dev/dri/by-path/pci-{IGPU}-card") == "../card0"
+    assert (root / "sys/class/net/eno1").resolve().parent.parent.name == "0000:00:1f.6"
+    assert h.read_text(root / "sys/class/block/nvme0n1p2/dev") == "259:2"
+    assert (root / "sys/dev/block/259:2").resolve() == (root / "sys/class/block/nvme0n1p2").resolve()
+    assert "259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2" in (
+        h.read_text(root / "proc/self/mountinfo") or ""
+    )
+    route = (h.read_text(root / "proc/net/route") or "").splitlines()
+    assert route[0].startswith("Iface\tDestination") and route[1].split()[:2] == ["eno1", "00000000"]
+    assert int(h.read_text(root / "sys/class/iommu/dmar0/intel-iommu/ecap") or "0", 16) & 0x8
+    assert h.read_text(root / f"sys/kernel/iommu_groups/{L4_GROUP}/type") == "identity"  # iommu=pt
+    assert h.read_text(root / "sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") == "0"
+    assert (root / "dev/vfio/vfio").exists() and (root / "dev/nvidiactl").exists()
+    assert not (root / "dev/vfio/devices").exists() and not (root / "dev/iommu").exists()
+    # the boot processes
+    persistenced = h.process_info(900)
+    assert persistenced.comm == "nvidia-persiste" and persistenced.exe == "/usr/bin/nvidia-persistenced"
+    assert persistenced.cgroup == "0::/system.slice/nvidia-persistenced.service"
+    assert sorted(h.fd_targets(900)) == ["/dev/null"] * 3 + ["/dev/nvidia0", "/dev/nvidiactl"]
+    assert [(i.pid, p) for i, p in h.iter_holders({"/dev/dri/card0"})] == [(1500, "/dev/dri/card0")]
+
+
+def test_dgx_details(sim: SimFactory) -> None:
+    sh = sim("dgx-h100")
+    h = sh.host
+    gpus = [a for a in h.pci_addresses() if h.hex_attr(a, "device") == "2330"]
+    switches = [a for a in h.pci_addresses() if h.hex_attr(a, "device") == "22a3"]
+    assert len(gpus) == 8 and len(switches) == 4
+    assert len({h.iommu_group(a) for a in gpus + switches}) == 12
+    assert [h.attr(a, "numa_node") for a in gpus] == ["0"] * 4 + ["1"] * 4
+    assert sorted(h.list_dir(sh.root / "proc/driver/nvidia/gpus")) == [str(a) for a in gpus]
+    assert all(h.driver(a) == "nvidia" for a in switches)
+    assert sorted(n for n in h.list_dir(sh.root / "dev") if n.startswith("nvidia-nvswitch")) == [
+        f"nvidia-nvswitch{i}" for i in range(4)
+    ]
+    held = sorted(t for t in h.fd_targets(900) if t.startswith("/dev/nvidia") and t[11:].isdigit())
+    assert held == sorted(f"/dev/nvidia{i}" for i in range(8))
+    vga = PciAddress.parse("0000:03:00.0")
+    assert h.group_members(h.iommu_group(vga) or -1) == [PciAddress.parse("0000:02:00.0"), vga]
+    assert h.read_text(sh.root / "sys/devices/system/node/online") == "0-1"
+    nets = h.list_dir(sh.root / "sys/class/net")
+    assert len(nets) == 8 and "ens6f0np0" in nets
+
+
+def test_no_iommu_and_qemu_details(sim: SimFactory) -> None:
+    sh = sim("no-iommu")
+    assert sh.host.iommu_groups() == [] and not (sh.root / "sys/class/iommu/dmar0").exists()
+    assert "intel_iommu" not in sh.host.cmdline()
+    q = sim("qemu-q35")
+    assert q.host.group_members(9) == [
+        PciAddress.parse(a) for a in ("0000:01:00.0", "0000:02:01.0", "0000:02:02.0")
+    ]
+    assert q.host.group_members(1) == [PciAddress.parse("0000:00:02.0"), PciAddress.parse("0000:00:02.1")]
+    tags = {
+        q.host.read_text(q.root / "sys/bus/virtio/devices" / v / "mount_tag")
+        for v in q.host.list_dir(q.root / "sys/bus/virtio/devices")
+    }
+    assert tags == {"hostroot\x00", "out\x00", None}
+    assert q.host.attr(PciAddress.parse("0000:00:03.0"), "class") == "0x038000"
+
+
+def test_synthetic_shape() -> None:
+    prof = get_profile("synthetic:7")
+    assert len(prof.devices) == 7 and len(prof.groups()) == 4
+    assert [d.driver for d in prof.devices if d.iommu_group == 0] == ["nvidia", "snd_hda_intel"]
+
+
+# ----- processes ----------------------------------------------------------------------------------------
+
+
+def test_processes(sim: SimFactory) -> None:
+    sh = sim()
+    pid = processes.add_process(
+        sh.root,
+        exe="/usr/bin/qemu-system-x86_64",
+        uid=1000,
+        fds=["/dev/vfio/7", "/dev/dri/renderD128"],
+        cgroup_unit="vm-1.scope",
+        memlock=(1 << 30, None),
+        args=["qemu-system-x86_64", "-m", "4G"],
+    )
+    h = sh.host
+    info = h.process_info(pid)
+    assert (info.uid, info.comm, info.exe) == (1000, "qemu-system-x86", "/usr/bin/qemu-system-x86_64")
+    assert info.cgroup == "0::/user.slice/user-1000.slice/vm-1.scope"
+    assert (sh.root / f"proc/{pid}/cmdline").read_bytes() == b"qemu-system-x86_64\0-m\0004G\0"
+    assert h.memlock_limit(pid) == (1 << 30, None)
+    assert h.memlock_limit(900) == (8388608, 8388608)
+    limits = (sh.root / "proc/900/limits").read_text().splitlines()
+    assert limits[0].split() == ["Limit", "Soft", "Limit", "Hard", "Limit", "Units"]
+    assert "/dev/vfio/7" in h.fd_targets(pid)
+    processes.set_fd_unreadable(sh.root, pid)
+    with pytest.raises(ProcUnreadable):
+        h.fd_targets(pid)
+    # the kernel still knows what it holds
+    assert processes.holders(sh.root, ["/dev/vfio/7"]) == [(pid, "/dev/vfio/7")]
+    processes.remove_process(sh.root, pid)
+    assert pid not in h.pids() and processes.holders(sh.root, ["/dev/vfio/7"]) == []
+    # units: stop and start the persistence daemon as systemd would
+    assert processes.stop_unit(sh.root, "nvidia-persistenced.service") == [900]
+    assert not processes.unit_active(sh.root, "nvidia-persistenced.service")
+    assert processes.start_unit(sh.root, "nvidia-persistenced.service") == [900]
+    assert "/dev/nvidia0" in h.fd_targets(900)
+
+
+def test_nvidia_unbind_can_wait_for_users(tmp_path: Path) -> None:
+    prof = Profile.from_dict(
+        {**get_profile("workstation-l4").to_dict(), "nvidia_remove_waits_for_users": True}
+    )
+    kernel = build(tmp_path / "r", prof)
+    host = Host(HostRoots.under(tmp_path / "r"), backend=kernel)
+    stopped: list[int] = []
+
+    import threading
+
+    t = threading.Thread(target=lambda: host.unbind(L4, NVIDIA), daemon=True)
+    t.start()
+    assert kernel.wait_blocked(L4, 2.0)  # nvidia-persistenced holds /dev/nvidia0
+    stopped += processes.stop_unit(tmp_path / "r", "nvidia-persistenced.service")
+    t.join(2.0)
+    assert stopped == [900] and host.driver(L4) is None
+
+
+# ----- reboot, recovery, other processes ----------------------------------------------------------------
+
+
+def test_reboot_resets_to_the_boot_state(sim: SimFactory) -> None:
+    sh = sim()
+    h = sh.host
+    boot_id = h.boot_id()
+    for addr in (L4, L4_AUDIO):
+        h.set_driver_override(addr, VFIO)
+        h.unbind(addr, h.driver(addr) or NVIDIA)
+        h.probe(addr)
+    pid = processes.add_process(sh.root, exe="/usr/bin/qemu", fds=[f"/dev/vfio/{L4_GROUP}"])
+    nic = PciAddress.parse("0000:00:1f.6")
+    sh.kernel.write_attribute(h.device_dir(nic) / "remove", b"1")
+    sh.kernel.unload_module("snd_hda_intel")
+    sh.kernel.replace_card(IGPU, vendor="8086", device="56a0")  # physical: survives the reboot
+    sh.kernel.reboot()
+    assert h.boot_id() != boot_id and len(h.boot_id()) == 36
+    assert h.driver(L4) == "nvidia" and h.driver(L4_AUDIO) == "snd_hda_intel"
+    assert h.driver_override(L4) is None
+    assert not h.vfio_group_node(L4_GROUP).exists()
+    assert pid not in h.pids() and 900 in h.pids() and "/dev/nvidia0" in h.fd_targets(900)
+    assert h.driver(nic) == "e1000e"
+    assert h.hex_attr(IGPU, "device") == "56a0"
+
+
+def test_interrupted_update_is_repaired_by_the_next_locker(
+    sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sh = sim()
+    sh.host.set_driver_override(L4, VFIO)
+    real_remove = kernel_mod._remove_path
+    calls = 0
+
+    def dies_on_the_fourth_removal(path: str, kind: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise KeyboardInterrupt  # the process dies with the tree half updated
+        real_remove(path, kind)
+
+    monkeypatch.setattr(kernel_mod, "_remove_path", dies_on_the_fourth_removal)
+    with pytest.raises(KeyboardInterrupt):
+        sh.kernel.write_attribute(sh.host.pci_drivers_dir / "nvidia/unbind", str(L4).encode())
+    monkeypatch.setattr(kernel_mod, "_remove_path", real_remove)
+    assert sh.host.driver(L4) == "nvidia"  # the driver link was not reached yet
+    fresh = SimulatedKernel(sh.root)  # another process opening the same root
+    st = fresh.state()  # taking the lock finishes the update
+    assert st.devices[L4].driver is None and sh.host.driver(L4) is None
+    assert not (sh.root / "dev/nvidia0").exists()
+    # the tree is exactly what the state says
+    keys = sorted(kernel_mod._all_keys(fresh.topology))
+    rendered = kernel_mod._Renderer(fresh.topology, st).render(keys)
+    for rel, entry in rendered.items():
+        assert kernel_mod._matches_disk(str(sh.root / rel), entry), rel
+
+
+def _child_binds(root: str) -> None:
+    kernel = SimulatedKernel(Path(root))
+    host = Host(HostRoots.under(Path(root)), backend=kernel)
+    host.set_driver_override(L4_AUDIO, VFIO)
+    host.unbind(L4_AUDIO, DriverName.parse("snd_hda_intel"))
+    host.probe(L4_AUDIO)
+
+
+def test_another_process_sees_the_same_kernel(sim: SimFactory) -> None:
+    sh = sim()
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_child_binds, args=(str(sh.root),))
+    child.start()
+    child.join(20)
+    assert child.exitcode == 0
+    assert sh.host.driver(L4_AUDIO) == "vfio-pci"
+    assert sh.kernel.state().devices[L4_AUDIO].driver == "vfio-pci"
+    assert {t["pid"] for t in sh.kernel.trace()} == {child.pid}
+    assert [e["action"] for e in sh.kernel.uevents()] == ["unbind", "bind"]
+
+
+# ----- the tool -----------------------------------------------------------------------------------------
+
+
+def test_tool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "sim"
+    assert tool(["build", "workstation-l4", str(root)]) == 0
+    assert tool(["bind", str(root), str(L4), "nvidia"]) == 1  # EBUSY: already bound
+    assert "EBUSY" in capsys.readouterr().err
+    assert tool(["unbind", str(root), str(L4), "nvidia"]) == 0
+    assert tool(["write", str(root), f"/sys/bus/pci/devices/{L4}/driver_override", "vfio-pci"]) == 0
+    assert tool(["bind", str(root), str(L4), "vfio-pci"]) == 0
+    assert SimulatedKernel(root).driver_of(L4) == "vfio-pci"
+    capsys.readouterr()
+    assert (
+        tool(["process", "add", str(root), "--exe", "/usr/bin/qemu", "--uid", "1000", "--fd", "/dev/vfio/7"])
+        == 0
+    )
+    pid = int(capsys.readouterr().out)
+    assert processes.holders(root, ["/dev/vfio/7"]) == [(pid, "/dev/vfio/7")]
+    assert tool(["fault", "inject", str(root), "f", "--kind", "errno", "--path", "/sys/bus/pci/rescan"]) == 0
+    assert tool(["write", str(root), "/sys/bus/pci/rescan", "1"]) == 1
+    assert tool(["fault", "clear", str(root), "f"]) == 0
+    assert tool(["write", str(root), "/sys/bus/pci/rescan", "1"]) == 0
+    assert tool(["build", "nope", str(tmp_path / "other")]) == 2
+    assert tool(["reboot", str(root)]) == 0
+    assert SimulatedKernel(root).driver_of(L4) == "nvidia"

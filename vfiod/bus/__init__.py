@@ -1,0 +1,1 @@
+"""The D-Bus adaptor: validation, authorization, error mapping over the core manager."""

@@ -1,0 +1,1 @@
+"""Command-line entry points: the daemon's own `vfiod` and the `vfioctl` client."""

@@ -1,0 +1,1 @@
+"""Pure-Python device logic: discovery, binding, guards, registry and manager. No D-Bus here."""

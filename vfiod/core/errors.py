@@ -1,0 +1,126 @@
+"""The error taxonomy: every failure a caller can see, one class per contract error name.
+
+The D-Bus layer maps each class to `org.hypeman.Devices1.Error.<name>` once, by the class's `name`; nothing
+else ever reaches a caller. Messages are whole sentences meant for a person reading `busctl` output.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class VfiodError(Exception):
+    """Base class. `name` is the contract's error name (the last part of the D-Bus error)."""
+
+    name: ClassVar[str] = "Failed"
+
+    def __init__(self, message: str, *, stuck: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        # PCI addresses the kernel left in an unknown state: the manager marks them `stuck`.
+        self.stuck = stuck
+
+
+class NotFound(VfiodError):
+    name = "NotFound"
+
+
+class DeviceNotFound(VfiodError):
+    name = "DeviceNotFound"
+
+
+class InvalidPCIAddress(VfiodError):
+    name = "InvalidPCIAddress"
+
+
+class InvalidName(VfiodError):
+    name = "InvalidName"
+
+
+class InvalidArgument(VfiodError):
+    name = "InvalidArgument"
+
+
+class NameExists(VfiodError):
+    name = "NameExists"
+
+
+class AlreadyExists(VfiodError):
+    name = "AlreadyExists"
+
+
+class InUse(VfiodError):
+    name = "InUse"
+
+
+class NotOwner(VfiodError):
+    name = "NotOwner"
+
+
+class AlreadyBound(VfiodError):
+    name = "AlreadyBound"
+
+
+class NotBound(VfiodError):
+    name = "NotBound"
+
+
+class IOMMUGroupConflict(VfiodError):
+    name = "IOMMUGroupConflict"
+
+
+class HostCritical(VfiodError):
+    name = "HostCritical"
+
+
+class DeviceBusy(VfiodError):
+    """Processes hold the device; `holders` names them (pid, executable) so the caller can act."""
+
+    name = "DeviceBusy"
+
+    def __init__(self, message: str, holders: list[tuple[int, str]] | None = None) -> None:
+        super().__init__(message)
+        self.holders = holders or []
+
+
+class VFIONotAvailable(VfiodError):
+    name = "VFIONotAvailable"
+
+
+class NativeDriverNotRestored(VfiodError):
+    name = "NativeDriverNotRestored"
+
+
+class Timeout(VfiodError):
+    name = "Timeout"
+
+
+class NotAuthorized(VfiodError):
+    name = "NotAuthorized"
+
+
+class Failed(VfiodError):
+    name = "Failed"
+
+
+ALL_ERRORS: tuple[type[VfiodError], ...] = (
+    NotFound,
+    DeviceNotFound,
+    InvalidPCIAddress,
+    InvalidName,
+    InvalidArgument,
+    NameExists,
+    AlreadyExists,
+    InUse,
+    NotOwner,
+    AlreadyBound,
+    NotBound,
+    IOMMUGroupConflict,
+    HostCritical,
+    DeviceBusy,
+    VFIONotAvailable,
+    NativeDriverNotRestored,
+    Timeout,
+    NotAuthorized,
+    Failed,
+)

@@ -1,0 +1,309 @@
+"""Checks that must pass before vfiod changes a device's driver: identity, host-critical use, the IOMMU group
+(judged by driver, as the kernel judges viability) and processes holding the device.
+
+Nothing here writes to the kernel. Every check reads the live host, so a decision is never made on stale
+registry data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from vfiod.core.errors import (
+    DeviceBusy,
+    Failed,
+    HostCritical,
+    InvalidArgument,
+    IOMMUGroupConflict,
+    VFIONotAvailable,
+)
+from vfiod.core.hostcritical import host_critical
+from vfiod.host.host import Host, ProcessInfo, ProcUnreadable
+from vfiod.host.pciaddr import PciAddress
+
+# Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
+# these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
+DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
+VFIO_DRIVERS = frozenset({"vfio-pci"})
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes a card that card: compared before any unbind so a swapped card is never touched."""
+
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    class_code: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.vendor_id}:{self.device_id} (subsystem {self.subsystem_vendor_id}:"
+            f"{self.subsystem_device_id}, class {self.class_code})"
+        )
+
+
+def read_identity(host: Host, addr: PciAddress) -> Identity | None:
+    vendor = host.hex_attr(addr, "vendor")
+    device = host.hex_attr(addr, "device")
+    if vendor is None or device is None:
+        return None
+    return Identity(
+        vendor_id=vendor,
+        device_id=device,
+        subsystem_vendor_id=host.hex_attr(addr, "subsystem_vendor") or "",
+        subsystem_device_id=host.hex_attr(addr, "subsystem_device") or "",
+        class_code=(host.hex_attr(addr, "class") or "").rjust(6, "0"),
+    )
+
+
+def is_bridge(host: Host, addr: PciAddress) -> bool:
+    """A PCI-to-PCI or CardBus bridge (header type 1 or 2). Class 0680 endpoints such as NVSwitch are
+    not bridges: they carry a driver and decide viability like any endpoint."""
+    try:
+        with open(host.device_dir(addr) / "config", "rb") as f:
+            f.seek(0x0E)
+            header = f.read(1)
+        if header:
+            return (header[0] & 0x7F) in (1, 2)
+    except OSError:
+        pass
+    cls = host.hex_attr(addr, "class") or ""
+    return cls[:4] in ("0604", "0607", "0609")
+
+
+def is_vfio_bound(host: Host, addr: PciAddress) -> bool:
+    """Bound to vfio-pci or a vfio variant driver (which shows as a vfio-dev/ directory)."""
+    drv = host.driver(addr)
+    return drv in VFIO_DRIVERS or (drv is not None and host.has_vfio_dev(addr))
+
+
+def dma_neutral(host: Host, addr: PciAddress) -> bool:
+    """The member does not stop its group from being viable: no driver, or a driver that lets the user
+    own DMA (vfio-pci and its variants, pci-stub, pcieport)."""
+    drv = host.driver(addr)
+    return drv is None or drv in DMA_NEUTRAL_DRIVERS or host.has_vfio_dev(addr)
+
+
+def check_identity(host: Host, addr: PciAddress, expected: Identity) -> None:
+    live = read_identity(host, addr)
+    if live is None:
+        raise Failed(f"{addr} is no longer on the bus")
+    if live != expected:
+        raise Failed(
+            f"the card at {addr} is not the registered one: found {live.describe()}, registered "
+            f"{expected.describe()}; vfiod will not touch it (unregister and register it again if the card "
+            "was replaced on purpose)"
+        )
+
+
+def check_not_host_critical(host: Host, addrs: Iterable[PciAddress], force: bool) -> None:
+    if force:
+        return
+    critical = host_critical(host)
+    for addr in addrs:
+        reason = critical.get(addr)
+        if reason:
+            raise HostCritical(
+                f"{addr} {reason}; passing it through would take it from the host (an admin may use "
+                "force to override)"
+            )
+
+
+@dataclass
+class GroupPlan:
+    """What one bind request means for one IOMMU group."""
+
+    group: int
+    to_bind: list[PciAddress] = field(default_factory=list)  # functions vfiod moves to vfio-pci
+    roles: dict[PciAddress, str] = field(default_factory=dict)  # requested | companion
+    joined: list[PciAddress] = field(default_factory=list)  # already on vfio, unattached: join as-is
+    already_bound: list[PciAddress] = field(default_factory=list)  # requested/companion already on vfio
+
+    @property
+    def functions(self) -> list[PciAddress]:
+        return sorted(set(self.to_bind) | set(self.joined) | set(self.already_bound))
+
+
+def plan_groups(
+    host: Host,
+    requested: Collection[PciAddress],
+    *,
+    include_group: bool,
+    attached_elsewhere: Mapping[PciAddress, str] | None = None,
+) -> list[GroupPlan]:
+    """Decide, per IOMMU group, which functions must move to vfio-pci for `requested` to be usable.
+
+    `include_group` adds the other functions of the same slot; any other endpoint of the group must be
+    named in `requested`. Members that keep a DMA-owning driver make the request an IOMMUGroupConflict
+    naming them; vfio-bound members attached to someone else are a conflict too (`attached_elsewhere`
+    maps address -> who holds it); unattached vfio-bound members join.
+    """
+    attached_elsewhere = attached_elsewhere or {}
+    plans: dict[int, GroupPlan] = {}
+    wanted: dict[PciAddress, str] = {}
+    for addr in sorted(requested):
+        if not host.device_exists(addr):
+            raise Failed(f"{addr} is not on the bus")
+        if is_bridge(host, addr):
+            raise InvalidArgument(f"{addr} is a PCI bridge; bridges are never passed through")
+        wanted[addr] = "requested"
+    for addr in list(wanted):
+        group = host.iommu_group(addr)
+        if group is None:
+            raise VFIONotAvailable(
+                f"{addr} has no IOMMU group: the IOMMU is off; add intel_iommu=on (Intel) or amd_iommu=on "
+                "(AMD) to the kernel command line and reboot"
+            )
+        if include_group:
+            for member in host.group_members(group):
+                if member.same_slot(addr) and member not in wanted and not is_bridge(host, member):
+                    wanted[member] = "companion"
+    for addr, role in sorted(wanted.items()):
+        group = host.iommu_group(addr)
+        assert group is not None
+        plan = plans.setdefault(group, GroupPlan(group=group))
+        plan.roles[addr] = role
+        holder = attached_elsewhere.get(addr)
+        if holder is not None:
+            raise IOMMUGroupConflict(f"{addr} in IOMMU group {group} is attached to {holder}")
+        if is_vfio_bound(host, addr):
+            plan.already_bound.append(addr)
+        else:
+            plan.to_bind.append(addr)
+    for group, plan in sorted(plans.items()):
+        for member in host.group_members(group):
+            if member in wanted:
+                continue
+            drv = host.driver(member)
+            holder = attached_elsewhere.get(member)
+            if holder is not None:
+                raise IOMMUGroupConflict(
+                    f"IOMMU group {group} also holds {member}, which is attached to {holder}; a group can "
+                    "only be handed to one owner"
+                )
+            if is_bridge(host, member) or drv is None or (drv in DMA_NEUTRAL_DRIVERS - VFIO_DRIVERS):
+                continue
+            if is_vfio_bound(host, member):
+                plan.joined.append(member)
+                plan.roles[member] = "companion"
+                continue
+            hint = (
+                " (pass include_group to bind the other functions of the slot with it)"
+                if any(member.same_slot(a) for a in wanted)
+                else " (name it in the request, or unbind it from the host first)"
+            )
+            raise IOMMUGroupConflict(
+                f"IOMMU group {group} also holds {member}, bound to {drv}; every member of the group "
+                f"must be passed through together{hint}"
+            )
+    return [plans[g] for g in sorted(plans)]
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    exe: str
+    uid: int | None
+    path: str
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.exe or 'unknown executable'}) holds {self.path}"
+
+
+def _holders(host: Host, paths: set[str], ignore: Callable[[ProcessInfo], bool]) -> list[Holder]:
+    if not paths:
+        return []
+    out: list[Holder] = []
+    try:
+        for info, path in host.iter_holders(paths):
+            if ignore(info):
+                continue
+            out.append(Holder(pid=info.pid, exe=info.exe or info.comm, uid=info.uid, path=path))
+    except ProcUnreadable as e:
+        raise Failed(
+            f"cannot tell whether {', '.join(sorted(paths))} is in use: {e} (vfiod needs CAP_SYS_PTRACE "
+            "and CAP_DAC_READ_SEARCH to see other processes' open files)"
+        ) from e
+    return out
+
+
+def vfio_paths(host: Host, addr: PciAddress, group: int | None) -> set[str]:
+    """The nodes through which a VMM uses a vfio-bound device: its group node and its cdev."""
+    paths: set[str] = set()
+    if group is not None:
+        paths.add(f"/dev/vfio/{group}")
+    for name in host.list_dir(host.device_dir(addr) / "vfio-dev"):
+        paths.add(f"/dev/vfio/devices/{name}")
+    return paths
+
+
+def vfio_holders(host: Host, addrs: Iterable[PciAddress]) -> list[Holder]:
+    paths: set[str] = set()
+    for addr in addrs:
+        paths |= vfio_paths(host, addr, host.iommu_group(addr))
+    return _holders(host, paths, lambda _info: False)
+
+
+def require_not_held(host: Host, addrs: Iterable[PciAddress], what: str) -> None:
+    """Refuse with DeviceBusy while a process holds a group node or cdev: an unbind would block in the
+    kernel, uninterruptibly, until the holder lets go."""
+    addrs = list(addrs)
+    holders = vfio_holders(host, addrs)
+    if holders:
+        raise DeviceBusy(
+            f"cannot {what} {', '.join(addrs)}: " + "; ".join(h.describe() for h in holders),
+            [(h.pid, h.exe) for h in holders],
+        )
+
+
+def nvidia_minor(host: Host, addr: PciAddress) -> int | None:
+    text = host.read_text(host.roots.proc / "driver/nvidia/gpus" / addr / "information")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Device Minor" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
+def native_use_paths(host: Host, addr: PciAddress) -> set[str]:
+    """Device nodes through which host processes use a GPU on its native driver. Holders of only
+    nvidiactl/nvidia-uvm do not pin one GPU, so they are not listed."""
+    paths: set[str] = set()
+    minor = nvidia_minor(host, addr)
+    if minor is not None:
+        paths.add(f"/dev/nvidia{minor}")
+    for name in host.list_dir(host.device_dir(addr) / "drm"):
+        if name.startswith(("card", "renderD")):
+            paths.add(f"/dev/dri/{name}")
+    return paths
+
+
+def unit_of(info: ProcessInfo) -> str | None:
+    """The systemd unit a process runs in, from its cgroup path (`0::/system.slice/x.service`)."""
+    for line in info.cgroup.splitlines():
+        path = line.rpartition(":")[2]
+        last = path.rstrip("/").rpartition("/")[2]
+        if last.endswith((".service", ".scope")):
+            return last
+    return None
+
+
+def require_not_in_use(host: Host, addrs: Iterable[PciAddress], ignore_units: Collection[str]) -> None:
+    """Refuse with DeviceBusy while host processes (other than the persistence units' own) use a device
+    on its native driver: unbinding nvidia from a GPU in use blocks until they let go."""
+    addrs = list(addrs)
+    paths: set[str] = set()
+    for addr in addrs:
+        paths |= native_use_paths(host, addr)
+    ignored = set(ignore_units)
+    holders = _holders(host, paths, lambda info: unit_of(info) in ignored)
+    if holders:
+        raise DeviceBusy(
+            f"{', '.join(addrs)} is in use on the host: "
+            + "; ".join(h.describe() for h in holders)
+            + " (stop those processes first; vfiod never kills anything)",
+            [(h.pid, h.exe) for h in holders],
+        )

@@ -1,0 +1,98 @@
+"""The intent journal as the binder sees it: one `Operation` per Attach/Detach/Bind/... call writes an intent
+row before each kernel step and clears it after, so a crash at any point can be finished or rolled back.
+
+Operation-level intents (`attach`, `detach`, ...) name each function with its native driver and module,
+so recovery needs nothing else to put a function back. Step-level intents (`override`, `unbind`, `probe`,
+`clear-override`, `grant`) say exactly which write may or may not have happened.
+
+For the real-kernel crash test, `VFIOD_TEST_CRASH_AT=<operation>:<step>` (e.g. `attach:probe`) makes the
+process SIGKILL itself just before that step; it is read only when `VFIOD_TEST_HOOKS=1` is also set.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+
+from vfiod.core.binder import Step
+from vfiod.core.registry import Registry
+
+
+def _crash_point() -> str | None:
+    if os.environ.get("VFIOD_TEST_HOOKS") != "1":
+        return None
+    return os.environ.get("VFIOD_TEST_CRASH_AT") or None
+
+
+class Operation:
+    """The journal of one manager call; also the binder's StepObserver."""
+
+    def __init__(self, registry: Registry, boot_id: str, kind: str) -> None:
+        self.registry = registry
+        self.boot_id = boot_id
+        self.kind = kind
+        self.id = f"{kind}-{secrets.token_hex(6)}"
+        self._open: dict[Step, int] = {}
+        self._crash_at = _crash_point()
+
+    def function(
+        self, device_id: str, pci_address: str, group: int, native_driver: str, native_module: str, to: str
+    ) -> int:
+        """Record that this operation moves one function (call inside the transaction that changes its
+        state)."""
+        return self.registry.begin_intent(
+            action=self.kind,
+            boot_id=self.boot_id,
+            device_id=device_id,
+            pci_address=pci_address,
+            iommu_group=group,
+            from_driver=native_driver,
+            to_driver=to,
+            step=native_module,
+            operation=self.id,
+        )
+
+    def grant(self, group: int, prev_uid: int, prev_gid: int, prev_mode: int) -> int:
+        return self.registry.begin_intent(
+            action="grant",
+            boot_id=self.boot_id,
+            iommu_group=group,
+            step=f"{prev_uid}:{prev_gid}:{prev_mode:o}",
+            operation=self.id,
+        )
+
+    def finish(self) -> None:
+        """Clear every intent of this operation (call inside the transaction that records the result)."""
+        for intent in self.registry.open_intents():
+            if intent.operation == self.id:
+                self.registry.clear_intent(intent.id)
+
+    # StepObserver
+    def before(self, step: Step) -> None:
+        if self._crash_at == f"{self.kind}:{step.action}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._open[step] = self.registry.begin_intent(
+            action=step.action,
+            boot_id=self.boot_id,
+            pci_address=step.pci_address,
+            from_driver=step.from_driver or "",
+            to_driver=step.to_driver or "",
+            step=step.action,
+            operation=self.id,
+        )
+
+    def after(self, step: Step, ok: bool) -> None:
+        intent = self._open.pop(step, None)
+        if intent is not None and ok:
+            self.registry.clear_intent(intent)
+        # A failed step keeps its intent until the operation finishes or rolls back: if vfiod dies first,
+        # recovery knows that write may have happened.
+
+
+def parse_grant_step(step: str) -> tuple[int, int, int] | None:
+    try:
+        uid, gid, mode = step.split(":")
+        return int(uid), int(gid), int(mode, 8)
+    except ValueError:
+        return None

@@ -1,0 +1,837 @@
+"""The manager: every method of the contract's Manager interface, with its semantics, on top of the host,
+discovery, guards, binder, registry and persistence hold. The D-Bus layer only validates option types,
+authorizes the base action and calls in here; this module decides when the second `admin` check is needed
+(it is the one that knows whose attachment a device is) through `Caller.is_admin`.
+
+Every method is blocking and thread-safe: the bus layer runs it in a worker thread. Locks: one per IOMMU
+group (sorted), the persistence hold's own, and the registry's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from vfiod.core import access, discovery, guard, validation
+from vfiod.core.binder import Binder, BoundFunction, NativeDriver
+from vfiod.core.errors import (
+    AlreadyBound,
+    Failed,
+    InUse,
+    InvalidArgument,
+    InvalidName,
+    InvalidPCIAddress,
+    NameExists,
+    NotAuthorized,
+    NotBound,
+    NotFound,
+    NotOwner,
+    VfiodError,
+)
+from vfiod.core.hoststatus import host_status
+from vfiod.core.journal import Operation
+from vfiod.core.locks import GroupLocks
+from vfiod.core.pciids import PciIds, default_pci_ids
+from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
+from vfiod.core.records import Attachment, Device, device_from_row, vfio_group_path
+from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Registry
+from vfiod.core.system import ModuleLoader, UnitController
+from vfiod.host.backend import NodeOwner
+from vfiod.host.host import Host
+from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
+
+log = logging.getLogger("vfiod.manager")
+
+COMPANION_TAG = "vfiod.companion-of"
+MEMLOCK_HINT = (
+    "LimitMEMLOCK=infinity on hypeman's unit (or prlimit --memlock=unlimited on the VMM): VFIO type1 pins "
+    "all guest RAM"
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling. `check_admin(details)` asks polkit for org.hypeman.devices.admin; uid 0 always is."""
+
+    uid: int
+    pid: int | None = None
+    check_admin: Callable[[Mapping[str, str]], bool] | None = None
+
+    def is_admin(self, details: Mapping[str, str] | None = None) -> bool:
+        if self.uid == 0:
+            return True
+        return bool(self.check_admin is not None and self.check_admin(dict(details or {})))
+
+
+ROOT = Caller(uid=0)
+
+
+@dataclass
+class ManagerConfig:
+    units_by_vendor: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_UNITS))
+    # PCI addresses or vendor:device ids anyone allowed to `register` may register beyond the candidates.
+    register_allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    counters: dict[str, int] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def to_record(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.counters)
+        out["findings"] = list(self.findings)
+        return out
+
+
+class Manager:
+    def __init__(
+        self,
+        host: Host,
+        registry: Registry,
+        modules: ModuleLoader,
+        units: UnitController,
+        *,
+        config: ManagerConfig | None = None,
+        pci_ids: PciIds | None = None,
+        verify_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.registry = registry
+        self.config = config or ManagerConfig()
+        self.pci_ids = pci_ids or default_pci_ids()
+        self.boot_id = host.boot_id() or "unknown-boot"
+        self.modules = modules
+        self.units = units
+        self.hold = PersistenceHold(registry, units, self.boot_id, self.config.units_by_vendor)
+        self.locks = GroupLocks()
+        self.verify_timeout = verify_timeout
+        self._listeners: list[Callable[[str], None]] = []
+        self._listeners_lock = threading.Lock()
+
+    # ----- change notification (the bus layer emits PropertiesChanged / ObjectManager signals) -----------
+
+    def add_change_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(device_id)` after every change vfiod makes to a registered device ("" = the set of
+        devices changed)."""
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+    def _changed(self, device_ids: Iterable[str]) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for device_id in sorted(set(device_ids)):
+            for listener in listeners:
+                try:
+                    listener(device_id)
+                except Exception:
+                    log.exception("change listener failed")
+
+    def binder(self, op: Operation | None = None) -> Binder:
+        return Binder(self.host, self.modules, op, verify_timeout=self.verify_timeout)
+
+    # ----- reads ---------------------------------------------------------------------------------------
+
+    def list_available(self, *, all_devices: bool = False) -> list[discovery.AvailableDevice]:
+        registered = {str(r.pci_address): r.id for r in self.registry.list_devices()}
+        return discovery.discover(self.host, self.pci_ids, all_devices=all_devices, registered=registered)
+
+    def host_status(self) -> dict[str, object]:
+        attached = [
+            str(row.pci_address)
+            for row in self.registry.list_devices()
+            if self.registry.attachment_of_device(row.id) is not None
+        ]
+        return host_status(self.host, self.pci_ids, attached=attached).to_record()
+
+    def resolve(self, id_or_name: object) -> DeviceRow:
+        try:
+            key = validation.id_or_name(id_or_name)
+        except validation.InvalidNameInput as e:
+            raise InvalidName(str(e)) from e
+        row = self.registry.find(key)
+        if row is None:
+            raise NotFound(f"no registered device has the id or name {key!r}")
+        return row
+
+    def device(self, row: DeviceRow) -> Device:
+        return device_from_row(self.host, row, self.registry.attachment_of_device(row.id))
+
+    def get_device(self, id_or_name: object) -> Device:
+        return self.device(self.resolve(id_or_name))
+
+    def list_devices(self, tags: Mapping[str, str] | None = None) -> list[Device]:
+        if tags:
+            try:
+                tags = validation.tags(tags)
+            except validation.InvalidTagsInput as e:
+                raise InvalidArgument(str(e)) from e
+        return [self.device(row) for row in self.registry.list_devices(tags or None)]
+
+    # ----- register / unregister ----------------------------------------------------------------------
+
+    def register(self, caller: Caller, pci_address: object, name: object = "", tags: object = None) -> Device:
+        try:
+            addr = validation.pci_address(pci_address)
+        except validation.InvalidPciAddressInput as e:
+            raise InvalidPCIAddress(str(e)) from e
+        if name in ("", None):
+            chosen = addr.default_device_name()
+        else:
+            try:
+                chosen = validation.device_name(name)
+            except validation.InvalidNameInput as e:
+                raise InvalidName(str(e)) from e
+        try:
+            tag_map = validation.tags(tags if tags is not None else {})
+        except validation.InvalidTagsInput as e:
+            raise InvalidArgument(str(e)) from e
+        info = discovery.describe(self.host, addr, self.pci_ids)
+        if not self._registrable_without_admin(addr, info) and not caller.is_admin(
+            {"pci_address": str(addr), "device": chosen}
+        ):
+            raise NotAuthorized(
+                f"{addr} ({info.vendor_name} {info.device_name}, class {info.class_}) is not a display "
+                "controller or one of its functions; registering it needs the admin authorization "
+                "(org.hypeman.devices.admin) or an entry in register_allow"
+            )
+        row = self._new_row(addr, chosen, tag_map, info)
+        with self.locks.hold([row.iommu_group]):
+            stored = self.registry.add_device(row)
+        log.info(
+            "registered %s as %s (%s)",
+            addr,
+            chosen,
+            stored.id,
+            extra=_fields(stored, action="register", uid=caller.uid),
+        )
+        self._changed([""])
+        return self.device(stored)
+
+    def _registrable_without_admin(self, addr: PciAddress, info: discovery.AvailableDevice) -> bool:
+        if discovery.is_candidate(info.class_):
+            return True
+        ids = f"{info.vendor_id}:{info.device_id}"
+        if str(addr) in self.config.register_allow or ids in self.config.register_allow:
+            return True
+        # a same-slot function of a display controller (its HDMI audio, USB-C, ...)
+        for member in info.iommu_group_members:
+            other = PciAddress.parse(member)
+            if other != addr and other.same_slot(addr):
+                cls = (self.host.hex_attr(other, "class") or "").rjust(6, "0")
+                if discovery.is_candidate(cls):
+                    return True
+        return False
+
+    def _new_row(
+        self, addr: PciAddress, name: str, tags: dict[str, str], info: discovery.AvailableDevice
+    ) -> DeviceRow:
+        driver = self.host.driver(addr)
+        module = self.host.driver_module(addr)
+        on_vfio = guard.is_vfio_bound(self.host, addr)
+        return DeviceRow(
+            id=validation.new_device_id(),
+            name=name,
+            pci_address=addr,
+            vendor_id=info.vendor_id,
+            device_id=info.device_id,
+            class_code=info.class_,
+            type=info.type,
+            subsystem_vendor_id=info.subsystem_vendor_id,
+            subsystem_device_id=info.subsystem_device_id,
+            iommu_group=info.iommu_group,
+            native_driver=driver or "",
+            native_module=module or "",
+            state="vfio" if on_vfio else "host",
+            tags=tags,
+            vendor_name=info.vendor_name,
+            device_name=info.device_name,
+        )
+
+    def unregister(self, caller: Caller, id_or_name: object) -> None:
+        row = self.resolve(id_or_name)
+        with self.locks.hold([row.iommu_group]):
+            row = self._fresh(row)
+            att = self.registry.attachment_of_device(row.id)
+            if att is not None:
+                raise InUse(
+                    f"device {row.name!r} is attached to instance {att.instance_id!r} (uid {att.owner_uid}); "
+                    "detach it first"
+                )
+            addr = row.pci_address
+            if row.bound_by_vfiod and self.host.device_exists(addr) and guard.is_vfio_bound(self.host, addr):
+                self._restore_functions([row], "unregister")
+            self.registry.remove_device(row.id)
+        log.info("unregistered %s", row.name, extra=_fields(row, action="unregister", uid=caller.uid))
+        self._changed([""])
+
+    # ----- attach --------------------------------------------------------------------------------------
+
+    def attach(
+        self,
+        caller: Caller,
+        instance_id: object,
+        devices: Sequence[object],
+        *,
+        include_group: bool = False,
+        owner_uid: int | None = None,
+        gpudirect_clique: int | None = None,
+        force: bool = False,
+        caller_pid: int | None = None,
+    ) -> tuple[list[Attachment], list[str]]:
+        instance = self._instance(instance_id)
+        if not devices:
+            raise InvalidArgument("Attach needs at least one device id or name")
+        rows = _unique([self.resolve(d) for d in devices])
+        owner = caller.uid if owner_uid is None else owner_uid
+        details = {"instance": instance, "device": ",".join(r.name for r in rows)}
+        if owner != caller.uid and not caller.is_admin(details):
+            raise NotAuthorized("attaching for another uid (owner_uid) needs the admin authorization")
+        if force and not caller.is_admin(details):
+            raise NotAuthorized("force needs the admin authorization")
+        if gpudirect_clique is not None and not 0 <= gpudirect_clique <= 255:
+            raise InvalidArgument("gpudirect_clique must be 0-255")
+        groups = [self._group(r) for r in rows]
+        with self.locks.hold(groups):
+            rows = [self._fresh(r) for r in rows]
+            for row in rows:
+                self._usable(row)
+                att = self.registry.attachment_of_device(row.id)
+                if att is not None and (att.instance_id != instance or att.owner_uid != owner):
+                    raise InUse(
+                        f"device {row.name!r} is attached to instance {att.instance_id!r} (uid "
+                        f"{att.owner_uid})"
+                    )
+            done = self._already_attached(instance, owner, rows)
+            if done is not None:
+                return done, self._warnings(caller_pid)
+            result = self._attach_locked(instance, owner, rows, include_group, gpudirect_clique, force)
+        log.info(
+            "attached %s to %s for uid %d",
+            ", ".join(a.pci_address for a in result),
+            instance,
+            owner,
+            extra={"ACTION": "attach", "INSTANCE_ID": instance, "OWNER_UID": owner, "CALLER_UID": caller.uid},
+        )
+        return result, self._warnings(caller_pid)
+
+    def _already_attached(
+        self, instance: str, owner: int, rows: Sequence[DeviceRow]
+    ) -> list[Attachment] | None:
+        """Idempotent repeat: every device attached in this boot to the same instance and owner."""
+        groups: set[int] = set()
+        for row in rows:
+            att = self.registry.attachment_of_device(row.id)
+            if att is None or att.boot_id != self.boot_id:
+                return None
+            if not guard.is_vfio_bound(self.host, row.pci_address):
+                return None
+            groups.add(att.iommu_group)
+        return self._attachment_records(instance, groups)
+
+    def _attachment_records(self, instance: str, groups: set[int]) -> list[Attachment]:
+        out = []
+        for att in self.registry.attachments_of_instance(instance):
+            if att.iommu_group not in groups:
+                continue
+            row = self.registry.get_device(att.device_id)
+            if row is None:
+                continue
+            out.append(
+                Attachment(
+                    id=row.id,
+                    pci_address=str(row.pci_address),
+                    role=att.role,
+                    iommu_group=att.iommu_group,
+                    vfio_group_path=vfio_group_path(self.host, att.iommu_group),
+                    gpudirect_clique=att.gpudirect_clique,
+                )
+            )
+        return sorted(out, key=lambda a: a.pci_address)
+
+    def _others(self, instance: str | None, owner: int | None) -> dict[PciAddress, str]:
+        """Functions attached (in any boot) to someone other than (instance, owner)."""
+        out: dict[PciAddress, str] = {}
+        for att in self.registry.all_attachments():
+            if att.instance_id == instance and att.owner_uid == owner:
+                continue
+            row = self.registry.get_device(att.device_id)
+            if row is not None:
+                out[row.pci_address] = f"instance {att.instance_id!r} (uid {att.owner_uid})"
+        return out
+
+    def _attach_locked(
+        self,
+        instance: str,
+        owner: int,
+        rows: Sequence[DeviceRow],
+        include_group: bool,
+        clique: int | None,
+        force: bool,
+    ) -> list[Attachment]:
+        addrs = [r.pci_address for r in rows]
+        for row in rows:
+            guard.check_identity(self.host, row.pci_address, _identity(row))
+        plans = guard.plan_groups(
+            self.host, addrs, include_group=include_group, attached_elsewhere=self._others(instance, owner)
+        )
+        op = Operation(self.registry, self.boot_id, "attach")
+        bound_rows, bound = self._bind_plans(plans, op, force)
+        granted: list[tuple[int, NodeOwner]] = []
+        try:
+            for plan in plans:
+                if self._group_granted_to(plan.group, instance, owner):
+                    continue
+                previous = access.grant(self.host, plan.group, owner)
+                with self.registry.transaction():
+                    op.grant(plan.group, previous.uid, previous.gid, previous.mode)
+                granted.append((plan.group, previous))
+        except VfiodError as e:
+            self._undo_attach(op, bound_rows, bound, granted, e)
+            raise
+        prev_by_group = dict(granted)
+        with self.registry.transaction():
+            for fn in bound:
+                row = bound_rows[fn.pci_address]
+                prev = prev_by_group.get(fn.group) or self._previous_grant(fn.group, instance)
+                existing = self.registry.attachment_of_device(row.id)
+                if existing is not None:
+                    self.registry.remove_attachment(row.id)  # a reservation from an earlier boot
+                self.registry.add_attachment(
+                    AttachmentRow(
+                        device_id=row.id,
+                        instance_id=instance,
+                        owner_uid=owner,
+                        iommu_group=fn.group,
+                        boot_id=self.boot_id,
+                        role=existing.role if existing else _role(fn.role),
+                        node_prev_uid=prev.uid if prev else None,
+                        node_prev_gid=prev.gid if prev else None,
+                        node_prev_mode=prev.mode if prev else None,
+                        gpudirect_clique=clique if fn.role == "requested" else None,
+                    )
+                )
+                self.registry.update_device(row.id, state="attached")
+            op.finish()
+        self._changed(r.id for r in bound_rows.values())
+        return self._attachment_records(instance, {p.group for p in plans})
+
+    def _group_granted_to(self, group: int, instance: str, owner: int) -> bool:
+        return any(
+            a.boot_id == self.boot_id and a.instance_id == instance and a.owner_uid == owner
+            for a in self.registry.attachments_in_group(group)
+        )
+
+    def _previous_grant(self, group: int, instance: str) -> NodeOwner | None:
+        for a in self.registry.attachments_in_group(group):
+            if a.instance_id == instance and a.node_prev_uid is not None:
+                assert a.node_prev_gid is not None and a.node_prev_mode is not None
+                return NodeOwner(a.node_prev_uid, a.node_prev_gid, a.node_prev_mode)
+        return None
+
+    def _bind_plans(
+        self, plans: Sequence[guard.GroupPlan], op: Operation, force: bool
+    ) -> tuple[dict[PciAddress, DeviceRow], list[BoundFunction]]:
+        """Bind every plan (all or nothing), registering companions; returns rows by address and what was
+        bound, in address order."""
+        all_fns = sorted({a for p in plans for a in p.functions})
+        to_bind = sorted({a for p in plans for a in p.to_bind})
+        guard.check_not_host_critical(self.host, to_bind, force)
+        rows = self._rows_for(plans)
+        vendors = [rows[a].vendor_id for a in to_bind]
+        bound: list[BoundFunction] = []
+        with self.registry.transaction():
+            for addr in to_bind:
+                row = rows[addr]
+                native = self.host.driver(addr) or ""
+                module = self.host.driver_module(addr) or ""
+                self.registry.update_device(
+                    row.id, state="binding", native_driver=native, native_module=module, bound_by_vfiod=True
+                )
+                op.function(row.id, str(addr), row.iommu_group, native, module, "vfio-pci")
+        try:
+            with self.hold.held(vendors) as units:
+                guard.require_not_in_use(self.host, to_bind, ignore_units=units)
+                binder = self.binder(op)
+                for plan in plans:
+                    bound.extend(binder.bind_group(plan))
+        except VfiodError as e:
+            self._roll_back_binds(op, rows, bound, e)
+            raise
+        assert sorted({f.pci_address for f in bound}) == all_fns
+        return rows, sorted(bound, key=lambda f: f.pci_address)
+
+    def _rows_for(self, plans: Sequence[guard.GroupPlan]) -> dict[PciAddress, DeviceRow]:
+        rows: dict[PciAddress, DeviceRow] = {}
+        requested = [a for p in plans for a, role in p.roles.items() if role == "requested"]
+        anchor = self.registry.by_pci_address(requested[0]) if requested else None
+        for plan in plans:
+            for addr in plan.functions:
+                row = self.registry.by_pci_address(addr)
+                if row is None:
+                    row = self._register_companion(addr, anchor)
+                rows[addr] = row
+        return rows
+
+    def _register_companion(self, addr: PciAddress, anchor: DeviceRow | None) -> DeviceRow:
+        info = discovery.describe(self.host, addr, self.pci_ids)
+        tags = {COMPANION_TAG: anchor.id} if anchor else {}
+        name = addr.default_device_name()
+        row = self._new_row(addr, name, tags, info)
+        try:
+            stored = self.registry.add_device(row)
+        except NameExists:
+            stored = self.registry.add_device(DeviceRow(**{**row.__dict__, "name": f"{name}-{row.id[:6]}"}))
+        log.info("registered companion %s", addr, extra=_fields(stored, action="register-companion"))
+        return stored
+
+    def _roll_back_binds(
+        self,
+        op: Operation,
+        rows: Mapping[PciAddress, DeviceRow],
+        bound: Sequence[BoundFunction],
+        cause: VfiodError,
+    ) -> None:
+        """The binder rolled back the failing group; put back every earlier group this call bound."""
+        binder = self.binder(op)
+        for fn in reversed(bound):
+            if fn.changed and fn.pci_address not in cause.stuck:
+                try:
+                    with self.hold.held([rows[fn.pci_address].vendor_id]):
+                        binder.restore(fn.pci_address, fn.native)
+                except VfiodError as e:
+                    cause.stuck = (*cause.stuck, *e.stuck)
+                    cause.message += f"; rolling back {fn.pci_address} failed too: {e.message}"
+        self._settle(op, rows.values(), cause.stuck)
+
+    def _undo_attach(
+        self,
+        op: Operation,
+        rows: Mapping[PciAddress, DeviceRow],
+        bound: Sequence[BoundFunction],
+        granted: Sequence[tuple[int, NodeOwner]],
+        cause: VfiodError,
+    ) -> None:
+        for group, previous in granted:
+            try:
+                access.revoke(self.host, group, previous)
+            except VfiodError as e:
+                cause.message += f"; giving /dev/vfio/{group} back failed: {e.message}"
+        self._roll_back_binds(op, rows, bound, cause)
+
+    def _settle(self, op: Operation, rows: Iterable[DeviceRow], stuck: Iterable[str]) -> None:
+        """After a failure: every touched device's state is what the kernel shows, `stuck` where the kernel
+        left it mid-write; the operation's intents are cleared."""
+        stuck_set = set(stuck)
+        with self.registry.transaction():
+            for row in rows:
+                fresh = self.registry.get_device(row.id)
+                if fresh is None:
+                    continue
+                self.registry.update_device(
+                    row.id, **self._settled_state(fresh, row.pci_address in stuck_set)
+                )
+            if not stuck_set:
+                op.finish()
+            else:
+                # Keep the intents of stuck functions: recovery must know a write may still land.
+                for intent in self.registry.open_intents():
+                    if intent.operation == op.id and intent.pci_address not in stuck_set:
+                        self.registry.clear_intent(intent.id)
+        self._changed(r.id for r in rows)
+
+    def _settled_state(self, row: DeviceRow, stuck: bool) -> dict[str, object]:
+        if stuck:
+            return {"state": "stuck"}
+        addr = row.pci_address
+        if not self.host.device_exists(addr):
+            return {"state": "missing", "previous_state": _settled_previous(row.state)}
+        on_vfio = guard.is_vfio_bound(self.host, addr)
+        att = self.registry.attachment_of_device(row.id)
+        if att is not None and on_vfio and att.boot_id == self.boot_id:
+            return {"state": "attached"}
+        if on_vfio:
+            return {"state": "vfio"}
+        return {"state": "host", "bound_by_vfiod": False}
+
+    # ----- detach --------------------------------------------------------------------------------------
+
+    def detach(
+        self,
+        caller: Caller,
+        instance_id: object,
+        devices: Sequence[object] = (),
+        *,
+        keep_bound: bool = False,
+    ) -> None:
+        instance = self._instance(instance_id)
+        groups = self._detach_groups(instance, devices)
+        if not groups:
+            return  # unknown or already detached: success, so a client that timed out can retry
+        atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
+        others = sorted({a.owner_uid for a in atts if a.owner_uid != caller.uid})
+        if others and not caller.is_admin({"instance": instance}):
+            raise NotOwner(
+                f"instance {instance!r} is attached for uid {', '.join(map(str, others))}, not {caller.uid}; "
+                "detaching another user's attachment needs the admin authorization"
+            )
+        with self.locks.hold(groups):
+            atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
+            if not atts:
+                return
+            rows = [r for r in (self.registry.get_device(a.device_id) for a in atts) if r is not None]
+            present = [r.pci_address for r in rows if self.host.device_exists(r.pci_address)]
+            guard.require_not_held(self.host, present, "detach")
+            for group in sorted(groups):
+                previous = self._previous_grant(group, instance)
+                if previous is not None:
+                    access.revoke(self.host, group, previous)
+            if keep_bound:
+                with self.registry.transaction():
+                    for row in rows:
+                        self.registry.remove_attachment(row.id)
+                        self.registry.update_device(row.id, **self._settled_state(row, False))
+            else:
+                self._restore_functions(rows, "detach", drop_attachments=True)
+        log.info(
+            "detached %s from %s",
+            ", ".join(str(r.pci_address) for r in rows),
+            instance,
+            extra={"ACTION": "detach", "INSTANCE_ID": instance, "CALLER_UID": caller.uid},
+        )
+        self._changed(r.id for r in rows)
+
+    def _detach_groups(self, instance: str, devices: Sequence[object]) -> set[int]:
+        atts = self.registry.attachments_of_instance(instance)
+        if not devices:
+            return {a.iommu_group for a in atts}
+        wanted = {self.resolve(d).id for d in devices}
+        return {a.iommu_group for a in atts if a.device_id in wanted}
+
+    def _restore_functions(
+        self, rows: Sequence[DeviceRow], kind: str, *, drop_attachments: bool = False
+    ) -> None:
+        """Put every function vfiod bound back on its native driver (highest function first, the reverse of
+        binding). All attachments stay while any function could not be restored; those are `stuck`."""
+        op = Operation(self.registry, self.boot_id, kind)
+        todo = [
+            r
+            for r in sorted(rows, key=lambda r: r.pci_address, reverse=True)
+            if r.bound_by_vfiod and r.native_driver != "vfio-pci" and self.host.device_exists(r.pci_address)
+        ]
+        with self.registry.transaction():
+            for row in todo:
+                self.registry.update_device(row.id, state="releasing")
+                op.function(
+                    row.id, str(row.pci_address), row.iommu_group, row.native_driver, row.native_module, ""
+                )
+        binder = self.binder(op)
+        failure: VfiodError | None = None
+        try:
+            with self.hold.held([r.vendor_id for r in todo]):
+                for row in todo:
+                    try:
+                        binder.restore(row.pci_address, _native(row))
+                    except VfiodError as e:
+                        failure = e if failure is None else failure
+                        if not e.stuck:
+                            e.stuck = (row.pci_address,)
+                        if failure is not e:
+                            failure.stuck = (*failure.stuck, *e.stuck)
+                            failure.message += f"; {e.message}"
+        except VfiodError as e:  # the hold itself failed: nothing was touched
+            failure = e
+        if failure is not None:
+            stuck = set(failure.stuck)
+            with self.registry.transaction():
+                for row in todo:
+                    if row.pci_address in stuck:
+                        self.registry.update_device(row.id, state="stuck")
+                    else:
+                        fresh = self.registry.get_device(row.id)
+                        if fresh is not None:
+                            self.registry.update_device(row.id, **self._settled_state(fresh, False))
+                for intent in self.registry.open_intents():
+                    if intent.operation == op.id and intent.pci_address not in stuck:
+                        self.registry.clear_intent(intent.id)
+            self._changed(r.id for r in rows)
+            raise failure
+        with self.registry.transaction():
+            for row in rows:
+                if drop_attachments:
+                    self.registry.remove_attachment(row.id)
+                fresh = self.registry.get_device(row.id)
+                if fresh is not None:
+                    self.registry.update_device(row.id, **self._settled_state(fresh, False))
+            op.finish()
+
+    # ----- bind / unbind (admin) ----------------------------------------------------------------------
+
+    def bind(
+        self,
+        caller: Caller,
+        id_or_name: object,
+        *,
+        include_group: bool = False,
+        force: bool = False,
+        exclusive: bool = False,
+    ) -> None:
+        row = self.resolve(id_or_name)
+        self._require_admin(caller, "Bind", row)
+        with self.locks.hold([self._group(row)]):
+            row = self._fresh(row)
+            self._usable(row)
+            if guard.is_vfio_bound(self.host, row.pci_address):
+                if exclusive:
+                    raise AlreadyBound(f"device {row.name!r} ({row.pci_address}) is already on vfio")
+                if row.state == "host":
+                    self.registry.update_device(row.id, state="vfio")
+                return
+            guard.check_identity(self.host, row.pci_address, _identity(row))
+            plans = guard.plan_groups(
+                self.host,
+                [row.pci_address],
+                include_group=include_group,
+                attached_elsewhere=self._others(None, None),
+            )
+            op = Operation(self.registry, self.boot_id, "bind")
+            rows, _bound = self._bind_plans(plans, op, force)
+            with self.registry.transaction():
+                for r in rows.values():
+                    fresh = self.registry.get_device(r.id)
+                    if fresh is not None:
+                        self.registry.update_device(r.id, **self._settled_state(fresh, False))
+                op.finish()
+        log.info("bound %s to vfio-pci", row.pci_address, extra=_fields(row, action="bind", uid=caller.uid))
+        self._changed(r.id for r in rows.values())
+
+    def unbind(self, caller: Caller, id_or_name: object, *, exclusive: bool = False) -> None:
+        row = self.resolve(id_or_name)
+        self._require_admin(caller, "Unbind", row)
+        with self.locks.hold([self._group(row)]):
+            row = self._fresh(row)
+            att = self.registry.attachment_of_device(row.id)
+            if att is not None:
+                raise InUse(
+                    f"device {row.name!r} is attached to instance {att.instance_id!r}; detach it instead"
+                )
+            if not self.host.device_exists(row.pci_address) or not guard.is_vfio_bound(
+                self.host, row.pci_address
+            ):
+                if exclusive:
+                    raise NotBound(f"device {row.name!r} ({row.pci_address}) is not on vfio")
+                return
+            guard.require_not_held(self.host, [row.pci_address], "unbind")
+            if not row.bound_by_vfiod or row.native_driver in ("", "vfio-pci"):
+                # Pre-bound at boot (or never had a driver): there is no native driver to go back to; the
+                # admin's explicit Unbind releases it from vfio-pci and lets the kernel probe.
+                row = self.registry.update_device(row.id, bound_by_vfiod=True)
+            self._restore_functions([row], "unbind")
+        log.info("unbound %s", row.pci_address, extra=_fields(row, action="unbind", uid=caller.uid))
+        self._changed([row.id])
+
+    # ----- helpers -------------------------------------------------------------------------------------
+
+    def _require_admin(self, caller: Caller, what: str, row: DeviceRow | None = None) -> None:
+        details = {"pci_address": str(row.pci_address), "device": row.name} if row else {}
+        if not caller.is_admin(details):
+            raise NotAuthorized(f"{what} needs the admin authorization (org.hypeman.devices.admin)")
+
+    def _instance(self, instance_id: object) -> str:
+        try:
+            return validation.instance_id(instance_id)
+        except validation.InvalidInstanceIdInput as e:
+            raise InvalidArgument(str(e)) from e
+
+    def _group(self, row: DeviceRow) -> int:
+        live = self.host.iommu_group(row.pci_address) if self.host.device_exists(row.pci_address) else None
+        return live if live is not None else row.iommu_group
+
+    def _fresh(self, row: DeviceRow) -> DeviceRow:
+        fresh = self.registry.get_device(row.id)
+        if fresh is None:
+            raise NotFound(f"device {row.name!r} was unregistered meanwhile")
+        return fresh
+
+    def _usable(self, row: DeviceRow) -> None:
+        if row.state == "stuck":
+            raise Failed(
+                f"device {row.name!r} ({row.pci_address}) is stuck after an earlier failure; an admin must "
+                "Recover it first"
+            )
+        if row.state == "missing" or not self.host.device_exists(row.pci_address):
+            raise Failed(f"device {row.name!r} ({row.pci_address}) is not on the bus")
+
+    def _warnings(self, pid: int | None) -> list[str]:
+        out: list[str] = []
+        if pid is not None:
+            limits = self.host.memlock_limit(pid)
+            if limits is not None and limits[0] is not None:
+                out.append(
+                    f"RLIMIT_MEMLOCK of the caller (pid {pid}) is {limits[0] // 1024} KiB; the VMM inherits "
+                    f"it and must be able to lock all guest RAM: set {MEMLOCK_HINT}"
+                )
+        container = self.host.roots.dev / "vfio/vfio"
+        try:
+            mode = container.stat().st_mode & 0o777
+            if mode & 0o006 != 0o006:
+                out.append(
+                    f"/dev/vfio/vfio is mode {mode:04o}; the VMM needs to open it (0666 is the default)"
+                )
+        except OSError:
+            out.append("/dev/vfio/vfio is missing; the vfio module is not loaded")
+        if not (self.host.roots.dev / "kvm").exists():
+            out.append("/dev/kvm is missing: the VMM needs KVM (load kvm_intel or kvm_amd)")
+        return out
+
+
+def _unique(rows: Iterable[DeviceRow]) -> list[DeviceRow]:
+    seen: dict[str, DeviceRow] = {}
+    for row in rows:
+        seen.setdefault(row.id, row)
+    return sorted(seen.values(), key=lambda r: r.pci_address)
+
+
+def _identity(row: DeviceRow) -> guard.Identity:
+    return guard.Identity(
+        vendor_id=row.vendor_id,
+        device_id=row.device_id,
+        subsystem_vendor_id=row.subsystem_vendor_id,
+        subsystem_device_id=row.subsystem_device_id,
+        class_code=row.class_code,
+    )
+
+
+def _native(row: DeviceRow) -> NativeDriver:
+    def name(text: str) -> DriverName | None:
+        try:
+            return DriverName.parse(text) if text else None
+        except InvalidDriverName:
+            return None
+
+    return NativeDriver(name(row.native_driver), name(row.native_module))
+
+
+def _settled_previous(state: str) -> str:
+    return "host" if state in ("binding", "releasing", "missing") else state
+
+
+def _fields(row: DeviceRow, *, action: str, uid: int | None = None) -> dict[str, object]:
+    out: dict[str, object] = {
+        "ACTION": action,
+        "DEVICE_ID": row.id,
+        "DEVICE": row.name,
+        "PCI_ADDRESS": str(row.pci_address),
+    }
+    if uid is not None:
+        out["CALLER_UID"] = uid
+    return out
+
+
+def _role(role: str) -> AttachmentRole:
+    return "companion" if role == "companion" else "requested"

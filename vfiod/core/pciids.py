@@ -1,0 +1,251 @@
+"""The system pci.ids database: vendor, device, subsystem and class names for display.
+
+Owns finding the file (an explicit path, then the usual Debian/Fedora locations, plain or gzipped),
+reading it once on first lookup, and answering name lookups. Names are decoration only: when the database
+is missing or unreadable every lookup returns None and callers show the numeric IDs instead, so nothing
+here ever raises for a missing, unreadable or malformed file.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEARCH_PATHS: tuple[Path, ...] = (
+    Path("/usr/share/misc/pci.ids"),
+    Path("/usr/share/misc/pci.ids.gz"),
+    Path("/usr/share/hwdata/pci.ids"),
+    Path("/usr/share/hwdata/pci.ids.gz"),
+    Path("/usr/share/pci.ids"),
+    Path("/usr/share/pci.ids.gz"),
+)
+
+# The real file is ~1.3 MB; the cap only stops a misconfigured path (a device node, a huge log) from
+# being slurped into a root daemon's memory.
+_MAX_BYTES = 64 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_VENDOR_RE = re.compile(r"([0-9a-fA-F]{4})\s+(\S.*)")
+_DEVICE_RE = re.compile(r"\t([0-9a-fA-F]{4})\s+(\S.*)")
+_SUBSYS_RE = re.compile(r"\t\t([0-9a-fA-F]{4}) ([0-9a-fA-F]{4})\s+(\S.*)")
+_CLASS_RE = re.compile(r"C ([0-9a-fA-F]{2})\s+(\S.*)")
+_SUBCLASS_RE = re.compile(r"\t([0-9a-fA-F]{2})\s+(\S.*)")
+_PROGIF_RE = re.compile(r"\t\t([0-9a-fA-F]{2})\s+(\S.*)")
+# Names end up in D-Bus strings and terminal output; D-Bus forbids NUL and control characters would let a
+# corrupted file play games with a terminal. Tab and newline are structure, handled by the parser; CRLF
+# is normalised before this runs. A plain character class keeps the whole-file scan at a few ms.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_ID4_RE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{4})")
+_CLASS_CODE_RE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{2})([0-9a-fA-F]{2})?([0-9a-fA-F]{2})?")
+
+# Parser context: which kind of top-level entry the indented lines belong to.
+_NONE, _VENDOR, _CLASS = 0, 1, 2
+
+
+class _Tables:
+    """The indexed database. Keys are concatenated lowercase hex, which is compact and cheap to build."""
+
+    __slots__ = ("classes", "devices", "progifs", "subclasses", "subsystems", "vendors")
+
+    def __init__(self) -> None:
+        self.vendors: dict[str, str] = {}
+        self.devices: dict[str, str] = {}  # vvvvdddd
+        self.subsystems: dict[str, str] = {}  # vvvvddddssssssss
+        self.classes: dict[str, str] = {}  # cc
+        self.subclasses: dict[str, str] = {}  # ccss
+        self.progifs: dict[str, str] = {}  # ccsspp
+
+
+def _parse(text: str) -> _Tables:
+    t = _Tables()
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if _CONTROL_RE.search(text) is not None:
+        text = _CONTROL_RE.sub("?", text)
+    ctx = _NONE
+    # Empty string means "no valid parent": children of a skipped (malformed) entry must not be filed
+    # under the entry before it.
+    vendor = device = cls = subclass = ""
+    # split("\n"), not splitlines(): splitlines also breaks on \x85 and \u2028, which can occur in names.
+    for line in text.split("\n"):
+        if not line or line[0] == "#":
+            continue
+        if line[0] != "\t":
+            if line[0] == "C" and line[1:2] == " ":
+                m = _CLASS_RE.fullmatch(line)
+                ctx = _CLASS
+                cls = subclass = ""
+                if m is not None:
+                    cls = m[1].lower()
+                    t.classes.setdefault(cls, m[2].rstrip())
+                continue
+            m = _VENDOR_RE.fullmatch(line)
+            ctx = _VENDOR
+            vendor = device = ""
+            if m is None:
+                # Either malformed, or a section this parser does not index (e.g. `L` languages): its
+                # indented lines must not be filed anywhere.
+                ctx = _NONE
+                continue
+            vendor = m[1].lower()
+            t.vendors.setdefault(vendor, m[2].rstrip())
+            continue
+        if ctx == _VENDOR:
+            if line[1:2] != "\t":
+                m = _DEVICE_RE.fullmatch(line)
+                device = ""
+                if m is not None and vendor:
+                    device = vendor + m[1].lower()
+                    t.devices.setdefault(device, m[2].rstrip())
+            elif device:
+                m = _SUBSYS_RE.fullmatch(line)
+                if m is not None:
+                    key = device + m[1].lower() + m[2].lower()
+                    t.subsystems.setdefault(key, m[3].rstrip())
+        elif ctx == _CLASS:
+            if line[1:2] != "\t":
+                m = _SUBCLASS_RE.fullmatch(line)
+                subclass = ""
+                if m is not None and cls:
+                    subclass = cls + m[1].lower()
+                    t.subclasses.setdefault(subclass, m[2].rstrip())
+            elif subclass:
+                m = _PROGIF_RE.fullmatch(line)
+                if m is not None:
+                    t.progifs.setdefault(subclass + m[1].lower(), m[2].rstrip())
+    return t
+
+
+def _read(path: Path) -> str:
+    """The file's text, gunzipped when it is gzip (by content, not name). Raises OSError/ValueError."""
+    with path.open("rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                data = gz.read(_MAX_BYTES + 1)
+        else:
+            data = f.read(_MAX_BYTES + 1)
+    if len(data) > _MAX_BYTES:
+        raise ValueError(f"larger than {_MAX_BYTES} bytes")
+    # The file is UTF-8; a stray bad byte must cost one name, not the database.
+    return data.decode("utf-8", errors="replace")
+
+
+def _id4(value: str) -> str | None:
+    if not isinstance(value, str):
+        return None
+    m = _ID4_RE.fullmatch(value)
+    return m[1].lower() if m is not None else None
+
+
+class PciIds:
+    """Name lookups in a pci.ids file, read and indexed once, on the first lookup.
+
+    `path` is tried first; when it is None or cannot be read, `search_paths` are tried in order (the
+    system locations by default). Lookups take 4-hex-digit IDs such as "10de", any case, with or without
+    a leading "0x" (as sysfs writes them), and return None for anything unknown or malformed.
+    Thread-safe: concurrent first lookups parse the file once.
+    """
+
+    def __init__(
+        self, path: Path | None = None, *, search_paths: Sequence[Path] = DEFAULT_SEARCH_PATHS
+    ) -> None:
+        self._candidates: tuple[Path, ...] = ((path,) if path is not None else ()) + tuple(search_paths)
+        self._lock = threading.Lock()
+        self._tables: _Tables | None = None
+        self._source: Path | None = None
+        self._loaded = False
+
+    def _load(self) -> _Tables | None:
+        if self._loaded:
+            return self._tables
+        with self._lock:
+            if self._loaded:
+                return self._tables
+            for candidate in self._candidates:
+                try:
+                    text = _read(candidate)
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, EOFError) as e:
+                    # EOFError: truncated gzip; ValueError: our size cap.
+                    log.warning("cannot read PCI ID database %s: %s", candidate, e)
+                    continue
+                self._tables = _parse(text)
+                self._source = candidate
+                break
+            else:
+                log.info("no PCI ID database found (tried %s); showing numeric IDs", self._candidates)
+            self._loaded = True
+            return self._tables
+
+    @property
+    def available(self) -> bool:
+        """True when a database was found and read (triggers the one-time load)."""
+        return self._load() is not None
+
+    @property
+    def source(self) -> Path | None:
+        """The file the names come from, or None when no database could be read (triggers the load)."""
+        self._load()
+        return self._source
+
+    def vendor_name(self, vendor_id: str) -> str | None:
+        v = _id4(vendor_id)
+        t = self._load()
+        if v is None or t is None:
+            return None
+        return t.vendors.get(v)
+
+    def device_name(self, vendor_id: str, device_id: str) -> str | None:
+        v, d = _id4(vendor_id), _id4(device_id)
+        t = self._load()
+        if v is None or d is None or t is None:
+            return None
+        return t.devices.get(v + d)
+
+    def subsystem_name(self, vendor_id: str, device_id: str, subvendor: str, subdevice: str) -> str | None:
+        v, d, sv, sd = _id4(vendor_id), _id4(device_id), _id4(subvendor), _id4(subdevice)
+        t = self._load()
+        if v is None or d is None or sv is None or sd is None or t is None:
+            return None
+        return t.subsystems.get(v + d + sv + sd)
+
+    def class_name(self, class_code: str) -> str | None:
+        """The most specific name for a class code: prog-if, else subclass, else base class.
+
+        `class_code` is normally 6 hex digits ("030200", or sysfs's "0x030200"); 2 or 4 digits (a base
+        class, or class+subclass such as "0403") are accepted too.
+        """
+        if not isinstance(class_code, str):
+            return None
+        m = _CLASS_CODE_RE.fullmatch(class_code)
+        t = self._load()
+        if m is None or t is None:
+            return None
+        cc = m[1].lower()
+        ss = (m[2] or "").lower()
+        pp = (m[3] or "").lower()
+        if ss and pp:
+            name = t.progifs.get(cc + ss + pp)
+            if name is not None:
+                return name
+        if ss:
+            name = t.subclasses.get(cc + ss)
+            if name is not None:
+                return name
+        return t.classes.get(cc)
+
+
+@functools.cache
+def default_pci_ids() -> PciIds:
+    """The shared instance for the system database, so the file is parsed once per process."""
+    return PciIds()

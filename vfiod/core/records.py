@@ -1,0 +1,130 @@
+"""The Device and Attachment records of the contract, built from registry rows plus the live kernel.
+
+`bound_to_vfio`, `driver` and `vfio_group_path` are read from the host every time, never from the registry,
+so a record always says what the kernel says now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vfiod.core.registry import AttachmentRow, DeviceRow, format_timestamp
+from vfiod.host.host import Host
+from vfiod.host.pciaddr import PciAddress
+
+
+def sysfs_path(addr: str) -> str:
+    """What cloud-hypervisor's `--device path=` takes (hypeman passes it with the trailing slash)."""
+    return f"/sys/bus/pci/devices/{addr}/"
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    name: str
+    type: str
+    pci_address: str
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    vendor_name: str
+    device_name: str
+    iommu_group: int
+    bound_to_vfio: bool
+    driver: str
+    native_driver: str
+    state: str
+    attached_to: str
+    owner_uid: int | None
+    created_at: str
+    sysfs_path: str
+    vfio_group_path: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, object]:
+        rec: dict[str, object] = {
+            "id": self.id,
+            "name": self.name,
+            "type": self.type,
+            "pci_address": self.pci_address,
+            "vendor_id": self.vendor_id,
+            "device_id": self.device_id,
+            "subsystem_vendor_id": self.subsystem_vendor_id,
+            "subsystem_device_id": self.subsystem_device_id,
+            "vendor_name": self.vendor_name,
+            "device_name": self.device_name,
+            "iommu_group": self.iommu_group,
+            "bound_to_vfio": self.bound_to_vfio,
+            "driver": self.driver,
+            "native_driver": self.native_driver,
+            "state": self.state,
+            "attached_to": self.attached_to,
+            "created_at": self.created_at,
+            "sysfs_path": self.sysfs_path,
+            "vfio_group_path": self.vfio_group_path,
+            "tags": dict(self.tags),
+        }
+        if self.owner_uid is not None:
+            rec["owner_uid"] = self.owner_uid
+        return rec
+
+
+def vfio_group_path(host: Host, group: int) -> str:
+    if group < 0:
+        return ""
+    return f"/dev/vfio/{group}" if host.vfio_group_node(group).exists() else ""
+
+
+def device_from_row(host: Host, row: DeviceRow, attachment: AttachmentRow | None) -> Device:
+    addr = PciAddress.parse(row.pci_address)
+    present = host.device_exists(addr)
+    live_group = host.iommu_group(addr) if present else None
+    group = live_group if live_group is not None else row.iommu_group
+    return Device(
+        id=row.id,
+        name=row.name,
+        type=row.type,
+        pci_address=row.pci_address,
+        vendor_id=row.vendor_id,
+        device_id=row.device_id,
+        subsystem_vendor_id=row.subsystem_vendor_id,
+        subsystem_device_id=row.subsystem_device_id,
+        vendor_name=row.vendor_name,
+        device_name=row.device_name,
+        iommu_group=group,
+        bound_to_vfio=present and host.has_vfio_dev(addr),
+        driver=(host.driver(addr) or "") if present else "",
+        native_driver=row.native_driver,
+        state=row.state,
+        attached_to=attachment.instance_id if attachment else "",
+        owner_uid=attachment.owner_uid if attachment else None,
+        created_at=format_timestamp(row.created_at),
+        sysfs_path=sysfs_path(row.pci_address),
+        vfio_group_path=vfio_group_path(host, group) if present else "",
+        tags=dict(row.tags),
+    )
+
+
+@dataclass(frozen=True)
+class Attachment:
+    id: str
+    pci_address: str
+    role: str
+    iommu_group: int
+    vfio_group_path: str
+    gpudirect_clique: int | None = None
+
+    def to_record(self) -> dict[str, object]:
+        config: dict[str, object] = {"path": sysfs_path(self.pci_address)}
+        if self.gpudirect_clique is not None:
+            config["x_nv_gpudirect_clique"] = self.gpudirect_clique
+        return {
+            "id": self.id,
+            "pci_address": self.pci_address,
+            "role": self.role,
+            "sysfs_path": sysfs_path(self.pci_address),
+            "vfio_group_path": self.vfio_group_path,
+            "iommu_group": self.iommu_group,
+            "device_config": config,
+        }

@@ -1,0 +1,81 @@
+"""The two small interfaces through which the core asks the system manager for something: loading a kernel
+module and stopping/starting a unit. The D-Bus layer plugs in the real systemd client; tests and the
+simulated demo plug in stand-ins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from vfiod.core.errors import VFIONotAvailable
+from vfiod.host.host import Host
+from vfiod.host.simulator import SimulatedKernel, processes
+
+
+class ModuleLoader(Protocol):
+    def load(self, module: str) -> None:
+        """Make sure `module` is loaded; raise VFIONotAvailable (with the command to run) if it cannot be."""
+
+
+class UnitController(Protocol):
+    def is_active(self, unit: str) -> bool:
+        """Whether the unit is running now (a missing unit is simply not active)."""
+
+    def stop(self, unit: str) -> None:
+        """Stop the unit and wait for the job to finish."""
+
+    def start(self, unit: str) -> None:
+        """Start the unit and wait for the job to finish."""
+
+
+def modprobe_hint(module: str) -> str:
+    return f"modprobe {module}"
+
+
+class LoadedModulesOnly:
+    """A loader for hosts where vfiod cannot load modules (no systemd on the bus): it only checks."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+
+    def load(self, module: str) -> None:
+        if self._host.module_loaded(module):
+            return
+        raise VFIONotAvailable(
+            f"kernel module {module} is not loaded and vfiod cannot load it here (systemd is not on the "
+            f"bus); run: {modprobe_hint(module)}"
+        )
+
+
+class SimulatedModules:
+    """Module loading on the kernel simulator: what `modprobe@<module>.service` does on a real host."""
+
+    def __init__(self, kernel: SimulatedKernel) -> None:
+        self._kernel = kernel
+
+    def load(self, module: str) -> None:
+        try:
+            self._kernel.load_module(module)
+        except (KeyError, ValueError, OSError) as e:
+            raise VFIONotAvailable(f"kernel module {module} cannot be loaded: {e}") from e
+
+
+class SimulatedUnits:
+    """systemd units on the kernel simulator: stopping a unit ends its fake processes, starting it runs
+    the profile's ones again. What the in-process systemd stand-in of `vfiod run --simulate` does."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self.calls: list[tuple[str, str]] = []
+
+    def is_active(self, unit: str) -> bool:
+        return processes.unit_active(self._root, unit)
+
+    def stop(self, unit: str) -> None:
+        self.calls.append(("stop", unit))
+        processes.stop_unit(self._root, unit)
+
+    def start(self, unit: str) -> None:
+        self.calls.append(("start", unit))
+        processes.start_unit(self._root, unit)

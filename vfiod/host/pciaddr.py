@@ -1,0 +1,90 @@
+"""Validated kernel-facing names: canonical PCI addresses and driver/module names.
+
+These are the only values the host layer accepts for paths and sysfs writes, so a caller's string can
+never smuggle a newline, NUL, `/` or `..` into a path or into the bytes written to the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+
+_PCI_RE = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+_SLOT_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}")
+# Kernel driver and module names: letters, digits, '_' and '-' (e.g. vfio-pci, snd_hda_intel).
+_DRIVER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class InvalidPciAddressText(ValueError):
+    """The text is not a PCI address of the form dddd:bb:ss.f."""
+
+
+class InvalidDriverName(ValueError):
+    """The text is not a kernel driver or module name."""
+
+
+class PciAddress(str):
+    """A canonical PCI address `dddd:bb:ss.f` (lowercase hex, function 0-7).
+
+    Construct only through `parse`; the str value is the canonical form, which is also the device's
+    directory name under /sys/bus/pci/devices.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> PciAddress:
+        if not isinstance(text, str):
+            raise InvalidPciAddressText(f"PCI address must be a string, not {type(text).__name__}")
+        # fullmatch, not match: `$` would accept a trailing newline.
+        if _PCI_RE.fullmatch(text) is None:
+            raise InvalidPciAddressText(
+                f"{text!r} is not a PCI address of the form dddd:bb:ss.f (e.g. 0000:a2:00.0)"
+            )
+        return str.__new__(cls, text.lower())
+
+    @property
+    def domain(self) -> int:
+        return int(self[0:4], 16)
+
+    @property
+    def bus(self) -> int:
+        return int(self[5:7], 16)
+
+    @property
+    def slot(self) -> int:
+        return int(self[8:10], 16)
+
+    @property
+    def function(self) -> int:
+        return int(self[11], 16)
+
+    @property
+    def slot_prefix(self) -> str:
+        """`dddd:bb:ss`, shared by every function of one physical slot."""
+        return self[:10]
+
+    def same_slot(self, other: PciAddress) -> bool:
+        return self.slot_prefix == other.slot_prefix
+
+    def default_device_name(self) -> str:
+        """hypeman's default registry name: `pci-dddd-bb-ss-f`."""
+        return "pci-" + self.replace(":", "-").replace(".", "-")
+
+
+def is_slot_prefix(text: str) -> bool:
+    return _SLOT_RE.fullmatch(text) is not None
+
+
+class DriverName(str):
+    """A kernel driver or module name, safe to use as a path component and as a sysfs value."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DriverName:
+        if not isinstance(text, str) or _DRIVER_RE.fullmatch(text) is None:
+            raise InvalidDriverName(f"{text!r} is not a kernel driver name")
+        return str.__new__(cls, text)
+
+
+VFIO_PCI = DriverName.parse("vfio-pci")
