@@ -4,9 +4,11 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := dbus polkitd pkexec pci.ids pkg-config gcc libsystemd-dev libdbus-1-dev libglib2.0-dev \
-	systemd util-linux procps
+	systemd util-linux procps python3-systemd \
+	dpkg-dev debhelper lintian \
+	qemu-system-x86 busybox-static kmod mmdebstrap e2fsprogs
 
-.PHONY: deps venv test lint typecheck unit demo check clean
+.PHONY: deps venv test lint typecheck unit test-e2e demo check deb clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -38,12 +40,20 @@ typecheck:
 unit:
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+# The real-kernel suite boots Debian's kernel in QEMU (TCG); its downloads are cached in .cache/e2e.
+test-e2e:
+	VFIOD_E2E=1 $(VENV)/bin/pytest -q tests/e2e
+
+test: lint typecheck unit test-e2e
 
 check:
 	$(VENV)/bin/vfiod check --simulate workstation-l4
 
-demo: check
+demo: venv
+	tools/demo.sh
+
+deb:
+	bash packaging/build-deb.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
-from vfiod.host.simulator import SimulatedKernel, build
+from vfiod.host.simulator import SimulatedKernel, build, processes
 
 
 @dataclass
@@ -30,7 +30,9 @@ def sim(tmp_path: Path) -> SimFactory:
     """`sim("workstation-l4", deadline=0.5)` builds a profile and returns a SimHost on it."""
     count = 0
 
-    def make(profile: str = "workstation-l4", *, deadline: float = 5.0) -> SimHost:
+    def make(profile: str = "workstation-l4", *, deadline: float = 5.0, idle: bool = False) -> SimHost:
+        """`idle`: stop the persistence daemon first, as vfiod's hold does, so a bare binder can unbind
+        nvidia (whose remove waits for every user of /dev/nvidiaN, as on a real host)."""
         nonlocal count
         count += 1
         root = tmp_path / f"sim{count}"
@@ -39,6 +41,8 @@ def sim(tmp_path: Path) -> SimFactory:
         host = Host(HostRoots.under(root), backend=kernel, deadlines=policy)
         sh = SimHost(root=root, kernel=kernel, host=host)
         host.add_write_listener(sh.writes.append)
+        if idle:
+            processes.stop_unit(root, "nvidia-persistenced.service")
         return sh
 
     return make

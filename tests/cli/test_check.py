@@ -208,7 +208,7 @@ def test_sysfs_root_that_is_a_bare_sysfs_mount(capsys: pytest.CaptureFixture[str
         ["check", "--simulate"],
         ["check", "--no-such-option"],
         ["check", "--simulate", "workstation-l4", "--sysfs-root", "/tmp"],
-        ["run"],
+        ["run", "--no-such-option"],
     ],
 )
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:

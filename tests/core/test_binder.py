@@ -65,7 +65,7 @@ def bind_l4_group(sh: SimHost) -> tuple[Binder, list[NativeDriver]]:
 
 
 def test_l4_alone_is_a_group_conflict_naming_the_audio_function(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     with pytest.raises(IOMMUGroupConflict) as e:
         plan_groups(sh.host, [L4], include_group=False)
     assert str(L4_AUDIO) in e.value.message
@@ -76,7 +76,7 @@ def test_l4_alone_is_a_group_conflict_naming_the_audio_function(sim: SimFactory)
 
 
 def test_include_group_binds_both_and_restores_both(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     [plan] = plan_groups(sh.host, [L4], include_group=True)
     assert plan.to_bind == [L4, L4_AUDIO]
     assert plan.roles == {L4: "requested", L4_AUDIO: "companion"}
@@ -111,7 +111,7 @@ def test_include_group_binds_both_and_restores_both(sim: SimFactory) -> None:
 
 
 def test_bind_is_idempotent_for_functions_already_on_vfio(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     bind_l4_group(sh)
     before = len(sh.writes)
     [plan] = plan_groups(sh.host, [L4], include_group=True)
@@ -122,7 +122,7 @@ def test_bind_is_idempotent_for_functions_already_on_vfio(sim: SimFactory) -> No
 
 
 def test_every_write_is_logged_with_path_value_and_result(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     bind_l4_group(sh)
     paths = [(w.path, w.value, w.result) for w in sh.writes[:3]]
     assert paths == [
@@ -134,7 +134,7 @@ def test_every_write_is_logged_with_path_value_and_result(sim: SimFactory) -> No
 
 
 def test_vfio_pci_not_loaded_and_not_loadable(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     sh.kernel.unload_module("vfio_pci")
     [plan] = plan_groups(sh.host, [L4], include_group=True)
     with pytest.raises(VFIONotAvailable, match="modprobe vfio_pci"):
@@ -146,7 +146,7 @@ def test_vfio_pci_not_loaded_and_not_loadable(sim: SimFactory) -> None:
 
 
 def test_host_critical_boot_vga_with_console(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     with pytest.raises(HostCritical, match="console"):
         check_not_host_critical(sh.host, [IGPU], force=False)
     check_not_host_critical(sh.host, [IGPU], force=True)
@@ -160,7 +160,7 @@ def test_no_iommu_refuses_with_the_fix(sim: SimFactory) -> None:
 
 
 def test_bridges_are_never_rebound(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     with pytest.raises(InvalidArgument, match="bridge"):
         plan_groups(sh.host, [PciAddress.parse("0000:00:01.0")], include_group=True)
 
@@ -191,7 +191,7 @@ def test_driverless_group_member_does_not_block(sim: SimFactory) -> None:
 
 
 def test_vfio_member_outside_request_joins_unless_attached_elsewhere(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     bind_l4_group(sh)
     [plan] = plan_groups(sh.host, [L4], include_group=False)
     assert plan.joined == [L4_AUDIO] and plan.already_bound == [L4]
@@ -216,7 +216,7 @@ def test_gpu_in_use_on_host_is_busy_but_persistence_daemon_is_ignored(sim: SimFa
 
 
 def test_unreadable_proc_is_an_error_not_free(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     pid = processes.add_process(sh.root, exe="/usr/bin/mystery", fds=[])
     processes.set_fd_unreadable(sh.root, pid)
     with pytest.raises(Failed, match="cannot tell"):
@@ -224,7 +224,7 @@ def test_unreadable_proc_is_an_error_not_free(sim: SimFactory) -> None:
 
 
 def test_held_group_node_makes_restore_refuse_without_writing(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     binder, natives = bind_l4_group(sh)
     group = sh.host.iommu_group(L4)
     pid = processes.add_process(
@@ -244,7 +244,7 @@ def test_held_group_node_makes_restore_refuse_without_writing(sim: SimFactory) -
 
 
 def test_hung_unbind_times_out_within_deadline_and_leaves_device_stuck(sim: SimFactory) -> None:
-    sh = sim("workstation-l4", deadline=0.4)
+    sh = sim("workstation-l4", idle=True, deadline=0.4)
     faults.inject(
         sh.root, "hang-nvidia", path="/sys/bus/pci/drivers/nvidia/unbind", value=str(L4), kind="hang"
     )
@@ -275,7 +275,7 @@ def test_hung_unbind_times_out_within_deadline_and_leaves_device_stuck(sim: SimF
 
 
 def test_hung_write_blocks_same_device_only(sim: SimFactory) -> None:
-    sh = sim("workstation-l4", deadline=0.3)
+    sh = sim("workstation-l4", idle=True, deadline=0.3)
     faults.inject(sh.root, "hang", path="/sys/bus/pci/drivers/nvidia/unbind", value=str(L4), kind="hang")
     with pytest.raises(Exception, match="did not complete"):
         sh.host.unbind(L4, NVIDIA)
@@ -289,7 +289,7 @@ def test_hung_write_blocks_same_device_only(sim: SimFactory) -> None:
 
 
 def test_refused_unbind_rolls_back(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     faults.inject(
         sh.root, "busy", path="/sys/bus/pci/drivers/snd_hda_intel/unbind", kind="errno", errno="EBUSY"
     )
@@ -302,7 +302,7 @@ def test_refused_unbind_rolls_back(sim: SimFactory) -> None:
 
 
 def test_vfio_probe_that_binds_nothing_rolls_back(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     faults.inject(
         sh.root,
         "nothing",
@@ -319,7 +319,7 @@ def test_vfio_probe_that_binds_nothing_rolls_back(sim: SimFactory) -> None:
 
 
 def test_slow_probe_within_deadline_succeeds(sim: SimFactory) -> None:
-    sh = sim("workstation-l4", deadline=3.0)
+    sh = sim("workstation-l4", idle=True, deadline=3.0)
     faults.inject(
         sh.root, "slow", path="/sys/bus/pci/drivers_probe", value=str(L4), kind="delay", seconds=0.3
     )
@@ -330,7 +330,7 @@ def test_slow_probe_within_deadline_succeeds(sim: SimFactory) -> None:
 
 
 def test_native_driver_that_refuses_to_come_back(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     binder, natives = bind_l4_group(sh)
     faults.inject(
         sh.root,
@@ -352,13 +352,13 @@ def test_native_driver_that_refuses_to_come_back(sim: SimFactory) -> None:
 
 
 def test_native_module_is_loaded_before_restore(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     binder, natives = bind_l4_group(sh)
     binder.restore(L4_AUDIO, natives[1])
     sh.kernel.unload_module("snd_hda_intel")
     assert not sh.host.driver_loaded(HDA)
     # bind the audio function again, unload its module, and restore: the module comes back first
-    sh2 = sim("workstation-l4")
+    sh2 = sim("workstation-l4", idle=True)
     binder2, natives2 = bind_l4_group(sh2)
     sh2.kernel.unload_module("snd_hda_intel")
     binder2.restore(L4_AUDIO, natives2[1])
@@ -366,7 +366,7 @@ def test_native_module_is_loaded_before_restore(sim: SimFactory) -> None:
 
 
 def test_prebound_vfio_device_is_left_alone(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     bind_l4_group(sh)
     before = len(sh.writes)
     binder_for(sh).restore(L4, NativeDriver(DriverName.parse("vfio-pci"), None))
@@ -388,7 +388,7 @@ def test_group_not_viable_after_bind_rolls_back(sim: SimFactory) -> None:
 
 
 def test_identity_check_refuses_a_swapped_card(sim: SimFactory) -> None:
-    sh = sim("workstation-l4")
+    sh = sim("workstation-l4", idle=True)
     identity = read_identity(sh.host, L4)
     assert identity is not None and identity.vendor_id == "10de" and identity.device_id == "27b8"
     check_identity(sh.host, L4, identity)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import SimFactory
 from vfiod.host.host import SysfsTimeout, SysfsWriteError, WriteRecord
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import faults
+from vfiod.host.simulator import SimulatedKernel, faults
 
 L4 = PciAddress.parse("0000:a2:00.0")
 L4_AUDIO = PciAddress.parse("0000:a2:00.1")
@@ -24,7 +28,7 @@ HDA = DriverName.parse("snd_hda_intel")
 
 
 def test_hang_holds_the_device_lock_until_released(sim: SimFactory) -> None:
-    sh = sim(deadline=0.2)
+    sh = sim(deadline=0.2, idle=True)
     faults.inject(sh.root, "stuck", kind="hang", path="/sys/bus/pci/drivers/nvidia/unbind", value=str(L4))
     late: list[WriteRecord] = []
     arrived = threading.Event()
@@ -64,7 +68,7 @@ def test_hang_holds_the_device_lock_until_released(sim: SimFactory) -> None:
 
 
 def test_hang_then_fail(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(
         sh.root, "h", kind="hang", path="/sys/bus/pci/drivers/*/unbind", errno="EIO", then="fail", count=1
     )
@@ -87,7 +91,7 @@ def test_hang_then_fail(sim: SimFactory) -> None:
 
 
 def test_clearing_a_hang_releases_it(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(sh.root, "h", kind="hang", path=f"/sys/bus/pci/devices/{L4}/driver_override")
     t = threading.Thread(target=lambda: sh.host.set_driver_override(L4, VFIO))
     t.start()
@@ -98,7 +102,7 @@ def test_clearing_a_hang_releases_it(sim: SimFactory) -> None:
 
 
 def test_errno_fault_changes_nothing_and_counts_down(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(
         sh.root, "busy", kind="errno", path="/sys/bus/pci/drivers/nvidia/unbind", errno="EBUSY", count=2
     )
@@ -115,7 +119,7 @@ def test_errno_fault_changes_nothing_and_counts_down(sim: SimFactory) -> None:
 
 
 def test_value_narrows_a_fault(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(sh.root, "f", kind="errno", path="/sys/bus/pci/drivers_probe", value=f"{L4}\n", errno="EIO")
     sh.host.probe(L4_AUDIO)  # another value: no fault
     with pytest.raises(SysfsWriteError) as e:
@@ -124,7 +128,7 @@ def test_value_narrows_a_fault(sim: SimFactory) -> None:
 
 
 def test_delay(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(sh.root, "slow", kind="delay", path="/sys/bus/pci/drivers/nvidia/unbind", seconds=0.25)
     started = time.monotonic()
     sh.host.unbind(L4, NVIDIA)
@@ -134,7 +138,7 @@ def test_delay(sim: SimFactory) -> None:
 
 
 def test_probe_nothing(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(sh.root, "n", kind="probe_nothing", pci_address=str(L4), driver="vfio-pci")
     sh.host.set_driver_override(L4, VFIO)
     sh.host.unbind(L4, NVIDIA)
@@ -150,7 +154,7 @@ def test_probe_nothing(sim: SimFactory) -> None:
 
 
 def test_probe_fail_lets_the_next_driver_try(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.kernel.add_driver_match("pci-stub", vendor="10de", device="27b8")
     sh.kernel.load_module("pci_stub")  # loaded after nvidia: tried second
     assert sh.host.driver(L4) == "nvidia"
@@ -168,7 +172,7 @@ def test_probe_fail_lets_the_next_driver_try(sim: SimFactory) -> None:
 
 
 def test_probe_fault_with_a_path_applies_only_to_that_write(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(
         sh.root, "p", kind="probe_fail", path="/sys/bus/pci/drivers_probe", driver="nvidia", errno="ENODEV"
     )
@@ -180,7 +184,7 @@ def test_probe_fault_with_a_path_applies_only_to_that_write(sim: SimFactory) -> 
 
 
 def test_fault_files_are_plain_json(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     faults.inject(sh.root, "x", kind="errno", path="/sys/bus/pci/rescan", errno="EPERM")
     data = json.loads((sh.root / "sim/faults/x.json").read_text())
     assert data["kind"] == "errno" and data["errno"] == "EPERM" and data["count"] is None
@@ -194,3 +198,45 @@ def test_fault_files_are_plain_json(sim: SimFactory) -> None:
         sh.kernel.write_attribute(sh.root / "sys/bus/pci/rescan", b"1")
     assert e.value.errno == errno.EPERM
     assert faults.wait_hung(sh.root, "x", 0.05) is False
+
+
+def test_a_write_hung_across_a_reboot_fails_with_enodev(sim: SimFactory) -> None:
+    sh = sim(idle=True)
+    faults.inject(sh.root, "h", kind="hang", path="/sys/bus/pci/drivers/nvidia/unbind")
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            sh.host.unbind(L4, NVIDIA)
+        except SysfsWriteError as e:
+            errors.append(e.errname)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert faults.wait_hung(sh.root, "h", 2.0)
+    sh.kernel.reboot()
+    faults.release(sh.root, "h")
+    t.join(3.0)
+    assert errors == ["ENODEV"]  # the kernel it was written to is gone
+    assert sh.host.driver(L4) == "nvidia"
+
+
+def _hang_in_child(root: str) -> None:
+    SimulatedKernel(Path(root)).write_attribute(
+        Path(root) / "sys/bus/pci/drivers/nvidia/unbind", str(L4).encode()
+    )
+
+
+def test_killing_a_hung_writer_frees_the_device(sim: SimFactory) -> None:
+    sh = sim(idle=True)
+    faults.inject(sh.root, "h", kind="hang", path="/sys/bus/pci/drivers/nvidia/unbind")
+    child = multiprocessing.get_context("fork").Process(target=_hang_in_child, args=(str(sh.root),))
+    child.start()
+    assert faults.wait_hung(sh.root, "h", 5.0)
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(5.0)
+    assert not faults.is_hung(sh.root, "h")  # its marker names a dead process
+    faults.clear(sh.root)
+    sh.host.set_driver_override(L4, VFIO)  # the device lock died with the process
+    assert sh.host.driver(L4) == "nvidia"  # and the unbind never happened

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SimFactory
+from tests.conftest import SimFactory, SimHost
+from vfiod.core.hostcritical import host_critical
 from vfiod.host.host import Host, HostRoots, ProcUnreadable
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import SimulatedKernel, build, get_profile, processes
@@ -129,7 +130,7 @@ def test_no_iommu_and_qemu_details(sim: SimFactory) -> None:
     assert sh.host.iommu_groups() == [] and not (sh.root / "sys/class/iommu/dmar0").exists()
     assert "intel_iommu" not in sh.host.cmdline()
     q = sim("qemu-q35")
-    assert q.host.group_members(9) == [
+    assert q.host.group_members(11) == [
         PciAddress.parse(a) for a in ("0000:01:00.0", "0000:02:01.0", "0000:02:02.0")
     ]
     assert q.host.group_members(1) == [PciAddress.parse("0000:00:02.0"), PciAddress.parse("0000:00:02.1")]
@@ -139,6 +140,106 @@ def test_no_iommu_and_qemu_details(sim: SimFactory) -> None:
     }
     assert tags == {"hostroot\x00", "out\x00", None}
     assert q.host.attr(PciAddress.parse("0000:00:03.0"), "class") == "0x038000"
+
+
+# What the real-kernel suite's guest (tests/e2e, Debian's 6.1 kernel) shows: every function's group.
+Q35_GROUPS = {
+    "0000:00:00.0": 0,
+    "0000:00:02.0": 1,
+    "0000:00:02.1": 1,
+    "0000:00:03.0": 2,
+    "0000:00:04.0": 3,
+    "0000:00:05.0": 4,
+    "0000:00:06.0": 5,
+    "0000:00:07.0": 6,
+    "0000:00:08.0": 7,
+    "0000:00:10.0": 8,
+    "0000:00:11.0": 9,
+    "0000:00:1f.0": 10,
+    "0000:00:1f.2": 10,
+    "0000:00:1f.3": 10,
+    "0000:01:00.0": 11,
+    "0000:02:01.0": 11,
+    "0000:02:02.0": 11,
+}
+
+
+def test_qemu_q35_is_the_e2e_guest(sim: SimFactory) -> None:
+    q = sim("qemu-q35")
+    h, root = q.host, q.root
+    assert {str(a): h.iommu_group(a) for a in h.pci_addresses()} == Q35_GROUPS
+    # the NVMe disk: ext4 on the whole namespace (no partition), mounted on /mnt/data
+    nvme = PciAddress.parse("0000:00:08.0")
+    assert h.driver(nvme) == "nvme" and h.driver_module(nvme) == "nvme"
+    assert h.hex_attr(nvme, "class") == "010802" and h.hex_attr(nvme, "device") == "0010"
+    assert h.list_dir(root / "sys/class/block") == ["nvme0n1"]
+    mountinfo = h.read_text(root / "proc/self/mountinfo") or ""
+    assert f"{h.read_text(root / 'sys/class/block/nvme0n1/dev')} / /mnt/data rw,relatime" in mountinfo
+    assert " - 9p hostroot " in mountinfo
+    crit = host_critical(h)
+    assert crit[nvme] == "backs /mnt/data (ext4 on /dev/nvme0n1)"
+    assert crit[PciAddress.parse("0000:00:10.0")] == 'backs /mnt/hostroot (9p share "hostroot")'
+    # vfio-pci is not loaded at boot: no /dev/vfio/vfio until it is
+    assert not h.module_loaded("vfio_pci") and not h.module_loaded("vfio")
+    assert h.list_dir(root / "dev/vfio") == []
+    q.kernel.load_module("vfio_pci")
+    assert h.module_loaded("vfio_pci") and (root / "dev/vfio/vfio").exists()
+
+
+def _vtconsoles(sh: SimHost) -> dict[str, tuple[str | None, str | None]]:
+    vt = sh.root / "sys/class/vtconsole"
+    return {
+        n: (sh.host.read_text(vt / n / "name"), sh.host.read_text(vt / n / "bind"))
+        for n in sh.host.list_dir(vt)
+    }
+
+
+def test_qemu_q35_vtconsoles_after_vgacon(sim: SimFactory) -> None:
+    """vgacon was the boot console: dummycon ("(M)") replaced it, fbcon took its slot, vtcon0. Neither
+    is a system driver, so a bind does nothing and an unbind hands the consoles to the other."""
+    q = sim("qemu-q35")
+    fb, dummy = "(M) frame buffer device", "(M) dummy device"
+    assert _vtconsoles(q) == {"vtcon0": (fb, "1"), "vtcon1": (dummy, "0")}
+    write = q.kernel.write_attribute
+    vt = q.root / "sys/class/vtconsole"
+    write(vt / "vtcon0/bind", b"0\n")
+    assert _vtconsoles(q) == {"vtcon0": (fb, "0"), "vtcon1": (dummy, "1")}
+    write(vt / "vtcon0/bind", b"1\n")  # vt_bind: no "(S)" driver to take the consoles from
+    assert _vtconsoles(q) == {"vtcon0": (fb, "0"), "vtcon1": (dummy, "1")}
+    write(vt / "vtcon1/bind", b"0\n")  # the dummy driver hands them back to fbcon
+    assert _vtconsoles(q) == {"vtcon0": (fb, "1"), "vtcon1": (dummy, "0")}
+    write(vt / "vtcon1/bind", b"1\n")
+    assert _vtconsoles(q) == {"vtcon0": (fb, "1"), "vtcon1": (dummy, "0")}
+
+
+def test_uefi_vtconsoles_keep_the_system_dummy_driver(sim: SimFactory) -> None:
+    sh = sim("workstation-l4", idle=True)
+    fb, dummy = "(M) frame buffer device", "(S) dummy device"
+    assert _vtconsoles(sh) == {"vtcon0": (dummy, "0"), "vtcon1": (fb, "1")}
+    vt = sh.root / "sys/class/vtconsole"
+    sh.kernel.write_attribute(vt / "vtcon0/bind", b"1\n")  # a system driver cannot be (un)bound
+    sh.kernel.write_attribute(vt / "vtcon0/bind", b"0\n")
+    assert _vtconsoles(sh) == {"vtcon0": (dummy, "0"), "vtcon1": (fb, "1")}
+    sh.kernel.write_attribute(vt / "vtcon1/bind", b"0\n")
+    assert _vtconsoles(sh) == {"vtcon0": (dummy, "1"), "vtcon1": (fb, "0")}
+    sh.kernel.write_attribute(vt / "vtcon1/bind", b"1\n")
+    assert _vtconsoles(sh) == {"vtcon0": (dummy, "0"), "vtcon1": (fb, "1")}
+
+
+def test_vtconsoles_must_be_fbcon_and_dummy() -> None:
+    prof = get_profile("qemu-q35")
+    assert Profile.from_json(prof.to_json()).vtconsoles == ("(M) frame buffer device", "(M) dummy device")
+    data = prof.to_dict()
+    del data["vtconsoles"]  # a profile written before the field: the UEFI layout
+    assert Profile.from_dict(data).vtconsoles == ("(S) dummy device", "(M) frame buffer device")
+    for bad in (
+        ["(M) frame buffer device"],
+        ["(M) frame buffer device", "(M) frame buffer device"],
+        ["(S) frame buffer device", "(M) dummy device"],
+        ["(S) VGA+", "(M) frame buffer device"],
+    ):
+        with pytest.raises(ValueError):
+            Profile.from_dict({**data, "vtconsoles": bad}).validate()
 
 
 def test_synthetic_shape() -> None:
@@ -207,7 +308,7 @@ def test_nvidia_unbind_can_wait_for_users(tmp_path: Path) -> None:
 
 
 def test_reboot_resets_to_the_boot_state(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     h = sh.host
     boot_id = h.boot_id()
     for addr in (L4, L4_AUDIO):
@@ -232,7 +333,7 @@ def test_reboot_resets_to_the_boot_state(sim: SimFactory) -> None:
 def test_interrupted_update_is_repaired_by_the_next_locker(
     sim: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.set_driver_override(L4, VFIO)
     real_remove = kernel_mod._remove_path
     calls = 0
@@ -269,7 +370,7 @@ def _child_binds(root: str) -> None:
 
 
 def test_another_process_sees_the_same_kernel(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=_child_binds, args=(str(sh.root),))
     child.start()
@@ -287,6 +388,8 @@ def test_another_process_sees_the_same_kernel(sim: SimFactory) -> None:
 def test_tool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "sim"
     assert tool(["build", "workstation-l4", str(root)]) == 0
+    # nvidia's remove waits for every user of /dev/nvidia0, as on a real host: stop the persistence daemon
+    processes.stop_unit(root, "nvidia-persistenced.service")
     assert tool(["bind", str(root), str(L4), "nvidia"]) == 1  # EBUSY: already bound
     assert "EBUSY" in capsys.readouterr().err
     assert tool(["unbind", str(root), str(L4), "nvidia"]) == 0

@@ -53,7 +53,7 @@ def to_vfio(sh: SimHost, *addrs: PciAddress) -> None:
 
 
 def test_missing_attribute_is_enoent_and_directory_is_eisdir(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(FileNotFoundError):
         write(sh, "/sys/bus/pci/drivers/nouveau/bind", str(L4).encode())  # nouveau is not loaded
     assert not (sh.root / "sys/bus/pci/drivers/nouveau").exists()  # and nothing was created
@@ -65,14 +65,14 @@ def test_missing_attribute_is_enoent_and_directory_is_eisdir(sim: SimFactory) ->
 
 
 def test_read_only_attributes_refuse_writes(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(PermissionError):
         write(sh, f"/sys/bus/pci/devices/{L4}/vendor", b"0x1002")
     assert sh.host.attr(L4, "vendor") == "0x10de"
 
 
 def test_paths_outside_the_tree_are_never_written(sim: SimFactory, tmp_path: Path) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     outside = tmp_path / "outside"
     outside.write_text("untouched")
     with pytest.raises(PermissionError):
@@ -83,7 +83,7 @@ def test_paths_outside_the_tree_are_never_written(sim: SimFactory, tmp_path: Pat
 
 
 def test_zero_length_write_is_a_no_op_everywhere(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.set_driver_override(L4, VFIO)
     write(sh, f"/sys/bus/pci/devices/{L4}/driver_override", b"")
     write(sh, "/sys/bus/pci/drivers/nvidia/unbind", b"")
@@ -95,7 +95,7 @@ def test_zero_length_write_is_a_no_op_everywhere(sim: SimFactory) -> None:
 
 
 def test_driver_override_set_cut_at_newline_and_cleared(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     assert sh.host.attr(L4, "driver_override") == "(null)"
     write(sh, f"/sys/bus/pci/devices/{L4}/driver_override", b"vfio-pci\ngarbage")
     assert sh.host.attr(L4, "driver_override") == "vfio-pci"
@@ -110,7 +110,7 @@ def test_driver_override_set_cut_at_newline_and_cleared(sim: SimFactory) -> None
 
 
 def test_driver_override_too_long_is_einval(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(OSError) as e:
         write(sh, f"/sys/bus/pci/devices/{L4}/driver_override", b"x" * 4095)
     assert e.value.errno == errno.EINVAL
@@ -122,7 +122,7 @@ def test_driver_override_too_long_is_einval(sim: SimFactory) -> None:
 
 
 def test_bind_errors(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(SysfsWriteError) as e:
         sh.host.bind(PciAddress.parse("0000:99:00.0"), NVIDIA)
     assert errname(e) == "ENODEV"  # no such device
@@ -148,7 +148,7 @@ def test_bind_errors(sim: SimFactory) -> None:
 
 
 def test_bind_accepts_one_trailing_newline(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.unbind(L4, NVIDIA)
     with pytest.raises(OSError):
         write(sh, "/sys/bus/pci/drivers/nvidia/bind", f"{L4}\n\n".encode())
@@ -157,7 +157,7 @@ def test_bind_accepts_one_trailing_newline(sim: SimFactory) -> None:
 
 
 def test_vfio_pci_refuses_bridges(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.set_driver_override(ROOT_PORT, VFIO)
     sh.host.unbind(ROOT_PORT, PCIEPORT)
     with pytest.raises(SysfsWriteError) as e:
@@ -168,7 +168,7 @@ def test_vfio_pci_refuses_bridges(sim: SimFactory) -> None:
 
 
 def test_vfio_pci_refuses_devices_without_an_iommu_group(sim: SimFactory) -> None:
-    sh = sim("no-iommu")
+    sh = sim("no-iommu", idle=True)
     assert sh.host.iommu_group(L4) is None
     sh.host.set_driver_override(L4, VFIO)
     sh.host.unbind(L4, NVIDIA)
@@ -181,7 +181,7 @@ def test_vfio_pci_refuses_devices_without_an_iommu_group(sim: SimFactory) -> Non
 
 
 def test_bind_to_vfio_creates_vfio_dev_and_group_node_and_removes_native_nodes(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     assert (sh.root / "dev/nvidia0").exists()
     assert sh.host.list_dir(sh.host.device_dir(L4) / "drm") == ["card1", "renderD129"]
     assert (sh.root / "proc/driver/nvidia/gpus" / L4 / "information").exists()
@@ -201,7 +201,7 @@ def test_bind_to_vfio_creates_vfio_dev_and_group_node_and_removes_native_nodes(s
 
 
 def test_unbind_errors(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(SysfsWriteError) as e:
         sh.host.unbind(L4, HDA)
     assert errname(e) == "ENODEV"  # bound, but to another driver
@@ -219,7 +219,7 @@ def test_unbind_errors(sim: SimFactory) -> None:
 
 
 def test_drivers_probe_rules(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(SysfsWriteError) as e:
         sh.host.probe(PciAddress.parse("0000:99:00.0"))
     assert errname(e) == "ENODEV"
@@ -314,7 +314,7 @@ def test_new_id_binds_matching_devices_and_remove_id(sim: SimFactory) -> None:
 
 
 def test_remove_and_rescan(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4, L4_AUDIO)
     with pytest.raises(OSError) as e:
         write(sh, f"/sys/bus/pci/devices/{L4}/remove", b"yes")
@@ -336,7 +336,7 @@ def test_remove_and_rescan(sim: SimFactory) -> None:
 
 
 def test_unplug_replug_and_replace_card(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.kernel.unplug(L4)
     assert not sh.host.device_exists(L4) and sh.host.device_exists(L4_AUDIO)
     write(sh, "/sys/bus/pci/rescan", b"1")  # a rescan does not bring back an empty slot
@@ -356,7 +356,7 @@ def test_unplug_replug_and_replace_card(sim: SimFactory) -> None:
 
 
 def test_group_status_viability_is_judged_by_driver(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     node = sh.host.vfio_group_node(L4_GROUP)
     with pytest.raises(FileNotFoundError):
         sh.host.group_status(L4_GROUP)
@@ -378,7 +378,7 @@ def test_group_with_bridge_and_pcieport_is_viable(sim: SimFactory) -> None:
 
 
 def test_group_node_has_a_single_opener(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4, L4_AUDIO)
     pid = processes.add_process(
         sh.root, exe="/usr/bin/qemu-system-x86_64", uid=1000, fds=[f"/dev/vfio/{L4_GROUP}"]
@@ -391,7 +391,7 @@ def test_group_node_has_a_single_opener(sim: SimFactory) -> None:
 
 
 def test_dma_owning_driver_cannot_bind_into_a_group_a_vmm_owns(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4)
     sh.host.unbind(L4_AUDIO, HDA)
     pid = processes.add_process(sh.root, exe="/usr/bin/qemu-system-x86_64", fds=[f"/dev/vfio/{L4_GROUP}"])
@@ -406,7 +406,7 @@ def test_dma_owning_driver_cannot_bind_into_a_group_a_vmm_owns(sim: SimFactory) 
 
 
 def test_unbinding_a_vfio_device_in_use_waits_for_the_user(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4, L4_AUDIO)
     pid = processes.add_process(sh.root, exe="/usr/bin/qemu-system-x86_64", fds=[f"/dev/vfio/{L4_GROUP}"])
     done = threading.Event()
@@ -428,7 +428,7 @@ def test_unbinding_a_vfio_device_in_use_waits_for_the_user(sim: SimFactory) -> N
 
 
 def test_load_and_unload_modules(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     with pytest.raises(OSError) as e:
         sh.kernel.unload_module("vfio")
     assert e.value.errno == errno.EBUSY  # vfio_pci_core and vfio_pci use it
@@ -450,7 +450,7 @@ def test_load_and_unload_modules(sim: SimFactory) -> None:
 
 
 def test_module_held_open_cannot_be_unloaded(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     processes.stop_unit(sh.root, "nvidia-persistenced.service")
     with pytest.raises(OSError) as e:
         sh.kernel.unload_module("nvidia")
@@ -467,7 +467,7 @@ def test_module_held_open_cannot_be_unloaded(sim: SimFactory) -> None:
 
 
 def test_vtconsole_bind(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     vt = sh.root / "sys/class/vtconsole"
     assert sh.host.read_text(vt / "vtcon1/name") == "(M) frame buffer device"
     assert (sh.host.read_text(vt / "vtcon0/bind"), sh.host.read_text(vt / "vtcon1/bind")) == ("0", "1")
@@ -484,7 +484,7 @@ def test_vtconsole_bind(sim: SimFactory) -> None:
 
 
 def test_console_follows_the_frame_buffer(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.unbind(IGPU, DriverName.parse("i915"))
     assert sh.host.read_text(sh.root / "sys/class/vtconsole/vtcon1/bind") == "0"
     assert not (sh.root / "dev/fb0").exists()
@@ -498,7 +498,7 @@ def test_console_follows_the_frame_buffer(sim: SimFactory) -> None:
 def test_node_owner_as_root_and_reset_when_the_node_is_recreated(sim: SimFactory) -> None:
     if os.geteuid() != 0:
         pytest.skip("chown needs root")
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4, L4_AUDIO)
     sh.host.set_node_owner(L4_GROUP, NodeOwner(uid=1000, gid=1000, mode=0o660))
     assert sh.host.node_owner(L4_GROUP) == NodeOwner(1000, 1000, 0o660)
@@ -516,7 +516,7 @@ def test_node_owner_as_root_and_reset_when_the_node_is_recreated(sim: SimFactory
 
 
 def test_node_owner_is_recorded_when_not_root(sim: SimFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     to_vfio(sh, L4, L4_AUDIO)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the kernel checks os.geteuid() at each call
     assert sh.host.node_owner(L4_GROUP) == NodeOwner(0, 0, 0o600)
@@ -530,7 +530,7 @@ def test_node_owner_is_recorded_when_not_root(sim: SimFactory, monkeypatch: pyte
 
 
 def test_trace_and_uevents(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     sh.host.set_driver_override(L4, VFIO)
     sh.host.unbind(L4, NVIDIA)
     sh.host.probe(L4)
@@ -563,7 +563,7 @@ def test_trace_and_uevents(sim: SimFactory) -> None:
 
 
 def test_hugepages_and_autoprobe(sim: SimFactory) -> None:
-    sh = sim()
+    sh = sim(idle=True)
     write(sh, "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", b"512\n")
     assert sh.host.read_text(sh.root / "sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") == "512"
     write(sh, "/sys/bus/pci/drivers_autoprobe", b"0")

@@ -1,4 +1,4 @@
-"""The `vfiod` command: argument parsing and dispatch to its subcommands (`check` for now).
+"""The `vfiod` command: argument parsing and dispatch to its subcommands (`check`, `run`).
 
 Owns the command-line contract of the console script: `main(argv)` returns the exit status instead of
 exiting, usage errors are status 2 with argparse's one-line message, and no subcommand ever lets a
@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from vfiod.cli import check
 
@@ -33,7 +34,83 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(check_parser)
     handler: Handler = check.run
     check_parser.set_defaults(handler=handler)
+
+    run_parser = sub.add_parser(
+        "run",
+        help="run the daemon: publish org.hypeman.Devices1 on the bus until SIGTERM",
+        description="Run the daemon. It recovers what an earlier run left unfinished, publishes "
+        "org.hypeman.Devices1 and serves until SIGTERM or SIGINT (SIGHUP re-reads the configuration). "
+        "Exit status: 0 after SIGTERM, 1 when it cannot start (no bus, unusable registry, name taken or "
+        "denied), 2 for a bad configuration or arguments.",
+        epilog="Try it unprivileged on a private bus with a simulated host:\n"
+        "  dbus-daemon --session --print-address --nofork &   # prints ADDRESS\n"
+        "  vfiod run --bus ADDRESS --simulate workstation-l4\n"
+        "  busctl --address=ADDRESS call org.hypeman.Devices1 /org/hypeman/Devices1 "
+        "org.hypeman.Devices1.Manager ListAvailable a{sv} 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run_parser.add_argument(
+        "--bus",
+        default="system",
+        metavar="system|session|ADDRESS",
+        help="the bus to publish on (default: system; an ADDRESS such as unix:path=/run/x/bus)",
+    )
+    run_parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the registry lives (default /var/lib/vfiod; with --simulate: SIM_ROOT/state)",
+    )
+    run_parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="configuration file (default /etc/vfiod/vfiod.toml, which may be missing)",
+    )
+    run_parser.add_argument(
+        "--simulate",
+        metavar="PROFILE",
+        help="run on the kernel simulator instead of this host (workstation-l4, dgx-h100, no-iommu, "
+        "qemu-q35, synthetic:N); needs no privileges",
+    )
+    run_parser.add_argument(
+        "--sim-root",
+        type=Path,
+        metavar="DIR",
+        help="with --simulate: the simulated host's directory, shared with other processes (built there if "
+        "it holds none yet; default: a temporary directory removed at exit)",
+    )
+    run_parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long calls in flight may take to finish (default 30)",
+    )
+    run_parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    run_handler: Handler = _run
+    run_parser.set_defaults(handler=run_handler)
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.sim_root is not None and args.simulate is None:
+        print("vfiod run: --sim-root needs --simulate PROFILE", file=sys.stderr)
+        return 2
+    # Imported here so that `vfiod check` does not load D-Bus and pydantic.
+    from vfiod.bus import daemon  # noqa: PLC0415
+
+    return daemon.run(
+        daemon.Options(
+            bus=args.bus,
+            state_dir=args.state_dir,
+            config_path=args.config,
+            simulate=args.simulate,
+            sim_root=args.sim_root,
+            drain_timeout=args.drain_timeout,
+            verbose=args.verbose,
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

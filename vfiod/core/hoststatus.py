@@ -134,7 +134,8 @@ def host_status(
     iommu_enabled = groups > 0
     vfio_pci_loaded = host.module_loaded(_VFIO_PCI) or (host.pci_drivers_dir / "vfio-pci").is_dir()
     vfio_container = (host.roots.dev / "vfio/vfio").exists()
-    vfio_cdev = (host.roots.dev / "vfio/devices").is_dir() or (host.roots.sys / "class/vfio-dev").is_dir()
+    # /sys/class/vfio-dev exists whenever vfio is loaded (6.1 too); only /dev/vfio/devices proves the cdev.
+    vfio_cdev = (host.roots.dev / "vfio/devices").is_dir()
     iommufd = (host.roots.dev / "iommu").exists()
     ir = _interrupt_remapping(host, params)
     hugepages = _int(host.read_text(host.roots.sys / "kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"))

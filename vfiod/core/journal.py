@@ -5,8 +5,9 @@ Operation-level intents (`attach`, `detach`, ...) name each function with its na
 so recovery needs nothing else to put a function back. Step-level intents (`override`, `unbind`, `probe`,
 `clear-override`, `grant`) say exactly which write may or may not have happened.
 
-For the real-kernel crash test, `VFIOD_TEST_CRASH_AT=<operation>:<step>` (e.g. `attach:probe`) makes the
-process SIGKILL itself just before that step; it is read only when `VFIOD_TEST_HOOKS=1` is also set.
+For the crash tests, `VFIOD_TEST_CRASH_AT=<operation>:<point>[#n]` (e.g. `attach:probe#2`, the second probe
+of an Attach) makes the process SIGKILL itself just before that step or checkpoint; it is read only when
+`VFIOD_TEST_HOOKS=1` is also set, so a production daemon never looks at it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class Operation:
         self.id = f"{kind}-{secrets.token_hex(6)}"
         self._open: dict[Step, int] = {}
         self._crash_at = _crash_point()
+        self._seen: dict[str, int] = {}
+
+    def checkpoint(self, point: str) -> None:
+        """A named moment of the operation (a test may crash the process here)."""
+        if self._crash_at is None:
+            return
+        self._seen[point] = self._seen.get(point, 0) + 1
+        name = f"{self.kind}:{point}"
+        if self._crash_at in (name, f"{name}#{self._seen[point]}"):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def function(
         self, device_id: str, pci_address: str, group: int, native_driver: str, native_module: str, to: str
@@ -70,8 +81,7 @@ class Operation:
 
     # StepObserver
     def before(self, step: Step) -> None:
-        if self._crash_at == f"{self.kind}:{step.action}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.checkpoint(step.action)
         self._open[step] = self.registry.begin_intent(
             action=step.action,
             boot_id=self.boot_id,

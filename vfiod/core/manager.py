@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vfiod.core import access, discovery, guard, validation
+from vfiod.core import access, discovery, guard, hypeman_import, recovery, validation
 from vfiod.core.binder import Binder, BoundFunction, NativeDriver
+from vfiod.core.context import Caller, Report
 from vfiod.core.errors import (
     AlreadyBound,
     Failed,
@@ -39,7 +40,7 @@ from vfiod.core.records import Attachment, Device, device_from_row, vfio_group_p
 from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Registry
 from vfiod.core.system import ModuleLoader, UnitController
 from vfiod.host.backend import NodeOwner
-from vfiod.host.host import Host
+from vfiod.host.host import Host, WriteRecord
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
 
 log = logging.getLogger("vfiod.manager")
@@ -51,42 +52,11 @@ MEMLOCK_HINT = (
 )
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling. `check_admin(details)` asks polkit for org.hypeman.devices.admin; uid 0 always is."""
-
-    uid: int
-    pid: int | None = None
-    check_admin: Callable[[Mapping[str, str]], bool] | None = None
-
-    def is_admin(self, details: Mapping[str, str] | None = None) -> bool:
-        if self.uid == 0:
-            return True
-        return bool(self.check_admin is not None and self.check_admin(dict(details or {})))
-
-
-ROOT = Caller(uid=0)
-
-
 @dataclass
 class ManagerConfig:
     units_by_vendor: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_UNITS))
     # PCI addresses or vendor:device ids anyone allowed to `register` may register beyond the candidates.
     register_allow: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Report:
-    counters: dict[str, int] = field(default_factory=dict)
-    findings: list[str] = field(default_factory=list)
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
-
-    def to_record(self) -> dict[str, object]:
-        out: dict[str, object] = dict(self.counters)
-        out["findings"] = list(self.findings)
-        return out
 
 
 class Manager:
@@ -113,6 +83,12 @@ class Manager:
         self.verify_timeout = verify_timeout
         self._listeners: list[Callable[[str], None]] = []
         self._listeners_lock = threading.Lock()
+        self._stuck_holds: dict[str, list[str]] = {}
+        host.add_write_listener(self._late_listener)
+
+    def _late_listener(self, record: WriteRecord) -> None:
+        if record.late:
+            self._on_late_write(record)
 
     # ----- change notification (the bus layer emits PropertiesChanged / ObjectManager signals) -----------
 
@@ -382,6 +358,7 @@ class Manager:
         )
         op = Operation(self.registry, self.boot_id, "attach")
         bound_rows, bound = self._bind_plans(plans, op, force)
+        op.checkpoint("bound")
         granted: list[tuple[int, NodeOwner]] = []
         try:
             for plan in plans:
@@ -395,6 +372,7 @@ class Manager:
             self._undo_attach(op, bound_rows, bound, granted, e)
             raise
         prev_by_group = dict(granted)
+        op.checkpoint("granted")
         with self.registry.transaction():
             for fn in bound:
                 row = bound_rows[fn.pci_address]
@@ -454,15 +432,20 @@ class Manager:
                     row.id, state="binding", native_driver=native, native_module=module, bound_by_vfiod=True
                 )
                 op.function(row.id, str(addr), row.iommu_group, native, module, "vfio-pci")
+        op.checkpoint("journaled")
+        units = self.hold.units_for(vendors)
+        self.hold.acquire(units)
         try:
-            with self.hold.held(vendors) as units:
-                guard.require_not_in_use(self.host, to_bind, ignore_units=units)
-                binder = self.binder(op)
-                for plan in plans:
-                    bound.extend(binder.bind_group(plan))
+            guard.require_not_in_use(self.host, to_bind, ignore_units=units)
+            binder = self.binder(op)
+            for plan in plans:
+                bound.extend(binder.bind_group(plan))
         except VfiodError as e:
+            self._keep_hold_for_stuck(e.stuck, rows)
             self._roll_back_binds(op, rows, bound, e)
             raise
+        finally:
+            self.hold.release(units)
         assert sorted({f.pci_address for f in bound}) == all_fns
         return rows, sorted(bound, key=lambda f: f.pci_address)
 
@@ -533,9 +516,7 @@ class Manager:
                 fresh = self.registry.get_device(row.id)
                 if fresh is None:
                     continue
-                self.registry.update_device(
-                    row.id, **self._settled_state(fresh, row.pci_address in stuck_set)
-                )
+                self.registry.update_device(row.id, **self.settled_state(fresh, row.pci_address in stuck_set))
             if not stuck_set:
                 op.finish()
             else:
@@ -545,7 +526,7 @@ class Manager:
                         self.registry.clear_intent(intent.id)
         self._changed(r.id for r in rows)
 
-    def _settled_state(self, row: DeviceRow, stuck: bool) -> dict[str, object]:
+    def settled_state(self, row: DeviceRow, stuck: bool) -> dict[str, object]:
         if stuck:
             return {"state": "stuck"}
         addr = row.pci_address
@@ -595,7 +576,7 @@ class Manager:
                 with self.registry.transaction():
                     for row in rows:
                         self.registry.remove_attachment(row.id)
-                        self.registry.update_device(row.id, **self._settled_state(row, False))
+                        self.registry.update_device(row.id, **self.settled_state(row, False))
             else:
                 self._restore_functions(rows, "detach", drop_attachments=True)
         log.info(
@@ -630,22 +611,31 @@ class Manager:
                 op.function(
                     row.id, str(row.pci_address), row.iommu_group, row.native_driver, row.native_module, ""
                 )
+        op.checkpoint("journaled")
         binder = self.binder(op)
         failure: VfiodError | None = None
+        units = self.hold.units_for(r.vendor_id for r in todo)
         try:
-            with self.hold.held([r.vendor_id for r in todo]):
+            self.hold.acquire(units)
+        except VfiodError as e:  # the hold itself failed: nothing was touched
+            failure = e
+        else:
+            try:
                 for row in todo:
                     try:
                         binder.restore(row.pci_address, _native(row))
                     except VfiodError as e:
-                        failure = e if failure is None else failure
                         if not e.stuck:
                             e.stuck = (row.pci_address,)
-                        if failure is not e:
+                        if failure is None:
+                            failure = e
+                        else:
                             failure.stuck = (*failure.stuck, *e.stuck)
                             failure.message += f"; {e.message}"
-        except VfiodError as e:  # the hold itself failed: nothing was touched
-            failure = e
+                if failure is not None:
+                    self._keep_hold_for_stuck(failure.stuck, {r.pci_address: r for r in todo})
+            finally:
+                self.hold.release(units)
         if failure is not None:
             stuck = set(failure.stuck)
             with self.registry.transaction():
@@ -655,19 +645,20 @@ class Manager:
                     else:
                         fresh = self.registry.get_device(row.id)
                         if fresh is not None:
-                            self.registry.update_device(row.id, **self._settled_state(fresh, False))
+                            self.registry.update_device(row.id, **self.settled_state(fresh, False))
                 for intent in self.registry.open_intents():
                     if intent.operation == op.id and intent.pci_address not in stuck:
                         self.registry.clear_intent(intent.id)
             self._changed(r.id for r in rows)
             raise failure
+        op.checkpoint("restored")
         with self.registry.transaction():
             for row in rows:
                 if drop_attachments:
                     self.registry.remove_attachment(row.id)
                 fresh = self.registry.get_device(row.id)
                 if fresh is not None:
-                    self.registry.update_device(row.id, **self._settled_state(fresh, False))
+                    self.registry.update_device(row.id, **self.settled_state(fresh, False))
             op.finish()
 
     # ----- bind / unbind (admin) ----------------------------------------------------------------------
@@ -705,7 +696,7 @@ class Manager:
                 for r in rows.values():
                     fresh = self.registry.get_device(r.id)
                     if fresh is not None:
-                        self.registry.update_device(r.id, **self._settled_state(fresh, False))
+                        self.registry.update_device(r.id, **self.settled_state(fresh, False))
                 op.finish()
         log.info("bound %s to vfio-pci", row.pci_address, extra=_fields(row, action="bind", uid=caller.uid))
         self._changed(r.id for r in rows.values())
@@ -733,6 +724,214 @@ class Manager:
                 row = self.registry.update_device(row.id, bound_by_vfiod=True)
             self._restore_functions([row], "unbind")
         log.info("unbound %s", row.pci_address, extra=_fields(row, action="unbind", uid=caller.uid))
+        self._changed([row.id])
+
+    # ----- reconcile / recover / startup ---------------------------------------------------------------
+
+    def startup(self) -> Report:
+        """Make the registry match the kernel after a crash, restart or reboot (see recovery.py)."""
+        report = Report()
+        recovery.startup(self, report)
+        for finding in report.findings:
+            log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+        return report
+
+    def reconcile(
+        self,
+        caller: Caller,
+        live_instances: Sequence[object],
+        *,
+        dry_run: bool = False,
+        all_users: bool = False,
+    ) -> Report:
+        """Release attachments whose instance is not in the caller's live list (only the caller's own,
+        unless `all_users` and admin), never while the group node is held; report every disagreement
+        between the registry and the kernel in that scope."""
+        live = {self._instance(i) for i in live_instances}
+        if all_users and not caller.is_admin({"instance": ",".join(sorted(live))}):
+            raise NotAuthorized("reconciling every user's attachments needs the admin authorization")
+        report = Report()
+        for key in ("attachments", "released", "kept", "held", "missing", "replaced", "mismatches", "errors"):
+            report.counters[key] = 0
+        by_instance: dict[str, list[AttachmentRow]] = {}
+        for att in self.registry.all_attachments():
+            if all_users or att.owner_uid == caller.uid:
+                by_instance.setdefault(att.instance_id, []).append(att)
+        for instance, atts in sorted(by_instance.items()):
+            report.count("attachments", len(atts))
+            rows = [r for r in (self.registry.get_device(a.device_id) for a in atts) if r is not None]
+            usable = self._reconcile_inspect(instance, atts, rows, report)
+            if instance in live:
+                report.count("kept", len(atts))
+                continue
+            holders = guard.vfio_holders(self.host, usable)
+            if holders:
+                report.count("held", len(atts))
+                report.findings.append(
+                    f"instance {instance!r} is not live but its devices are held ("
+                    + "; ".join(h.describe() for h in holders)
+                    + "): kept"
+                )
+                continue
+            if dry_run:
+                report.count("released", len(atts))
+                report.findings.append(
+                    f"would release {', '.join(str(r.pci_address) for r in rows)} of instance {instance!r}"
+                )
+                continue
+            try:
+                self.detach(Caller(uid=atts[0].owner_uid), instance)
+                report.count("released", len(atts))
+                report.findings.append(
+                    f"released {', '.join(str(r.pci_address) for r in rows)} of instance {instance!r}"
+                )
+            except VfiodError as e:
+                report.count("errors")
+                report.findings.append(f"could not release instance {instance!r}: {e.message}")
+        return report
+
+    def _reconcile_inspect(
+        self, instance: str, atts: Sequence[AttachmentRow], rows: Sequence[DeviceRow], report: Report
+    ) -> list[PciAddress]:
+        usable: list[PciAddress] = []
+        owner = {a.device_id: a.owner_uid for a in atts}
+        groups: set[int] = set()
+        for row in rows:
+            addr = row.pci_address
+            if not self.host.device_exists(addr):
+                report.count("missing")
+                report.findings.append(f"{row.name} ({addr}) of instance {instance!r} is gone from the bus")
+                continue
+            live = guard.read_identity(self.host, addr)
+            if live != _identity(row):
+                report.count("replaced")
+                report.findings.append(
+                    f"{row.name}: the card at {addr} is now {live.describe() if live else 'unreadable'}, not "
+                    "the registered one; vfiod will not touch it"
+                )
+                continue
+            usable.append(addr)
+            if not guard.is_vfio_bound(self.host, addr):
+                report.count("mismatches")
+                report.findings.append(
+                    f"{row.name} ({addr}) is attached to {instance!r} but bound to "
+                    f"{self.host.driver(addr) or 'no driver'}, not vfio"
+                )
+            group = self.host.iommu_group(addr)
+            if group is not None and group not in groups:
+                groups.add(group)
+                try:
+                    holders = guard.vfio_holders(self.host, [addr])
+                except VfiodError as e:
+                    report.count("errors")
+                    report.findings.append(e.message)
+                    continue
+                for h in holders:
+                    note = "" if h.uid == owner.get(row.id) else f" (not the owner uid {owner.get(row.id)})"
+                    report.findings.append(f"/dev/vfio/{group}: {h.describe()}, uid {h.uid}{note}")
+        return usable
+
+    def recover(self, caller: Caller, target: object = "", *, dry_run: bool = False) -> Report:
+        """Admin: put stuck or driverless registered devices back on their native driver. Lists holders,
+        never kills anything, releases a stale persistence hold and clears `stuck`."""
+        self._require_admin(caller, "Recover")
+        if target in ("", None):
+            rows = [
+                r
+                for r in self.registry.list_devices()
+                if r.state == "stuck"
+                or (
+                    self.host.device_exists(r.pci_address)
+                    and self.host.driver(r.pci_address) is None
+                    and r.native_driver not in ("", "vfio-pci")
+                )
+            ]
+        else:
+            rows = [self.resolve(target)]
+        report = Report(
+            counters={"candidates": len(rows), "recovered": 0, "held": 0, "failed": 0},
+        )
+        for row in rows:
+            with self.locks.hold([self._group(row)]):
+                self._recover_one(self._fresh(row), dry_run, report)
+        if not dry_run:
+            for unit in self.hold.release_stale():
+                report.findings.append(f"started {unit} again")
+        return report
+
+    def _recover_one(self, row: DeviceRow, dry_run: bool, report: Report) -> None:
+        addr = row.pci_address
+        if not self.host.device_exists(addr):
+            report.findings.append(f"{row.name} ({addr}) is not on the bus: nothing to recover")
+            return
+        pending = self.host.pending_writes(addr)
+        if pending:
+            report.count("held")
+            report.findings.append(
+                f"{row.name} ({addr}): the kernel has not finished {', '.join(pending)}; left alone until it "
+                "does (the device's lock is held in the kernel)"
+            )
+            return
+        holders = guard.vfio_holders(self.host, [addr])
+        if holders:
+            report.count("held")
+            report.findings.append(
+                f"{row.name} ({addr}) is held: " + "; ".join(h.describe() for h in holders) + " (left alone)"
+            )
+            return
+        target = row.native_driver or "no driver"
+        now = self.host.driver(addr) or "no driver"
+        if dry_run:
+            report.findings.append(f"would return {row.name} ({addr}) from {now} to {target}")
+            return
+        att = self.registry.attachment_of_device(row.id)
+        if att is not None and att.node_prev_uid is not None:
+            assert att.node_prev_gid is not None and att.node_prev_mode is not None
+            access.revoke(
+                self.host,
+                att.iommu_group,
+                NodeOwner(att.node_prev_uid, att.node_prev_gid, att.node_prev_mode),
+            )
+        fixed = self.registry.update_device(row.id, bound_by_vfiod=True, state="releasing")
+        try:
+            self._restore_functions([fixed], "recover", drop_attachments=True)
+        except VfiodError as e:
+            report.count("failed")
+            report.findings.append(f"{row.name} ({addr}): {e.message}")
+            return
+        report.count("recovered")
+        report.findings.append(f"{row.name} ({addr}) is back on {self.host.driver(addr) or 'no driver'}")
+        self._changed([row.id])
+
+    def import_hypeman(self, caller: Caller, data_dir: object) -> Report:
+        """Admin: import hypeman's `devices/<id>/metadata.json` records, keeping ids and names."""
+        self._require_admin(caller, "ImportHypeman")
+        return hypeman_import.import_devices(self, caller, data_dir)
+
+    def _keep_hold_for_stuck(self, stuck: Iterable[str], rows: Mapping[PciAddress, DeviceRow]) -> None:
+        """A write still pending in the kernel is a bind/unbind in progress: the persistence units stay
+        stopped until it returns (restarting nvidia-persistenced now would hold the GPU it unbinds)."""
+        for addr in stuck:
+            row = rows.get(PciAddress.parse(addr))
+            if row is None or not self.host.pending_writes(row.pci_address):
+                continue
+            units = self.hold.units_for([row.vendor_id])
+            self.hold.acquire(units)
+            with self._listeners_lock:
+                self._stuck_holds.setdefault(str(row.pci_address), []).extend(units)
+
+    def _on_late_write(self, record: WriteRecord) -> None:
+        """A write that missed its deadline finished after all: move the device to its real state."""
+        if record.pci_address is None:
+            return
+        if not self.host.pending_writes(PciAddress.parse(record.pci_address)):
+            with self._listeners_lock:
+                units = self._stuck_holds.pop(record.pci_address, [])
+            self.hold.release(units)
+        row = self.registry.by_pci_address(record.pci_address)
+        if row is None:
+            return
+        recovery.refresh_one(self, row)
         self._changed([row.id])
 
     # ----- helpers -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class PersistenceHold:
         self._boot_id = boot_id
         self.units_by_vendor = dict(units_by_vendor if units_by_vendor is not None else DEFAULT_UNITS)
         self._lock = threading.Lock()
+        self._in_process = 0  # holds taken by this process and not yet released
 
     def units_for(self, vendors: Iterable[str]) -> list[str]:
         out: set[str] = set()
@@ -55,12 +56,16 @@ class PersistenceHold:
             self.release(units)
 
     def acquire(self, units: Sequence[str]) -> None:
+        with self._lock:
+            self._in_process += len(units)
         taken: list[str] = []
         try:
             for unit in units:
                 self._acquire_one(unit)
                 taken.append(unit)
         except Failed:
+            with self._lock:
+                self._in_process -= len(units) - len(taken)
             self.release(taken)
             raise
 
@@ -85,6 +90,7 @@ class PersistenceHold:
     def release(self, units: Sequence[str]) -> None:
         for unit in reversed(units):
             with self._lock:
+                self._in_process -= 1
                 row = self._registry.get_hold(unit)
                 if row is None:
                     continue
@@ -92,6 +98,23 @@ class PersistenceHold:
                     self._registry.put_hold(HoldRow(unit, row.was_active, row.holders - 1, row.boot_id))
                     continue
                 self._start_if_was_active(row)
+
+    def release_stale(self) -> list[str]:
+        """Start units whose hold no call of this process owns any more (left by a crash)."""
+        with self._lock:
+            if self._in_process > 0:
+                return []
+        return self.recover()
+
+    def drop_other_boots(self) -> list[str]:
+        """After a reboot a unit's own enablement decides whether it runs: forget older holds."""
+        dropped = []
+        with self._lock:
+            for row in self._registry.all_holds():
+                if row.boot_id != self._boot_id:
+                    self._registry.delete_hold(row.unit)
+                    dropped.append(row.unit)
+        return dropped
 
     def recover(self) -> list[str]:
         """Start again every unit a previous run left held; return their names."""

@@ -139,6 +139,9 @@ class Host:
         self.deadlines = deadlines or DeadlinePolicy()
         self._listeners: list[WriteListener] = []
         self._listeners_lock = threading.Lock()
+        # Writes that missed their deadline and are still in the kernel: path -> (pci address, value).
+        self._pending: dict[int, tuple[str, str, str | None]] = {}
+        self._pending_lock = threading.Lock()
 
     # ----- paths ---------------------------------------------------------------------------------------
 
@@ -349,6 +352,8 @@ class Host:
                 late = state.abandoned
                 state.done.set()
             if late:
+                with self._pending_lock:
+                    self._pending.pop(id(state), None)
                 record = WriteRecord(
                     logical, value, _result(err), duration, str(addr) if addr else None, late=True
                 )
@@ -362,6 +367,8 @@ class Host:
             with state.lock:
                 if not state.finished:
                     state.abandoned = True
+                    with self._pending_lock:
+                        self._pending[id(state)] = (logical, value, str(addr) if addr else None)
             if state.abandoned:
                 record = WriteRecord(
                     logical, value, "timeout", time.monotonic() - started, str(addr) if addr else None
@@ -374,6 +381,16 @@ class Host:
         self._notify(record)
         if state.err is not None:
             raise SysfsWriteError(logical, value, state.err)
+
+    def pending_writes(self, addr: PciAddress | None = None) -> list[str]:
+        """Writes that missed their deadline and have not returned yet (optionally only for `addr`): the
+        kernel holds that device's lock, so any further write to it would hang too."""
+        with self._pending_lock:
+            return sorted(
+                f"{path} <- {value!r}"
+                for path, value, pci in self._pending.values()
+                if addr is None or pci == addr
+            )
 
     def _log_write(self, record: WriteRecord) -> None:
         level = logging.INFO if record.result == "ok" else logging.WARNING

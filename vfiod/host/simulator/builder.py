@@ -113,7 +113,7 @@ def static_tree(topo: Topology) -> Tree:
         t[f"{base}/intel-iommu/version"] = file_entry("1:0\n")
         put_link(t, "sys/class/iommu/dmar0", base)
 
-    for index, name in ((0, "(S) dummy device"), (1, "(M) frame buffer device")):
+    for index, name in enumerate(prof.vtconsoles):
         d = f"sys/devices/virtual/vtconsole/vtcon{index}"
         t[d] = DIR
         t[f"{d}/name"] = file_entry(name + "\n")

@@ -37,7 +37,7 @@ WRITE_KINDS = ("hang", "errno", "delay")
 PROBE_KINDS = ("probe_nothing", "probe_fail")
 POLL_INTERVAL = 0.02
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")  # no dots: <name>.json, .hung, .release
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def faults_dir(root: Path) -> Path:
 
 def _check_name(name: str) -> str:
     if _NAME_RE.fullmatch(name) is None:
-        raise ValueError(f"{name!r} is not a fault name (letters, digits, '_', '.', '-')")
+        raise ValueError(f"{name!r} is not a fault name (letters, digits, '_' and '-')")
     return name
 
 
@@ -202,7 +202,11 @@ def clear(root: Path, name: str | None = None) -> None:
     d = faults_dir(root)
     if not d.is_dir():
         return
-    names = [_check_name(name)] if name is not None else sorted({p.name.split(".")[0] for p in d.iterdir()})
+    names = (
+        [_check_name(name)]
+        if name is not None
+        else sorted({p.name.split(".")[0] for p in d.iterdir()} - {""})
+    )
     for n in names:
         for suffix in (".json", ".hung", ".release"):
             with contextlib.suppress(FileNotFoundError):
@@ -247,12 +251,23 @@ def take(root: Path, name: str) -> bool:
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def set_hung(root: Path, name: str, hung: bool) -> None:
-    """Record that a write is (or no longer is) blocked in `name`: the `.hung` marker and `"hung"`."""
+    """Record that a write is (or no longer is) blocked in `name`: the `.hung` marker (holding the writer's
+    pid, so a marker left by a killed process is ignored) and `"hung"` in the fault's JSON."""
     d = faults_dir(root)
     marker = d / f"{name}.hung"
     if hung:
-        marker.touch()
+        marker.write_text(f"{os.getpid()}\n", encoding="ascii")
     else:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
@@ -267,7 +282,12 @@ def released(root: Path, name: str) -> bool:
 
 
 def is_hung(root: Path, name: str) -> bool:
-    return (faults_dir(root) / f"{_check_name(name)}.hung").exists()
+    """A write is blocked in hang fault `name` now (by a process that is still alive)."""
+    try:
+        text = (faults_dir(root) / f"{_check_name(name)}.hung").read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return False
+    return not text.isdigit() or pid_alive(int(text))
 
 
 def wait_hung(root: Path, name: str, timeout: float) -> bool:

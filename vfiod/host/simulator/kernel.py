@@ -39,6 +39,7 @@ from typing import Any
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
 from vfiod.host.simulator import faults, processes
 from vfiod.host.simulator.profiles import (
+    FBCON,
     PCI_ANY_ID,
     CardIdentity,
     DeviceSpec,
@@ -715,12 +716,12 @@ class _Renderer:
         t["proc/modules"] = file_entry("".join(reversed(lines)))
         t["proc/sys/kernel/random/boot_id"] = file_entry(self.st.boot_id + "\n")
         t["sys/bus/pci/drivers_autoprobe"] = file_entry("1\n" if self.st.autoprobe else "0\n", 0o644)
-        t["sys/devices/virtual/vtconsole/vtcon0/bind"] = file_entry(
-            "0\n" if self.st.fbcon_bound else "1\n", 0o644
-        )
-        t["sys/devices/virtual/vtconsole/vtcon1/bind"] = file_entry(
-            "1\n" if self.st.fbcon_bound else "0\n", 0o644
-        )
+        for index in range(len(self.profile.vtconsoles)):
+            # fbcon holds the consoles, or the dummy driver does (two drivers: one of them is bound)
+            bound = (self.profile.vtconsole(index)[0] == FBCON) == self.st.fbcon_bound
+            t[f"sys/devices/virtual/vtconsole/vtcon{index}/bind"] = file_entry(
+                "1\n" if bound else "0\n", 0o644
+            )
         for size in HUGEPAGE_SIZES:
             pages = self.st.hugepages.get(size, 0)
             base = f"sys/kernel/mm/hugepages/hugepages-{size}"
@@ -1179,6 +1180,9 @@ class SimulatedKernel:
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
         self._root_real = os.path.realpath(self.root)
+        if self._root_real == "/":
+            # the simulated tree is never the host's own /sys, /dev and /proc
+            raise ValueError("a simulated kernel cannot live at /")
         self.sim = self.root / "sim"
         self._topology: Topology | None = None
 
@@ -1318,6 +1322,7 @@ class SimulatedKernel:
     def write_attribute(self, path: Path, data: bytes) -> None:
         """One write(2) of `data` to a sysfs attribute of the simulated tree, with the kernel's result."""
         given = self._logical(path)  # never touch anything outside the tree
+        _ = self.topology  # and only a tree `build` made (sim/profile.json): FileNotFoundError otherwise
         started = time.monotonic()
         resolved = given
         result = "ok"
@@ -1682,11 +1687,20 @@ class SimulatedKernel:
         return _read_jsonl(self.sim / "trace.jsonl")
 
     def blocked(self) -> list[str]:
-        """Devices whose unbind is waiting for a process to let go."""
+        """Devices whose unbind (or remove) is waiting now for a process to let go of them."""
+        out = []
         try:
-            return sorted(os.listdir(self.sim / "blocked"))
+            names = sorted(os.listdir(self.sim / "blocked"))
         except FileNotFoundError:
             return []
+        for name in names:
+            try:
+                info = json.loads((self.sim / "blocked" / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if faults.pid_alive(int(info.get("pid", 0))):  # not a marker left by a killed writer
+                out.append(name)
+        return out
 
     def wait_blocked(self, addr: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -1863,20 +1877,29 @@ def _op_driver_uevent(c: _Core, driver: str, data: bytes) -> None:
 
 
 def _op_vtcon_bind(c: _Core, index: int, data: bytes) -> None:
-    """drivers/tty/vt/vt.c store_bind: vtcon1 is fbcon ("(M) frame buffer device"), vtcon0 the dummy
-    system driver; binding one takes the consoles from the other."""
+    """drivers/tty/vt/vt.c store_bind, with the profile's two vtconsoles (fbcon and the dummy driver).
+    vt_bind and vt_unbind act only on a driver registered as a module ("(M)"). vt_bind takes the consoles
+    from the system driver ("(S)"): with none (both "(M)") it does nothing. vt_unbind of the bound driver
+    hands the consoles to the other registered one (do_unbind_con_driver's backup)."""
     bind = _simple_strtoul(data) != 0
     has_fb = any("fb" in d.minors for d in c.st.devices.values())
-    if index == 1:
-        if bind and has_fb:
+    kind, module = c.profile.vtconsole(index)
+    if not module:
+        return
+    is_fbcon = kind == FBCON
+    bound = is_fbcon == c.st.fbcon_bound
+    if bind:
+        system = any(not c.profile.vtconsole(i)[1] for i in range(len(c.profile.vtconsoles)))
+        if is_fbcon and not bound and system and has_fb:  # fbcon takes the consoles from "(S) dummy"
             c.st.fbcon_bound = True
             c.st.console_unbound_by_admin = False
-        elif not bind:
+    elif bound:
+        if is_fbcon:
             c.st.fbcon_bound = False
             c.st.console_unbound_by_admin = True
-    elif index == 0 and bind and c.st.fbcon_bound:
-        c.st.fbcon_bound = False
-        c.st.console_unbound_by_admin = True
+        elif has_fb:  # the dummy driver hands the consoles (back) to fbcon
+            c.st.fbcon_bound = True
+            c.st.console_unbound_by_admin = False
 
 
 def _op_hugepages(c: _Core, size: str, data: bytes) -> None:

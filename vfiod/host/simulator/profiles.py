@@ -26,6 +26,20 @@ DRIVER_KINDS = ("drm", "net", "nvme", "audio", "vfio", "gpu-nvidia", "virtio", "
 _ADDR_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
+# The vtconsole drivers (/sys/class/vtconsole/vtconN/name, "(M)" for one registered later as a module,
+# "(S)" for the system driver con_init found at boot: drivers/tty/vt/vt.c show_name). Which is vtcon0
+# depends on how the machine booted:
+FBCON = "frame buffer device"
+DUMMYCON = "dummy device"
+_VTCON_NAME_RE = re.compile(r"\((M|S)\) (dummy device|frame buffer device)")
+# UEFI boot: no VGA text mode, so con_init's console is dummycon (the system driver, vtcon0); fbcon
+# registers as vtcon1 when the first frame buffer appears.
+VTCONSOLES_DUMMY_AT_BOOT = (f"(S) {DUMMYCON}", f"(M) {FBCON}")
+# Legacy BIOS boot of a VGA (the boot console is vgacon, "(S) VGA+"): the DRM driver's probe calls
+# vga_remove_vgacon (drivers/pci/vgaarb.c), which has dummycon take over (do_take_over_console: registered
+# as a module, vtcon1) and unregisters vgacon; fbcon then registers in vgacon's freed slot, vtcon0.
+VTCONSOLES_VGACON_REPLACED = (f"(M) {FBCON}", f"(M) {DUMMYCON}")
+
 
 def _hex_id(value: int) -> str:
     return "*" if value == PCI_ANY_ID else f"{value:04x}"
@@ -369,7 +383,9 @@ class Profile:
     # The real nvidia driver's nv_pci_remove waits (an os_delay loop) while any process has /dev/nvidiaN
     # open, so unbinding a GPU that nvidia-persistenced still holds hangs until the daemon stops. Off by
     # default (an unbind simply detaches); turn it on to check that callers stop the persistence unit first.
-    nvidia_remove_waits_for_users: bool = False
+    nvidia_remove_waits_for_users: bool = True
+    # /sys/class/vtconsole/vtconN/name in N order: one fbcon and one dummycon entry (see FBCON)
+    vtconsoles: tuple[str, ...] = VTCONSOLES_DUMMY_AT_BOOT
     extra: dict[str, str] = field(default_factory=dict)  # free-form notes carried with the scenario
 
     @property
@@ -388,6 +404,13 @@ class Profile:
             if d.name == name:
                 return d
         raise KeyError(f"profile {self.name} has no driver {name}")
+
+    def vtconsole(self, index: int) -> tuple[str, bool]:
+        """vtcon<index>'s driver (FBCON or DUMMYCON) and whether it was registered as a module ("(M)")."""
+        m = _VTCON_NAME_RE.fullmatch(self.vtconsoles[index])
+        if m is None:
+            raise ValueError(f"{self.vtconsoles[index]!r} is not a vtconsole the simulator knows")
+        return m[2], m[1] == "M"
 
     def groups(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
@@ -428,6 +451,13 @@ class Profile:
         for d in self.devices:
             if d.driver is not None and d.driver not in names:
                 raise ValueError(f"{d.address} expects driver {d.driver}, which the profile does not have")
+        kinds = sorted(self.vtconsole(i) for i in range(len(self.vtconsoles)))
+        if [k for k, _ in kinds] != [DUMMYCON, FBCON]:
+            raise ValueError(
+                f"vtconsoles must be one dummy device and one frame buffer device: {self.vtconsoles}"
+            )
+        if not dict(kinds)[FBCON]:
+            raise ValueError("fbcon registers through do_take_over_console: its vtconsole is '(M)'")
 
     # ----- JSON ---------------------------------------------------------------------------------------
 
@@ -447,6 +477,7 @@ class Profile:
             "vfio_cdev": self.vfio_cdev,
             "iommufd": self.iommufd,
             "nvidia_remove_waits_for_users": self.nvidia_remove_waits_for_users,
+            "vtconsoles": list(self.vtconsoles),
             "modules": [m.to_dict() for m in self.modules],
             "drivers": [d.to_dict() for d in self.drivers],
             "devices": [d.to_dict() for d in self.devices],
@@ -478,7 +509,8 @@ class Profile:
             hugepages_1g=int(d.get("hugepages_1g", 0)),
             vfio_cdev=bool(d.get("vfio_cdev", False)),
             iommufd=bool(d.get("iommufd", False)),
-            nvidia_remove_waits_for_users=bool(d.get("nvidia_remove_waits_for_users", False)),
+            nvidia_remove_waits_for_users=bool(d.get("nvidia_remove_waits_for_users", True)),
+            vtconsoles=tuple(str(v) for v in d.get("vtconsoles", VTCONSOLES_DUMMY_AT_BOOT)),
             modules=tuple(ModuleSpec.from_dict(m) for m in d.get("modules", [])),
             drivers=tuple(DriverSpec.from_dict(x) for x in d.get("drivers", [])),
             devices=tuple(DeviceSpec.from_dict(x) for x in d.get("devices", [])),
@@ -1045,7 +1077,12 @@ def _bus_add_order(devices: list[DeviceSpec]) -> tuple[DeviceSpec, ...]:
 
 
 def qemu_q35() -> Profile:
-    """The QEMU q35 guest of the platform notes (Part 2), with its IOMMU groups as measured there."""
+    """The QEMU q35 guest of the real-kernel suite (tests/e2e/guest.py, Debian's 6.1 kernel): its devices,
+    IOMMU groups, drivers, mounts and vtconsoles as that guest shows them (the `inventory` scenario).
+
+    The IOMMU groups are numbered in the order intel-iommu meets the functions (bus 0 by devfn, then the
+    buses behind the root port): VGA + intel-hda share 1 (one slot, no ACS), the pcie-pci-bridge and
+    everything behind it share 11 (no ACS below a conventional bridge)."""
     devices = [
         _dev("0000:00:00.0", "8086:29c0", "1af4:1100", 0x060000, iommu_group=0, label="Q35 host bridge"),
         _dev(
@@ -1116,13 +1153,25 @@ def qemu_q35() -> Profile:
             label="pcie-root-port",
         ),
         _dev("0000:00:07.0", "1234:11e8", "1af4:1100", 0x00FF00, revision=0x10, iommu_group=6, label="edu"),
+        # -device nvme,drive=nvm0,addr=0x8.0: an ext4 file system on the whole namespace, no partition
+        _dev(
+            "0000:00:08.0",
+            "1b36:0010",
+            "1af4:1100",
+            0x010802,
+            revision=0x02,
+            driver="nvme",
+            iommu_group=7,
+            partitions=0,
+            label="QEMU NVMe (nvme0n1 on /mnt/data)",
+        ),
         _dev(
             "0000:00:10.0",
             "1af4:1009",
             "1af4:0009",
             0x000200,
             driver="virtio-pci",
-            iommu_group=7,
+            iommu_group=8,
             mount_tag="hostroot",
             irq=21,
             label="virtio-9p (hostroot)",
@@ -1133,7 +1182,7 @@ def qemu_q35() -> Profile:
             "1af4:0009",
             0x000200,
             driver="virtio-pci",
-            iommu_group=10,
+            iommu_group=9,
             mount_tag="out",
             irq=20,
             label="virtio-9p (out)",
@@ -1145,7 +1194,7 @@ def qemu_q35() -> Profile:
             0x060100,
             revision=0x02,
             driver="lpc_ich",
-            iommu_group=8,
+            iommu_group=10,
             label="ICH9 LPC",
         ),
         _dev(
@@ -1155,7 +1204,7 @@ def qemu_q35() -> Profile:
             0x010601,
             revision=0x02,
             driver="ahci",
-            iommu_group=8,
+            iommu_group=10,
             irq=19,
             label="ICH9 AHCI",
         ),
@@ -1166,7 +1215,7 @@ def qemu_q35() -> Profile:
             0x0C0500,
             revision=0x02,
             driver="i801_smbus",
-            iommu_group=8,
+            iommu_group=10,
             irq=18,
             label="ICH9 SMBus",
         ),
@@ -1178,7 +1227,7 @@ def qemu_q35() -> Profile:
             0x060400,
             parent="0000:00:06.0",
             header_type=1,
-            iommu_group=9,
+            iommu_group=11,
             label="pcie-pci-bridge",
         ),
         _dev(
@@ -1189,7 +1238,7 @@ def qemu_q35() -> Profile:
             revision=0x03,
             driver="e1000",
             parent="0000:01:00.0",
-            iommu_group=9,
+            iommu_group=11,
             ifname="eth2",
             irq=22,
             label="e1000 behind the bridge",
@@ -1201,26 +1250,28 @@ def qemu_q35() -> Profile:
             0x00FF00,
             revision=0x10,
             parent="0000:01:00.0",
-            iommu_group=9,
+            iommu_group=11,
             label="edu behind the bridge",
         ),
     ]
+    # The guest has no udev: its init loads the drivers the devices' modaliases name, which leaves out
+    # vfio-pci (its table matches nothing by id), so /dev/vfio/vfio appears only after `modprobe vfio-pci`.
     modules, drivers = _catalogue(
         [
             "bochs",
             "snd_hda_intel",
             "e1000",
             "virtio_pci",
+            "nvme",
             "lpc_ich",
             "ahci",
             "i2c_i801",
-            *_VFIO_MODULES,
         ],
-        ["pci_stub"],
+        [*_VFIO_MODULES, "pci_stub"],
     )
     return Profile(
         name="qemu-q35",
-        description="QEMU q35 guest with an emulated Intel IOMMU (platform notes, Part 2)",
+        description="QEMU q35 guest with an emulated Intel IOMMU (the real-kernel suite's guest)",
         devices=_bus_add_order(devices),
         drivers=drivers,
         modules=modules,
@@ -1232,12 +1283,14 @@ def qemu_q35() -> Profile:
         console_on_boot_vga=True,
         default_route_ifname=None,
         mounts=(
+            # an overlay over a tmpfs and the hostroot share's bookworm tree (tests/e2e/guest/init.sh)
             Mount("overlay", "/", "overlay", "rw,relatime"),
+            Mount("hostroot", "/mnt/hostroot", "9p", "ro,relatime"),
             Mount("out", "/out", "9p", "rw,relatime"),
+            Mount("/dev/nvme0n1", "/mnt/data", "ext4", "rw,relatime"),
         ),
-        extra={
-            "group-10": "the 'out' share at 00:11.0 is alone in its group; its number is not in the notes",
-        },
+        # booted by SeaBIOS with VGA text mode: bochs-drm replaces vgacon with dummycon, then fbcon comes
+        vtconsoles=VTCONSOLES_VGACON_REPLACED,
     )
 
 

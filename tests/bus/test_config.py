@@ -1,0 +1,77 @@
+"""The configuration file: defaults, every setting, and one clear line for each kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vfiod import config
+from vfiod.config import Config, ConfigError, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "vfiod.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
+    cfg = load(None)
+    assert cfg == Config()
+    assert cfg.persistence_units == {"10de": ["nvidia-persistenced.service"]}
+    assert cfg.deadlines.policy().for_driver("nvidia") == 60.0
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_every_setting(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            """
+register_allow = ["0000:41:00.0", "15B3:101D"]
+[persistence_units]
+"0x10DE" = ["nvidia-persistenced.service", "nvidia-fabricmanager.service"]
+"1002" = []
+[deadlines]
+default = 20
+[deadlines.drivers]
+nvidia = 90
+mlx5_core = 5
+""",
+        )
+    )
+    assert cfg.register_allow == ["0000:41:00.0", "15b3:101d"]
+    assert cfg.persistence_units == {
+        "10de": ["nvidia-persistenced.service", "nvidia-fabricmanager.service"],
+        "1002": [],
+    }
+    policy = cfg.deadlines.policy()
+    assert policy.default == 20 and policy.for_driver("nvidia") == 90
+    assert policy.for_driver("mlx5_core") == 20  # never below the default
+    assert policy.for_driver("i915") == 30  # the built-in slow drivers stay
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("register_allow = ['41:00.0']", "register_allow.0: '41:00.0' is neither a PCI address"),
+        ("[persistence_units]\nnvidia = ['x.service']", "persistence_units.nvidia"),
+        ("[persistence_units]\n'10de' = ['not a unit']", "is not a systemd unit name"),
+        ("[deadlines]\ndefault = 0", "deadlines.default: Input should be greater than 0"),
+        ("[deadlines.drivers]\n'bad/driver' = 3", "is not a kernel driver name"),
+        ("colour = 'blue'", "colour: unknown setting"),
+        ("[deadlines]\ndefault = 'soon'", "deadlines.default: Input should be a valid number"),
+        ("register_allow = [", "not valid TOML"),
+        ("register_allow = [1, 2]", "register_allow.0: Input should be a valid string (and 1 more problem)"),
+    ],
+)
+def test_mistakes_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)

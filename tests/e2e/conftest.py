@@ -1,0 +1,65 @@
+"""The real-kernel suite boots QEMU guests: it runs only when asked (`make test-e2e`, i.e. VFIOD_E2E=1),
+as root, so a plain `pytest` (make unit) skips it in a second.
+
+`images` (session) builds or reuses the cached kernel, initramfs, guest root and NVMe image once per run;
+each test module boots its own guest once (a module-scoped fixture calling `boot_suite`) and reports every
+scenario of that guest as its own test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import guest
+
+ENABLE_ENV = "VFIOD_E2E"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE_ENV, "") not in ("", "0", "no", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _e2e_gate() -> None:
+    if not enabled():
+        pytest.skip(f"real-kernel suite: set {ENABLE_ENV}=1 (make test-e2e) to boot the QEMU guests")
+    if os.geteuid() != 0:
+        pytest.skip("real-kernel suite: needs root")
+
+
+@pytest.fixture(scope="session")
+def images() -> Iterator[guest.Images]:
+    if not enabled():
+        pytest.skip(f"set {ENABLE_ENV}=1")
+    try:
+        yield guest.prepare()
+    except guest.SetupError as e:
+        pytest.fail(f"cannot set up the e2e guest: {e}", pytrace=False)
+
+
+def daemon_has_run() -> bool:
+    """Whether this tree's vfiod has the `run` command yet (the service suites need it)."""
+    import argparse
+
+    from vfiod.cli import daemon
+
+    parser = daemon.build_parser()
+    for action in parser._actions:  # argparse keeps its subcommands only there
+        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
+            return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def deb(images: guest.Images) -> Path:
+    """The project's .deb, built once per run (or $VFIOD_E2E_DEB)."""
+    if not daemon_has_run():
+        pytest.skip("`vfiod run` does not exist yet (vfiod/cli/daemon.py): no service to test")
+    try:
+        return guest.ensure_deb(images.cache)
+    except guest.SetupError as e:
+        pytest.fail(f"cannot build the .deb: {e}", pytrace=False)

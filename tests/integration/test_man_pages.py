@@ -1,0 +1,71 @@
+"""The man pages the package ships describe every command and option the programs have (no drift), and
+render without groff warnings."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.realstack import REPO
+from vfiod.cli import daemon, vfioctl
+
+MAN = REPO / "packaging/man"
+
+
+def _text(page: Path) -> str:
+    """The roff source with its escapes for '-' undone, so option names can be searched for."""
+    return page.read_text().replace("\\-", "-")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        opt
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+
+
+@pytest.mark.parametrize(
+    ("page", "parser"),
+    [("vfioctl.1", vfioctl.build_parser()), ("vfiod.8", daemon.build_parser())],
+    ids=["vfioctl", "vfiod"],
+)
+def test_every_command_and_option_is_documented(page: str, parser: argparse.ArgumentParser) -> None:
+    text = _text(MAN / page)
+    commands = _subparsers(parser)
+    assert commands, f"{page}: the parser has no commands"
+    missing = []
+    for name, sub in commands.items():
+        if not re.search(rf"^\.B {re.escape(name)}\b", text, re.MULTILINE):
+            missing.append(f"command {name}")
+        missing += [f"{name} {opt}" for opt in sorted(_long_options(sub)) if opt not in text]
+    assert not missing, f"{page} does not describe: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("page", ["vfioctl.1", "vfiod.8"])
+def test_renders_without_warnings(page: str) -> None:
+    if shutil.which("man") is None:
+        pytest.skip("man is not installed")
+    r = subprocess.run(
+        ["man", "--warnings", "-l", str(MAN / page)],
+        capture_output=True,
+        text=True,
+        env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    assert "vfio" in r.stdout

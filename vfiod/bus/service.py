@@ -1,0 +1,922 @@
+"""The `org.hypeman.Devices1` service: the Manager object, the device objects, and the standard interfaces.
+
+Owns what a caller sees on the bus. The layer is thin: for every call it checks the signature and the
+option keys, validates the arguments (bad input is refused before anything else), asks `authz` (the
+method's action; one check per device for Attach), runs the manager in a worker thread, and maps the
+outcome with `errors.to_dbus_error`. Blocking work never runs on the event loop, and reads and changes use
+separate thread pools, so a sysfs write that hangs in the kernel cannot delay `ListDevices` or a property
+read.
+
+Dispatch: one message handler sees every method call first. It refuses what the action table does not
+know, records the message in a ContextVar (dbus-fast does not hand the message to a method, and the
+caller's unique name and flags are needed) and lets dbus-fast dispatch the Manager's methods, which are
+`@dbus_method`s with `Annotated` D-Bus signatures. The standard interfaces (Introspectable, Peer,
+Properties, ObjectManager) are answered here rather than by dbus-fast, so that they are authorized like any
+other method. Device objects are not exported through dbus-fast: they have only properties, served from
+`_objects` and announced with ObjectManager signals sent from /org/hypeman/Devices1 (dbus-fast's own
+InterfacesAdded would be sent from the device's path, where ObjectManager clients do not listen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
+
+from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, PropertyAccess, Variant
+from dbus_fast import introspection as intr
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusDict, DBusSignature, DBusStr
+from dbus_fast.service import ServiceInterface, dbus_method
+
+from vfiod.bus import errors, variants
+from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
+from vfiod.bus.names import (
+    ACTION_ADMIN,
+    DEVICE_IFACE,
+    INTROSPECTABLE_IFACE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    PEER_IFACE,
+    PROPERTIES_IFACE,
+    STANDARD_IFACES,
+    device_path,
+)
+from vfiod.bus.uevents import Uevent
+from vfiod.core import validation
+from vfiod.core.context import Caller
+from vfiod.core.errors import (
+    Failed,
+    InvalidArgument,
+    InvalidName,
+    InvalidPCIAddress,
+    NotAuthorized,
+    NotFound,
+)
+from vfiod.core.manager import Manager
+from vfiod.core.records import Device
+from vfiod.host.host import Host
+
+log = logging.getLogger("vfiod.bus")
+audit = logging.getLogger("vfiod.audit")
+
+T = TypeVar("T")
+
+# The message being dispatched. dbus-fast creates each method's task right after the message handlers ran,
+# so the task's copy of the context holds its own message even with many calls in flight.
+CURRENT_MESSAGE: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "vfiod_message", default=None
+)
+
+READ_WORKERS: Final = 16
+CALL_WORKERS: Final = 48
+ADMIN_WAIT: Final = 330.0
+# polkit details -> the journal fields the core logs the same things under
+AUDIT_FIELDS: Final = {
+    "pci_address": "PCI_ADDRESS",
+    "instance": "INSTANCE_ID",
+    "device": "DEVICE",
+}  # an interactive polkit check, plus slack
+
+Records = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+StrList = Annotated[list[str], DBusSignature("as")]
+RegisterResult = Annotated[tuple[str, dict[str, Variant]], DBusSignature("oa{sv}")]
+NoResult = Annotated[None, DBusSignature("")]
+AttachResult = Annotated[tuple[list[dict[str, Variant]], list[str]], DBusSignature("aa{sv}as")]
+
+# Names of out arguments (dbus-fast names only in arguments, from the Python parameters).
+OUT_ARG_NAMES: Final[dict[str, tuple[str, ...]]] = {
+    "ListAvailable": ("devices",),
+    "ListDevices": ("devices",),
+    "GetDevice": ("device",),
+    "GetHostStatus": ("status",),
+    "RegisterDevice": ("path", "device"),
+    "Attach": ("attachments", "warnings"),
+    "Reconcile": ("report",),
+    "Recover": ("report",),
+    "ImportHypeman": ("report",),
+}
+
+STANDARD_SIGNATURES: Final[dict[tuple[str, str], str]] = {
+    (INTROSPECTABLE_IFACE, "Introspect"): "",
+    (PEER_IFACE, "Ping"): "",
+    (PEER_IFACE, "GetMachineId"): "",
+    (PROPERTIES_IFACE, "Get"): "ss",
+    (PROPERTIES_IFACE, "GetAll"): "s",
+    (PROPERTIES_IFACE, "Set"): "ssv",
+    (OBJECT_MANAGER_IFACE, "GetManagedObjects"): "",
+}
+
+
+class ManagerInterface(ServiceInterface):
+    """org.hypeman.Devices1.Manager: each method hands its arguments to the Service."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(MANAGER_IFACE)
+        self._s = service
+        for method in self.introspect().methods:
+            for arg, name in zip(method.out_args, OUT_ARG_NAMES.get(method.name, ()), strict=False):
+                arg.name = name
+
+    @dbus_method(name="ListAvailable")
+    async def list_available(self, options: DBusDict) -> Records:
+        return await self._s.handle("ListAvailable", lambda c: self._s.list_available(c, options))
+
+    @dbus_method(name="ListDevices")
+    async def list_devices(self, options: DBusDict) -> Records:
+        return await self._s.handle("ListDevices", lambda c: self._s.list_devices(c, options))
+
+    @dbus_method(name="GetDevice")
+    async def get_device(self, id_or_name: DBusStr, options: DBusDict) -> DBusDict:
+        return await self._s.handle("GetDevice", lambda c: self._s.get_device(c, id_or_name, options))
+
+    @dbus_method(name="GetHostStatus")
+    async def get_host_status(self, options: DBusDict) -> DBusDict:
+        return await self._s.handle("GetHostStatus", lambda c: self._s.get_host_status(c, options))
+
+    @dbus_method(name="RegisterDevice")
+    async def register_device(self, pci_address: DBusStr, name: DBusStr, options: DBusDict) -> RegisterResult:
+        return await self._s.handle(
+            "RegisterDevice", lambda c: self._s.register_device(c, pci_address, name, options)
+        )
+
+    @dbus_method(name="UnregisterDevice")
+    async def unregister_device(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
+        await self._s.handle("UnregisterDevice", lambda c: self._s.unregister_device(c, id_or_name, options))
+
+    @dbus_method(name="Attach")
+    async def attach(self, instance_id: DBusStr, devices: StrList, options: DBusDict) -> AttachResult:
+        return await self._s.handle("Attach", lambda c: self._s.attach(c, instance_id, devices, options))
+
+    @dbus_method(name="Detach")
+    async def detach(self, instance_id: DBusStr, devices: StrList, options: DBusDict) -> NoResult:
+        await self._s.handle("Detach", lambda c: self._s.detach(c, instance_id, devices, options))
+
+    @dbus_method(name="Bind")
+    async def bind(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
+        await self._s.handle("Bind", lambda c: self._s.bind(c, id_or_name, options))
+
+    @dbus_method(name="Unbind")
+    async def unbind(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
+        await self._s.handle("Unbind", lambda c: self._s.unbind(c, id_or_name, options))
+
+    @dbus_method(name="Reconcile")
+    async def reconcile(self, live_instance_ids: StrList, options: DBusDict) -> DBusDict:
+        return await self._s.handle("Reconcile", lambda c: self._s.reconcile(c, live_instance_ids, options))
+
+    @dbus_method(name="Recover")
+    async def recover(self, id_or_name: DBusStr, options: DBusDict) -> DBusDict:
+        return await self._s.handle("Recover", lambda c: self._s.recover(c, id_or_name, options))
+
+    @dbus_method(name="ImportHypeman")
+    async def import_hypeman(self, data_dir: DBusStr, options: DBusDict) -> DBusDict:
+        return await self._s.handle("ImportHypeman", lambda c: self._s.import_hypeman(c, data_dir, options))
+
+
+def device_interface() -> intr.Interface:
+    """org.hypeman.Devices1.Device as introspection data: one read-only property per Device record key."""
+    return intr.Interface(
+        DEVICE_IFACE,
+        properties=[
+            intr.Property(name, sig, PropertyAccess.READ) for name, sig in variants.DEVICE_PROPERTIES.values()
+        ],
+    )
+
+
+def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
+    ifaces = intr.Node.default().interfaces
+    return [i for i in ifaces if object_manager or i.name != OBJECT_MANAGER_IFACE]
+
+
+class Call:
+    """One method call: who made it, its authorization decisions, and the core's `Caller` for it."""
+
+    def __init__(self, service: Service, msg: Message, method: str) -> None:
+        self.service = service
+        self.msg = msg
+        self.method = method
+        self.action = action_for(MANAGER_IFACE, method) or ""
+        self.interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        self.who: CallerId = CallerId(msg.sender or "", -1, None)
+        self.admin_granted = False
+        self._exe: str | None = None
+
+    @property
+    def exe(self) -> str:
+        if self._exe is None:
+            self._exe = self.service.caller_exe(self.who.pid)
+        return self._exe
+
+    async def identify(self) -> None:
+        self.who = await self.service.authz.identify(self.msg.sender or "")
+
+    async def authorize(self, details: Mapping[str, str] | None = None, action: str | None = None) -> None:
+        """The method's action (or `action`); NotAuthorized when polkit says no. Logged for mutating calls."""
+        act = action or self.action
+        decision = await self.service.authz.check(self.who, act, details, interactive=self.interactive)
+        if act in MUTATING or not decision.allowed:
+            self.audit(act, decision, details)
+        if not decision.allowed:
+            raise NotAuthorized(denial_message(self.who, act, decision, self.interactive))
+        if act == ACTION_ADMIN:
+            self.admin_granted = True
+
+    async def admin(self, details: Mapping[str, str]) -> bool:
+        if self.admin_granted:
+            return True
+        decision = await self.service.authz.check(
+            self.who, ACTION_ADMIN, details, interactive=self.interactive
+        )
+        self.audit(ACTION_ADMIN, decision, details)
+        if decision.allowed:
+            self.admin_granted = True
+        return decision.allowed
+
+    def check_admin(self, details: Mapping[str, str]) -> bool:
+        """For the manager, from a worker thread: the second (admin) check, run on the event loop."""
+        if self.admin_granted:
+            return True
+        fut = asyncio.run_coroutine_threadsafe(self.admin(dict(details)), self.service.loop)
+        try:
+            return fut.result(timeout=ADMIN_WAIT)
+        except Exception:
+            fut.cancel()
+            log.exception("the admin check for %s did not complete", self.method)
+            return False
+
+    def core_caller(self) -> Caller:
+        return Caller(uid=self.who.uid, pid=self.who.pid, check_admin=self.check_admin)
+
+    def audit(self, action: str, decision: Decision, details: Mapping[str, str] | None) -> None:
+        level = logging.INFO if decision.allowed else logging.WARNING
+        detail_text = ", ".join(f"{k}={v}" for k, v in sorted((details or {}).items()) if v)
+        audit.log(
+            level,
+            "%s by uid %d (pid %s, %s): %s %s%s",
+            self.method,
+            self.who.uid,
+            self.who.pid if self.who.pid is not None else "?",
+            self.exe or "unknown executable",
+            action,
+            "allowed" if decision.allowed else "denied",
+            f" [{detail_text}]" if detail_text else "",
+            extra={
+                "ACTION": self.method,
+                "CALLER_UID": self.who.uid,
+                "CALLER_PID": self.who.pid if self.who.pid is not None else "",
+                "CALLER_EXE": self.exe,
+                "CALLER_BUS_NAME": self.who.sender,
+                "POLKIT_ACTION": action,
+                "POLKIT_RESULT": decision.result,
+                **{AUDIT_FIELDS[k]: v for k, v in (details or {}).items() if k in AUDIT_FIELDS and v},
+            },
+        )
+
+
+class Service:
+    """Everything behind the bus name: the Manager object, the device objects, the standard interfaces."""
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        manager: Manager,
+        authz: Authorizer,
+        *,
+        proc_host: Host | None = None,
+        read_workers: int = READ_WORKERS,
+        call_workers: int = CALL_WORKERS,
+    ) -> None:
+        self.bus = bus
+        self.manager = manager
+        self.authz = authz
+        self.loop = asyncio.get_running_loop()
+        # Callers are real processes: their /proc is the real one even when the host is simulated.
+        self._proc_host = proc_host or manager.host
+        self._reads = ThreadPoolExecutor(read_workers, thread_name_prefix="vfiod-read")
+        self._calls = ThreadPoolExecutor(call_workers, thread_name_prefix="vfiod-call")
+        self.interface = ManagerInterface(self)
+        self._signatures = {
+            m.name: "".join(str(a.signature) for a in m.in_args) for m in self.interface.introspect().methods
+        }
+        self._objects: dict[str, dict[str, Variant]] = {}  # device id -> property values
+        self._tree_lock = asyncio.Lock()
+        self._pending: set[str] = set()
+        self._flush: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._machine_id: str | None = None
+
+    # ----- life cycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Export the Manager and the current devices (before the bus name is requested)."""
+        self.bus.add_message_handler(self._on_message)
+        self.bus.export(MANAGER_PATH, self.interface)
+        await self.sync(announce=False)
+        self.manager.add_change_listener(self._changed_from_thread)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting calls and wait up to `timeout` s for those in flight; True if none is left."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=False, cancel_futures=True)
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def read(self, fn: Callable[[], T]) -> T:
+        return await self.loop.run_in_executor(self._reads, fn)
+
+    async def change(self, fn: Callable[[], T]) -> T:
+        return await self.loop.run_in_executor(self._calls, fn)
+
+    def caller_exe(self, pid: int | None) -> str:
+        if pid is None:
+            return ""
+        try:
+            return self._proc_host.process_info(pid).exe
+        except Exception:
+            return ""
+
+    # ----- dispatch -----------------------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> Message | bool | None:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        iface, member = msg.interface, msg.member or ""
+        if iface is None:
+            return self._refuse(msg, errors.invalid_argument("vfiod needs the interface named in every call"))
+        if iface in STANDARD_IFACES:
+            if (iface, member) not in STANDARD_SIGNATURES:
+                return None  # dbus-fast answers UnknownMethod
+            self._begin()
+            self._spawn(self._standard(msg))
+            return True
+        if iface != MANAGER_IFACE or msg.path != MANAGER_PATH:
+            return None  # dbus-fast answers UnknownObject / UnknownMethod
+        expected = self._signatures.get(member)
+        if expected is None:
+            return None
+        if action_for(iface, member) is None:
+            return self._refuse(msg, errors.not_authorized(f"{member} is not in vfiod's authorization table"))
+        if msg.signature != expected:
+            return self._refuse(
+                msg,
+                errors.invalid_argument(
+                    f"{member} takes arguments of type {expected!r}, not {msg.signature or 'none'!r}"
+                ),
+            )
+        if not self.accepting:
+            return self._refuse(msg, errors.failed("vfiod is shutting down; call again when it is back"))
+        CURRENT_MESSAGE.set(msg)
+        return None
+
+    @staticmethod
+    def _refuse(msg: Message, err: DBusError) -> Message | bool:
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True
+        return err._as_message(msg)
+
+    async def handle(self, method: str, body: Callable[[Call], Awaitable[T]]) -> T:
+        """Run one Manager method: identify the caller, run `body`, map any failure to a contract error."""
+        msg = CURRENT_MESSAGE.get()
+        if msg is None:
+            raise errors.failed("vfiod lost track of this call; call again")
+        self._begin()
+        call = Call(self, msg, method)
+        started = time.monotonic()
+        try:
+            await call.identify()
+            result = await body(call)
+        except Exception as e:
+            err = errors.to_dbus_error(e, context=method)
+            if call.action in MUTATING and call.who.uid >= 0:
+                self._log_outcome(call, err.type.rsplit(".", 1)[-1], started, err.text)
+            raise err from None
+        else:
+            if call.action in MUTATING:
+                self._log_outcome(call, "ok", started)
+            return result
+        finally:
+            self._end()
+
+    def _log_outcome(self, call: Call, result: str, started: float, text: str = "") -> None:
+        audit.info(
+            "%s by uid %d: %s (%.3f s)%s",
+            call.method,
+            call.who.uid,
+            result,
+            time.monotonic() - started,
+            f": {text}" if text else "",
+            extra={
+                "ACTION": call.method,
+                "CALLER_UID": call.who.uid,
+                "CALLER_PID": call.who.pid if call.who.pid is not None else "",
+                "CALLER_EXE": call.exe,
+                "RESULT": result,
+            },
+        )
+
+    # ----- Manager methods ----------------------------------------------------------------------------
+
+    async def list_available(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
+        opts = variants.parse_options("ListAvailable", options)
+        await call.authorize()
+        recs = await self.read(
+            lambda: [d.to_record() for d in self.manager.list_available(all_devices=bool(opts.get("all")))]
+        )
+        return variants.records(recs)
+
+    async def list_devices(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
+        opts = variants.parse_options("ListDevices", options)
+        tags = opts.get("tags")
+        if tags is not None:
+            _tags(tags)
+        await call.authorize()
+        devices = await self.read(lambda: self.manager.list_devices(tags))
+        return [variants.record(device_record(d)) for d in devices]
+
+    async def get_device(
+        self, call: Call, id_or_name: str, options: dict[str, Variant]
+    ) -> dict[str, Variant]:
+        variants.parse_options("GetDevice", options)
+        key = _id_or_name(id_or_name)
+        await call.authorize({"device": key})
+        device = await self.read(lambda: self.manager.get_device(key))
+        return variants.record(device_record(device))
+
+    async def get_host_status(self, call: Call, options: dict[str, Variant]) -> dict[str, Variant]:
+        variants.parse_options("GetHostStatus", options)
+        await call.authorize()
+        return variants.record(await self.read(self.manager.host_status))
+
+    async def register_device(
+        self, call: Call, pci_address: str, name: str, options: dict[str, Variant]
+    ) -> tuple[str, dict[str, Variant]]:
+        opts = variants.parse_options("RegisterDevice", options)
+        try:
+            addr = validation.pci_address(pci_address)
+        except validation.InvalidPciAddressInput as e:
+            raise InvalidPCIAddress(str(e)) from e
+        chosen = _device_name(name) if name else addr.default_device_name()
+        tags = _tags(opts.get("tags", {}))
+        await call.authorize({"pci_address": str(addr), "device": chosen})
+        caller = call.core_caller()
+        try:
+            device = await self.change(lambda: self.manager.register(caller, str(addr), name, tags))
+        finally:
+            await self._sync_quietly()
+        return device_path(device.id), variants.record(device_record(device))
+
+    async def unregister_device(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
+        variants.parse_options("UnregisterDevice", options)
+        key = _id_or_name(id_or_name)
+        device = await self.read(lambda: self.manager.get_device(key))
+        await call.authorize({"device": device.name, "pci_address": device.pci_address})
+        caller = call.core_caller()
+        try:
+            await self.change(lambda: self.manager.unregister(caller, device.id))
+        finally:
+            await self._sync_quietly()
+
+    async def attach(
+        self, call: Call, instance_id: str, devices: list[str], options: dict[str, Variant]
+    ) -> tuple[list[dict[str, Variant]], list[str]]:
+        opts = variants.parse_options("Attach", options)
+        instance = _instance(instance_id)
+        if not devices:
+            raise InvalidArgument("Attach needs at least one device id or name")
+        keys = [_id_or_name(d) for d in devices]
+        found = await self.read(lambda: _unique_devices(self.manager.get_device(k) for k in keys))
+        for device in found:  # one polkit check per device
+            await call.authorize(
+                {"instance": instance, "device": device.name, "pci_address": device.pci_address}
+            )
+        caller = call.core_caller()
+        try:
+            attachments, warnings = await self.change(
+                lambda: self.manager.attach(
+                    caller,
+                    instance,
+                    keys,
+                    include_group=bool(opts.get("include_group", False)),
+                    owner_uid=opts.get("owner_uid"),
+                    gpudirect_clique=opts.get("gpudirect_clique"),
+                    force=bool(opts.get("force", False)),
+                    caller_pid=call.who.pid,
+                )
+            )
+        finally:
+            await self._sync_quietly()
+        return variants.records([a.to_record() for a in attachments]), list(warnings)
+
+    async def detach(
+        self, call: Call, instance_id: str, devices: list[str], options: dict[str, Variant]
+    ) -> None:
+        opts = variants.parse_options("Detach", options)
+        instance = _instance(instance_id)
+        keys = [_id_or_name(d) for d in devices]
+        await call.authorize({"instance": instance, "device": ",".join(keys)})
+        caller = call.core_caller()
+        try:
+            await self.change(
+                lambda: self.manager.detach(
+                    caller, instance, keys, keep_bound=bool(opts.get("keep_bound", False))
+                )
+            )
+        finally:
+            await self._sync_quietly()
+
+    async def bind(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
+        opts = variants.parse_options("Bind", options)
+        key = _id_or_name(id_or_name)
+        device = await self.read(lambda: self.manager.get_device(key))
+        await call.authorize({"device": device.name, "pci_address": device.pci_address})
+        caller = call.core_caller()
+        try:
+            await self.change(
+                lambda: self.manager.bind(
+                    caller,
+                    device.id,
+                    include_group=bool(opts.get("include_group", False)),
+                    force=bool(opts.get("force", False)),
+                    exclusive=bool(opts.get("exclusive", False)),
+                )
+            )
+        finally:
+            await self._sync_quietly()
+
+    async def unbind(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
+        opts = variants.parse_options("Unbind", options)
+        key = _id_or_name(id_or_name)
+        device = await self.read(lambda: self.manager.get_device(key))
+        await call.authorize({"device": device.name, "pci_address": device.pci_address})
+        caller = call.core_caller()
+        try:
+            await self.change(
+                lambda: self.manager.unbind(caller, device.id, exclusive=bool(opts.get("exclusive", False)))
+            )
+        finally:
+            await self._sync_quietly()
+
+    async def reconcile(
+        self, call: Call, live_instance_ids: list[str], options: dict[str, Variant]
+    ) -> dict[str, Variant]:
+        opts = variants.parse_options("Reconcile", options)
+        live = [_instance(i) for i in live_instance_ids]
+        await call.authorize()
+        caller = call.core_caller()
+        try:
+            report = await self.change(
+                lambda: self.manager.reconcile(
+                    caller,
+                    live,
+                    dry_run=bool(opts.get("dry_run", False)),
+                    all_users=bool(opts.get("all_users", False)),
+                )
+            )
+        finally:
+            await self._sync_quietly()
+        return variants.record(report.to_record())
+
+    async def recover(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> dict[str, Variant]:
+        opts = variants.parse_options("Recover", options)
+        details: dict[str, str] = {}
+        target = ""
+        if id_or_name:
+            target = _id_or_name(id_or_name)
+            device = await self.read(lambda: self.manager.get_device(target))
+            details = {"device": device.name, "pci_address": device.pci_address}
+            target = device.id
+        await call.authorize(details)
+        caller = call.core_caller()
+        try:
+            report = await self.change(
+                lambda: self.manager.recover(caller, target, dry_run=bool(opts.get("dry_run", False)))
+            )
+        finally:
+            await self._sync_quietly()
+        return variants.record(report.to_record())
+
+    async def import_hypeman(
+        self, call: Call, data_dir: str, options: dict[str, Variant]
+    ) -> dict[str, Variant]:
+        variants.parse_options("ImportHypeman", options)
+        if not data_dir.startswith("/") or "\0" in data_dir:
+            raise InvalidArgument("data_dir must be an absolute path (hypeman's data directory)")
+        await call.authorize()
+        caller = call.core_caller()
+        try:
+            report = await self.change(lambda: self.manager.import_hypeman(caller, data_dir))
+        finally:
+            await self._sync_quietly()
+        return variants.record(report.to_record())
+
+    # ----- the standard interfaces --------------------------------------------------------------------
+
+    async def _standard(self, msg: Message) -> None:
+        try:
+            reply = await self._standard_reply(msg)
+        except Exception as e:
+            err = (
+                e
+                if isinstance(e, DBusError)
+                else errors.to_dbus_error(e, context=f"{msg.interface}.{msg.member}")
+            )
+            reply = err._as_message(msg)
+        finally:
+            self._end()
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self.bus.send(reply)
+
+    async def _standard_reply(self, msg: Message) -> Message:
+        iface, member = msg.interface or "", msg.member or ""
+        expected = STANDARD_SIGNATURES[(iface, member)]
+        if msg.signature != expected:
+            raise errors.invalid_argument(
+                f"{iface}.{member} takes {expected or 'no arguments'!r}, not {msg.signature!r}"
+            )
+        if not self.accepting:
+            raise errors.failed("vfiod is shutting down; call again when it is back")
+        who = await self.authz.identify(msg.sender or "")
+        action = ACTIONS[(iface, member)]
+        decision = await self.authz.check(
+            who, action, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        )
+        if not decision.allowed:
+            log.warning(
+                "%s.%s on %s by uid %d denied (%s)",
+                iface,
+                member,
+                msg.path,
+                who.uid,
+                decision.result,
+                extra={
+                    "ACTION": f"{iface}.{member}",
+                    "CALLER_UID": who.uid,
+                    "POLKIT_RESULT": decision.result,
+                },
+            )
+            raise NotAuthorized(
+                denial_message(who, action or "org.freedesktop.DBus.Properties.Set", decision, False)
+            )
+        path = msg.path or "/"
+        if member == "Introspect":
+            return Message.new_method_return(msg, "s", [self._introspect(path)])
+        if member == "Ping":
+            return Message.new_method_return(msg)
+        if member == "GetMachineId":
+            return Message.new_method_return(msg, "s", [self._get_machine_id()])
+        if member == "GetManagedObjects":
+            if path != MANAGER_PATH:
+                raise DBusError(ErrorType.UNKNOWN_METHOD, f"{path} is not an object manager")
+            await self.sync()
+            managed = {device_path(i): {DEVICE_IFACE: dict(p)} for i, p in sorted(self._objects.items())}
+            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [managed])
+        return await self._properties(msg, member, path)
+
+    async def _properties(self, msg: Message, member: str, path: str) -> Message:
+        iface_name = str(msg.body[0])
+        if path == MANAGER_PATH:
+            if iface_name not in (MANAGER_IFACE, *STANDARD_IFACES):
+                raise DBusError(ErrorType.UNKNOWN_INTERFACE, f"{path} has no interface {iface_name!r}")
+            if member == "GetAll":
+                return Message.new_method_return(msg, "a{sv}", [{}])
+            raise DBusError(ErrorType.UNKNOWN_PROPERTY, f"{iface_name} has no property {msg.body[1]!r}")
+        device_id = self._device_at(path)
+        if device_id is None:
+            raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")
+        if iface_name != DEVICE_IFACE:
+            if iface_name in STANDARD_IFACES and member == "GetAll":
+                return Message.new_method_return(msg, "a{sv}", [{}])
+            raise DBusError(ErrorType.UNKNOWN_INTERFACE, f"{path} has no interface {iface_name!r}")
+        await self.refresh(device_id)
+        props = self._objects.get(device_id)
+        if props is None:
+            raise DBusError(ErrorType.UNKNOWN_OBJECT, f"the device at {path} was unregistered")
+        if member == "GetAll":
+            return Message.new_method_return(msg, "a{sv}", [dict(props)])
+        name = str(msg.body[1])
+        if name not in props:
+            raise DBusError(ErrorType.UNKNOWN_PROPERTY, f"{DEVICE_IFACE} has no property {name!r}")
+        return Message.new_method_return(msg, "v", [props[name]])
+
+    def _device_at(self, path: str) -> str | None:
+        for device_id in self._objects:
+            if device_path(device_id) == path:
+                return device_id
+        return None
+
+    def _introspect(self, path: str) -> str:
+        paths = [MANAGER_PATH, *(device_path(i) for i in self._objects)]
+        if path == MANAGER_PATH:
+            node = intr.Node(path, [*standard_interfaces(object_manager=True), self.interface.introspect()])
+        elif self._device_at(path) is not None:
+            node = intr.Node(path, [*standard_interfaces(object_manager=False), device_interface()])
+        elif path == "/" or any(p.startswith(path + "/") for p in paths):
+            node = intr.Node(
+                path, [i for i in standard_interfaces(object_manager=False) if i.name == INTROSPECTABLE_IFACE]
+            )
+        else:
+            raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")
+        prefix = path.rstrip("/") + "/"
+        children = sorted({p[len(prefix) :].split("/", 1)[0] for p in paths if p.startswith(prefix)})
+        node.nodes = [intr.Node(c, is_root=False) for c in children]
+        return node.tostring()
+
+    def _get_machine_id(self) -> str:
+        if self._machine_id is None:
+            for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+                try:
+                    text = Path(candidate).read_text(encoding="ascii").strip()
+                except OSError:
+                    continue
+                if len(text) == 32:
+                    self._machine_id = text
+                    break
+        if self._machine_id is None:
+            raise Failed("this host has no machine id")
+        return self._machine_id
+
+    # ----- device objects -----------------------------------------------------------------------------
+
+    async def sync(self, *, announce: bool = True) -> None:
+        """Re-read every registered device; add, remove and update objects (with their signals)."""
+        # The read happens under the lock too, so an older snapshot is never applied after a newer one.
+        async with self._tree_lock:
+            recs = await self.read(lambda: [d.to_record() for d in self.manager.list_devices()])
+            fresh = {str(r["id"]): variants.device_properties(r) for r in recs}
+            for device_id in sorted(set(self._objects) - set(fresh)):
+                del self._objects[device_id]
+                if announce:
+                    self._signal(
+                        MANAGER_PATH,
+                        OBJECT_MANAGER_IFACE,
+                        "InterfacesRemoved",
+                        "oas",
+                        [device_path(device_id), [DEVICE_IFACE]],
+                    )
+            for device_id, props in sorted(fresh.items()):
+                self._apply(device_id, props, announce)
+
+    async def refresh(self, device_id: str) -> None:
+        """Re-read one device (gone: its object goes)."""
+        async with self._tree_lock:
+            try:
+                device = await self.read(lambda: self.manager.get_device(device_id))
+            except NotFound:
+                if self._objects.pop(device_id, None) is not None:
+                    self._signal(
+                        MANAGER_PATH,
+                        OBJECT_MANAGER_IFACE,
+                        "InterfacesRemoved",
+                        "oas",
+                        [device_path(device_id), [DEVICE_IFACE]],
+                    )
+                return
+            self._apply(device_id, variants.device_properties(device.to_record()), True)
+
+    def _apply(self, device_id: str, props: dict[str, Variant], announce: bool) -> None:
+        old = self._objects.get(device_id)
+        self._objects[device_id] = props
+        if not announce:
+            return
+        path = device_path(device_id)
+        if old is None:
+            self._signal(
+                MANAGER_PATH,
+                OBJECT_MANAGER_IFACE,
+                "InterfacesAdded",
+                "oa{sa{sv}}",
+                [path, {DEVICE_IFACE: dict(props)}],
+            )
+            return
+        changed = {k: v for k, v in props.items() if old.get(k) != v}
+        if changed:
+            self._signal(path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [DEVICE_IFACE, changed, []])
+
+    def _signal(self, path: str, iface: str, member: str, signature: str, body: list[Any]) -> None:
+        if not self.bus.connected:
+            return
+        self.bus.send(Message.new_signal(path, iface, member, signature, body))
+
+    async def _sync_quietly(self) -> None:
+        try:
+            await self.sync()
+        except Exception:
+            log.exception("re-reading the devices after a call failed")
+
+    def _changed_from_thread(self, device_id: str) -> None:
+        """The manager's change listener (called from worker threads)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
+            self.loop.call_soon_threadsafe(self.schedule, device_id)
+
+    def on_uevent(self, ev: Uevent) -> None:
+        if not ev.pci_address:
+            self.schedule("")
+            return
+        for device_id, props in self._objects.items():
+            if props["PciAddress"].value == ev.pci_address:
+                log.debug(
+                    "uevent %s for %s", ev.action, ev.pci_address, extra={"PCI_ADDRESS": ev.pci_address}
+                )
+                self.schedule(device_id)
+
+    def schedule(self, device_id: str) -> None:
+        """Refresh `device_id` ("" = every device) soon; requests that arrive meanwhile are merged."""
+        self._pending.add(device_id)
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.ensure_future(self._flush_pending())
+
+    async def _flush_pending(self) -> None:
+        await asyncio.sleep(0)
+        while self._pending:
+            pending, self._pending = self._pending, set()
+            try:
+                if "" in pending:
+                    await self.sync()
+                else:
+                    for device_id in sorted(pending):
+                        await self.refresh(device_id)
+            except Exception:
+                log.exception("refreshing device objects failed")
+
+    @property
+    def device_ids(self) -> list[str]:
+        return sorted(self._objects)
+
+
+# ----- argument validation (before anything else, so bad input is never an authorization question) -------
+
+
+def _id_or_name(value: str) -> str:
+    try:
+        return validation.id_or_name(value)
+    except validation.InvalidNameInput as e:
+        raise InvalidName(str(e)) from e
+
+
+def _device_name(value: str) -> str:
+    try:
+        return validation.device_name(value)
+    except validation.InvalidNameInput as e:
+        raise InvalidName(str(e)) from e
+
+
+def _instance(value: str) -> str:
+    try:
+        return validation.instance_id(value)
+    except validation.InvalidInstanceIdInput as e:
+        raise InvalidArgument(str(e)) from e
+
+
+def _tags(value: object) -> dict[str, str]:
+    try:
+        return validation.tags(value)
+    except validation.InvalidTagsInput as e:
+        raise InvalidArgument(str(e)) from e
+
+
+def _unique_devices(devices: Iterable[Device]) -> list[Device]:
+    seen: dict[str, Device] = {}
+    for d in devices:
+        seen.setdefault(d.id, d)
+    return list(seen.values())
+
+
+def device_record(device: Device) -> dict[str, object]:
+    rec = device.to_record()
+    rec["object_path"] = device_path(device.id)
+    return rec

@@ -1,0 +1,634 @@
+"""The `vfioctl` command: a client of vfiod's `org.hypeman.Devices1` D-Bus service.
+
+Owns vfioctl's command-line contract: the subcommands and their options, which contract method (and which
+options in its a{sv}) each one calls, the shape of every `--json` document, and the exit statuses listed in
+`--help`. `main(argv)` returns the exit status instead of exiting, and no failure ever shows a traceback:
+service errors print `vfioctl: <ErrorName>: <message>` on stderr. The bus side lives in `vfioctl_bus`,
+text and JSON rendering in `vfioctl_render`, and `monitor` in `vfioctl_monitor`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from vfiod.bus.names import BUS_NAME
+from vfiod.cli import vfioctl_monitor
+from vfiod.cli import vfioctl_render as render
+from vfiod.cli.vfioctl_bus import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TABLE,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    BusTarget,
+    CallError,
+    Client,
+    dict_of,
+    list_of_dicts,
+    options,
+    tty_agent,
+)
+
+DEFAULT_TIMEOUT = 120.0
+UINT32_MAX = 0xFFFFFFFF
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    client: Client
+    out: TextIO
+    err: TextIO
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.json)
+
+    @property
+    def marks(self) -> tuple[str, str]:
+        return render.marks(getattr(self.out, "encoding", None))
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+
+
+Command = Callable[[Context], Awaitable[int]]
+
+# ----- commands --------------------------------------------------------------------------------------------
+
+
+async def cmd_status(ctx: Context) -> int:
+    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
+    status = dict_of(status)
+    ctx.write(render.to_json(status) if ctx.json else render.render_status(status, ctx.marks))
+    return EXIT_OK
+
+
+async def cmd_check(ctx: Context) -> int:
+    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
+    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", options(all=("b", True)))
+    status, devices = dict_of(status), list_of_dicts(devices)
+    if ctx.json:
+        ctx.write(render.to_json({"host": status, "devices": devices}))
+    else:
+        ctx.write(render.render_check(status, devices, ctx.marks))
+    return EXIT_OK
+
+
+async def cmd_list_available(ctx: Context) -> int:
+    opts = options(all=("b", True) if ctx.args.all else None)
+    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", opts)
+    devices = list_of_dicts(devices)
+    ctx.write(
+        render.to_json(devices) if ctx.json else render.render_available(devices, ctx.marks, ctx.args.all)
+    )
+    return EXIT_OK
+
+
+async def cmd_list(ctx: Context) -> int:
+    tags: dict[str, str] = ctx.args.tags or {}
+    (devices,) = await ctx.client.manager(
+        "ListDevices", "a{sv}", options(tags=("a{ss}", tags) if tags else None)
+    )
+    devices = list_of_dicts(devices)
+    ctx.write(render.to_json(devices) if ctx.json else render.render_devices(devices))
+    return EXIT_OK
+
+
+async def cmd_show(ctx: Context) -> int:
+    (device,) = await ctx.client.manager("GetDevice", "sa{sv}", ctx.args.device, {})
+    device = dict_of(device)
+    ctx.write(render.to_json(device) if ctx.json else render.render_device(device))
+    return EXIT_OK
+
+
+async def cmd_register(ctx: Context) -> int:
+    tags: dict[str, str] = ctx.args.tags or {}
+    path, device = await ctx.client.manager(
+        "RegisterDevice",
+        "ssa{sv}",
+        ctx.args.pci_address,
+        ctx.args.name or "",
+        options(tags=("a{ss}", tags) if tags else None),
+    )
+    device = dict_of(device)
+    device.setdefault("object_path", str(path))
+    if ctx.json:
+        ctx.write(render.to_json(device))
+    else:
+        ctx.write(
+            f"Registered {device.get('pci_address', ctx.args.pci_address)} as {device.get('name', '?')}\n"
+        )
+        ctx.write(render.render_device(device))
+    return EXIT_OK
+
+
+async def cmd_unregister(ctx: Context) -> int:
+    await ctx.client.manager("UnregisterDevice", "sa{sv}", ctx.args.device, {})
+    ctx.write(
+        render.to_json({"unregistered": ctx.args.device}) if ctx.json else f"Unregistered {ctx.args.device}\n"
+    )
+    return EXIT_OK
+
+
+async def cmd_attach(ctx: Context) -> int:
+    a = ctx.args
+    opts = options(
+        include_group=("b", True) if a.include_group else None,
+        owner_uid=("u", a.owner_uid) if a.owner_uid is not None else None,
+        gpudirect_clique=("y", a.gpudirect_clique) if a.gpudirect_clique is not None else None,
+        force=("b", True) if a.force else None,
+    )
+    attachments, warnings = await ctx.client.manager("Attach", "sasa{sv}", a.instance, list(a.devices), opts)
+    records = list_of_dicts(attachments)
+    warns = [str(w) for w in warnings or []]
+    if ctx.json:
+        ctx.write(render.to_json(render.attach_document(a.instance, records, warns)))
+    else:
+        ctx.write(render.render_attach(a.instance, records, warns))
+    return EXIT_OK
+
+
+async def _devices_of(ctx: Context, instance: str, wanted: Sequence[str]) -> list[dict[str, Any]]:
+    """Best effort: the registered devices attached to `instance` (only `wanted` ones, by id or name)."""
+    try:
+        (devices,) = await ctx.client.manager("ListDevices", "a{sv}", {})
+    except CallError:
+        return []
+    mine = [d for d in list_of_dicts(devices) if d.get("attached_to") == instance]
+    if wanted:
+        mine = [d for d in mine if d.get("id") in wanted or d.get("name") in wanted]
+    return sorted(mine, key=lambda d: str(d.get("pci_address")))
+
+
+async def _refetch(ctx: Context, ids: Sequence[str]) -> list[dict[str, Any]]:
+    out = []
+    for device_id in ids:
+        try:
+            (device,) = await ctx.client.manager("GetDevice", "sa{sv}", device_id, {})
+        except CallError:
+            continue
+        out.append(dict_of(device))
+    return out
+
+
+async def cmd_detach(ctx: Context) -> int:
+    a = ctx.args
+    before = await _devices_of(ctx, a.instance, a.devices)
+    opts = options(keep_bound=("b", True) if a.keep_bound else None)
+    await ctx.client.manager("Detach", "sasa{sv}", a.instance, list(a.devices), opts)
+    after = await _refetch(ctx, [str(d.get("id")) for d in before])
+    if ctx.json:
+        doc = {
+            "instance": a.instance,
+            "devices": list(a.devices),
+            "keep_bound": bool(a.keep_bound),
+            "released": after,
+        }
+        ctx.write(render.to_json(doc))
+        return EXIT_OK
+    what = ", ".join(a.devices) if a.devices else "all devices"
+    if not before:
+        ctx.write(f"Detached {what} from {a.instance} (nothing was attached)\n")
+        return EXIT_OK
+    ctx.write(f"Detached {what} from {a.instance}{' (kept on vfio)' if a.keep_bound else ''}\n")
+    for d in after:
+        driver = d.get("driver") or "no driver"
+        ctx.write(f"  {d.get('name')} ({d.get('pci_address')}): {driver}, state {d.get('state')}\n")
+    return EXIT_OK
+
+
+async def _bind_like(ctx: Context, member: str, verb: str, opts: dict[str, Any]) -> int:
+    await ctx.client.manager(member, "sa{sv}", ctx.args.device, opts)
+    after = await _refetch(ctx, [ctx.args.device])
+    device = after[0] if after else None
+    if ctx.json:
+        ctx.write(render.to_json({verb: ctx.args.device, "device": device}))
+    elif device is not None:
+        driver = device.get("driver") or "no driver"
+        ctx.write(
+            f"{device.get('name')} ({device.get('pci_address')}): {driver}, state {device.get('state')}\n"
+        )
+    else:
+        ctx.write(f"{verb.capitalize()} {ctx.args.device}\n")
+    return EXIT_OK
+
+
+async def cmd_bind(ctx: Context) -> int:
+    a = ctx.args
+    opts = options(
+        include_group=("b", True) if a.include_group else None,
+        force=("b", True) if a.force else None,
+        exclusive=("b", True) if a.exclusive else None,
+    )
+    return await _bind_like(ctx, "Bind", "bound", opts)
+
+
+async def cmd_unbind(ctx: Context) -> int:
+    return await _bind_like(
+        ctx, "Unbind", "unbound", options(exclusive=("b", True) if ctx.args.exclusive else None)
+    )
+
+
+def _report_options(ctx: Context) -> dict[str, Any]:
+    return options(dry_run=("b", True) if ctx.args.dry_run else None)
+
+
+def _write_report(ctx: Context, title: str, report: object) -> int:
+    rec = dict_of(report)
+    ctx.write(render.to_json(rec) if ctx.json else render.render_report(title, rec))
+    return EXIT_OK
+
+
+async def cmd_reconcile(ctx: Context) -> int:
+    live = list(ctx.args.live)
+    opts = options(
+        dry_run=("b", True) if ctx.args.dry_run else None,
+        all_users=("b", True) if ctx.args.all_users else None,
+    )
+    (report,) = await ctx.client.manager("Reconcile", "asa{sv}", live, opts)
+    dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
+    title = (
+        f"Reconcile with live instances {', '.join(live)}{dry}"
+        if live
+        else f"Reconcile, no live instances{dry}"
+    )
+    return _write_report(ctx, title, report)
+
+
+async def cmd_recover(ctx: Context) -> int:
+    device = ctx.args.device or ""
+    (report,) = await ctx.client.manager("Recover", "sa{sv}", device, _report_options(ctx))
+    dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
+    return _write_report(ctx, f"Recover {device or 'every stuck or driverless device'}{dry}", report)
+
+
+async def cmd_import_hypeman(ctx: Context) -> int:
+    data_dir = os.path.abspath(ctx.args.dir)
+    (report,) = await ctx.client.manager("ImportHypeman", "sa{sv}", data_dir, {})
+    return _write_report(ctx, f"Import from hypeman's data directory {data_dir}", report)
+
+
+async def cmd_monitor(ctx: Context) -> int:
+    return await vfioctl_monitor.run(ctx.client, ctx.out, ctx.err, ctx.json)
+
+
+# Commands that only read: they never need a polkit agent.
+READ_ONLY = frozenset({"status", "check", "list-available", "list", "show", "monitor"})
+
+# ----- argument parsing ------------------------------------------------------------------------------------
+
+
+def _uint32(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be 0-{UINT32_MAX}: {text!r}")
+    return value
+
+
+def _byte(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"must be 0-255: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds: {text!r}")
+    return value
+
+
+class TagAction(argparse.Action):
+    """`--tag KEY=VALUE`, repeatable, collected into a dict; a key given twice is a usage error."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        text = values if isinstance(values, str) else ""
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} expects KEY=VALUE, not {text!r}")
+        tags: dict[str, str] = dict(getattr(namespace, self.dest, None) or {})
+        if key in tags:
+            parser.error(f"{option_string} {key}=...: the key {key!r} is given twice")
+        tags[key] = value
+        setattr(namespace, self.dest, tags)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """The options every command takes, before or after the subcommand. In a subcommand their default is
+    SUPPRESS, so an option given before the subcommand is not reset by the subcommand's defaults."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    g = parser.add_argument_group("bus and output options")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument(
+        "--address", metavar="ADDR", default=default(None), help="talk to the bus at this D-Bus address"
+    )
+    where.add_argument(
+        "--session", dest="bus", action="store_const", const="session", default=default("system"),
+        help="use the session bus (default: the system bus)",
+    )  # fmt: skip
+    where.add_argument(
+        "--system", dest="bus", action="store_const", const="system", default=default("system"),
+        help="use the system bus (the default)",
+    )  # fmt: skip
+    g.add_argument(
+        "--timeout", metavar="SECONDS", type=_seconds, default=default(DEFAULT_TIMEOUT),
+        help=f"how long to wait for each reply (default {DEFAULT_TIMEOUT:g}; a bind can take a minute)",
+    )  # fmt: skip
+    g.add_argument(
+        "--json", action="store_true", default=default(False),
+        help="print JSON (sorted keys) instead of tables; `monitor` prints one JSON object per line",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-ask-password", action="store_true", default=default(False),
+        help="never let polkit ask for a password (it may when stdin is a terminal)",
+    )  # fmt: skip
+
+
+# name: (one-line help, description, examples for the epilog)
+EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
+    "status": (
+        "show the host's VFIO readiness (GetHostStatus)",
+        "IOMMU, interrupt remapping, vfio-pci, cdev/iommufd, huge pages, GPU slots and the problems found, "
+        "each with its fix.",
+        ["vfioctl status", "vfioctl status --json | jq .problems"],
+    ),
+    "check": (
+        "pre-flight report: host status plus every PCI device and why it can or cannot be passed through",
+        "GetHostStatus and ListAvailable(all) in one report. Exit status 0 whenever the report was produced.",
+        ["vfioctl check", "vfioctl --session check --json"],
+    ),
+    "list-available": (
+        "list the host's passthrough candidates (ListAvailable)",
+        "Display and 3D controllers (every PCI function with --all), their IOMMU group, driver, whether they "
+        "are registered, and the blockers that keep them from passthrough as they stand.",
+        ["vfioctl list-available", "vfioctl list-available --all --json"],
+    ),
+    "list": (
+        "list registered devices (ListDevices)",
+        "Every registered device with its live driver, state and attachment. --tag keeps only devices "
+        "carrying all the given tags.",
+        ["vfioctl list", "vfioctl list --tag rack=r12 --tag pool=ml --json"],
+    ),
+    "show": (
+        "show one registered device (GetDevice)",
+        "Every field of the Device record.",
+        ["vfioctl show l4-gpu", "vfioctl show l4-gpu --json | jq -r .sysfs_path"],
+    ),
+    "register": (
+        "register a PCI device by address (RegisterDevice)",
+        "Registering does not touch the device's driver. Without --name the name is pci-dddd-bb-ss-f.",
+        ["vfioctl register 0000:a2:00.0 --name l4-gpu", "vfioctl register 0000:a2:00.0 --tag pool=ml"],
+    ),
+    "unregister": (
+        "forget a registered device (UnregisterDevice)",
+        "Refused (InUse) while the device is attached.",
+        ["vfioctl unregister l4-gpu"],
+    ),
+    "attach": (
+        "bind devices to vfio-pci for an instance and hand it the group node (Attach)",
+        "Binds every function or none. Prints the attachments, the cloud-hypervisor --device arguments and "
+        "the warnings about what the VMM still needs. Idempotent: repeating it for the same instance returns "
+        "the same attachments. --owner-uid and --force need the admin authorization.",
+        [
+            "vfioctl attach ml-training l4-gpu --include-group",
+            "vfioctl attach ml-training gpu0 gpu1 --gpudirect-clique 0",
+            "vfioctl attach ml-training l4-gpu --include-group --json | jq -r '.cloud_hypervisor_args[]'",
+        ],
+    ),
+    "detach": (
+        "release an instance's devices (Detach)",
+        "Without device names, every device of the instance. Each function goes back to the driver it had "
+        "before (with --keep-bound it stays on vfio-pci, unattached). Detaching an unknown or already "
+        "detached instance succeeds.",
+        ["vfioctl detach ml-training", "vfioctl detach ml-training l4-gpu --keep-bound"],
+    ),
+    "bind": (
+        "bind a registered device to vfio-pci without attaching it (Bind; admin)",
+        "Succeeds without change if it is already on vfio (AlreadyBound with --exclusive).",
+        ["vfioctl bind l4-gpu --include-group", "vfioctl bind l4-gpu --exclusive"],
+    ),
+    "unbind": (
+        "return an unattached device to its native driver (Unbind; admin)",
+        "Succeeds without change if it is not on vfio (NotBound with --exclusive).",
+        ["vfioctl unbind l4-gpu"],
+    ),
+    "reconcile": (
+        "release attachments of instances that are not running (Reconcile)",
+        "Name every instance that is still running: attachments of any other instance are released. With no "
+        "instance named, every attachment you own is treated as stale, so try --dry-run first. Touches only "
+        "your own attachments; --all-users (admin) takes every user's.",
+        ["vfioctl reconcile ml-training web-1 --dry-run", "vfioctl reconcile ml-training web-1"],
+    ),
+    "recover": (
+        "put stuck or driverless devices back on their drivers (Recover; admin)",
+        "Without a device, every stuck or driverless registered device.",
+        ["vfioctl recover --dry-run", "vfioctl recover l4-gpu"],
+    ),
+    "import-hypeman": (
+        "import devices registered by hypeman's own lib/devices (ImportHypeman)",
+        "The service reads DIR/devices/*/metadata.json and registers those devices with their ids and names; "
+        "a device hypeman had attached becomes a reservation for YOUR uid, so run it as the user hypeman "
+        "runs as. Every record not imported is reported with the reason. Needs the admin authorization.",
+        ["vfioctl import-hypeman /var/lib/hypeman", "vfioctl import-hypeman /var/lib/hypeman --json"],
+    ),
+    "monitor": (
+        "print device changes as they happen",
+        "One line per device added, removed or changed (including kernel bind/unbind seen by the service), "
+        "each with a UTC timestamp. Follows the service across restarts. Ctrl-C exits 0.",
+        ["vfioctl monitor", "vfioctl monitor --json | jq -c 'select(.event==\"changed\")'"],
+    ),
+}
+
+
+def _epilog(examples: Sequence[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
+
+def _main_epilog() -> str:
+    lines = ["examples:"]
+    for name, (_, _, examples) in EXAMPLES.items():
+        lines.append(f"  {examples[0]:<60} # {name}")
+    lines += ["", "exit status:"]
+    lines += [f"  {code:>3}  {what}" for code, what in EXIT_TABLE]
+    lines += [
+        "",
+        "Errors are printed as `vfioctl: <ErrorName>: <message>` on stderr. Every call may be retried",
+        "safely: vfiod's methods are idempotent. When stdin is a terminal polkit may ask for a password",
+        "(ALLOW_INTERACTIVE_AUTHORIZATION); --no-ask-password turns that off.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfioctl",
+        description=textwrap.fill(
+            f"Client of vfiod ({BUS_NAME} on the system bus): discover, register, attach and detach PCI "
+            "devices for VFIO passthrough.",
+            100,
+        ),
+        epilog=_main_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _global_options(parser, in_subcommand=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler: Command) -> argparse.ArgumentParser:
+        help_text, description, examples = EXAMPLES[name]
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=textwrap.fill(f"{help_text[0].upper()}{help_text[1:]}. {description}", 100),
+            epilog=_epilog(examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    add("status", cmd_status)
+    add("check", cmd_check)
+    p = add("list-available", cmd_list_available)
+    p.add_argument("--all", action="store_true", help="every PCI function, not only display controllers")
+    p = add("list", cmd_list)
+    p.add_argument(
+        "--tag", dest="tags", metavar="KEY=VALUE", action=TagAction, help="only devices with this tag"
+    )
+    p = add("show", cmd_show)
+    p.add_argument("device", metavar="ID|NAME")
+    p = add("register", cmd_register)
+    p.add_argument("pci_address", metavar="PCI_ADDRESS", help="dddd:bb:ss.f (or bb:ss.f)")
+    p.add_argument("--name", metavar="NAME", help="a name for the device (default pci-dddd-bb-ss-f)")
+    p.add_argument("--tag", dest="tags", metavar="KEY=VALUE", action=TagAction, help="a tag (repeatable)")
+    p = add("unregister", cmd_unregister)
+    p.add_argument("device", metavar="ID|NAME")
+    p = add("attach", cmd_attach)
+    p.add_argument("instance", metavar="INSTANCE")
+    p.add_argument("devices", metavar="DEV", nargs="+", help="device ids or names")
+    p.add_argument(
+        "--include-group", action="store_true",
+        help="also bind the other functions of the same slot (a GPU's HDMI audio)",
+    )  # fmt: skip
+    p.add_argument("--owner-uid", metavar="UID", type=_uint32, help="give the group node to UID (admin)")
+    p.add_argument(
+        "--gpudirect-clique", metavar="N", type=_byte,
+        help="NVIDIA GPUDirect P2P clique (0-255) for cloud-hypervisor's x_nv_gpudirect_clique",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="even if the host needs the device (admin)")
+    p = add("detach", cmd_detach)
+    p.add_argument("instance", metavar="INSTANCE")
+    p.add_argument("devices", metavar="DEV", nargs="*", help="device ids or names (default: all)")
+    p.add_argument("--keep-bound", action="store_true", help="leave the devices on vfio-pci")
+    p = add("bind", cmd_bind)
+    p.add_argument("device", metavar="ID|NAME")
+    p.add_argument("--include-group", action="store_true", help="also bind the other functions of the slot")
+    p.add_argument("--force", action="store_true", help="even if the host needs the device")
+    p.add_argument("--exclusive", action="store_true", help="fail (AlreadyBound) if it is already on vfio")
+    p = add("unbind", cmd_unbind)
+    p.add_argument("device", metavar="ID|NAME")
+    p.add_argument("--exclusive", action="store_true", help="fail (NotBound) if it is not on vfio")
+    p = add("reconcile", cmd_reconcile)
+    p.add_argument("live", metavar="LIVE_INSTANCE", nargs="*", help="instances that are still running")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be released")
+    p.add_argument("--all-users", action="store_true", help="every user's attachments (admin)")
+    p = add("recover", cmd_recover)
+    p.add_argument("device", metavar="ID|NAME", nargs="?", help="default: every stuck or driverless device")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p = add("import-hypeman", cmd_import_hypeman)
+    p.add_argument("dir", metavar="DIR", help="hypeman's data directory (holds devices/<id>/metadata.json)")
+    add("monitor", cmd_monitor)
+
+    for choice in sub.choices.values():
+        _global_options(choice, in_subcommand=True)
+    return parser
+
+
+# ----- entry point -----------------------------------------------------------------------------------------
+
+
+def target_of(args: argparse.Namespace) -> BusTarget:
+    if args.address:
+        return BusTarget("address", args.address)
+    return BusTarget("session" if args.bus == "session" else "system")
+
+
+async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    interactive = sys.stdin.isatty() and not args.no_ask_password
+    client = await Client.connect(target_of(args), timeout=args.timeout, interactive=interactive)
+    handler: Command = args.handler
+    try:
+        with tty_agent(interactive and client.target.kind == "system" and args.command not in READ_ONLY):
+            return await handler(Context(args, client, out, err))
+    finally:
+        client.disconnect()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits for --help (0) and usage errors (2); the console script wants a status back.
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if getattr(args, "handler", None) is None:
+        parser.print_usage(sys.stderr)
+        print("vfioctl: a command is required (see vfioctl --help)", file=sys.stderr)
+        return EXIT_USAGE
+    out, err = sys.stdout, sys.stderr
+    try:
+        status = asyncio.run(run(args, out, err))
+        out.flush()  # inside the try: a closed pipe must not become a message at interpreter exit
+        return status
+    except CallError as e:
+        print(f"vfioctl: {e.name}: {e.message}", file=err)
+        if e.status == EXIT_UNREACHABLE:
+            where = target_of(args).describe()
+            print(
+                f"vfioctl: is vfiod running on {where}? (--address ADDR or --session pick another bus)",
+                file=err,
+            )
+        return e.status
+    except KeyboardInterrupt:
+        print("vfioctl: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `vfioctl list | head -1`: the reader went away; that is not an error of ours.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as e:  # never a traceback
+        print(f"vfioctl: Failed: unexpected {type(e).__name__}: {e}", file=err)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

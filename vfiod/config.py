@@ -1,0 +1,144 @@
+"""vfiod's configuration file, `/etc/vfiod/vfiod.toml` by default, validated with pydantic.
+
+Owns the file's schema and turning any problem with it into one line that names the file, the key and
+what is wrong (`ConfigError`). The file is optional: without it every setting has its default. Example:
+
+    # Units held stopped while a GPU of that PCI vendor is bound or unbound (default: NVIDIA's
+    # nvidia-persistenced). An empty list holds nothing for that vendor.
+    [persistence_units]
+    "10de" = ["nvidia-persistenced.service"]
+
+    # How long one sysfs write may take, in seconds: `default`, and per driver (slow GPU drivers get
+    # at least 30-60 s built in; a value here can only raise a driver's deadline above `default`).
+    [deadlines]
+    default = 10
+    [deadlines.drivers]
+    nvidia = 90
+
+    # Devices anyone with the `register` authorization may register even though they are not display
+    # controllers: PCI addresses or vendor:device ids.
+    register_allow = ["0000:41:00.0", "15b3:101d"]
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Final
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from vfiod.core.persistence import DEFAULT_UNITS
+from vfiod.host.host import SLOW_DRIVERS, DeadlinePolicy
+from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+
+DEFAULT_PATH: Final = Path("/etc/vfiod/vfiod.toml")
+
+_VENDOR_RE: Final = re.compile(r"[0-9a-f]{4}")
+_IDS_RE: Final = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")
+_UNIT_RE: Final = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|scope|target|socket|mount)")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+def _vendor(value: str) -> str:
+    v = value.lower().removeprefix("0x")
+    if not _VENDOR_RE.fullmatch(v):
+        raise ValueError(f"{value!r} is not a PCI vendor id (4 hex digits, e.g. 10de)")
+    return v
+
+
+def _unit(value: str) -> str:
+    if not _UNIT_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a systemd unit name (e.g. nvidia-persistenced.service)")
+    return value
+
+
+def _driver(value: str) -> str:
+    try:
+        return str(DriverName.parse(value))
+    except InvalidDriverName as e:
+        raise ValueError(f"{value!r} is not a kernel driver name") from e
+
+
+def _allow_entry(value: str) -> str:
+    v = value.strip().lower()
+    if _IDS_RE.fullmatch(v):
+        return v
+    try:
+        return str(PciAddress.parse(v))
+    except InvalidPciAddressText as e:
+        raise ValueError(
+            f"{value!r} is neither a PCI address (dddd:bb:ss.f) nor vendor:device ids (10de:27b8)"
+        ) from e
+
+
+Vendor = Annotated[str, AfterValidator(_vendor)]
+Unit = Annotated[str, AfterValidator(_unit)]
+Driver = Annotated[str, AfterValidator(_driver)]
+AllowEntry = Annotated[str, AfterValidator(_allow_entry)]
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class Deadlines(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Seconds = 10.0
+    drivers: dict[Driver, Seconds] = Field(default_factory=dict)
+
+    def policy(self) -> DeadlinePolicy:
+        return DeadlinePolicy(default=self.default, per_driver={**SLOW_DRIVERS, **self.drivers})
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    persistence_units: dict[Vendor, list[Unit]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_UNITS.items()}
+    )
+    deadlines: Deadlines = Field(default_factory=Deadlines)
+    register_allow: list[AllowEntry] = Field(default_factory=list)
+
+
+def load(path: Path | None) -> Config:
+    """The configuration in `path` (None: the default file, which may be missing). ConfigError if the file
+    is unreadable, not TOML, or not a valid configuration."""
+    explicit = path is not None
+    target = path if path is not None else DEFAULT_PATH
+    try:
+        text = target.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{target}: no such file") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{target}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{target}: not valid TOML: {e}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{target}: {_first_problem(e)}") from None
+
+
+def _first_problem(e: ValidationError) -> str:
+    problems = e.errors(include_url=False)
+    if not problems:
+        return "not a valid configuration"
+    first = problems[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+    msg = str(first.get("msg", "invalid"))
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown setting"
+    msg = msg.removeprefix("Value error, ")
+    more = (
+        f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+        if len(problems) > 1
+        else ""
+    )
+    return f"{where}: {msg}{more}"

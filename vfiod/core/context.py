@@ -1,0 +1,40 @@
+"""Who is calling and what a multi-step call reports: the request context every manager method takes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling. `check_admin(details)` asks polkit for org.hypeman.devices.admin; uid 0 always is."""
+
+    uid: int
+    pid: int | None = None
+    check_admin: Callable[[Mapping[str, str]], bool] | None = None
+
+    def is_admin(self, details: Mapping[str, str] | None = None) -> bool:
+        if self.uid == 0:
+            return True
+        return bool(self.check_admin is not None and self.check_admin(dict(details or {})))
+
+
+ROOT = Caller(uid=0)
+
+
+@dataclass
+class Report:
+    counters: dict[str, int] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def to_record(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.counters)
+        out["findings"] = list(self.findings)
+        return out
+
+
+__all__ = ["ROOT", "Caller", "Report"]

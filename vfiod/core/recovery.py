@@ -1,0 +1,171 @@
+"""What the daemon does at start so that the registry and the kernel agree again.
+
+1. A new boot (the boot id differs from the last one seen): intents and persistence holds of the earlier
+   boot are dropped (the kernel state they described is gone); attachments stay as reservations.
+2. Open intents of this boot (vfiod died mid-operation): every function an unfinished operation touched is
+   put back on its native driver (an Attach or Bind is rolled back; a Detach, Unbind or Recover is
+   completed), grants it made are revoked, a finished Detach's attachments are removed. A function whose
+   group node is held is left alone and marked `stuck`.
+3. Persistence units a dead vfiod left stopped are started again.
+4. Every registered device is re-read: gone → `missing`; back with the same identity → its real state; a
+   different card at its address → reported and never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from vfiod.core import access, guard
+from vfiod.core.binder import NativeDriver
+from vfiod.core.context import Report
+from vfiod.core.errors import VfiodError
+from vfiod.core.journal import parse_grant_step
+from vfiod.core.registry import DeviceRow, IntentRow
+from vfiod.host.backend import NodeOwner
+from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+
+if TYPE_CHECKING:
+    from vfiod.core.manager import Manager
+
+log = logging.getLogger("vfiod.recovery")
+
+OPERATION_KINDS = frozenset({"attach", "bind", "detach", "unbind", "unregister", "recover"})
+COMPLETING_KINDS = frozenset({"detach", "unbind", "unregister", "recover"})
+
+
+def _driver(text: str) -> DriverName | None:
+    try:
+        return DriverName.parse(text) if text else None
+    except InvalidDriverName:
+        return None
+
+
+def startup(m: Manager, report: Report) -> None:
+    last = m.registry.get_meta("boot_id")
+    if last != m.boot_id:
+        dropped = m.registry.drop_intents_of_other_boots(m.boot_id)
+        units = m.hold.drop_other_boots()
+        report.count("earlier_boot_intents_dropped", len(dropped))
+        if last is not None:
+            report.findings.append(
+                f"new boot since the last run: {len(dropped)} unfinished step(s) of the earlier boot "
+                f"dropped{', holds on ' + ', '.join(units) + ' forgotten' if units else ''}; attachments "
+                "of the earlier boot stay as reservations until their owner attaches again"
+            )
+        m.registry.set_meta("boot_id", m.boot_id)
+    _finish_open_operations(m, report)
+    for unit in m.hold.recover():
+        report.count("units_restarted")
+        report.findings.append(f"started {unit} again (a previous run left it stopped)")
+    refresh_all(m, report)
+
+
+def _finish_open_operations(m: Manager, report: Report) -> None:
+    by_op: dict[str, list[IntentRow]] = defaultdict(list)
+    for intent in m.registry.open_intents(m.boot_id):
+        by_op[intent.operation].append(intent)
+    for op_id, intents in sorted(by_op.items()):
+        functions = [i for i in intents if i.action in OPERATION_KINDS]
+        kind = functions[0].action if functions else ""
+        grants = [i for i in intents if i.action == "grant"]
+        report.count("operations_recovered")
+        stuck: list[str] = []
+        for grant in grants:
+            prev = parse_grant_step(grant.step)
+            if prev is None:
+                continue
+            live = [
+                a
+                for a in m.registry.attachments_in_group(grant.iommu_group)
+                if a.boot_id == m.boot_id and kind not in COMPLETING_KINDS
+            ]
+            if not live:
+                try:
+                    access.revoke(m.host, grant.iommu_group, NodeOwner(*prev))
+                except VfiodError as e:
+                    report.findings.append(f"could not give /dev/vfio/{grant.iommu_group} back: {e.message}")
+        binder = m.binder()
+        for fn in sorted(functions, key=lambda i: i.pci_address, reverse=True):
+            try:
+                addr = PciAddress.parse(fn.pci_address)
+            except InvalidPciAddressText:
+                continue
+            if not m.host.device_exists(addr):
+                continue
+            native = NativeDriver(_driver(fn.from_driver), _driver(fn.step))
+            try:
+                binder.restore(addr, native)
+                done = "completed" if kind in COMPLETING_KINDS else "rolled back"
+                report.findings.append(
+                    f"{addr}: an interrupted {kind} was {done}; it is on {m.host.driver(addr) or 'no driver'}"
+                )
+            except VfiodError as e:
+                stuck.append(str(addr))
+                report.count("stuck")
+                report.findings.append(f"{addr}: could not finish an interrupted {kind}: {e.message}")
+        with m.registry.transaction():
+            for fn in functions:
+                row = m.registry.get_device(fn.device_id) if fn.device_id else None
+                if row is None and fn.pci_address:
+                    row = m.registry.by_pci_address(fn.pci_address)
+                if row is None:
+                    continue
+                if kind in COMPLETING_KINDS and str(row.pci_address) not in stuck:
+                    m.registry.remove_attachment(row.id)
+                if str(row.pci_address) in stuck:
+                    m.registry.update_device(row.id, state="stuck")
+            for intent in intents:
+                if intent.pci_address not in stuck:
+                    m.registry.clear_intent(intent.id)
+        log.info("recovered interrupted operation %s (%s)", op_id, kind, extra={"ACTION": "recover-journal"})
+
+
+def refresh_all(m: Manager, report: Report) -> None:
+    for row in m.registry.list_devices():
+        refresh_one(m, row, report)
+
+
+def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> None:
+    addr = row.pci_address
+    if not m.host.device_exists(addr):
+        if row.state != "missing":
+            m.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+            if report is not None:
+                report.count("missing")
+                report.findings.append(f"{row.name} ({addr}) is gone from the bus")
+        return
+    live = guard.read_identity(m.host, addr)
+    expected = guard.Identity(
+        row.vendor_id, row.device_id, row.subsystem_vendor_id, row.subsystem_device_id, row.class_code
+    )
+    if live != expected:
+        if row.state != "missing":
+            m.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+        if report is not None:
+            report.count("replaced")
+            found = live.describe() if live else "an unreadable device"
+            report.findings.append(
+                f"{row.name}: the card at {addr} is now {found}, not the registered {expected.describe()}; "
+                "vfiod will not touch it"
+            )
+        return
+    if row.state == "stuck" and not _clean(m, row):
+        return
+    m.registry.update_device(row.id, **m.settled_state(row, False))
+
+
+def _clean(m: Manager, row: DeviceRow) -> bool:
+    """A stuck device the kernel has since settled: on its native driver (or vfio) with no stray
+    override."""
+    addr = row.pci_address
+    drv = m.host.driver(addr)
+    override = m.host.driver_override(addr)
+    if drv is not None and drv == row.native_driver and override in (None, drv):
+        return True
+    return guard.is_vfio_bound(m.host, addr) and m.registry.attachment_of_device(row.id) is not None
+
+
+def _previous(state: str) -> str:
+    return "host" if state in ("binding", "releasing", "missing") else state
