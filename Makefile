@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := dbus polkitd pkexec pci.ids pkg-config gcc libsystemd-dev libdbus-1-dev libglib2.0-dev \
 	systemd util-linux procps python3-systemd \
-	dpkg-dev debhelper lintian \
+	dpkg-dev debhelper lintian libglib2.0-bin man-db \
 	qemu-system-x86 busybox-static kmod mmdebstrap e2fsprogs
 
-.PHONY: deps venv test lint typecheck unit test-e2e demo check deb clean
+.PHONY: deps venv test lint typecheck unit test-e2e demo check deb bench clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -31,8 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint:
-	$(VENV)/bin/ruff check vfiod tests bench
-	$(VENV)/bin/ruff format --check vfiod tests bench
+	$(VENV)/bin/ruff check vfiod tests bench packaging/stage.py
+	$(VENV)/bin/ruff format --check vfiod tests bench packaging/stage.py
 
 typecheck:
 	$(VENV)/bin/mypy
@@ -55,5 +55,8 @@ demo: venv
 deb:
 	bash packaging/build-deb.sh
 
+bench:
+	$(PY) bench/bench_core.py
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build _build dist *.egg-info

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,10 @@ def systemd(bus: PrivateBus, threads: dict[str, LoopThread], tmp_path: Path) -> 
         return conn, client
 
     conn, client = lt.run(connect())
-    yield Setup(lt, standin, client, kernel, root, conn)
+    setup = Setup(lt, standin, client, kernel, root, conn)
+    yield setup
     conn.disconnect()
-    lt.run(standin.stop())
+    lt.run(setup.standin.stop())
 
 
 def test_stop_and_start_wait_for_their_jobs(systemd: Setup) -> None:
@@ -184,3 +186,22 @@ def test_only_systemds_own_job_signals_count(systemd: Setup) -> None:
     )
     systemd.client._on_message(fake)
     assert f"{SYSTEMD_PATH}/job/7" not in systemd.client._finished
+
+
+def test_a_reexecuted_systemd_is_followed(systemd: Setup, bus: PrivateBus) -> None:
+    # `systemctl daemon-reexec` (every systemd upgrade): systemd comes back on the bus under a new unique
+    # name. Its JobRemoved must count again, and the client subscribes again.
+    c = systemd.client
+    c.stop(UNIT)
+    old = systemd.standin
+    systemd.lt.run(old.stop())
+    new = systemd.lt.run(SystemdStandin.start(bus.address, sim_root=systemd.root))
+    systemd.standin = new  # the fixture stops this one
+    assert new.bus.unique_name != old.bus.unique_name
+    deadline = time.monotonic() + 5
+    while ("Subscribe", "") not in new.calls:
+        assert time.monotonic() < deadline, "the client did not subscribe to the new systemd"
+        time.sleep(0.01)
+    c.start(UNIT)
+    assert processes.unit_active(systemd.root, UNIT)
+    assert ("StartUnit", UNIT) in new.calls

@@ -34,7 +34,7 @@ from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
 from vfiod.core.system import SimulatedModules, SimulatedUnits
 from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
-from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import SimulatedKernel, build, faults, processes
 
 L4 = PciAddress.parse("0000:a2:00.0")
@@ -475,3 +475,23 @@ def test_import_hypeman(env: MakeEnv, tmp_path: Path) -> None:
     dev = m.get_device("tz4a98xxat96iws9zmbrgj3a")
     assert dev.name == "l4-gpu" and dev.created_at == "2026-01-12T09:00:00Z"
     assert dev.attached_to == "inst-1"  # a reservation for the importing uid
+
+
+def test_refresh_after_another_tool_binds_the_device(env: MakeEnv) -> None:
+    e = env()
+    m = e.manager
+    m.register(HM, str(L4), "l4-gpu")
+    m.register(HM, str(L4_AUDIO), "l4-audio")
+    changed: list[str] = []
+    m.add_change_listener(changed.append)
+    # another tool (driverctl, a script) moves the audio function to vfio-pci behind vfiod's back
+    e.host.set_driver_override(L4_AUDIO, DriverName.parse("vfio-pci"))
+    e.host.unbind(L4_AUDIO, DriverName.parse("snd_hda_intel"))
+    e.host.probe(L4_AUDIO)
+    m.refresh_device(str(L4_AUDIO))
+    dev = m.get_device("l4-audio")
+    assert dev.state == "vfio" and dev.bound_to_vfio and dev.id in changed
+    # it is not vfiod's to put back: it was not bound by vfiod
+    m.attach(HM, "vm1", ["l4-gpu", "l4-audio"])
+    m.detach(HM, "vm1")
+    assert drivers(e, L4, L4_AUDIO) == ["nvidia", "vfio-pci"]

@@ -22,16 +22,7 @@ PREPARE = "exec bash /out/guest/systemd-prepare.sh"
 
 # vfiod bugs this suite found and reported, not fixed yet: a failure whose report contains the text is an
 # xfail naming the bug (any other failure fails). Remove an entry once its bug is fixed.
-KNOWN_PRODUCT_BUGS: dict[str, str] = {
-    "systemd did not finish the job for fake-persistenced.service": (
-        "vfiod's systemd client misses JobRemoved on the real system bus: the journal shows the stop job "
-        "done within 20 ms, vfiod waits its whole 90 s deadline and Attach fails"
-    ),
-    "vfiod's sysfs write": (
-        "vfiod/bus/logs.py passes CODE_LINE=str(lineno) to systemd.journal.send, which formats it with "
-        "{:d}: every journal record fails ('--- Logging error ---'), so the journal has no ACTION=sysfs-write"
-    ),
-}
+KNOWN_PRODUCT_BUGS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

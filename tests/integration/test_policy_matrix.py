@@ -272,9 +272,12 @@ def test_hypeman_member_may_not_use_admin_powers(stack: Stack) -> None:
             ("Bind", (gv_str("l4"), gv_opts())),
             ("Unbind", (gv_str("l4"), gv_opts())),
             ("Recover", (gv_str(""), gv_opts(dry_run=True))),
+            ("Reconcile", (gv_strv([]), gv_opts(dry_run=True, all_users=True))),
         ]
         for method, args in attempts:
             refused(stack.call(HMTEST, method, *args), NOT_AUTHORIZED, f"hmtest {method} {args}")
+        # Its own attachments it may reconcile (attach action).
+        ok(stack.call(HMTEST, "Reconcile", gv_strv([]), gv_opts(dry_run=True)), "hmtest Reconcile own")
         d = device(stack, "l4")
         assert d["state"] == "host" and d["driver"] == "nvidia", d
     finally:
@@ -336,7 +339,10 @@ def test_root_may_do_everything(stack: Stack) -> None:
         )
         d = device(stack, "l4")
         assert (d["state"], d["owner_uid"]) == ("attached", HMTEST.uid), d
-        ok(stack.call(ROOT, "Reconcile", gv_strv(["vm-for-hm"]), gv_opts(dry_run=True)), "Reconcile")
+        ok(
+            stack.call(ROOT, "Reconcile", gv_strv(["vm-for-hm"]), gv_opts(dry_run=True, all_users=True)),
+            "Reconcile all_users",
+        )
         ok(stack.call(ROOT, "Recover", gv_str(""), gv_opts(dry_run=True)), "Recover")
         ok(stack.call(HMTEST, "Detach", gv_str("vm-for-hm"), gv_strv([]), gv_opts()), "owner detaches")
         assert device(stack, "l4")["state"] == "host"

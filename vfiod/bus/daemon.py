@@ -149,6 +149,7 @@ class Daemon:
         self.service: Service | None = None
         self.authz: Authorizer | None = None
         self.uevents: UeventSource | None = None
+        self.systemd: SystemdClient | None = None
         self.sim_root: Path | None = None
         self._tmp: Path | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -287,7 +288,10 @@ class Daemon:
     ) -> tuple[UnitController, ModuleLoader]:
         assert self.host is not None
         if await calls.name_has_owner(SYSTEMD_NAME):
-            client = SystemdClient(calls, self.host, loop)
+            # Its own connection: the bus policy keeps systemd's JobRemoved from the one that will own
+            # BUS_NAME (vfiod.bus.systemd says why).
+            client = SystemdClient(Caller(await self._connect()), self.host, loop)
+            self.systemd = client
             await client.subscribe()
             log.info("units and kernel modules through systemd on the bus")
             return client, client
@@ -335,11 +339,12 @@ class Daemon:
             return False
         self.config = new
         if self.manager is not None:
-            self.manager.config = ManagerConfig(
-                units_by_vendor={k: list(v) for k, v in new.persistence_units.items()},
-                register_allow=list(new.register_allow),
+            self.manager.reconfigure(
+                ManagerConfig(
+                    units_by_vendor={k: list(v) for k, v in new.persistence_units.items()},
+                    register_allow=list(new.register_allow),
+                )
             )
-            self.manager.hold.units_by_vendor = {k: list(v) for k, v in new.persistence_units.items()}
             self.manager.host.deadlines = new.deadlines.policy()
         log.info(
             "configuration reloaded from %s",
@@ -367,6 +372,8 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.bus.release_name(BUS_NAME), 5.0)
             self.bus.disconnect()
+        if self.systemd is not None:
+            self.systemd.close()
         if self.service is not None:
             self.service.close()
         if self.registry is not None and not self.unfinished:
@@ -389,7 +396,7 @@ class Daemon:
             raise
         bus = self.bus
         assert bus is not None
-        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        disconnected = asyncio.ensure_future(self._wait_disconnect(bus))
         stop_wait = asyncio.ensure_future(stopping.wait())
         done, _ = await asyncio.wait({disconnected, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if disconnected in done and not stopping.is_set():
@@ -401,11 +408,23 @@ class Daemon:
         await self.stop()
         return EXIT_OK
 
+    async def _wait_disconnect(self, bus: MessageBus) -> None:
+        """Until the bus connection, or the systemd client's own one, is lost."""
+        buses = [bus] if self.systemd is None else [bus, self.systemd.bus]
+        lost = [asyncio.ensure_future(b.wait_for_disconnect()) for b in buses]  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.wait(lost, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in lost:
+                f.cancel()
+
     async def _abandon(self) -> None:
         if self.uevents is not None:
             self.uevents.stop()
         if self.bus is not None and self.bus.connected:
             self.bus.disconnect()
+        if self.systemd is not None:
+            self.systemd.close()
         if self.service is not None:
             self.service.close()
         if self.registry is not None:

@@ -852,6 +852,9 @@ class Service:
                 log.debug(
                     "uevent %s for %s", ev.action, ev.pci_address, extra={"PCI_ADDRESS": ev.pci_address}
                 )
+                # A bind by another tool changes the stored state too; the manager re-reads it off the
+                # loop (it takes the group lock) and its change listener then refreshes the object.
+                self._reads.submit(self.manager.refresh_device, ev.pci_address)
                 self.schedule(device_id)
 
     def schedule(self, device_id: str) -> None:

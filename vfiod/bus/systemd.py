@@ -8,6 +8,16 @@ systemd is buffered by job path for a while and a waiter looks there first. Kern
 starting `modprobe@<module>.service` and then checking /sys/module, because that unit succeeds even when
 modprobe fails.
 
+The client needs a bus connection of its own, one that owns no well-known name: dbus-daemon applies a
+`send_destination="X"` policy rule to a broadcast signal when the receiving connection owns X, and vfiod's
+policy (dbus/org.hypeman.Devices1.conf) denies `send_destination="org.hypeman.Devices1"` for every
+interface but its own. On the connection that owns org.hypeman.Devices1, systemd's `JobRemoved` is
+silently not delivered and every job would wait out its deadline. `Daemon` opens that connection.
+
+systemd gets a new unique name when it re-executes (`daemon-reexec`, every systemd upgrade): the client
+follows `NameOwnerChanged` of org.freedesktop.systemd1, so only the current owner's signals count, and
+subscribes again.
+
 When systemd is not on the bus (containers, the test guest), `UnitsLeftAlone` leaves units alone (saying so
 once) and `vfiod.core.system.LoadedModulesOnly` only checks modules.
 
@@ -27,9 +37,17 @@ from collections.abc import Coroutine
 from typing import Any, Final, TypeVar
 
 from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
 from vfiod.bus.calls import BusCallError, Caller
-from vfiod.bus.names import SYSTEMD_MANAGER_IFACE, SYSTEMD_NAME, SYSTEMD_PATH, SYSTEMD_UNIT_IFACE
+from vfiod.bus.names import (
+    DBUS_IFACE,
+    DBUS_NAME,
+    SYSTEMD_MANAGER_IFACE,
+    SYSTEMD_NAME,
+    SYSTEMD_PATH,
+    SYSTEMD_UNIT_IFACE,
+)
 from vfiod.core.errors import Failed, Timeout, VFIONotAvailable
 from vfiod.core.system import modprobe_hint
 from vfiod.host.host import Host
@@ -49,7 +67,7 @@ _BUFFER_AGE: Final = 120.0
 
 
 class SystemdClient:
-    """UnitController + ModuleLoader over org.freedesktop.systemd1."""
+    """UnitController + ModuleLoader over org.freedesktop.systemd1, on a connection that owns no name."""
 
     def __init__(
         self,
@@ -68,24 +86,43 @@ class SystemdClient:
         self._owner: str | None = None
         self._finished: OrderedDict[str, tuple[str, float]] = OrderedDict()  # job path -> (result, when)
         self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._resubscribe: asyncio.Task[None] | None = None
 
     async def subscribe(self) -> None:
         """Subscribe to job signals. Call once on the loop before anything waits for a job."""
         self._calls.bus.add_message_handler(self._on_message)
+        await self._calls.add_match(
+            f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_IFACE}',member='NameOwnerChanged',"
+            f"arg0='{SYSTEMD_NAME}'"
+        )
         await self._calls.add_match(
             f"type='signal',sender='{SYSTEMD_NAME}',interface='{SYSTEMD_MANAGER_IFACE}',member='JobRemoved'"
         )
         self._owner = await self._calls.name_owner(SYSTEMD_NAME)
         await self._manager("Subscribe")
 
+    @property
+    def bus(self) -> MessageBus:
+        return self._calls.bus
+
+    def close(self) -> None:
+        """Disconnect the client's own bus connection (on the loop, when vfiod stops)."""
+        if self._resubscribe is not None:
+            self._resubscribe.cancel()
+        bus = self._calls.bus
+        bus.remove_message_handler(self._on_message)
+        if bus.connected:
+            bus.disconnect()
+
     # ----- signals ------------------------------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
-        if (
-            msg.message_type is not MessageType.SIGNAL
-            or msg.member != "JobRemoved"
-            or msg.interface != SYSTEMD_MANAGER_IFACE
-        ):
+        if msg.message_type is not MessageType.SIGNAL:
+            return
+        if msg.member == "NameOwnerChanged" and msg.interface == DBUS_IFACE and msg.sender == DBUS_NAME:
+            self._owner_changed(msg)
+            return
+        if msg.member != "JobRemoved" or msg.interface != SYSTEMD_MANAGER_IFACE:
             return
         if msg.sender != self._owner or msg.signature != "uoss":
             return  # anyone can broadcast a signal; only systemd's own count
@@ -101,6 +138,29 @@ class SystemdClient:
             len(self._finished) > _BUFFER or next(iter(self._finished.values()))[1] < now - _BUFFER_AGE
         ):
             self._finished.popitem(last=False)
+
+    def _owner_changed(self, msg: Message) -> None:
+        if msg.signature != "sss" or msg.body[0] != SYSTEMD_NAME:
+            return
+        new = str(msg.body[2])
+        if new == self._owner:
+            return
+        self._owner = new or None
+        if not new:
+            log.warning("systemd left the bus; waiting for it to come back", extra={"ACTION": "systemd"})
+            return
+        log.info("systemd is back on the bus as %s: subscribing again", new, extra={"ACTION": "systemd"})
+        if self._resubscribe is not None:
+            self._resubscribe.cancel()
+        self._resubscribe = self._loop.create_task(self._subscribe_again())
+
+    async def _subscribe_again(self) -> None:
+        try:
+            await self._manager("Subscribe")
+        except BusCallError as e:
+            # A re-executed systemd keeps its subscribers (AlreadySubscribed): nothing is lost then.
+            if not e.name.endswith("AlreadySubscribed"):
+                log.warning("could not subscribe to systemd again: %s", e, extra={"ACTION": "systemd"})
 
     async def _wait_job(self, job: str, unit: str, deadline: float) -> str:
         done = self._finished.pop(job, None)

@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfiod.core.errors import DeviceNotFound, InvalidPCIAddress
+from vfiod.core.guard import DMA_NEUTRAL_DRIVERS
 from vfiod.core.hostcritical import host_critical as scan_host_critical
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.validation import InvalidPciAddressInput
 from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
-
-# Drivers that leave DMA ownership to the user (driver_managed_dma): a group member on one of them does
-# not stop the group from being viable. vfio variant drivers are recognised by their vfio-dev/ directory.
-DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 
 DISPLAY_BASE_CLASS = "03"
 # 0600 host .. 0609 semi-transparent PCI-to-PCI; 0680 ("other bridge", e.g. NVSwitch) is an endpoint.

@@ -908,6 +908,31 @@ class Manager:
         self._require_admin(caller, "ImportHypeman")
         return hypeman_import.import_devices(self, caller, data_dir)
 
+    def refresh_device(self, pci_address: str) -> None:
+        """Re-read one registered device's state from the kernel (a uevent: another tool may have bound or
+        unbound it). Devices in the middle of a vfiod operation are left to that operation."""
+        try:
+            addr = PciAddress.parse(pci_address)
+        except ValueError:
+            return
+        row = self.registry.by_pci_address(addr)
+        if row is None:
+            return
+        with self.locks.hold([self._group(row)]):
+            fresh = self.registry.get_device(row.id)
+            if fresh is None or fresh.state in ("binding", "releasing"):
+                return
+            before = fresh.state
+            recovery.refresh_one(self, fresh)
+            after = self.registry.get_device(row.id)
+        if after is not None and after.state != before:
+            self._changed([row.id])
+
+    def reconfigure(self, config: ManagerConfig) -> None:
+        """SIGHUP: new persistence units and register allow-list for the calls that start from now on."""
+        self.config = config
+        self.hold.units_by_vendor = dict(config.units_by_vendor)
+
     def _keep_hold_for_stuck(self, stuck: Iterable[str], rows: Mapping[PciAddress, DeviceRow]) -> None:
         """A write still pending in the kernel is a bind/unbind in progress: the persistence units stay
         stopped until it returns (restarting nvidia-persistenced now would hold the GPU it unbinds)."""
