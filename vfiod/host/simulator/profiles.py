@@ -381,8 +381,8 @@ class Profile:
     vfio_cdev: bool = False  # CONFIG_VFIO_DEVICE_CDEV (6.6+): /dev/vfio/devices/vfioN
     iommufd: bool = False  # CONFIG_IOMMUFD: /dev/iommu
     # The real nvidia driver's nv_pci_remove waits (an os_delay loop) while any process has /dev/nvidiaN
-    # open, so unbinding a GPU that nvidia-persistenced still holds hangs until the daemon stops. Off by
-    # default (an unbind simply detaches); turn it on to check that callers stop the persistence unit first.
+    # open, so unbinding a GPU that nvidia-persistenced still holds hangs until the daemon stops. On by
+    # default, as on a real host: callers (vfiod's persistence hold, tests) must stop the unit first.
     nvidia_remove_waits_for_users: bool = True
     # /sys/class/vtconsole/vtconN/name in N order: one fbcon and one dummycon entry (see FBCON)
     vtconsoles: tuple[str, ...] = VTCONSOLES_DUMMY_AT_BOOT
