@@ -46,8 +46,22 @@ StandardError=journal+console
 WantedBy=multi-user.target
 UNIT
 
+# The minbase root has no udev, which on a real host applies the kernel's DEVMODE 0666 to /dev/vfio/vfio
+# after systemd-tmpfiles-setup-dev created the kmod static node 0600; stand in for it.
+cat > /etc/systemd/system/e2e-vfio-node.service <<'UNIT'
+[Unit]
+After=systemd-tmpfiles-setup-dev.service modprobe@vfio_pci.service
+Before=vfiod.service vfiod-e2e.service
+[Service]
+Type=oneshot
+ExecStart=/bin/chmod 0666 /dev/vfio/vfio
+[Install]
+WantedBy=multi-user.target
+UNIT
+
 wants=/etc/systemd/system/multi-user.target.wants
 mkdir -p "$wants"
+ln -sf /etc/systemd/system/e2e-vfio-node.service "$wants/"
 ln -sf /etc/systemd/system/fake-persistenced.service "$wants/"
 ln -sf /etc/systemd/system/vfiod-e2e.service "$wants/"
 # Nothing logs in on the consoles and no timers run during the test.
