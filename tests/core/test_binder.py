@@ -163,6 +163,10 @@ def test_bridges_are_never_rebound(sim: SimFactory) -> None:
     sh = sim("workstation-l4", idle=True)
     with pytest.raises(InvalidArgument, match="bridge"):
         plan_groups(sh.host, [PciAddress.parse("0000:00:01.0")], include_group=True)
+    # a host bridge is a header-type-0 function, but the chipset is never handed to a VM either
+    with pytest.raises(InvalidArgument, match="bridge"):
+        plan_groups(sh.host, [PciAddress.parse("0000:00:00.0")], include_group=False)
+    assert sh.writes == []
 
 
 def test_group_with_bridge_and_driverless_member(sim: SimFactory) -> None:

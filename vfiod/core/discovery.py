@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfiod.core.errors import DeviceNotFound, InvalidPCIAddress
-from vfiod.core.guard import DMA_NEUTRAL_DRIVERS
+from vfiod.core.guard import BRIDGE_CLASSES, DMA_NEUTRAL_DRIVERS
 from vfiod.core.hostcritical import host_critical as scan_host_critical
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.validation import InvalidPciAddressInput
@@ -32,8 +32,6 @@ from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 
 DISPLAY_BASE_CLASS = "03"
-# 0600 host .. 0609 semi-transparent PCI-to-PCI; 0680 ("other bridge", e.g. NVSwitch) is an endpoint.
-_BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
 _HEADER_TYPE_OFFSET = 0x0E
 
 NO_IOMMU_BLOCKER = (
@@ -196,7 +194,7 @@ class _Snapshot:
         listing.
         """
         code = self.class_code(addr)
-        if code[:4] in _BRIDGE_CLASSES:
+        if code[:4] in BRIDGE_CLASSES:
             return True
         if code and code[:2] != "06":
             return False

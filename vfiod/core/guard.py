@@ -26,6 +26,9 @@ from vfiod.host.pciaddr import PciAddress
 # these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
 DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 VFIO_DRIVERS = frozenset({"vfio-pci"})
+# Bridge classes 0600 (host) .. 0609 (semi-transparent PCI-to-PCI): never passed through. 0680 ("other
+# bridge", e.g. NVSwitch) is an endpoint. Discovery reports the same devices as "a PCI bridge".
+BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,13 @@ def is_bridge(host: Host, addr: PciAddress) -> bool:
         pass
     cls = host.hex_attr(addr, "class") or ""
     return cls[:4] in ("0604", "0607", "0609")
+
+
+def never_passed_through(host: Host, addr: PciAddress) -> bool:
+    """A bridge by header type or by class (a host or ISA bridge is a header-type-0 function, but no VM
+    gets the chipset)."""
+    cls = host.hex_attr(addr, "class") or ""
+    return is_bridge(host, addr) or cls.rjust(6, "0")[:4] in BRIDGE_CLASSES
 
 
 def is_vfio_bound(host: Host, addr: PciAddress) -> bool:
@@ -147,7 +157,7 @@ def plan_groups(
     for addr in sorted(requested):
         if not host.device_exists(addr):
             raise Failed(f"{addr} is not on the bus")
-        if is_bridge(host, addr):
+        if never_passed_through(host, addr):
             raise InvalidArgument(f"{addr} is a PCI bridge; bridges are never passed through")
         wanted[addr] = "requested"
     for addr in list(wanted):
