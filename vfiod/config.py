@@ -18,6 +18,12 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     # Devices anyone with the `register` authorization may register even though they are not display
     # controllers: PCI addresses or vendor:device ids.
     register_allow = ["0000:41:00.0", "15b3:101d"]
+
+    # What one D-Bus connection may cost vfiod at a time: calls being handled, and bytes of replies
+    # marshalled but not yet taken by the bus socket. A call beyond either gets Error.Busy at once.
+    [per_caller]
+    max_calls_in_flight = 32
+    max_queued_reply_bytes = 16777216
 """
 
 from __future__ import annotations
@@ -93,6 +99,18 @@ class Deadlines(BaseModel):
         return DeadlinePolicy(default=self.default, per_driver={**SLOW_DRIVERS, **self.drivers})
 
 
+class PerCaller(BaseModel):
+    """Per-connection caps. dbus-daemon's own system-bus default lets a connection have 128 calls awaiting
+    replies (max_replies_per_connection); the default here sits well below that, so one caller can never
+    occupy every worker, and a caller that does not read its replies cannot make vfiod hold more than a
+    bounded backlog for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_calls_in_flight: int = Field(default=32, ge=1, le=4096)
+    max_queued_reply_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,6 +119,7 @@ class Config(BaseModel):
     )
     deadlines: Deadlines = Field(default_factory=Deadlines)
     register_allow: list[AllowEntry] = Field(default_factory=list)
+    per_caller: PerCaller = Field(default_factory=PerCaller)
 
 
 def load(path: Path | None) -> Config:

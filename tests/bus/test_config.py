@@ -22,6 +22,10 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert cfg == Config()
     assert cfg.persistence_units == {"10de": ["nvidia-persistenced.service"]}
     assert cfg.deadlines.policy().for_driver("nvidia") == 60.0
+    assert (cfg.per_caller.max_calls_in_flight, cfg.per_caller.max_queued_reply_bytes) == (
+        32,
+        16 * 1024 * 1024,
+    )
     with pytest.raises(ConfigError, match="no such file"):
         load(tmp_path / "absent.toml")
 
@@ -40,6 +44,9 @@ default = 20
 [deadlines.drivers]
 nvidia = 90
 mlx5_core = 5
+[per_caller]
+max_calls_in_flight = 8
+max_queued_reply_bytes = 1048576
 """,
         )
     )
@@ -52,6 +59,7 @@ mlx5_core = 5
     assert policy.default == 20 and policy.for_driver("nvidia") == 90
     assert policy.for_driver("mlx5_core") == 20  # never below the default
     assert policy.for_driver("i915") == 30  # the built-in slow drivers stay
+    assert (cfg.per_caller.max_calls_in_flight, cfg.per_caller.max_queued_reply_bytes) == (8, 1048576)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +73,8 @@ mlx5_core = 5
         ("colour = 'blue'", "colour: unknown setting"),
         ("[deadlines]\ndefault = 'soon'", "deadlines.default: Input should be a valid number"),
         ("register_allow = [", "not valid TOML"),
+        ("[per_caller]\nmax_calls_in_flight = 0", "per_caller.max_calls_in_flight: Input should be greater"),
+        ("[per_caller]\nmax_queued_reply_bytes = 100", "per_caller.max_queued_reply_bytes: Input should be"),
         ("register_allow = [1, 2]", "register_allow.0: Input should be a valid string (and 1 more problem)"),
     ],
 )

@@ -200,7 +200,36 @@ def test_sighup_reload_takes_effect(
 
     conf.write_text("register_allow = ['nonsense']\n", encoding="utf-8")
     assert not vfiod.lt.run(reload())
-    conf.write_text(f"register_allow = ['{usb}']\n[deadlines]\ndefault = 7\n", encoding="utf-8")
+    conf.write_text(
+        f"register_allow = ['{usb}']\n[deadlines]\ndefault = 7\n[per_caller]\nmax_calls_in_flight = 5\n",
+        encoding="utf-8",
+    )
     assert vfiod.lt.run(reload())
+    assert vfiod.service.max_calls_per_caller == 5
     ok(clients.alice.m("RegisterDevice", "ssa{sv}", usb, "usb", {}))
     assert vfiod.manager.host.deadlines.default == 7
+
+
+def test_flood_a_lost_bus_connection_exits_non_zero(tmp_path: Path) -> None:
+    """However the connection ends (here: dbus-daemon dies under it), vfiod exits 1, so that systemd's
+    Restart=on-failure brings it back; it never lingers without its name."""
+    own = PrivateBus()
+    log = tmp_path / "vfiod.log"
+    proc = daemon_with_log(log, "--bus", own.address, "--simulate", "workstation-l4")
+    lt = LoopThread("watcher")
+    try:
+        watcher = Client(lt, own.address)
+        wait_for_name(watcher)
+        watcher.close()
+        own.proc.kill()
+        own.proc.wait(5)
+        assert proc.wait(30) == 1
+        text = log.read_text(encoding="utf-8", errors="replace")
+        assert "the bus connection was lost; exiting so the service manager restarts vfiod" in text
+        assert "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        lt.close()
+        own.close()

@@ -34,7 +34,7 @@ from vfiod.bus.names import (
     PEER_IFACE,
     PROPERTIES_IFACE,
 )
-from vfiod.config import Config, Deadlines
+from vfiod.config import Config, Deadlines, PerCaller
 from vfiod.core.errors import ALL_ERRORS
 from vfiod.host.simulator import faults, processes
 
@@ -251,6 +251,17 @@ def test_vfio_not_available(start_vfiod: StartVfiod, clients: Clients) -> None:
     # the persistence unit was held stopped around the NVIDIA bind, through systemd
     stop = calls.index(("StopUnit", "nvidia-persistenced.service"))
     assert ("StartUnit", "nvidia-persistenced.service") in calls[stop:]
+
+
+def test_busy_when_a_connection_is_at_its_cap(start_vfiod: StartVfiod, clients: Clients) -> None:
+    vfiod = start_vfiod(config=Config(per_caller=PerCaller(max_calls_in_flight=1)))
+    assert vfiod.service.max_calls_per_caller == 1
+    vfiod.service._calls_of[clients.bob.unique_name] = 1  # as if one call of bob's were still running
+    text = expect(clients.bob, "Busy", "ListDevices", "a{sv}", {})
+    assert "1 calls in flight (at most 1)" in text and "nothing was done" in text
+    ok(clients.alice.m("ListDevices", "a{sv}", {}))
+    vfiod.service._calls_of.pop(clients.bob.unique_name)
+    ok(clients.bob.m("ListDevices", "a{sv}", {}))
 
 
 def test_every_contract_error_is_covered_here() -> None:

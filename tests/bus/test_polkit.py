@@ -33,6 +33,7 @@ from vfiod.bus.names import (
     PEER_IFACE,
     PROPERTIES_IFACE,
 )
+from vfiod.config import Config, PerCaller
 
 ALL_ACTIONS = (ACTION_INSPECT, ACTION_REGISTER, ACTION_ATTACH, ACTION_ADMIN)
 USB = "0000:00:14.0"  # not a display controller: registering it needs admin
@@ -396,10 +397,15 @@ def _burst(c: Client, n: int, member: str, signature: str, *args: Any) -> list[R
     return out
 
 
+# Callers here send more calls at once than the default per-connection cap allows (that cap has tests of
+# its own in test_caller_caps.py).
+ROOMY = Config(per_caller=PerCaller(max_calls_in_flight=128))
+
+
 def test_concurrent_callers_keep_their_identity(
     start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock
 ) -> None:
-    start_vfiod()
+    start_vfiod(config=ROOMY)  # 40 calls at once from one connection: above the default cap
     register(clients.root, GPU, "gpu")
     polkit.allow(ACTION_INSPECT)  # alice may not Bind; root may
     results: dict[str, list[Reply]] = {}
@@ -432,7 +438,7 @@ def test_many_polkit_checks_in_flight(
     bus: PrivateBus,
 ) -> None:
     """More concurrent checks than dbus-daemon lets one connection wait for (128): vfiod queues its own."""
-    start_vfiod()
+    start_vfiod(config=ROOMY)
     polkit.allow(ACTION_INSPECT, ACTION_ATTACH)
     extra = [Client(threads["alice"], bus.address) for _ in range(2)]
     try:

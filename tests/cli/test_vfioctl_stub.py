@@ -391,6 +391,7 @@ EXPECTED_STATUS = {
     "AlreadyExists": 5,
     "AlreadyBound": 5,
     "NotBound": 5,
+    "Busy": 5,
     "VFIONotAvailable": 6,
     "Timeout": 7,
     "NativeDriverNotRestored": 7,

@@ -30,6 +30,7 @@ from vfiod import config as config_mod
 from vfiod.bus import logs
 from vfiod.bus.authz import Authorizer
 from vfiod.bus.calls import Caller
+from vfiod.bus.connection import Connection
 from vfiod.bus.names import BUS_NAME, SYSTEMD_NAME
 from vfiod.bus.service import Service
 from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
@@ -45,11 +46,6 @@ from vfiod.core.system import (
 )
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.simulator import SimulatedKernel, build
-
-try:
-    import systemd.daemon as sd_daemon
-except ImportError:  # only needed when started by systemd with NOTIFY_SOCKET
-    sd_daemon = None
 
 try:
     import systemd.daemon as sd_daemon
@@ -217,7 +213,9 @@ class Daemon:
             proc_host = Host(
                 HostRoots(sys=roots.sys, dev=roots.dev, proc=Path("/proc"), etc=roots.etc), self.kernel
             )
-        self.service = Service(bus, self.manager, self.authz, proc_host=proc_host)
+        self.service = Service(
+            bus, self.manager, self.authz, proc_host=proc_host, per_caller=self.config.per_caller
+        )
         await self.service.start()
         if self.sim_root is not None:
             self.uevents = SimulatedUevents(loop, self.service.on_uevent, self.sim_root)
@@ -243,11 +241,11 @@ class Daemon:
         bus_opt = self.options.bus
         try:
             if bus_opt == "system":
-                bus = MessageBus(bus_type=BusType.SYSTEM)
+                bus = Connection(bus_type=BusType.SYSTEM)
             elif bus_opt == "session":
-                bus = MessageBus(bus_type=BusType.SESSION)
+                bus = Connection(bus_type=BusType.SESSION)
             else:
-                bus = MessageBus(bus_address=bus_opt)
+                bus = Connection(bus_address=bus_opt)
             return await bus.connect()
         except Exception as e:
             raise StartupError(
@@ -346,6 +344,8 @@ class Daemon:
                 )
             )
             self.manager.host.deadlines = new.deadlines.policy()
+        if self.service is not None:
+            self.service.set_caps(new.per_caller)
         log.info(
             "configuration reloaded from %s",
             self.options.config_path or config_mod.DEFAULT_PATH,

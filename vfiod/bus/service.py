@@ -37,6 +37,7 @@ from dbus_fast.service import ServiceInterface, dbus_method
 
 from vfiod.bus import errors, variants
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
+from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
     ACTION_ADMIN,
     DEVICE_IFACE,
@@ -50,9 +51,11 @@ from vfiod.bus.names import (
     device_path,
 )
 from vfiod.bus.uevents import Uevent
+from vfiod.config import PerCaller
 from vfiod.core import validation
 from vfiod.core.context import Caller
 from vfiod.core.errors import (
+    Busy,
     Failed,
     InvalidArgument,
     InvalidName,
@@ -292,6 +295,7 @@ class Service:
         proc_host: Host | None = None,
         read_workers: int = READ_WORKERS,
         call_workers: int = CALL_WORKERS,
+        per_caller: PerCaller | None = None,
     ) -> None:
         self.bus = bus
         self.manager = manager
@@ -312,6 +316,12 @@ class Service:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self._in_flight = 0
+        # What one connection may cost at a time (the configuration's [per_caller]); beyond it: Error.Busy.
+        self.max_calls_per_caller = 0
+        self.max_queued_reply_bytes = 0
+        self.set_caps(per_caller or PerCaller())
+        self._calls_of: dict[str, int] = {}  # unique name -> calls accepted and not yet answered
+        self.refused_busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._machine_id: str | None = None
@@ -381,6 +391,8 @@ class Service:
         if iface in STANDARD_IFACES:
             if (iface, member) not in STANDARD_SIGNATURES:
                 return None  # dbus-fast answers UnknownMethod
+            if (busy := self._over_cap(msg)) is not None:
+                return busy
             self._begin()
             self._spawn(self._standard(msg))
             return True
@@ -400,8 +412,60 @@ class Service:
             )
         if not self.accepting:
             return self._refuse(msg, errors.failed("vfiod is shutting down; call again when it is back"))
+        if (busy := self._over_cap(msg)) is not None:
+            return busy
         CURRENT_MESSAGE.set(msg)
         return None
+
+    def set_caps(self, per_caller: PerCaller) -> None:
+        """Apply the per-caller caps (at start and on reload; calls already in flight keep their slots)."""
+        self.max_calls_per_caller = per_caller.max_calls_in_flight
+        self.max_queued_reply_bytes = per_caller.max_queued_reply_bytes
+
+    def _over_cap(self, msg: Message) -> Message | bool | None:
+        """Count the call against its sender, or refuse it with Busy when the sender is at its cap.
+
+        Every call counted here is released by `_release` once it is answered."""
+        sender = msg.sender or ""
+        calls = self._calls_of.get(sender, 0)
+        queued = self.bus.queued_bytes(sender) if isinstance(self.bus, Connection) else 0
+        if calls < self.max_calls_per_caller and queued < self.max_queued_reply_bytes:
+            self._calls_of[sender] = calls + 1
+            return None
+        self.refused_busy += 1
+        if self.refused_busy == 1 or self.refused_busy % 1000 == 0:
+            # Once, then every thousandth: a flood must not turn into a flood of log lines.
+            log.warning(
+                "%s has %d calls in flight and %d bytes of replies waiting; refusing its calls with Busy "
+                "(%d refused so far, all callers)",
+                sender,
+                calls,
+                queued,
+                self.refused_busy,
+                extra={"ACTION": "busy", "CALLER_BUS_NAME": sender},
+            )
+        reason = (
+            f"{calls} calls in flight (at most {self.max_calls_per_caller})"
+            if calls >= self.max_calls_per_caller
+            else f"{queued} bytes of replies it has not read yet (at most {self.max_queued_reply_bytes})"
+        )
+        return self._refuse(
+            msg,
+            errors.to_dbus_error(
+                Busy(
+                    f"this connection already has {reason}; nothing was done: call again once earlier "
+                    "calls are answered"
+                )
+            ),
+        )
+
+    def _release(self, msg: Message) -> None:
+        sender = msg.sender or ""
+        left = self._calls_of.get(sender, 0) - 1
+        if left > 0:
+            self._calls_of[sender] = left
+        else:
+            self._calls_of.pop(sender, None)
 
     @staticmethod
     def _refuse(msg: Message, err: DBusError) -> Message | bool:
@@ -430,6 +494,7 @@ class Service:
                 self._log_outcome(call, "ok", started)
             return result
         finally:
+            self._release(msg)
             self._end()
 
     def _log_outcome(self, call: Call, result: str, started: float, text: str = "") -> None:
@@ -657,6 +722,7 @@ class Service:
             )
             reply = err._as_message(msg)
         finally:
+            self._release(msg)
             self._end()
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             self.bus.send(reply)

@@ -26,6 +26,7 @@ from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, InvalidAddressError
 
+from vfiod.bus.connection import Connection
 from vfiod.bus.names import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH
 
 # ----- exit statuses (documented in `vfioctl --help`) ----------------------------------------------------
@@ -58,6 +59,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "AlreadyExists": EXIT_CONFLICT,
     "AlreadyBound": EXIT_CONFLICT,
     "NotBound": EXIT_CONFLICT,
+    "Busy": EXIT_CONFLICT,
     "VFIONotAvailable": EXIT_VFIO_UNAVAILABLE,
     "Timeout": EXIT_TIMEOUT,
     "NativeDriverNotRestored": EXIT_TIMEOUT,
@@ -90,7 +92,7 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (
         EXIT_CONFLICT,
         "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, NameExists, AlreadyExists, AlreadyBound, "
-        "NotBound",
+        "NotBound, Busy",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),
@@ -176,9 +178,9 @@ class Client:
     async def connect(cls, target: BusTarget, *, timeout: float, interactive: bool) -> Client:
         try:
             if target.kind == "address":
-                bus = MessageBus(bus_address=target.address)
+                bus = Connection(bus_address=target.address)
             else:
-                bus = MessageBus(bus_type=BusType.SYSTEM if target.kind == "system" else BusType.SESSION)
+                bus = Connection(bus_type=BusType.SYSTEM if target.kind == "system" else BusType.SESSION)
         except InvalidAddressError as e:
             if target.kind == "address":
                 raise CallError(

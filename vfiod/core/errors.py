@@ -99,6 +99,12 @@ class NotAuthorized(VfiodError):
     name = "NotAuthorized"
 
 
+class Busy(VfiodError):
+    """This caller already has as many calls in flight (or replies waiting) as one caller may have."""
+
+    name = "Busy"
+
+
 class Failed(VfiodError):
     name = "Failed"
 
@@ -122,5 +128,6 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     NativeDriverNotRestored,
     Timeout,
     NotAuthorized,
+    Busy,
     Failed,
 )

@@ -1,0 +1,124 @@
+"""Floods by an unprivileged caller against the real stack: our shipped bus policy on a private system bus,
+the real polkitd with our rules, and `vfiod run --simulate synthetic:1024` (512 GPU + audio pairs, so
+`ListAvailable {all: true}` answers about half a megabyte).
+
+The flooder (`tests/flood.py`, standard library only) runs as the unprivileged user `stranger` with the
+system's python3, from a world-readable copy in the stack's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import flood
+from tests.integration.realstack import (
+    PATH,
+    ROOT,
+    STRANGER,
+    Stack,
+    User,
+    as_user,
+    require_root_and_tools,
+    start_stack,
+    unavailable,
+)
+from tests.integration.test_policy_matrix import _vfiod_argv
+
+PROFILE = "synthetic:1024"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    require_root_and_tools()
+    if not Path(SYSTEM_PYTHON).is_file():
+        unavailable(f"{SYSTEM_PYTHON} is missing (the flooder runs with the system's python3)")
+    argv = [a if a != "workstation-l4" else PROFILE for a in _vfiod_argv()]
+    with start_stack(argv) as s:
+        shutil.copy(Path(flood.__file__), s.workdir / "flood.py")
+        (s.workdir / "list-all.json").write_text(flood.templates(), encoding="utf-8")
+        for f in ("flood.py", "list-all.json"):
+            os.chmod(s.workdir / f, 0o644)
+        yield s
+
+
+def start_flood(
+    stack: Stack, user: User, connections: int, in_flight: int, seconds: float, total: int | None = None
+) -> subprocess.Popen[str]:
+    argv = [
+        SYSTEM_PYTHON,
+        str(stack.workdir / "flood.py"),
+        stack.address,
+        str(stack.workdir / "list-all.json"),
+        str(connections),
+        str(in_flight),
+        str(seconds),
+        *([str(total)] if total is not None else []),
+    ]
+    return subprocess.Popen(
+        as_user(user, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": PATH, "LC_ALL": "C.UTF-8"},
+    )
+
+
+def reports(proc: subprocess.Popen[str], timeout: float = 180) -> list[dict[str, Any]]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"the flooder failed: {err[-3000:]}"
+    result = json.loads(out)
+    assert isinstance(result, list)
+    return result
+
+
+def name_owner(stack: Stack) -> str:
+    reply = stack.busctl_json(
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetNameOwner",
+        "s",
+        "org.hypeman.Devices1",
+    )
+    assert isinstance(reply, dict)
+    (owner,) = reply["data"]
+    return str(owner)
+
+
+def vfiod_alive(stack: Stack) -> bool:
+    try:
+        state = Path(f"/proc/{stack.pids['vfiod']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_flood_a_frozen_bus_daemon_does_not_take_vfiod_off_the_bus(stack: Stack) -> None:
+    """The reproduction: 30 large replies written while dbus-daemon reads nothing for 8 s fill vfiod's
+    socket. dbus-fast's own writer gave up on EAGAIN and vfiod lost its name; now every reply arrives."""
+    owner = name_owner(stack)
+    proc = start_flood(stack, STRANGER, connections=1, in_flight=30, seconds=30, total=30)
+    time.sleep(1.0)  # the calls reach vfiod; it scans and answers into a socket nobody reads
+    os.kill(stack.pids["dbus-daemon"], signal.SIGSTOP)
+    try:
+        time.sleep(8)
+    finally:
+        os.kill(stack.pids["dbus-daemon"], signal.SIGCONT)
+    (report,) = reports(proc)
+    assert report["sent"] == 30 and report["ok"] == 30, (report, stack.logs())
+    assert vfiod_alive(stack), stack.logs()
+    assert name_owner(stack) == owner
+    r = stack.call(ROOT, "GetHostStatus", "@a{sv} {}")
+    assert r.ok, r.describe()
