@@ -57,6 +57,7 @@ deb:
 
 bench:
 	$(PY) bench/bench_core.py
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/bench_flood.py; else echo "bench_flood.py skipped: it needs root"; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build _build dist *.egg-info

@@ -8,8 +8,10 @@ off the bus. `PatientWriter` is upstream's writer with that one difference: on E
 its place in the message and waits for the socket to become writable again. A full socket slows vfiod
 down; it no longer ends the connection.
 
-It also keeps count of the bytes it holds for each destination (marshalled but not yet written), which is
-what the service's per-caller cap on queued replies reads (`queued_bytes`).
+What waits is kept in an `Outbox` (vfiod/bus/outbox.py) instead of one FIFO: receivers take turns, so a
+small reply to root is not written after megabytes of replies to a flooding caller, and the bytes held for
+each destination are counted, which is what the service's per-caller cap on queued replies reads
+(`queued_bytes`).
 
 The subclass reaches into dbus-fast's private writer, so dbus-fast is pinned to the 5.2 series in
 pyproject.toml; `tests/bus/test_connection.py` checks upstream still has the bug (then this module is
@@ -21,12 +23,16 @@ from __future__ import annotations
 import array
 import asyncio
 import socket
-from collections import Counter, deque
+from collections import Counter
+from copy import copy
 from typing import Any
 
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
+
+from vfiod.bus.frozen_bodies import FrozenBodies
+from vfiod.bus.outbox import Outbox
 
 
 def _settle(fut: asyncio.Future[Any] | None, exc: Exception | None = None) -> None:
@@ -39,27 +45,28 @@ def _settle(fut: asyncio.Future[Any] | None, exc: Exception | None = None) -> No
 
 
 class PatientWriter(_MessageWriter):
-    """dbus-fast's writer, but EAGAIN means "wait for writability", and bytes are counted per destination."""
+    """dbus-fast's writer, but EAGAIN means "wait for writability", and what waits is an `Outbox`:
+    receivers take turns, and the bytes waiting for each are counted."""
 
     def __init__(self, bus: MessageBus) -> None:
         super().__init__(bus)
-        self.queued: Counter[str] = Counter()  # destination -> bytes held here, not yet written
-        self._owners: deque[tuple[str, int]] = deque()  # parallel to self.messages
-        self._owner: tuple[str, int] | None = None  # the message being written
+        self.outbox = Outbox()
+        self.messages = self.outbox  # type: ignore[assignment]  # upstream only appends, pops, tests truth
+
+    @property
+    def queued(self) -> Counter[str]:
+        """destination -> bytes held here, not yet written."""
+        return self.outbox.queued
 
     def buffer_message(self, msg: Message, future: asyncio.Future[Any] | None = None) -> None:
-        super().buffer_message(msg, future)
-        owner = (msg.destination or "", len(self.messages[-1][0]))
-        self._owners.append(owner)
-        self.queued[owner[0]] += owner[1]
-
-    def _written(self) -> None:
-        if self._owner is not None:
-            who, size = self._owner
-            self.queued[who] -= size
-            if self.queued[who] <= 0:
-                del self.queued[who]
-            self._owner = None
+        # upstream's buffer_message, but a frozen body is not marshalled again, and the message goes to
+        # its destination's queue
+        frozen = self.bus.frozen if isinstance(self.bus, Connection) else None
+        data = frozen.marshall(msg) if frozen is not None else None
+        if data is None:
+            data = msg._marshall(self.negotiate_unix_fd)
+        fds = copy(msg.unix_fds) if msg.unix_fds else None
+        self.outbox.push(msg.destination or "", len(data), (data, fds, future))
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock, fd = self.sock, self.fd
@@ -67,12 +74,11 @@ class PatientWriter(_MessageWriter):
         try:
             while True:
                 if self.buf is None:
-                    if not self.messages:
+                    if not self.outbox:
                         if remove_writer:
                             self.loop.remove_writer(fd)
                         return
-                    buf, unix_fds, fut = self.messages.popleft()
-                    self._owner = self._owners.popleft() if self._owners else None
+                    buf, unix_fds, fut = self.outbox.popleft()
                     self.unix_fds = unix_fds
                     self.buf = memoryview(buf)
                     self.offset = 0
@@ -92,7 +98,7 @@ class PatientWriter(_MessageWriter):
                 if self.offset < len(self.buf):
                     return  # partly written: wait for writability
                 self.buf = None
-                self._written()
+                self.outbox.written()
                 _settle(self.fut)
         except Exception as e:
             if self.bus._user_disconnect:
@@ -103,7 +109,11 @@ class PatientWriter(_MessageWriter):
 
 
 class Connection(MessageBus):
-    """A `MessageBus` whose writer is a `PatientWriter`."""
+    """A `MessageBus` whose writer is a `PatientWriter`, with reply bodies that can be frozen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.frozen = FrozenBodies()
 
     async def connect(self) -> Connection:
         await super().connect()
@@ -114,8 +124,7 @@ class Connection(MessageBus):
         self._loop.remove_writer(self._fd)
         writer = PatientWriter(self)
         for buf, fds, fut in old.messages:
-            writer.messages.append((buf, fds, fut))
-            writer._owners.append(("", len(buf)))
+            writer.outbox.push("", len(buf), (buf, fds, fut))  # as broadcasts: they keep their order
         writer.buf, writer.offset, writer.unix_fds, writer.fut = old.buf, old.offset, old.unix_fds, old.fut
         self._writer = writer
         if writer.buf is not None or writer.messages:

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -50,6 +50,7 @@ from vfiod.bus.names import (
     STANDARD_IFACES,
     device_path,
 )
+from vfiod.bus.shared_reads import FairLanes, Snapshots
 from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
 from vfiod.core import validation
@@ -65,7 +66,7 @@ from vfiod.core.errors import (
 )
 from vfiod.core.manager import Manager
 from vfiod.core.records import Device
-from vfiod.host.host import Host
+from vfiod.host.host import Host, WriteRecord
 
 log = logging.getLogger("vfiod.bus")
 audit = logging.getLogger("vfiod.audit")
@@ -77,9 +78,13 @@ T = TypeVar("T")
 CURRENT_MESSAGE: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
     "vfiod_message", default=None
 )
+# Whose turn a read of this task waits for: the caller's unique name for an unprivileged inspect call,
+# None (the priority pool) for mutating and uid-0 calls and for vfiod's own housekeeping.
+READ_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vfiod_read_lane", default=None)
 
 READ_WORKERS: Final = 16
 CALL_WORKERS: Final = 48
+PRIORITY_READ_WORKERS: Final = 8
 ADMIN_WAIT: Final = 330.0
 # polkit details -> the journal fields the core logs the same things under
 AUDIT_FIELDS: Final = {
@@ -305,6 +310,9 @@ class Service:
         self._proc_host = proc_host or manager.host
         self._reads = ThreadPoolExecutor(read_workers, thread_name_prefix="vfiod-read")
         self._calls = ThreadPoolExecutor(call_workers, thread_name_prefix="vfiod-call")
+        self._priority_reads = ThreadPoolExecutor(PRIORITY_READ_WORKERS, thread_name_prefix="vfiod-prio")
+        self.lanes = FairLanes(self._reads, read_workers, self._priority_reads)
+        self.snapshots = Snapshots()
         self.interface = ManagerInterface(self)
         self._signatures = {
             m.name: "".join(str(a.signature) for a in m.in_args) for m in self.interface.introspect().methods
@@ -334,6 +342,7 @@ class Service:
         self.bus.export(MANAGER_PATH, self.interface)
         await self.sync(announce=False)
         self.manager.add_change_listener(self._changed_from_thread)
+        self.manager.host.add_write_listener(self._wrote)
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting calls and wait up to `timeout` s for those in flight; True if none is left."""
@@ -347,6 +356,8 @@ class Service:
     def close(self) -> None:
         self._reads.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False, cancel_futures=True)
+        self._priority_reads.shutdown(wait=False, cancel_futures=True)
+        self.manager.host.remove_write_listener(self._wrote)
 
     @property
     def in_flight(self) -> int:
@@ -367,7 +378,20 @@ class Service:
         task.add_done_callback(self._tasks.discard)
 
     async def read(self, fn: Callable[[], T]) -> T:
-        return await self.loop.run_in_executor(self._reads, fn)
+        """Run a read off the loop: in the caller's turn (READ_LANE), or at once on the priority pool."""
+        return await self.lanes.run(READ_LANE.get(), fn)
+
+    async def shared(self, key: Hashable, fn: Callable[[], T]) -> T:
+        """A read whose result identical calls share while it is fresh (`Snapshots`). Priority calls never
+        wait for a scan queued in someone else's turn: they share only scans on the priority pool."""
+        lane = READ_LANE.get()
+        value = await self.snapshots.get(key, lambda: self.lanes.run(lane, fn), priority=lane is None)
+        if isinstance(self.bus, Connection):
+            self.bus.frozen.freeze(value)  # the same object answers many calls: marshal its body once
+        return value
+
+    def _wrote(self, record: WriteRecord) -> None:
+        self.snapshots.invalidate()  # a sysfs write by vfiod (called on the writing thread)
 
     async def change(self, fn: Callable[[], T]) -> T:
         return await self.loop.run_in_executor(self._calls, fn)
@@ -483,6 +507,8 @@ class Service:
         started = time.monotonic()
         try:
             await call.identify()
+            privileged = call.action in MUTATING or call.who.uid == 0
+            READ_LANE.set(None if privileged else call.who.sender)
             result = await body(call)
         except Exception as e:
             err = errors.to_dbus_error(e, context=method)
@@ -494,6 +520,9 @@ class Service:
                 self._log_outcome(call, "ok", started)
             return result
         finally:
+            if call.action in MUTATING:
+                # Whatever it changed (the registry too, which no uevent announces) is read afresh.
+                self.snapshots.invalidate()
             self._release(msg)
             self._end()
 
@@ -519,10 +548,13 @@ class Service:
     async def list_available(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
         opts = variants.parse_options("ListAvailable", options)
         await call.authorize()
-        recs = await self.read(
-            lambda: [d.to_record() for d in self.manager.list_available(all_devices=bool(opts.get("all")))]
+        all_devices = bool(opts.get("all"))
+        return await self.shared(
+            ("ListAvailable", all_devices),
+            lambda: variants.records(
+                [d.to_record() for d in self.manager.list_available(all_devices=all_devices)]
+            ),
         )
-        return variants.records(recs)
 
     async def list_devices(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
         opts = variants.parse_options("ListDevices", options)
@@ -530,8 +562,10 @@ class Service:
         if tags is not None:
             _tags(tags)
         await call.authorize()
-        devices = await self.read(lambda: self.manager.list_devices(tags))
-        return [variants.record(device_record(d)) for d in devices]
+        return await self.shared(
+            ("ListDevices", tuple(sorted(tags.items())) if tags else None),
+            lambda: [variants.record(device_record(d)) for d in self.manager.list_devices(tags)],
+        )
 
     async def get_device(
         self, call: Call, id_or_name: str, options: dict[str, Variant]
@@ -539,13 +573,14 @@ class Service:
         variants.parse_options("GetDevice", options)
         key = _id_or_name(id_or_name)
         await call.authorize({"device": key})
-        device = await self.read(lambda: self.manager.get_device(key))
-        return variants.record(device_record(device))
+        return await self.shared(
+            ("GetDevice", key), lambda: variants.record(device_record(self.manager.get_device(key)))
+        )
 
     async def get_host_status(self, call: Call, options: dict[str, Variant]) -> dict[str, Variant]:
         variants.parse_options("GetHostStatus", options)
         await call.authorize()
-        return variants.record(await self.read(self.manager.host_status))
+        return await self.shared(("GetHostStatus",), lambda: variants.record(self.manager.host_status()))
 
     async def register_device(
         self, call: Call, pci_address: str, name: str, options: dict[str, Variant]
@@ -737,6 +772,7 @@ class Service:
         if not self.accepting:
             raise errors.failed("vfiod is shutting down; call again when it is back")
         who = await self.authz.identify(msg.sender or "")
+        READ_LANE.set(None if who.uid == 0 else who.sender)
         action = ACTIONS[(iface, member)]
         decision = await self.authz.check(
             who, action, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
@@ -906,10 +942,12 @@ class Service:
 
     def _changed_from_thread(self, device_id: str) -> None:
         """The manager's change listener (called from worker threads)."""
+        self.snapshots.invalidate()
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
             self.loop.call_soon_threadsafe(self.schedule, device_id)
 
     def on_uevent(self, ev: Uevent) -> None:
+        self.snapshots.invalidate()  # any device: ListAvailable and GetHostStatus cover them all
         if not ev.pci_address:
             self.schedule("")
             return
