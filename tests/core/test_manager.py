@@ -4,13 +4,22 @@ must be impossible here, concurrency, and reconcile."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vfiod.core.context import Caller
+from tests.core.worlds import (
+    ADMIN,
+    HM,
+    IGPU,
+    L4,
+    L4_AUDIO,
+    NIC,
+    OTHER,
+    PERSISTENCED,
+    MakeEnv,
+    drivers,
+)
 from vfiod.core.errors import (
     AlreadyBound,
     AlreadyExists,
@@ -30,74 +39,9 @@ from vfiod.core.errors import (
     NotOwner,
     Timeout,
 )
-from vfiod.core.manager import Manager
-from vfiod.core.registry import Registry
-from vfiod.core.system import SimulatedModules, SimulatedUnits
-from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
+from vfiod.host.host import WriteRecord
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import SimulatedKernel, build, faults, processes
-
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
-IGPU = PciAddress.parse("0000:00:02.0")
-NIC = PciAddress.parse("0000:00:1f.6")
-PERSISTENCED = "nvidia-persistenced.service"
-HM = Caller(uid=1000)
-OTHER = Caller(uid=1001)
-ADMIN = Caller(uid=0)
-
-
-@dataclass
-class Env:
-    root: Path
-    state: Path
-    kernel: SimulatedKernel
-    host: Host
-    units: SimulatedUnits
-    manager: Manager
-    writes: list[WriteRecord]
-
-    def reopen(self) -> Manager:
-        """A fresh manager on the same state and kernel, as after a daemon restart."""
-        self.manager.registry.close()
-        registry = Registry.open(self.state)
-        self.manager = Manager(
-            self.host, registry, SimulatedModules(self.kernel), self.units, verify_timeout=1.0
-        )
-        return self.manager
-
-
-MakeEnv = Callable[..., Env]
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[MakeEnv]:
-    made: list[Env] = []
-
-    def make(profile: str = "workstation-l4", deadline: float = 5.0) -> Env:
-        root = tmp_path / f"sim{len(made)}"
-        kernel = build(root, profile)
-        host = Host(
-            HostRoots.under(root), backend=kernel, deadlines=DeadlinePolicy(default=deadline, per_driver={})
-        )
-        writes: list[WriteRecord] = []
-        host.add_write_listener(writes.append)
-        state = tmp_path / f"state{len(made)}"
-        registry = Registry.open(state)
-        units = SimulatedUnits(root)
-        manager = Manager(host, registry, SimulatedModules(kernel), units, verify_timeout=1.0)
-        manager.startup()
-        e = Env(root, state, kernel, host, units, manager, writes)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.manager.registry.close()
-
-
-def drivers(e: Env, *addrs: PciAddress) -> list[str | None]:
-    return [e.host.driver(a) for a in addrs]
+from vfiod.host.simulator import faults, processes
 
 
 def test_seed_workflow(env: MakeEnv) -> None:

@@ -293,30 +293,31 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
     path = existing_db(state)
     with Registry.open(state) as r:
         (dev,) = r.list_devices()
-    v1 = registry.MIGRATIONS
+    shipped = registry.MIGRATIONS
+    now = len(shipped)
     notes = Migration(
-        2,
+        now + 1,
         "test: device notes",
         (
             "CREATE TABLE notes (device_id TEXT NOT NULL REFERENCES devices (id), note TEXT NOT NULL) STRICT",
             lambda conn: conn.execute("INSERT INTO notes SELECT id, 'migrated' FROM devices"),
         ),
     )
-    monkeypatch.setattr(registry, "MIGRATIONS", (*v1, notes))
+    monkeypatch.setattr(registry, "MIGRATIONS", (*shipped, notes))
     with Registry.open(state) as r:
         assert r.get_device(dev.id) == dev
         assert r.integrity_check() == []
     with contextlib.closing(raw(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == now + 1
         assert conn.execute("SELECT device_id, note FROM notes").fetchall() == [(dev.id, "migrated")]
-    saved = state / "vfiod.db.v1.bak"
+    saved = state / f"vfiod.db.v{now}.bak"
     with contextlib.closing(raw(saved)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == now
         assert conn.execute("SELECT id FROM devices").fetchall() == [(dev.id,)]
         assert conn.execute("SELECT name FROM sqlite_schema WHERE name = 'notes'").fetchall() == []
 
-    # The vfiod that only knows version 1 now refuses the file and points at the copy.
-    monkeypatch.setattr(registry, "MIGRATIONS", v1)
+    # The vfiod that only knows the shipped versions now refuses the file and points at the copy.
+    monkeypatch.setattr(registry, "MIGRATIONS", shipped)
     with pytest.raises(RegistryError, match="created by a newer vfiod") as err:
         Registry.open(state)
     assert str(saved) in str(err.value)
@@ -324,20 +325,24 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
 
 def test_failed_migration_leaves_the_previous_version(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = existing_db(state)
+    now = len(registry.MIGRATIONS)
     broken = Migration(
-        2, "test: broken", ("CREATE TABLE half (a INTEGER) STRICT", "INSERT INTO missing_table VALUES (1)")
+        now + 1,
+        "test: broken",
+        ("CREATE TABLE half (a INTEGER) STRICT", "INSERT INTO missing_table VALUES (1)"),
     )
     monkeypatch.setattr(registry, "MIGRATIONS", (*registry.MIGRATIONS, broken))
-    with pytest.raises(RegistryError, match="schema version 2") as err:
+    with pytest.raises(RegistryError, match=f"schema version {now + 1}") as err:
         Registry.open(state)
-    assert "left at version 1" in str(err.value)
+    assert f"left at version {now}" in str(err.value)
     with contextlib.closing(raw(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == now
         assert conn.execute("SELECT name FROM sqlite_schema WHERE name = 'half'").fetchall() == []
 
 
 def test_migrations_must_be_numbered_in_order(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "MIGRATIONS", (*registry.MIGRATIONS, Migration(3, "gap", ())))
+    gap = len(registry.MIGRATIONS) + 2
+    monkeypatch.setattr(registry, "MIGRATIONS", (*registry.MIGRATIONS, Migration(gap, "gap", ())))
     with pytest.raises(RuntimeError, match="numbered"):
         Registry.open(state)
 
@@ -791,3 +796,42 @@ def test_sigkill_at_any_moment_keeps_devices_and_intents_paired(state: Path) -> 
             devices = {d.id for d in r.list_devices()}
             assert devices
             assert sorted(i.device_id for i in r.open_intents()) == sorted(devices)
+
+
+def test_a_version_1_registry_gains_device_generations(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = registry.MIGRATIONS
+    monkeypatch.setattr(registry, "MIGRATIONS", shipped[:1])
+    path = state / "vfiod.db"
+    Registry.open(state).close()  # a version 1 file, as vfiod 0.1 left it
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute(
+            "INSERT INTO devices VALUES ('abcdefghijklmnopqrstuvwx', 'gpu', '0000:00:00.1', '10de', "
+            "'27b8', '030200', 'gpu', '', '', 1, 'nvidia', 'nvidia', 'host', '', 0, "
+            "'2026-01-01T00:00:00Z', '{}', '', '')"
+        )
+        conn.execute(
+            "INSERT INTO intents (action, boot_id, device_id, pci_address, iommu_group, from_driver, "
+            "to_driver, step, operation, created_at) VALUES ('detach', 'b', '', '0000:00:00.1', 1, '', '', "
+            "'', 'op', '2026-01-01T00:00:00Z')"
+        )
+        conn.commit()
+    monkeypatch.setattr(registry, "MIGRATIONS", shipped)
+    with Registry.open(state) as r:
+        (dev,) = r.list_devices()
+        assert dev.settled_through == 0
+        assert [i.pci_address for i in r.intents_of_device(dev.id, str(dev.pci_address))] == ["0000:00:00.1"]
+        assert r.integrity_check() == []
+
+
+def test_settling_a_device_closes_its_intents_and_moves_its_generation(reg: Registry) -> None:
+    a = reg.add_device(make_device(1))
+    b = reg.add_device(make_device(2))
+    by_id = reg.begin_intent(action="detach", boot_id="b", device_id=a.id, pci_address=str(a.pci_address))
+    step = reg.begin_intent(action="unbind", boot_id="b", pci_address=str(a.pci_address))
+    other = reg.begin_intent(action="attach", boot_id="b", device_id=b.id, pci_address=str(b.pci_address))
+    closed = reg.settle_intents(a.id)
+    assert sorted(i.id for i in closed) == [by_id, step]
+    assert [i.id for i in reg.open_intents()] == [other]
+    fresh = reg.get_device(a.id)
+    assert fresh is not None and fresh.settled_through == other  # every intent so far is older
+    assert reg.settle_intents("nosuchdeviceidxxxxxxxxxxx") == []

@@ -1,7 +1,10 @@
 """Who may open a group node: handing `/dev/vfio/<group>` to the attachment's owner and giving it back.
 
-The grant happens only after the group is verified viable; the previous owner and mode are recorded with
-the attachment so that, when the group's last attachment goes, they come back before any unbind.
+The grant happens only after the group is verified viable, and only after it is journaled: the manager
+records the previous owner and mode (`previous_owner`) in the journal first, then `grant` changes the node,
+so a crash in between can always be undone. When the group's last attachment goes, the previous owner comes
+back before any unbind. A node owned by a uid that no attachment names is a leak, never a "previous owner":
+it is taken back to the kernel's own default (`KERNEL_DEFAULT`: root, 0600).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from vfiod.host.host import Host
 log = logging.getLogger("vfiod.access")
 
 GRANTED_MODE = 0o600
+KERNEL_DEFAULT = NodeOwner(uid=0, gid=0, mode=0o600)  # how the vfio driver creates /dev/vfio/<group>
 
 
 def current_owner(host: Host, group: int) -> NodeOwner:
@@ -26,8 +30,23 @@ def current_owner(host: Host, group: int) -> NodeOwner:
         ) from e
 
 
-def grant(host: Host, group: int, uid: int) -> NodeOwner:
-    """Give the node to `uid` (mode 0600, group kept); return what it was before."""
+def previous_owner(host: Host, group: int, named_uids: set[int]) -> NodeOwner:
+    """What the node should go back to after a grant: its owner now, unless that is a uid none of the
+    group's attachments (`named_uids`) names, in which case the kernel's default."""
+    before = current_owner(host, group)
+    if before.uid != 0 and before.uid not in named_uids:
+        log.warning(
+            "/dev/vfio/%d is owned by uid %d, which no attachment names; it will go back to root 0600",
+            group,
+            before.uid,
+            extra={"ACTION": "grant", "IOMMU_GROUP": group},
+        )
+        return KERNEL_DEFAULT
+    return before
+
+
+def grant(host: Host, group: int, uid: int) -> None:
+    """Give the node to `uid` (mode 0600, group kept). Journal `previous_owner` first."""
     before = current_owner(host, group)
     target = NodeOwner(uid=uid, gid=before.gid, mode=GRANTED_MODE)
     if before != target:
@@ -35,7 +54,6 @@ def grant(host: Host, group: int, uid: int) -> NodeOwner:
             host.set_node_owner(group, target)
         except OSError as e:
             raise Failed(f"cannot hand /dev/vfio/{group} to uid {uid}: {e.strerror or e}") from e
-    return before
 
 
 def revoke(host: Host, group: int, previous: NodeOwner) -> None:

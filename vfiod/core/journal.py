@@ -6,12 +6,15 @@ so recovery needs nothing else to put a function back. Step-level intents (`over
 `clear-override`, `grant`) say exactly which write may or may not have happened.
 
 For the crash tests, `VFIOD_TEST_CRASH_AT=<operation>:<point>[#n]` (e.g. `attach:probe#2`, the second probe
-of an Attach) makes the process SIGKILL itself just before that step or checkpoint; it is read only when
-`VFIOD_TEST_HOOKS=1` is also set, so a production daemon never looks at it.
+of an Attach) makes the process SIGKILL itself just before that step or checkpoint, and
+`VFIOD_TEST_TRACE_POINTS=<file>` appends the name of every point passed to that file (how the crash loop
+finds them all); both are read only when `VFIOD_TEST_HOOKS=1` is also set, so a production daemon never
+looks at them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -19,11 +22,19 @@ import signal
 from vfiod.core.binder import Step
 from vfiod.core.registry import Registry
 
+log = logging.getLogger("vfiod.journal")
+
 
 def _crash_point() -> str | None:
     if os.environ.get("VFIOD_TEST_HOOKS") != "1":
         return None
     return os.environ.get("VFIOD_TEST_CRASH_AT") or None
+
+
+def _trace_file() -> str | None:
+    if os.environ.get("VFIOD_TEST_HOOKS") != "1":
+        return None
+    return os.environ.get("VFIOD_TEST_TRACE_POINTS") or None
 
 
 class Operation:
@@ -36,14 +47,19 @@ class Operation:
         self.id = f"{kind}-{secrets.token_hex(6)}"
         self._open: dict[Step, int] = {}
         self._crash_at = _crash_point()
+        self._trace = _trace_file()
         self._seen: dict[str, int] = {}
+        self.devices: list[str] = []  # the registered devices this operation moves, in journal order
 
     def checkpoint(self, point: str) -> None:
         """A named moment of the operation (a test may crash the process here)."""
-        if self._crash_at is None:
+        if self._crash_at is None and self._trace is None:
             return
         self._seen[point] = self._seen.get(point, 0) + 1
         name = f"{self.kind}:{point}"
+        if self._trace is not None:
+            with open(self._trace, "a", encoding="utf-8") as f:
+                f.write(f"{name}#{self._seen[point]}\n")
         if self._crash_at in (name, f"{name}#{self._seen[point]}"):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -52,6 +68,8 @@ class Operation:
     ) -> int:
         """Record that this operation moves one function (call inside the transaction that changes its
         state)."""
+        if device_id and device_id not in self.devices:
+            self.devices.append(device_id)
         return self.registry.begin_intent(
             action=self.kind,
             boot_id=self.boot_id,
@@ -74,10 +92,26 @@ class Operation:
         )
 
     def finish(self) -> None:
-        """Clear every intent of this operation (call inside the transaction that records the result)."""
+        """Clear every intent of this operation and settle every device it moved: any intent an earlier
+        operation left open on them is closed too, and their generation moves past it, so start-up recovery
+        can never replay it over this result (call inside the transaction that records the result)."""
         for intent in self.registry.open_intents():
             if intent.operation == self.id:
                 self.registry.clear_intent(intent.id)
+        for device_id in self.devices:
+            self.settle(device_id)
+
+    def settle(self, device_id: str) -> None:
+        closed = self.registry.settle_intents(device_id)
+        earlier = sorted({i.operation for i in closed if i.operation != self.id})
+        if earlier:
+            log.info(
+                "%s superseded the open intents of %s on device %s",
+                self.id,
+                ", ".join(earlier),
+                device_id,
+                extra={"ACTION": "journal-supersede", "DEVICE_ID": device_id},
+            )
 
     # StepObserver
     def before(self, step: Step) -> None:

@@ -364,15 +364,45 @@ class Manager:
             for plan in plans:
                 if self._group_granted_to(plan.group, instance, owner):
                     continue
-                previous = access.grant(self.host, plan.group, owner)
+                named = {a.owner_uid for a in self.registry.attachments_in_group(plan.group)}
+                previous = access.previous_owner(self.host, plan.group, named)
+                # Journal first: a crash between here and the attachment's row finds the grant to undo.
                 with self.registry.transaction():
                     op.grant(plan.group, previous.uid, previous.gid, previous.mode)
                 granted.append((plan.group, previous))
+                op.checkpoint("grant")
+                access.grant(self.host, plan.group, owner)
+            op.checkpoint("granted")
+            self._record_attachments(op, instance, owner, bound_rows, bound, dict(granted), clique)
         except VfiodError as e:
             self._undo_attach(op, bound_rows, bound, granted, e)
             raise
-        prev_by_group = dict(granted)
-        op.checkpoint("granted")
+        except BaseException:
+            # Not a kernel refusal (the registry failed, say): at least no node stays with the caller.
+            self._revoke_quietly(granted)
+            raise
+        self._changed(r.id for r in bound_rows.values())
+        return self._attachment_records(instance, {p.group for p in plans})
+
+    def _revoke_quietly(self, granted: Sequence[tuple[int, NodeOwner]]) -> None:
+        for group, previous in granted:
+            try:
+                access.revoke(self.host, group, previous)
+            except VfiodError as e:
+                log.warning(
+                    "giving /dev/vfio/%d back failed: %s", group, e.message, extra={"ACTION": "revoke"}
+                )
+
+    def _record_attachments(
+        self,
+        op: Operation,
+        instance: str,
+        owner: int,
+        bound_rows: Mapping[PciAddress, DeviceRow],
+        bound: Sequence[BoundFunction],
+        prev_by_group: Mapping[int, NodeOwner],
+        clique: int | None,
+    ) -> None:
         with self.registry.transaction():
             for fn in bound:
                 row = bound_rows[fn.pci_address]
@@ -396,8 +426,6 @@ class Manager:
                 )
                 self.registry.update_device(row.id, state="attached")
             op.finish()
-        self._changed(r.id for r in bound_rows.values())
-        return self._attachment_records(instance, {p.group for p in plans})
 
     def _group_granted_to(self, group: int, instance: str, owner: int) -> bool:
         return any(
@@ -524,6 +552,9 @@ class Manager:
                 for intent in self.registry.open_intents():
                     if intent.operation == op.id and intent.pci_address not in stuck_set:
                         self.registry.clear_intent(intent.id)
+            for row in rows:
+                if str(row.pci_address) not in stuck_set:
+                    op.settle(row.id)  # what the kernel shows is final for it: no older intent stays open
         self._changed(r.id for r in rows)
 
     def settled_state(self, row: DeviceRow, stuck: bool) -> dict[str, object]:
@@ -577,6 +608,7 @@ class Manager:
                     for row in rows:
                         self.registry.remove_attachment(row.id)
                         self.registry.update_device(row.id, **self.settled_state(row, False))
+                        self.registry.settle_intents(row.id)
             else:
                 self._restore_functions(rows, "detach", drop_attachments=True)
         log.info(
@@ -649,6 +681,9 @@ class Manager:
                 for intent in self.registry.open_intents():
                     if intent.operation == op.id and intent.pci_address not in stuck:
                         self.registry.clear_intent(intent.id)
+                for row in todo:
+                    if row.pci_address not in stuck:
+                        op.settle(row.id)
             self._changed(r.id for r in rows)
             raise failure
         op.checkpoint("restored")
@@ -899,9 +934,33 @@ class Manager:
             report.count("failed")
             report.findings.append(f"{row.name} ({addr}): {e.message}")
             return
+        released = self.drop_released_siblings(att)
         report.count("recovered")
         report.findings.append(f"{row.name} ({addr}) is back on {self.host.driver(addr) or 'no driver'}")
-        self._changed([row.id])
+        self._changed([row.id, *released])
+
+    def drop_released_siblings(self, att: AttachmentRow | None) -> list[str]:
+        """After Recover ended an attachment: the other functions of that instance in the group that the
+        failed call already put back on their drivers lose their attachment too (it names nothing now)."""
+        if att is None:
+            return []
+        released: list[str] = []
+        with self.registry.transaction():
+            for other in self.registry.attachments_in_group(att.iommu_group):
+                if other.instance_id != att.instance_id:
+                    continue
+                row = self.registry.get_device(other.device_id)
+                if row is None or row.state == "stuck":
+                    continue
+                if self.host.device_exists(row.pci_address) and guard.is_vfio_bound(
+                    self.host, row.pci_address
+                ):
+                    continue
+                self.registry.remove_attachment(row.id)
+                self.registry.update_device(row.id, **self.settled_state(row, False))
+                self.registry.settle_intents(row.id)
+                released.append(row.id)
+        return released
 
     def import_hypeman(self, caller: Caller, data_dir: object) -> Report:
         """Admin: import hypeman's `devices/<id>/metadata.json` records, keeping ids and names."""
@@ -956,7 +1015,13 @@ class Manager:
         row = self.registry.by_pci_address(record.pci_address)
         if row is None:
             return
-        recovery.refresh_one(self, row)
+        # This runs on the thread of the write that came back late; the call that issued it has long
+        # answered Timeout and let go of the group, so waiting for the group here waits for no one of ours.
+        with self.locks.hold([self._group(row)]):
+            fresh = self.registry.get_device(row.id)
+            if fresh is None:
+                return
+            recovery.refresh_one(self, fresh)
         self._changed([row.id])
 
     # ----- helpers -------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@
 2. Open intents of this boot (vfiod died mid-operation): every function an unfinished operation touched is
    put back on its native driver (an Attach or Bind is rolled back; a Detach, Unbind or Recover is
    completed), grants it made are revoked, a finished Detach's attachments are removed. A function whose
-   group node is held is left alone and marked `stuck`.
-3. Persistence units a dead vfiod left stopped are started again.
-4. Every registered device is re-read: gone → `missing`; back with the same identity → its real state; a
-   different card at its address → reported and never touched.
+   group node is held is left alone and marked `stuck`. An intent older than its device's generation
+   (`settled_through`: the device was settled after it was written) describes nothing current: it is closed,
+   never replayed over what came after it.
+3. Group nodes: one owned by a uid that no attachment of this boot names goes back to root 0600.
+4. Persistence units a dead vfiod left stopped are started again.
+5. Every registered device is re-read: gone → `missing`; back with the same identity → its real state; a
+   different card at its address → reported and never touched. A device with a write still pending, or
+   with an open intent while it is not back on its native driver, is `stuck`; one that the kernel has
+   settled has its intents closed.
 """
 
 from __future__ import annotations
@@ -56,15 +61,32 @@ def startup(m: Manager, report: Report) -> None:
             )
         m.registry.set_meta("boot_id", m.boot_id)
     _finish_open_operations(m, report)
+    _sweep_group_nodes(m, report)
     for unit in m.hold.recover():
         report.count("units_restarted")
         report.findings.append(f"started {unit} again (a previous run left it stopped)")
     refresh_all(m, report)
 
 
+def _superseded(m: Manager, intent: IntentRow) -> bool:
+    """The intent's device was settled after the intent was written."""
+    row = m.registry.get_device(intent.device_id) if intent.device_id else None
+    if row is None and intent.pci_address:
+        row = m.registry.by_pci_address(intent.pci_address)
+    return row is not None and intent.id <= row.settled_through
+
+
 def _finish_open_operations(m: Manager, report: Report) -> None:
     by_op: dict[str, list[IntentRow]] = defaultdict(list)
     for intent in m.registry.open_intents(m.boot_id):
+        if _superseded(m, intent):
+            m.registry.clear_intent(intent.id)
+            report.count("superseded_intents")
+            report.findings.append(
+                f"{intent.pci_address or 'a group node'}: a {intent.action} intent of {intent.operation} was "
+                "left open although the device was settled after it; closed, not replayed"
+            )
+            continue
         by_op[intent.operation].append(intent)
     for op_id, intents in sorted(by_op.items()):
         functions = [i for i in intents if i.action in OPERATION_KINDS]
@@ -113,13 +135,39 @@ def _finish_open_operations(m: Manager, report: Report) -> None:
                 if row is None:
                     continue
                 if kind in COMPLETING_KINDS and str(row.pci_address) not in stuck:
-                    m.registry.remove_attachment(row.id)
+                    att = m.registry.remove_attachment(row.id)
+                    m.drop_released_siblings(att)
                 if str(row.pci_address) in stuck:
                     m.registry.update_device(row.id, state="stuck")
             for intent in intents:
                 if intent.pci_address not in stuck:
                     m.registry.clear_intent(intent.id)
         log.info("recovered interrupted operation %s (%s)", op_id, kind, extra={"ACTION": "recover-journal"})
+
+
+def _sweep_group_nodes(m: Manager, report: Report) -> None:
+    """A group node handed to a uid that no attachment of this boot names goes back to root 0600."""
+    for group in m.host.iommu_groups():
+        if not m.host.vfio_group_node(group).exists():
+            continue
+        try:
+            owner = m.host.node_owner(group)
+        except OSError:
+            continue
+        named = {a.owner_uid for a in m.registry.attachments_in_group(group) if a.boot_id == m.boot_id}
+        if owner.uid == 0 or owner.uid in named:
+            continue
+        try:
+            access.revoke(m.host, group, access.KERNEL_DEFAULT)
+        except VfiodError as e:
+            report.findings.append(
+                f"/dev/vfio/{group} is owned by uid {owner.uid} and cannot be taken back: {e.message}"
+            )
+            continue
+        report.count("nodes_taken_back")
+        report.findings.append(
+            f"/dev/vfio/{group} was owned by uid {owner.uid}, which no attachment names: root 0600 again"
+        )
 
 
 def refresh_all(m: Manager, report: Report) -> None:
@@ -151,20 +199,33 @@ def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> Non
                 "vfiod will not touch it"
             )
         return
-    if row.state == "stuck" and not _clean(m, row):
-        return
+    open_intents = m.registry.intents_of_device(row.id, str(addr))
+    if row.state == "stuck" or open_intents or m.host.pending_writes(addr):
+        if not _clean(m, row, open_intents=bool(open_intents)):
+            if row.state != "stuck":
+                m.registry.update_device(row.id, state="stuck")
+            return
+        m.registry.settle_intents(row.id)
     m.registry.update_device(row.id, **m.settled_state(row, False))
 
 
-def _clean(m: Manager, row: DeviceRow) -> bool:
-    """A stuck device the kernel has since settled: on its native driver (or vfio) with no stray
-    override."""
+def _clean(m: Manager, row: DeviceRow, *, open_intents: bool) -> bool:
+    """A stuck device (or one with open intents) the kernel has since settled: no write of vfiod's is
+    pending on it, and it is on its native driver with no stray override, or on vfio-pci with its
+    attachment and no intent open (an open one may be a Detach that never got to run)."""
     addr = row.pci_address
+    if m.host.pending_writes(addr):
+        return False
     drv = m.host.driver(addr)
     override = m.host.driver_override(addr)
     if drv is not None and drv == row.native_driver and override in (None, drv):
         return True
-    return guard.is_vfio_bound(m.host, addr) and m.registry.attachment_of_device(row.id) is not None
+    return (
+        not open_intents
+        and guard.is_vfio_bound(m.host, addr)
+        and override in (None, "vfio-pci")
+        and m.registry.attachment_of_device(row.id) is not None
+    )
 
 
 def _previous(state: str) -> str:

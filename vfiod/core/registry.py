@@ -130,6 +130,9 @@ class DeviceRow:
     tags: dict[str, str] = field(default_factory=dict)
     vendor_name: str = ""
     device_name: str = ""
+    # The device's generation in the intent journal: every intent with an id up to this one is resolved
+    # (the device was settled after it was written), so start-up recovery never replays it.
+    settled_through: int = 0
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,8 @@ def _encode_device(column: str, value: object) -> str | int:
         return _choice(column, value, PREVIOUS_STATES)
     if column == "iommu_group":
         return _integer(column, value, minimum=-1)
+    if column == "settled_through":
+        return _integer(column, value, minimum=0)
     if column == "bound_by_vfiod":
         return _flag(column, value)
     if column == "created_at":
@@ -422,7 +427,16 @@ _V1: Final[tuple[MigrationStep, ...]] = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) STRICT",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "devices, attachments, intents, holds and meta", _V1),)
+_V2: Final[tuple[MigrationStep, ...]] = (
+    "ALTER TABLE devices ADD COLUMN settled_through INTEGER NOT NULL DEFAULT 0 CHECK (settled_through >= 0)",
+    "CREATE INDEX intents_by_device ON intents (device_id)",
+    "CREATE INDEX intents_by_pci_address ON intents (pci_address)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "devices, attachments, intents, holds and meta", _V1),
+    Migration(2, "devices.settled_through: the intent journal generation each device was settled at", _V2),
+)
 """Every schema version in order: version N is MIGRATIONS[N - 1]. Read at open time (tests extend it)."""
 
 
@@ -1068,6 +1082,33 @@ class Registry:
             params,
         )
         return [_intent_from_sql(r) for r in rows]
+
+    def intents_of_device(self, device_id: str, pci_address: str) -> list[IntentRow]:
+        """Open intents naming the device (by id, or by address for step-level intents), oldest first."""
+        rows = self._query(
+            f"SELECT {', '.join(_INTENT_COLUMNS)} FROM intents "  # noqa: S608
+            "WHERE (device_id = ? AND device_id <> '') OR (pci_address = ? AND pci_address <> '') "
+            "ORDER BY id",
+            (device_id, pci_address),
+        )
+        return [_intent_from_sql(r) for r in rows]
+
+    def settle_intents(self, device_id: str) -> list[IntentRow]:
+        """The device is settled (its stored state is what the kernel shows and nothing is pending): close
+        every open intent naming it and move its generation past every intent written so far. Returns the
+        intents it closed."""
+        with self.transaction():
+            row = self.get_device(device_id)
+            if row is None:
+                return []
+            closed = self.intents_of_device(device_id, str(row.pci_address))
+            for intent in closed:
+                self._write("DELETE FROM intents WHERE id = ?", (intent.id,))
+            seq = self._query("SELECT seq FROM sqlite_sequence WHERE name = 'intents'")
+            latest = int(seq[0][0]) if seq else 0
+            if latest > row.settled_through:
+                self._write("UPDATE devices SET settled_through = ? WHERE id = ?", (latest, device_id))
+        return closed
 
     def drop_intents_of_other_boots(self, boot_id: str) -> list[IntentRow]:
         """Deletes and returns the intents of every other boot: the kernel state they describe is gone, so

@@ -1,0 +1,182 @@
+"""The crash loop: a child process running the manager is SIGKILLed at every journal point of Attach, Detach,
+Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`; the restarted manager must leave the registry
+and the simulated kernel in agreement, and a second restart must change nothing (no intent is replayed
+over what came after it).
+
+The points are not listed by hand: a first run of each operation with `VFIOD_TEST_TRACE_POINTS` records
+every point it passes, and each of them is then killed in a fresh world. Every disagreement found is a
+violation; the test prints the figures (points killed, violations) and asserts there are none.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.core.test_crash import open_manager
+from vfiod.core.context import Caller
+from vfiod.core.errors import VfiodError
+from vfiod.core.manager import Manager
+from vfiod.host.pciaddr import PciAddress
+from vfiod.host.simulator import build, faults, processes
+
+HM = Caller(uid=1000)
+ADMIN = Caller(uid=0)
+PERSISTENCED = "nvidia-persistenced.service"
+GPUS = {"workstation-l4": "0000:a2:00.0", "dgx-h100": "0000:1b:00.0"}
+ACTIONS = ("attach", "detach", "bind", "unbind", "recover")
+
+
+@dataclass(frozen=True)
+class World:
+    profile: str
+    sim_root: Path
+    state: Path
+
+
+def setup(world: World, action: str) -> None:
+    """Bring a fresh world to what `action` starts from."""
+    build(world.sim_root, world.profile)
+    m = open_manager(world.sim_root, world.state)
+    m.startup()
+    m.register(HM, GPUS[world.profile], "gpu")
+    if action == "detach":
+        m.attach(HM, "vm1", ["gpu"], include_group=True)
+    elif action == "unbind":
+        m.bind(ADMIN, "gpu", include_group=True)
+    elif action == "recover":
+        m.attach(HM, "vm1", ["gpu"], include_group=True)
+        faults.inject(
+            world.sim_root, "nv", kind="probe_fail", path="/sys/bus/pci/drivers_probe", driver="nvidia"
+        )
+        with pytest.raises(VfiodError):
+            m.detach(HM, "vm1")
+        faults.clear(world.sim_root, "nv")
+        assert m.get_device("gpu").state == "stuck"
+    m.registry.close()
+
+
+def perform(m: Manager, action: str) -> None:
+    if action == "attach":
+        m.attach(HM, "vm1", ["gpu"], include_group=True)
+    elif action == "detach":
+        m.detach(HM, "vm1")
+    elif action == "bind":
+        m.bind(ADMIN, "gpu", include_group=True)
+    elif action == "unbind":
+        m.unbind(ADMIN, "gpu")
+    else:
+        m.recover(ADMIN)
+
+
+def _child(world: World, action: str, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    perform(open_manager(world.sim_root, world.state), action)
+    os._exit(0)
+
+
+def run_child(world: World, action: str, env: dict[str, str]) -> int | None:
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(world, action, env))
+    proc.start()
+    proc.join(60)
+    return proc.exitcode
+
+
+def points_of(tmp: Path, profile: str, action: str) -> list[str]:
+    world = World(profile, tmp / "trace-sim", tmp / "trace-state")
+    setup(world, action)
+    trace = tmp / "points"
+    env = {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_TRACE_POINTS": str(trace)}
+    assert run_child(world, action, env) == 0
+    return trace.read_text(encoding="utf-8").split()
+
+
+def snapshot(m: Manager) -> tuple[object, ...]:
+    rows = sorted((str(r.pci_address), r.state) for r in m.registry.list_devices())
+    atts = sorted((a.device_id, a.instance_id) for a in m.registry.all_attachments())
+    kernel = sorted((a, m.host.driver(PciAddress.parse(a))) for a, _ in rows)
+    return rows, atts, kernel
+
+
+def violations(m: Manager, sim_root: Path) -> list[str]:
+    """Every way the registry and the kernel disagree after a restart."""
+    out: list[str] = []
+    host = m.host
+    for row in m.registry.list_devices():
+        addr = row.pci_address
+        drv, override = host.driver(addr), host.driver_override(addr)
+        att = m.registry.attachment_of_device(row.id)
+        if row.state == "host" and (drv != row.native_driver or override not in (None, drv)):
+            out.append(f"{addr} is stored host but the kernel has {drv} (override {override})")
+        if row.state in ("vfio", "attached") and drv != "vfio-pci":
+            out.append(f"{addr} is stored {row.state} but the kernel has {drv}")
+        if row.state == "stuck" and not host.pending_writes(addr):
+            out.append(f"{addr} is stuck with no write pending")
+        if row.state in ("binding", "releasing", "missing"):
+            out.append(f"{addr} is left {row.state}")
+        if (att is not None) != (row.state == "attached"):
+            out.append(f"{addr} is {row.state} with attachment {att.instance_id if att else None}")
+    for group in host.iommu_groups():
+        if not host.vfio_group_node(group).exists():
+            continue
+        owner = host.node_owner(group)
+        owners = {a.owner_uid for a in m.registry.attachments_in_group(group)}
+        if owners and owner.uid not in owners:
+            out.append(f"/dev/vfio/{group} is uid {owner.uid}, its attachment is uid {sorted(owners)}")
+        if not owners and (owner.uid, owner.mode) != (0, 0o600):
+            out.append(f"/dev/vfio/{group} is uid {owner.uid} mode {owner.mode:o} with no attachment")
+    if m.registry.open_intents():
+        out.append(f"{len(m.registry.open_intents())} intents open after the devices settled")
+    holds = m.registry.all_holds()
+    active = processes.unit_active(sim_root, PERSISTENCED)
+    if holds or not active:
+        out.append(f"persistence holds {[(h.unit, h.holders) for h in holds]} with the unit active={active}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize("profile", sorted(GPUS))
+def test_crash_loop(tmp_path: Path, profile: str, action: str) -> None:
+    points = points_of(tmp_path, profile, action)
+    assert points, "the operation passed no journal point"
+    found: list[str] = []
+    for n, point in enumerate(points):
+        world = World(profile, tmp_path / f"sim{n}", tmp_path / f"state{n}")
+        setup(world, action)
+        env = {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point}
+        status = run_child(world, action, env)
+        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        m = open_manager(world.sim_root, world.state)
+        m.startup()
+        found += [f"{point}: {v}" for v in violations(m, world.sim_root)]
+        # the device works afterwards, and a second restart replays nothing over that later work
+        try:
+            then = _follow_up(m)
+        except VfiodError as e:
+            found.append(f"{point}: the device did not work after the restart: {e.message}")
+            m.registry.close()
+            continue
+        before = snapshot(m)
+        m.registry.close()
+        m = open_manager(world.sim_root, world.state)
+        report = m.startup()
+        if snapshot(m) != before or report.counters.get("operations_recovered"):
+            found.append(f"{point}: the restart after {then} changed {before} into {snapshot(m)}")
+        found += [f"{point} (after {then}): {v}" for v in violations(m, world.sim_root)]
+        m.registry.close()
+    print(f"crash loop {profile} {action}: {len(points)} points killed, {len(found)} violations")
+    assert found == []
+
+
+def _follow_up(m: Manager) -> str:
+    """An Attach on whatever start-up left (Detach first if it left the device attached)."""
+    if m.get_device("gpu").state == "attached":
+        m.detach(HM, "vm1")
+    m.attach(HM, "vm2", ["gpu"], include_group=True)
+    return "a new attach"
