@@ -7,7 +7,8 @@ import time
 
 from tests.bus.conftest import Clients, StartVfiod
 from tests.bus.harness import Reply
-from tests.bus.helpers import GPU, b, ok, register
+from tests.bus.helpers import AUDIO, GPU, b, ok, register
+from vfiod.bus.uevents import Uevent
 from vfiod.host.simulator import faults
 
 
@@ -33,3 +34,38 @@ def test_list_devices_answers_while_an_unbind_hangs(start_vfiod: StartVfiod, cli
         worker.join(30)
     assert result and result[0].ok, result
     assert ok(clients.root.m("GetDevice", "sa{sv}", "gpu", {}))["driver"] == "nvidia"
+
+
+def test_pending_uevents_during_a_hung_unbind_do_not_stall_get_device(
+    start_vfiod: StartVfiod, clients: Clients
+) -> None:
+    """20 uevents on the audio function while the GPU's unbind hangs (the call holds the group): before,
+    each queued a refresh that blocked a read worker on the group lock, and GetDevice waited behind them."""
+    vfiod = start_vfiod()
+    register(clients.root, GPU, "gpu")
+    ok(clients.root.m("Bind", "sa{sv}", "gpu", {"include_group": b(True)}))
+    faults.inject(vfiod.root, "hang", kind="hang", path="/sys/bus/pci/drivers/vfio-pci/unbind")
+    result: list[Reply] = []
+    worker = threading.Thread(target=lambda: result.append(clients.root.m("Unbind", "sa{sv}", "gpu", {})))
+    worker.start()
+    try:
+        assert faults.wait_hung(vfiod.root, "hang", 10), "the unbind did not reach the kernel"
+
+        async def uevents() -> None:
+            for _ in range(20):
+                vfiod.service.on_uevent(Uevent("change", AUDIO, "vfio-pci", f"/devices/x/{AUDIO}"))
+
+        vfiod.lt.run(uevents())
+        worst = 0.0
+        for _ in range(5):
+            started = time.monotonic()
+            ok(clients.bob.m("GetDevice", "sa{sv}", "gpu", {}))
+            worst = max(worst, time.monotonic() - started)
+        assert worst < 1.0, f"GetDevice took {worst:.2f} s during the hang"
+        hung = [t.name for t in threading.enumerate() if t.name.startswith("sysfs-write")]
+        assert len(hung) == 1, hung  # the one write in the kernel; nothing piled up behind it
+        assert worker.is_alive()  # still hung
+    finally:
+        faults.release(vfiod.root, "hang")
+        worker.join(60)
+    assert result

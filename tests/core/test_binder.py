@@ -28,6 +28,7 @@ from vfiod.core.guard import (
     require_not_in_use,
 )
 from vfiod.core.system import LoadedModulesOnly, SimulatedModules
+from vfiod.host.host import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import faults, processes
 
@@ -286,9 +287,12 @@ def test_hung_write_blocks_same_device_only(sim: SimFactory) -> None:
     faults.wait_hung(sh.root, "hang", 2.0)
     # another device is not blocked
     sh.host.set_driver_override(L4_AUDIO, DriverName.parse("vfio-pci"))
-    # the same device is (the kernel's device lock)
-    with pytest.raises(Exception, match="did not complete"):
+    # the same device would be (the kernel's device lock): the write is refused at once, not tried
+    threads = threading.active_count()
+    started = time.monotonic()
+    with pytest.raises(SysfsBusy, match=r"was not tried: 0000:a2:00\.0 still has .*nvidia/unbind"):
         sh.host.set_driver_override(L4, DriverName.parse("vfio-pci"))
+    assert time.monotonic() - started < 0.3 and threading.active_count() == threads
     faults.release(sh.root, "hang")
 
 

@@ -13,7 +13,7 @@ from tests.core.test_crash import open_manager, run_and_kill
 from tests.core.worlds import ADMIN, HM, L4, L4_AUDIO, OTHER, MakeEnv, drivers
 from vfiod.core import recovery
 from vfiod.core.access import KERNEL_DEFAULT
-from vfiod.core.errors import Failed, NativeDriverNotRestored, Timeout
+from vfiod.core.errors import NativeDriverNotRestored, Timeout
 from vfiod.host.backend import NodeOwner
 from vfiod.host.simulator import build, faults
 
@@ -204,7 +204,7 @@ def test_stuck_a_refresh_during_a_hung_detach_keeps_the_device_stuck(env: MakeEn
     assert m.get_device("l4-gpu").state == "stuck"
     m.refresh_device(str(L4))  # what a uevent does: the device is on vfio-pci with its attachment
     assert m.get_device("l4-gpu").state == "stuck"
-    with pytest.raises(Failed, match="stuck"):
+    with pytest.raises(Timeout, match=r"has not finished .*driver_override <- 'nvidia'"):
         m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
     faults.release(e.root, "hang")
     wait_no_pending(e)

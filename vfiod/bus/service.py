@@ -320,6 +320,7 @@ class Service:
         self._objects: dict[str, dict[str, Variant]] = {}  # device id -> property values
         self._tree_lock = asyncio.Lock()
         self._pending: set[str] = set()
+        self._refresh_queued: set[str] = set()  # PCI addresses with a manager re-read queued (uevents)
         self._flush: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
@@ -957,9 +958,16 @@ class Service:
                     "uevent %s for %s", ev.action, ev.pci_address, extra={"PCI_ADDRESS": ev.pci_address}
                 )
                 # A bind by another tool changes the stored state too; the manager re-reads it off the
-                # loop (it takes the group lock) and its change listener then refreshes the object.
-                self._reads.submit(self.manager.refresh_device, ev.pci_address)
+                # loop and its change listener then refreshes the object. One re-read per device is queued
+                # at a time: a burst of uevents costs one, not a worker each.
+                if ev.pci_address not in self._refresh_queued:
+                    self._refresh_queued.add(ev.pci_address)
+                    self._reads.submit(self._refresh_device, ev.pci_address)
                 self.schedule(device_id)
+
+    def _refresh_device(self, pci_address: str) -> None:
+        self._refresh_queued.discard(pci_address)  # from here on, a new uevent queues another re-read
+        self.manager.refresh_device(pci_address)
 
     def schedule(self, device_id: str) -> None:
         """Refresh `device_id` ("" = every device) soon; requests that arrive meanwhile are merged."""

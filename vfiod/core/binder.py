@@ -33,7 +33,7 @@ from vfiod.core.errors import (
 from vfiod.core.guard import GroupPlan, is_vfio_bound, require_not_held, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
-from vfiod.host.host import Host, SysfsTimeout, SysfsWriteError
+from vfiod.host.host import Host, SysfsBusy, SysfsTimeout, SysfsWriteError
 from vfiod.host.pciaddr import VFIO_PCI, DriverName, PciAddress
 
 log = logging.getLogger("vfiod.binder")
@@ -225,12 +225,15 @@ class Binder:
                 )
             self.modules.load(native.module)
         self._step(addr, "override", current, target, lambda: self.host.set_driver_override(addr, target))
-        if current is not None:
-            drv = current
-            self._step(addr, "unbind", drv, None, lambda: self.host.unbind(addr, drv))
+        # Each step reads the driver again rather than trusting the first read: an earlier attempt that
+        # was cut short (a killed writer, a probe the kernel finished late) may have moved it meanwhile.
+        now = self.host.driver(addr)
+        if now is not None and now != target:
+            self._step(addr, "unbind", now, None, lambda: self.host.unbind(addr, now))
         if target is None:
             return  # it had no driver: the override is already cleared and nothing is probed
-        self._step(addr, "probe", None, target, lambda: self.host.probe(addr, target))
+        if self.host.driver(addr) != target:
+            self._step(addr, "probe", None, target, lambda: self.host.probe(addr, target))
         deadline = self.host.deadlines.for_driver(target)
         ok = self._wait(lambda: self.host.driver(addr) == target, min(deadline, self.verify_timeout))
         self._step(addr, "clear-override", self.host.driver(addr), None, self._clear(addr))
@@ -261,6 +264,8 @@ class Binder:
         try:
             write()
             ok = True
+        except SysfsBusy as e:
+            raise Timeout(f"{e}; nothing was written", stuck=(addr,)) from e
         except SysfsTimeout as e:
             raise Timeout(
                 f"{e}; {addr} is stuck until the kernel finishes (Recover can return it once it does)",

@@ -29,11 +29,12 @@ from vfiod.core.errors import (
     NotBound,
     NotFound,
     NotOwner,
+    Timeout,
     VfiodError,
 )
 from vfiod.core.hoststatus import host_status
 from vfiod.core.journal import Operation
-from vfiod.core.locks import GroupLocks
+from vfiod.core.locks import GroupLocks, InstanceLocks
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
 from vfiod.core.records import Attachment, Device, device_from_row, vfio_group_path
@@ -80,6 +81,9 @@ class Manager:
         self.units = units
         self.hold = PersistenceHold(registry, units, self.boot_id, self.config.units_by_vendor)
         self.locks = GroupLocks()
+        self.locks.after_release = self._run_deferred_refreshes
+        self.instances = InstanceLocks()
+        self._deferred_refreshes: dict[int, set[str]] = {}  # group -> addresses a uevent asked to re-read
         self.verify_timeout = verify_timeout
         self._listeners: list[Callable[[str], None]] = []
         self._listeners_lock = threading.Lock()
@@ -136,7 +140,14 @@ class Manager:
         return row
 
     def device(self, row: DeviceRow) -> Device:
-        return device_from_row(self.host, row, self.registry.attachment_of_device(row.id))
+        """The device as a client sees it: its row and attachment read as one snapshot (never `attached_to`
+        from after a change with the state from before it), then the kernel's side."""
+        with self.registry.snapshot():
+            fresh = self.registry.get_device(row.id)
+            if fresh is None:
+                raise NotFound(f"device {row.name!r} was unregistered meanwhile")
+            att = self.registry.attachment_of_device(row.id)
+        return device_from_row(self.host, fresh, att)
 
     def get_device(self, id_or_name: object) -> Device:
         return self.device(self.resolve(id_or_name))
@@ -147,7 +158,10 @@ class Manager:
                 tags = validation.tags(tags)
             except validation.InvalidTagsInput as e:
                 raise InvalidArgument(str(e)) from e
-        return [self.device(row) for row in self.registry.list_devices(tags or None)]
+        with self.registry.snapshot():
+            rows = self.registry.list_devices(tags or None)
+            pairs = [(r, self.registry.attachment_of_device(r.id)) for r in rows]
+        return [device_from_row(self.host, row, att) for row, att in pairs]
 
     # ----- register / unregister ----------------------------------------------------------------------
 
@@ -233,6 +247,7 @@ class Manager:
         row = self.resolve(id_or_name)
         with self.locks.hold([row.iommu_group]):
             row = self._fresh(row)
+            self._require_no_pending([row.pci_address])
             att = self.registry.attachment_of_device(row.id)
             if att is not None:
                 raise InUse(
@@ -273,8 +288,9 @@ class Manager:
         if gpudirect_clique is not None and not 0 <= gpudirect_clique <= 255:
             raise InvalidArgument("gpudirect_clique must be 0-255")
         groups = [self._group(r) for r in rows]
-        with self.locks.hold(groups):
+        with self.instances.hold(instance), self.locks.hold(groups):
             rows = [self._fresh(r) for r in rows]
+            self._require_no_pending(a for g in groups for a in self._members(g))
             for row in rows:
                 self._usable(row)
                 att = self.registry.attachment_of_device(row.id)
@@ -582,21 +598,26 @@ class Manager:
         keep_bound: bool = False,
     ) -> None:
         instance = self._instance(instance_id)
+        # The instance first: a Detach sent while this instance's Attach still runs waits for it, then
+        # releases what it attached (rather than finding nothing yet and answering success).
+        with self.instances.hold(instance):
+            self._detach_instance(caller, instance, devices, keep_bound)
+
+    def _detach_instance(
+        self, caller: Caller, instance: str, devices: Sequence[object], keep_bound: bool
+    ) -> None:
         groups = self._detach_groups(instance, devices)
         if not groups:
             return  # unknown or already detached: success, so a client that timed out can retry
         atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
-        others = sorted({a.owner_uid for a in atts if a.owner_uid != caller.uid})
-        if others and not caller.is_admin({"instance": instance}):
-            raise NotOwner(
-                f"instance {instance!r} is attached for uid {', '.join(map(str, others))}, not {caller.uid}; "
-                "detaching another user's attachment needs the admin authorization"
-            )
+        self._require_owner(caller, instance, atts)
         with self.locks.hold(groups):
             atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
             if not atts:
                 return
+            self._require_owner(caller, instance, atts)  # again: who holds it may have changed meanwhile
             rows = [r for r in (self.registry.get_device(a.device_id) for a in atts) if r is not None]
+            self._require_no_pending(r.pci_address for r in rows)
             present = [r.pci_address for r in rows if self.host.device_exists(r.pci_address)]
             guard.require_not_held(self.host, present, "detach")
             for group in sorted(groups):
@@ -618,6 +639,14 @@ class Manager:
             extra={"ACTION": "detach", "INSTANCE_ID": instance, "CALLER_UID": caller.uid},
         )
         self._changed(r.id for r in rows)
+
+    def _require_owner(self, caller: Caller, instance: str, atts: Sequence[AttachmentRow]) -> None:
+        others = sorted({a.owner_uid for a in atts if a.owner_uid != caller.uid})
+        if others and not caller.is_admin({"instance": instance}):
+            raise NotOwner(
+                f"instance {instance!r} is attached for uid {', '.join(map(str, others))}, not {caller.uid}; "
+                "detaching another user's attachment needs the admin authorization"
+            )
 
     def _detach_groups(self, instance: str, devices: Sequence[object]) -> set[int]:
         atts = self.registry.attachments_of_instance(instance)
@@ -711,6 +740,7 @@ class Manager:
         self._require_admin(caller, "Bind", row)
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
+            self._require_no_pending(self._members(self._group(row)))
             self._usable(row)
             if guard.is_vfio_bound(self.host, row.pci_address):
                 if exclusive:
@@ -741,6 +771,7 @@ class Manager:
         self._require_admin(caller, "Unbind", row)
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
+            self._require_no_pending([row.pci_address])
             att = self.registry.attachment_of_device(row.id)
             if att is not None:
                 raise InUse(
@@ -977,7 +1008,14 @@ class Manager:
         row = self.registry.by_pci_address(addr)
         if row is None:
             return
-        with self.locks.hold([self._group(row)]):
+        group = self._group(row)
+        with self.locks.try_hold([group]) as held:
+            if not held:
+                # A call is working on this group (perhaps waiting on the kernel): never wait behind it.
+                # The refresh runs when that call lets go of the group; repeated uevents merge into one.
+                with self._listeners_lock:
+                    self._deferred_refreshes.setdefault(group, set()).add(str(addr))
+                return
             fresh = self.registry.get_device(row.id)
             if fresh is None or fresh.state in ("binding", "releasing"):
                 return
@@ -986,6 +1024,15 @@ class Manager:
             after = self.registry.get_device(row.id)
         if after is not None and after.state != before:
             self._changed([row.id])
+
+    def _run_deferred_refreshes(self, groups: set[int]) -> None:
+        with self._listeners_lock:
+            due = [a for g in groups for a in sorted(self._deferred_refreshes.pop(g, ()))]
+        for addr in due:
+            try:
+                self.refresh_device(addr)
+            except Exception:
+                log.exception("deferred refresh of %s failed", addr)
 
     def reconfigure(self, config: ManagerConfig) -> None:
         """SIGHUP: new persistence units and register allow-list for the calls that start from now on."""
@@ -1046,6 +1093,20 @@ class Manager:
         if fresh is None:
             raise NotFound(f"device {row.name!r} was unregistered meanwhile")
         return fresh
+
+    def _members(self, group: int) -> list[PciAddress]:
+        return self.host.group_members(group) if group >= 0 else []
+
+    def _require_no_pending(self, addrs: Iterable[PciAddress]) -> None:
+        """Timeout at once, writing nothing, while the kernel still has a write of ours to one of them: any
+        new write would hang behind it (and land whenever it is let go, whatever happened since)."""
+        for addr in sorted(set(addrs)):
+            pending = self.host.pending(addr)
+            if pending:
+                raise Timeout(
+                    f"{addr}: the kernel has not finished {pending[0].describe()}; nothing was written. "
+                    "Call again once it has (an admin's Recover returns the device then)"
+                )
 
     def _usable(self, row: DeviceRow) -> None:
         if row.state == "stuck":

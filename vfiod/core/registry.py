@@ -788,6 +788,13 @@ class Registry:
             log.exception("registry %s: %s failed", self._path, sql)
 
     @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Registry]:
+        """Several reads that see one committed state: no transaction of another thread commits between
+        them (every write holds the same lock for its whole transaction)."""
+        with self._lock:
+            yield self
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[Registry]:
         """`with registry.transaction() as tx:` commits on success and rolls back on any exception.
         Nested use (including every mutator called inside) is a savepoint of the outer transaction."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from vfiod.host.backend import KernelBackend, LinuxKernel, NodeOwner
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
@@ -89,6 +90,32 @@ class SysfsTimeout(HostError):
         super().__init__(f"writing {value!r} to {path} did not complete within {deadline:g} s")
 
 
+class SysfsBusy(HostError):
+    """A write refused before it started, because the kernel still has an earlier one: on this device
+    (whose lock it holds, so this one would hang behind it), or too many writes past their deadline."""
+
+    def __init__(self, path: str, value: str, reason: str) -> None:
+        self.path = path
+        self.value = value
+        super().__init__(f"writing {value!r} to {path} was not tried: {reason}")
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """A write that missed its deadline and has not returned from the kernel yet."""
+
+    path: str
+    value: str
+    pci_address: str | None
+    since: float  # wall-clock time the write started
+
+    def describe(self) -> str:
+        started = time.strftime("%H:%M:%S", time.localtime(self.since))
+        return (
+            f"{self.path} <- {self.value!r} (pending since {started}, {time.time() - self.since:.0f} s ago)"
+        )
+
+
 class ProcUnreadable(HostError):
     """A process's /proc entry could not be read; a busy check must not treat that as 'free'."""
 
@@ -125,6 +152,9 @@ class ProcessInfo:
     cgroup: str
 
 
+MAX_HUNG_WRITES: Final = 8  # writes left inside the kernel past their deadline, one thread each
+
+
 class Host:
     """Access to one Linux host (real or simulated) through its roots."""
 
@@ -140,7 +170,7 @@ class Host:
         self._listeners: list[WriteListener] = []
         self._listeners_lock = threading.Lock()
         # Writes that missed their deadline and are still in the kernel: path -> (pci address, value).
-        self._pending: dict[int, tuple[str, str, str | None]] = {}
+        self._pending: dict[int, PendingWrite] = {}
         self._pending_lock = threading.Lock()
 
     # ----- paths ---------------------------------------------------------------------------------------
@@ -335,7 +365,9 @@ class Host:
     def _write(self, path: Path, value: str, addr: PciAddress | None, deadline: float) -> None:
         data = value.encode()
         logical = self.logical(path)
+        self._refuse_behind_pending(logical, value, addr)
         state = _WriteState()
+        wall_start = time.time()
 
         def work() -> None:
             started = time.monotonic()
@@ -368,7 +400,9 @@ class Host:
                 if not state.finished:
                     state.abandoned = True
                     with self._pending_lock:
-                        self._pending[id(state)] = (logical, value, str(addr) if addr else None)
+                        self._pending[id(state)] = PendingWrite(
+                            logical, value, str(addr) if addr else None, wall_start
+                        )
             if state.abandoned:
                 record = WriteRecord(
                     logical, value, "timeout", time.monotonic() - started, str(addr) if addr else None
@@ -385,12 +419,44 @@ class Host:
     def pending_writes(self, addr: PciAddress | None = None) -> list[str]:
         """Writes that missed their deadline and have not returned yet (optionally only for `addr`): the
         kernel holds that device's lock, so any further write to it would hang too."""
+        return sorted(f"{p.path} <- {p.value!r}" for p in self.pending(addr))
+
+    def pending(self, addr: PciAddress | None = None) -> list[PendingWrite]:
+        """The same writes, with when each started (oldest first)."""
         with self._pending_lock:
-            return sorted(
-                f"{path} <- {value!r}"
-                for path, value, pci in self._pending.values()
-                if addr is None or pci == addr
+            found = [p for p in self._pending.values() if addr is None or p.pci_address == addr]
+        return sorted(found, key=lambda p: p.since)
+
+    def _refuse_behind_pending(self, logical: str, value: str, addr: PciAddress | None) -> None:
+        """A write to a device with a write still in the kernel would only hang behind it (and pile up one
+        more thread that lands it later, whatever has happened since); and the number of threads left
+        inside the kernel is bounded. Such a write is refused, logged, and not tried."""
+        with self._pending_lock:
+            hung = len(self._pending)
+            here = [p for p in self._pending.values() if addr is not None and p.pci_address == addr]
+        if here:
+            reason = f"{addr} still has {min(here, key=lambda p: p.since).describe()} in the kernel"
+        elif hung >= MAX_HUNG_WRITES:
+            reason = (
+                f"{hung} writes are still inside the kernel past their deadline (at most {MAX_HUNG_WRITES})"
             )
+        else:
+            return
+        log.warning(
+            "sysfs write %s <- %r refused: %s",
+            logical,
+            value,
+            reason,
+            extra={
+                "ACTION": "sysfs-write",
+                "SYSFS_PATH": logical,
+                "SYSFS_VALUE": value,
+                "RESULT": "refused",
+                "DURATION_MS": 0,
+                **({"PCI_ADDRESS": str(addr)} if addr else {}),
+            },
+        )
+        raise SysfsBusy(logical, value, reason)
 
     def _log_write(self, record: WriteRecord) -> None:
         level = logging.INFO if record.result == "ok" else logging.WARNING

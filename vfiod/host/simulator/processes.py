@@ -16,10 +16,13 @@ test starts or stops "a VMM holding the device". When `fd/` is made unreadable i
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vfiod.host.simulator.profiles import ProcessSpec, Profile
@@ -92,25 +95,32 @@ def _status_text(comm: str, pid: int, uid: int, gid: int) -> str:
     )
 
 
-def _claim_pid(root: Path, pid: int | None) -> tuple[int, Path]:
+def _publish(root: Path, staged: Path, pid: int | None, status: Callable[[int], str]) -> int:
+    """Move a fully written process directory into place under its pid (the given one, or the next free
+    one). A rename is atomic: a process appears whole or not at all, even if whoever starts it is killed
+    half-way (a half-written entry would look like a process outside its unit and block its pid)."""
     base = proc_dir(root)
-    base.mkdir(parents=True, exist_ok=True)
     if pid is not None:
         if pid < 1:
             raise ValueError("a pid is a positive number")
-        path = base / str(pid)
-        path.mkdir()  # FileExistsError if the pid is taken
-        return pid, path
-    existing = [int(n) for n in os.listdir(base) if n.isdigit()]
-    candidate = max([FIRST_AUTO_PID - 1, *existing]) + 1
-    while True:
-        path = base / str(candidate)
-        try:
-            path.mkdir()  # atomic: two processes adding at once get different pids
-        except FileExistsError:
-            candidate += 1
+        candidates: Iterable[int] = [pid]
+    else:
+        existing = [int(n) for n in os.listdir(base) if n.isdigit()]
+        candidates = itertools.count(max([FIRST_AUTO_PID - 1, *existing]) + 1)
+    for candidate in candidates:
+        target = base / str(candidate)
+        if target.exists():
             continue
-        return candidate, path
+        (staged / "status").write_text(status(candidate), encoding="utf-8")  # it names the pid
+        try:
+            os.rename(staged, target)  # onto a missing name only; a pid taken meanwhile: next one
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            continue
+        return candidate
+    shutil.rmtree(staged, ignore_errors=True)
+    raise FileExistsError(f"pid {pid} is taken")
 
 
 def add_process(
@@ -130,20 +140,22 @@ def add_process(
     (soft, hard) RLIMIT_MEMLOCK in bytes, None for unlimited."""
     if not exe.startswith("/"):
         raise ValueError("exe is the absolute logical path of the executable")
-    pid, base = _claim_pid(root, pid)
+    base = proc_dir(root)
+    base.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=".starting-", dir=base))
     name = (comm if comm is not None else os.path.basename(exe))[: TASK_COMM_LEN - 1]
     argv = list(args) if args is not None else [exe]
-    (base / "comm").write_text(name + "\n", encoding="utf-8")
-    (base / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
-    os.symlink(exe, base / "exe")
-    (base / "status").write_text(_status_text(name, pid, uid, uid if gid is None else gid), encoding="utf-8")
-    (base / "cgroup").write_text(_cgroup_text(cgroup_unit, uid), encoding="utf-8")
-    (base / "limits").write_text(limits_text(memlock), encoding="utf-8")
-    fd_dir = base / "fd"
+    (staged / "comm").write_text(name + "\n", encoding="utf-8")
+    (staged / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+    os.symlink(exe, staged / "exe")
+    (staged / "cgroup").write_text(_cgroup_text(cgroup_unit, uid), encoding="utf-8")
+    (staged / "limits").write_text(limits_text(memlock), encoding="utf-8")
+    fd_dir = staged / "fd"
     fd_dir.mkdir()
     for n, target in enumerate(["/dev/null", "/dev/null", "/dev/null", *fds]):
         os.symlink(target, fd_dir / str(n))
-    return pid
+    os.chmod(staged, 0o755)  # noqa: S103 -- like /proc/<pid>: anyone may look
+    return _publish(root, staged, pid, lambda p: _status_text(name, p, uid, uid if gid is None else gid))
 
 
 def _fd_dir(root: Path, pid: int) -> Path:
