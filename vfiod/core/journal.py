@@ -20,7 +20,7 @@ import secrets
 import signal
 
 from vfiod.core.binder import Step
-from vfiod.core.registry import Registry
+from vfiod.core.registry import Registry, RegistryError
 
 log = logging.getLogger("vfiod.journal")
 
@@ -50,6 +50,10 @@ class Operation:
         self._trace = _trace_file()
         self._seen: dict[str, int] = {}
         self.devices: list[str] = []  # the registered devices this operation moves, in journal order
+        # Set once the registry failed under this operation: from then on its steps only go back toward
+        # the native drivers (a rollback, or the rest of a restore), and go on without step intents the
+        # registry cannot take. The operation-level intents written before still let start-up finish it.
+        self.degraded = False
 
     def checkpoint(self, point: str) -> None:
         """A named moment of the operation (a test may crash the process here)."""
@@ -116,20 +120,38 @@ class Operation:
     # StepObserver
     def before(self, step: Step) -> None:
         self.checkpoint(step.action)
-        self._open[step] = self.registry.begin_intent(
-            action=step.action,
-            boot_id=self.boot_id,
-            pci_address=step.pci_address,
-            from_driver=step.from_driver or "",
-            to_driver=step.to_driver or "",
-            step=step.action,
-            operation=self.id,
-        )
+        try:
+            self._open[step] = self.registry.begin_intent(
+                action=step.action,
+                boot_id=self.boot_id,
+                pci_address=step.pci_address,
+                from_driver=step.from_driver or "",
+                to_driver=step.to_driver or "",
+                step=step.action,
+                operation=self.id,
+            )
+        except RegistryError as e:
+            if not self.degraded:
+                self.degraded = True
+                raise  # journal first: this step does not happen; what follows is the way back
+            log.warning(
+                "%s: %s of %s goes on without a step intent: %s",
+                self.id,
+                step.action,
+                step.pci_address,
+                e.message,
+                extra={"ACTION": "journal", "PCI_ADDRESS": step.pci_address},
+            )
 
     def after(self, step: Step, ok: bool) -> None:
         intent = self._open.pop(step, None)
         if intent is not None and ok:
-            self.registry.clear_intent(intent)
+            try:
+                self.registry.clear_intent(intent)
+            except RegistryError:
+                if not self.degraded:
+                    self.degraded = True
+                    raise
         # A failed step keeps its intent until the operation finishes or rolls back: if vfiod dies first,
         # recovery knows that write may have happened.
 

@@ -38,7 +38,7 @@ from vfiod.core.locks import GroupLocks, InstanceLocks
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
 from vfiod.core.records import Attachment, Device, device_from_row, vfio_group_path
-from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Registry
+from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Registry, RegistryError
 from vfiod.core.system import ModuleLoader, UnitController
 from vfiod.host.backend import NodeOwner
 from vfiod.host.host import Host, WriteRecord
@@ -245,6 +245,7 @@ class Manager:
 
     def unregister(self, caller: Caller, id_or_name: object) -> None:
         row = self.resolve(id_or_name)
+        self.registry.check_file()
         with self.locks.hold([row.iommu_group]):
             row = self._fresh(row)
             self._require_no_pending([row.pci_address])
@@ -278,6 +279,7 @@ class Manager:
         instance = self._instance(instance_id)
         if not devices:
             raise InvalidArgument("Attach needs at least one device id or name")
+        self.registry.check_file()  # a change vfiod could not keep is refused before the kernel is touched
         rows = _unique([self.resolve(d) for d in devices])
         owner = caller.uid if owner_uid is None else owner_uid
         details = {"instance": instance, "device": ",".join(r.name for r in rows)}
@@ -525,6 +527,8 @@ class Manager:
         cause: VfiodError,
     ) -> None:
         """The binder rolled back the failing group; put back every earlier group this call bound."""
+        if isinstance(cause, RegistryError):
+            op.degraded = True  # the way back must not depend on the registry that just failed
         binder = self.binder(op)
         for fn in reversed(bound):
             if fn.changed and fn.pci_address not in cause.stuck:
@@ -553,8 +557,23 @@ class Manager:
 
     def _settle(self, op: Operation, rows: Iterable[DeviceRow], stuck: Iterable[str]) -> None:
         """After a failure: every touched device's state is what the kernel shows, `stuck` where the kernel
-        left it mid-write; the operation's intents are cleared."""
-        stuck_set = set(stuck)
+        left it mid-write; the operation's intents are cleared. If the registry cannot take that (it is
+        what failed), the intents stay and start-up settles the devices."""
+        try:
+            self._record_settled(op, rows, set(stuck))
+        except RegistryError as e:
+            log.warning(
+                "%s: the kernel is back where it was, but the registry could not record it (%s); the next "
+                "start finishes the bookkeeping",
+                op.id,
+                e.message,
+                extra={"ACTION": "settle"},
+            )
+        finally:
+            self._changed(r.id for r in rows)
+        self.hold.release_stale()
+
+    def _record_settled(self, op: Operation, rows: Iterable[DeviceRow], stuck_set: set[str]) -> None:
         with self.registry.transaction():
             for row in rows:
                 fresh = self.registry.get_device(row.id)
@@ -571,7 +590,6 @@ class Manager:
             for row in rows:
                 if str(row.pci_address) not in stuck_set:
                     op.settle(row.id)  # what the kernel shows is final for it: no older intent stays open
-        self._changed(r.id for r in rows)
 
     def settled_state(self, row: DeviceRow, stuck: bool) -> dict[str, object]:
         if stuck:
@@ -609,6 +627,7 @@ class Manager:
         groups = self._detach_groups(instance, devices)
         if not groups:
             return  # unknown or already detached: success, so a client that timed out can retry
+        self.registry.check_file()
         atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
         self._require_owner(caller, instance, atts)
         with self.locks.hold(groups):
@@ -620,18 +639,24 @@ class Manager:
             self._require_no_pending(r.pci_address for r in rows)
             present = [r.pci_address for r in rows if self.host.device_exists(r.pci_address)]
             guard.require_not_held(self.host, present, "detach")
-            for group in sorted(groups):
-                previous = self._previous_grant(group, instance)
-                if previous is not None:
-                    access.revoke(self.host, group, previous)
+            previous = {g: self._previous_grant(g, instance) for g in sorted(groups)}
+
+            def give_nodes_back() -> None:
+                for group, owner in previous.items():
+                    if owner is not None:
+                        access.revoke(self.host, group, owner)
+
             if keep_bound:
                 with self.registry.transaction():
                     for row in rows:
                         self.registry.remove_attachment(row.id)
                         self.registry.update_device(row.id, **self.settled_state(row, False))
                         self.registry.settle_intents(row.id)
+                give_nodes_back()  # a node left with its owner meanwhile is taken back at the next start
             else:
-                self._restore_functions(rows, "detach", drop_attachments=True)
+                # The nodes go back once the detach is journaled (a registry that cannot take it leaves
+                # the VM its devices), and before any unbind.
+                self._restore_functions(rows, "detach", drop_attachments=True, before_steps=give_nodes_back)
         log.info(
             "detached %s from %s",
             ", ".join(str(r.pci_address) for r in rows),
@@ -656,7 +681,12 @@ class Manager:
         return {a.iommu_group for a in atts if a.device_id in wanted}
 
     def _restore_functions(
-        self, rows: Sequence[DeviceRow], kind: str, *, drop_attachments: bool = False
+        self,
+        rows: Sequence[DeviceRow],
+        kind: str,
+        *,
+        drop_attachments: bool = False,
+        before_steps: Callable[[], None] | None = None,
     ) -> None:
         """Put every function vfiod bound back on its native driver (highest function first, the reverse of
         binding). All attachments stay while any function could not be restored; those are `stuck`."""
@@ -673,6 +703,8 @@ class Manager:
                     row.id, str(row.pci_address), row.iommu_group, row.native_driver, row.native_module, ""
                 )
         op.checkpoint("journaled")
+        if before_steps is not None:
+            before_steps()
         binder = self.binder(op)
         failure: VfiodError | None = None
         units = self.hold.units_for(r.vendor_id for r in todo)
@@ -684,7 +716,7 @@ class Manager:
             try:
                 for row in todo:
                     try:
-                        binder.restore(row.pci_address, _native(row))
+                        self._restore_one(binder, op, row)
                     except VfiodError as e:
                         if not e.stuck:
                             e.stuck = (row.pci_address,)
@@ -698,22 +730,17 @@ class Manager:
             finally:
                 self.hold.release(units)
         if failure is not None:
-            stuck = set(failure.stuck)
-            with self.registry.transaction():
-                for row in todo:
-                    if row.pci_address in stuck:
-                        self.registry.update_device(row.id, state="stuck")
-                    else:
-                        fresh = self.registry.get_device(row.id)
-                        if fresh is not None:
-                            self.registry.update_device(row.id, **self.settled_state(fresh, False))
-                for intent in self.registry.open_intents():
-                    if intent.operation == op.id and intent.pci_address not in stuck:
-                        self.registry.clear_intent(intent.id)
-                for row in todo:
-                    if row.pci_address not in stuck:
-                        op.settle(row.id)
+            try:
+                self._record_restore_failure(op, rows, todo, failure)
+            except RegistryError as e:
+                log.warning(
+                    "%s: the registry could not record what the kernel was left in (%s); the next start does",
+                    op.id,
+                    e.message,
+                    extra={"ACTION": kind},
+                )
             self._changed(r.id for r in rows)
+            self.hold.release_stale()
             raise failure
         op.checkpoint("restored")
         with self.registry.transaction():
@@ -724,6 +751,35 @@ class Manager:
                 if fresh is not None:
                     self.registry.update_device(row.id, **self.settled_state(fresh, False))
             op.finish()
+
+    def _restore_one(self, binder: Binder, op: Operation, row: DeviceRow) -> None:
+        try:
+            binder.restore(row.pci_address, _native(row))
+        except RegistryError:
+            # The journal failed before a step: that step did not happen. Going back to the native driver
+            # is where this call was heading anyway, so finish it without step intents (the operation's
+            # own intent still lets start-up finish it if vfiod dies now).
+            op.degraded = True
+            binder.restore(row.pci_address, _native(row))
+
+    def _record_restore_failure(
+        self, op: Operation, rows: Sequence[DeviceRow], todo: Sequence[DeviceRow], failure: VfiodError
+    ) -> None:
+        stuck = set(failure.stuck)
+        with self.registry.transaction():
+            for row in todo:
+                if row.pci_address in stuck:
+                    self.registry.update_device(row.id, state="stuck")
+                else:
+                    fresh = self.registry.get_device(row.id)
+                    if fresh is not None:
+                        self.registry.update_device(row.id, **self.settled_state(fresh, False))
+            for intent in self.registry.open_intents():
+                if intent.operation == op.id and intent.pci_address not in stuck:
+                    self.registry.clear_intent(intent.id)
+            for row in todo:
+                if row.pci_address not in stuck:
+                    op.settle(row.id)
 
     # ----- bind / unbind (admin) ----------------------------------------------------------------------
 
@@ -738,6 +794,7 @@ class Manager:
     ) -> None:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Bind", row)
+        self.registry.check_file()
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
             self._require_no_pending(self._members(self._group(row)))
@@ -769,6 +826,7 @@ class Manager:
     def unbind(self, caller: Caller, id_or_name: object, *, exclusive: bool = False) -> None:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Unbind", row)
+        self.registry.check_file()
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
             self._require_no_pending([row.pci_address])
@@ -901,6 +959,7 @@ class Manager:
         """Admin: put stuck or driverless registered devices back on their native driver. Lists holders,
         never kills anything, releases a stale persistence hold and clears `stuck`."""
         self._require_admin(caller, "Recover")
+        self.registry.check_file()
         if target in ("", None):
             rows = [
                 r

@@ -2,8 +2,10 @@
 
 While any bind or unbind of a function from a configured vendor is in progress the units are stopped: the
 first holder stops them (recording whether each was running), the last releaser starts again those that
-were. The hold is journaled in the registry before the unit is touched, so after a crash or restart
-`recover()` starts again every unit a dead vfiod left stopped.
+were. Whether to stop is judged from the unit's real state (systemd's ActiveState), not from the journal:
+a holder that finds the unit running stops it, whatever a row says. The hold is journaled in the registry
+before the unit is touched, so after a crash or restart `recover()` starts again every unit a dead vfiod
+left stopped; a row this process cannot update never keeps a unit stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from vfiod.core.errors import Failed
-from vfiod.core.registry import HoldRow, Registry
+from vfiod.core.registry import HoldRow, Registry, RegistryError
 from vfiod.core.system import UnitController
 
 log = logging.getLogger("vfiod.persistence")
@@ -35,7 +37,11 @@ class PersistenceHold:
         self._boot_id = boot_id
         self.units_by_vendor = dict(units_by_vendor if units_by_vendor is not None else DEFAULT_UNITS)
         self._lock = threading.Lock()
-        self._in_process = 0  # holds taken by this process and not yet released
+        # The live count is this process's: unit -> holds taken and not yet released, and whether the unit
+        # ran before the first of them. The registry row is the journal of it, for a restart; a row this
+        # process cannot update (a full disk) never keeps a unit stopped.
+        self._held: dict[str, int] = {}
+        self._was_active: dict[str, bool] = {}
 
     def units_for(self, vendors: Iterable[str]) -> list[str]:
         out: set[str] = set()
@@ -45,6 +51,11 @@ class PersistenceHold:
 
     def all_units(self) -> list[str]:
         return sorted({u for units in self.units_by_vendor.values() for u in units})
+
+    @property
+    def in_process(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
 
     @contextmanager
     def held(self, vendors: Iterable[str]) -> Iterator[list[str]]:
@@ -56,54 +67,61 @@ class PersistenceHold:
             self.release(units)
 
     def acquire(self, units: Sequence[str]) -> None:
-        with self._lock:
-            self._in_process += len(units)
         taken: list[str] = []
         try:
             for unit in units:
                 self._acquire_one(unit)
                 taken.append(unit)
         except Failed:
-            with self._lock:
-                self._in_process -= len(units) - len(taken)
             self.release(taken)
             raise
 
     def _acquire_one(self, unit: str) -> None:
         with self._lock:
-            row = self._registry.get_hold(unit)
-            if row is not None:
-                self._registry.put_hold(HoldRow(unit, row.was_active, row.holders + 1, row.boot_id))
+            holders = self._held.get(unit, 0)
+            # Judged from the unit's real state, never from a row: a row left by a failure or a crash, or
+            # a unit someone started meanwhile, would otherwise leave it running during the unbind.
+            active = self._units.is_active(unit)
+            if holders and not active:
+                self._held[unit] = holders + 1
+                self._journal(unit, holders + 1)
                 return
-            was_active = self._units.is_active(unit)
-            # Journal first: if vfiod dies between here and the stop, recovery starts the unit again.
-            self._registry.put_hold(HoldRow(unit, was_active, 1, self._boot_id))
-            if not was_active:
+            row = self._registry.get_hold(unit)
+            was_active = active or self._was_active.get(unit, False) or (row is not None and row.was_active)
+            # Journal first: if vfiod dies between here and the stop, recovery starts the unit again. A
+            # registry that cannot take it fails the call here, before anything was stopped.
+            self._registry.put_hold(HoldRow(unit, was_active, holders + 1, self._boot_id))
+            self._held[unit] = holders + 1
+            self._was_active[unit] = was_active
+            if not active:
                 return
             try:
                 self._units.stop(unit)
             except Exception as e:
-                self._registry.delete_hold(unit)
+                self._held[unit] = holders
+                if not holders:
+                    del self._held[unit]
+                    self._forget(unit)
                 raise Failed(f"could not stop {unit} before touching the GPU driver: {e}") from e
             log.info("stopped %s for a bind/unbind", unit, extra={"ACTION": "hold-units", "UNIT": unit})
 
     def release(self, units: Sequence[str]) -> None:
         for unit in reversed(units):
             with self._lock:
-                self._in_process -= 1
-                row = self._registry.get_hold(unit)
-                if row is None:
+                holders = self._held.get(unit, 0) - 1
+                if holders > 0:
+                    self._held[unit] = holders
+                    self._journal(unit, holders)
                     continue
-                if row.holders > 1:
-                    self._registry.put_hold(HoldRow(unit, row.was_active, row.holders - 1, row.boot_id))
-                    continue
-                self._start_if_was_active(row)
+                self._held.pop(unit, None)
+                row = self._read_row(unit)
+                was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
+                self._start_if(unit, was_active)
 
     def release_stale(self) -> list[str]:
-        """Start units whose hold no call of this process owns any more (left by a crash)."""
-        with self._lock:
-            if self._in_process > 0:
-                return []
+        """Start units whose hold no call of this process owns any more (left by a crash or a failure)."""
+        if self.in_process > 0:
+            return []
         return self.recover()
 
     def drop_other_boots(self) -> list[str]:
@@ -117,24 +135,50 @@ class PersistenceHold:
         return dropped
 
     def recover(self) -> list[str]:
-        """Start again every unit a previous run left held; return their names."""
+        """Start again every unit a previous run (or a failed call) left held; return their names."""
         started: list[str] = []
         with self._lock:
             for row in self._registry.all_holds():
-                if self._start_if_was_active(row):
+                if self._held.get(row.unit):
+                    continue  # held by a call of this process right now
+                if self._start_if(row.unit, row.was_active):
                     started.append(row.unit)
         return started
 
-    def _start_if_was_active(self, row: HoldRow) -> bool:
+    def _start_if(self, unit: str, was_active: bool) -> bool:
         started = False
-        if row.was_active:
+        if was_active and not self._units.is_active(unit):
             try:
-                self._units.start(row.unit)
+                self._units.start(unit)
                 started = True
-                log.info("started %s again", row.unit, extra={"ACTION": "release-units", "UNIT": row.unit})
+                log.info("started %s again", unit, extra={"ACTION": "release-units", "UNIT": unit})
             except Exception as e:
                 # Keep the row: the next release or restart tries again rather than forgetting the unit.
-                log.error("could not start %s again: %s", row.unit, e, extra={"UNIT": row.unit})
+                log.error("could not start %s again: %s", unit, e, extra={"UNIT": unit})
                 return False
-        self._registry.delete_hold(row.unit)
+        self._forget(unit)
         return started
+
+    def _read_row(self, unit: str) -> HoldRow | None:
+        try:
+            return self._registry.get_hold(unit)
+        except RegistryError as e:
+            log.warning("cannot read the hold on %s: %s", unit, e.message, extra={"UNIT": unit})
+            return None
+
+    def _journal(self, unit: str, holders: int) -> None:
+        """Best effort: the count is this process's; the row only has to say the unit is held."""
+        try:
+            row = self._registry.get_hold(unit)
+            if row is not None:
+                self._registry.put_hold(HoldRow(unit, row.was_active, holders, row.boot_id))
+        except RegistryError as e:
+            log.warning("cannot record the hold on %s: %s", unit, e.message, extra={"UNIT": unit})
+
+    def _forget(self, unit: str) -> None:
+        try:
+            self._registry.delete_hold(unit)
+        except RegistryError as e:
+            # The unit runs as it should; the stale row is judged against its real state by the next
+            # acquire and dropped at the next start.
+            log.warning("cannot drop the hold row of %s: %s", unit, e.message, extra={"UNIT": unit})

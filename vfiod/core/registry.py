@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
-from vfiod.core.errors import AlreadyExists, InUse, NameExists, NotFound
+from vfiod.core.errors import AlreadyExists, Failed, InUse, NameExists, NotFound
 from vfiod.core.validation import is_device_id
 from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
 
@@ -61,8 +61,11 @@ _SQLITE_HEADER_SIZE: Final = 100
 _TIMESTAMP_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 
-class RegistryError(Exception):
-    """The registry database cannot be used; the message names the file, the problem and the remedy."""
+class RegistryError(Failed):
+    """The registry database cannot be used; the message names the file, the problem and the remedy.
+
+    A `Failed` like any other: a manager call that meets it mid-way rolls the kernel back as it does for a
+    kernel refusal, and the caller gets this message (which file, what to free or fix)."""
 
 
 def _unusable(path: Path, what: str) -> RegistryError:
@@ -583,6 +586,36 @@ def _examine(path: Path) -> bool:
     return True
 
 
+def _schema(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
+    rows = conn.execute("SELECT type, name, sql FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'").fetchall()
+    return {(str(t), str(n)): " ".join(str(q or "").split()) for t, n, q in rows}
+
+
+def _schema_differences(conn: sqlite3.Connection, applied: Sequence[Migration]) -> list[str]:
+    """How the file's tables and indexes differ from what `applied` creates (an integrity check does not
+    notice a dropped index or an altered table: both are a valid database, just not vfiod's)."""
+    reference = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for migration in applied:
+            for step in migration.steps:
+                if isinstance(step, str):
+                    reference.execute(step)
+                else:
+                    step(reference)
+        expected = _schema(reference)
+    finally:
+        reference.close()
+    found = _schema(conn)
+    out = [f"{t} {n} is missing" for t, n in sorted(expected.keys() - found.keys())]
+    out += [f"{t} {n} is not vfiod's" for t, n in sorted(found.keys() - expected.keys())]
+    out += [
+        f"{t} {n} was changed"
+        for (t, n), q in sorted(expected.items())
+        if (t, n) in found and found[(t, n)] != q
+    ]
+    return out
+
+
 def _open_failure(path: Path, e: sqlite3.Error) -> RegistryError:
     code = str(getattr(e, "sqlite_errorname", ""))
     if code == "SQLITE_NOTADB":
@@ -661,6 +694,9 @@ def _prepare(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise _unusable(path, f"failed its integrity check ({shown})")
+    differences = _schema_differences(conn, migrations[:version])
+    if differences:
+        raise _unusable(path, f"does not have the schema vfiod writes ({'; '.join(differences)})")
     mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
     if mode != "wal":
         raise RegistryError(
@@ -688,6 +724,36 @@ class Registry:
         self._path = path
         self._lock = threading.RLock()
         self._depth = 0  # transaction nesting of the thread holding _lock
+        # The file this registry opened, to notice it being deleted or replaced under a running vfiod
+        # (SQLite would go on writing to the unlinked inode, and every change would be lost at restart).
+        self._watch = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(self._watch)
+        self._identity = (st.st_dev, st.st_ino)
+        self.file_problem: str | None = None
+
+    def check_file(self) -> None:
+        """RegistryError, from now until a restart, once the file was deleted or replaced: nothing written
+        from then on would be found again."""
+        if self.file_problem is None:
+            problem = None
+            try:
+                st = os.stat(self._path)
+                if (st.st_dev, st.st_ino) != self._identity:
+                    problem = "was replaced by another file while vfiod was running"
+                elif os.fstat(self._watch).st_nlink == 0:
+                    problem = "was deleted while vfiod was running"
+            except FileNotFoundError:
+                deleted = os.fstat(self._watch).st_nlink == 0
+                problem = f"was {'deleted' if deleted else 'moved away'} while vfiod was running"
+            if problem is None:
+                return
+            self.file_problem = problem
+            log.error("registry %s %s; refusing every change until vfiod is restarted", self._path, problem)
+        raise RegistryError(
+            f"the vfiod registry {self._path} {self.file_problem}: nothing written now would be kept, so "
+            "vfiod refuses every change (reads go on). Put the file back or restart vfiod (systemctl "
+            "restart vfiod), which opens whatever is at that path then"
+        )
 
     @classmethod
     def open(cls, state_dir: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Registry:
@@ -739,6 +805,7 @@ class Registry:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+                os.close(self._watch)
 
     def __enter__(self) -> Registry:
         return self
@@ -800,6 +867,8 @@ class Registry:
         Nested use (including every mutator called inside) is a savepoint of the outer transaction."""
         with self._lock:
             if self._depth == 0:
+                if self._conn is not None:
+                    self.check_file()
                 self._control("BEGIN IMMEDIATE")
                 self._depth = 1
                 try:
