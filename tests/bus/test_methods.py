@@ -264,6 +264,19 @@ def test_busy_when_a_connection_is_at_its_cap(start_vfiod: StartVfiod, clients: 
     ok(clients.bob.m("ListDevices", "a{sv}", {}))
 
 
+def test_recovering_while_start_up_finishes_a_device(start_vfiod: StartVfiod, clients: Clients) -> None:
+    vfiod = start_vfiod()
+    dev = register(clients.root, GPU, "gpu")
+    vfiod.manager.recovering = {dev["id"]: GPU}  # as while start-up finishes an interrupted operation
+    text = expect(
+        clients.root, "Recovering", "Attach", "sasa{sv}", "vm1", ["gpu"], {"include_group": b(True)}
+    )
+    assert "still finishing the operation on gpu (0000:a2:00.0)" in text and "call again" in text
+    assert device(clients.root, "gpu")["state"] == "host"  # reads are served meanwhile
+    vfiod.manager.recovering = {}
+    ok(attach(clients.root, "vm1", "gpu", include_group=b(True)))
+
+
 def test_every_contract_error_is_covered_here() -> None:
     text = Path(__file__).read_text(encoding="utf-8")
     missing = [e.name for e in ALL_ERRORS if f'"{e.name}"' not in text]

@@ -392,6 +392,7 @@ EXPECTED_STATUS = {
     "AlreadyBound": 5,
     "NotBound": 5,
     "Busy": 5,
+    "Recovering": 5,
     "VFIONotAvailable": 6,
     "Timeout": 7,
     "NativeDriverNotRestored": 7,

@@ -573,7 +573,18 @@ def sc_crash_mid_attach(g: Guest) -> None:
         f"vfiod died by SIGKILL; kernel now: {g.drivers(BR_E1000, BR_EDU)} overrides {_overrides(BR_E1000)}"
     )
     check(g.driver(BR_E1000) is None, "the crash point is after e1000's unbind: it should have no driver now")
-    # the next call activates vfiod again (without the hook); start-up recovery runs before the name
+
+    # The next call activates vfiod again (without the hook). It takes its name first and finishes the
+    # interrupted Attach in the background (calls on those devices answer Recovering meanwhile): wait
+    # until the registry and the kernel agree, then check once more with the message.
+    def recovered() -> bool:
+        try:
+            registry_matches_kernel(g)
+        except ScenarioFailed:
+            return False
+        return g.drivers(BR_E1000, BR_EDU) == {BR_E1000: "e1000", BR_EDU: None}
+
+    wait_for(recovered, 60)
     registry_matches_kernel(g)
     g.expect_drivers({BR_E1000: "e1000", BR_EDU: None}, "after recovery")
     overrides = _overrides(BR_E1000, BR_EDU)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -35,6 +36,8 @@ from vfiod.bus.names import BUS_NAME, SYSTEMD_NAME
 from vfiod.bus.service import Service
 from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.bus.uevents import NetlinkUevents, SimulatedUevents, UeventSource
+from vfiod.core import recovery
+from vfiod.core.context import Report
 from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry, RegistryError
 from vfiod.core.system import (
@@ -150,6 +153,7 @@ class Daemon:
         self._tmp: Path | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.unfinished = 0
+        self.recovery: asyncio.Future[None] | None = None  # start-up's background part
 
     # ----- start --------------------------------------------------------------------------------------
 
@@ -198,13 +202,9 @@ class Daemon:
                 register_allow=list(self.config.register_allow),
             ),
         )
-        report = await loop.run_in_executor(None, self.manager.startup)
-        counters = ", ".join(f"{k}={v}" for k, v in sorted(report.counters.items()) if v)
-        log.info(
-            "start-up recovery done%s",
-            f": {counters}" if counters else ": the registry and the kernel agree",
-            extra={"ACTION": "startup"},
-        )
+        # Only the quick part before the name: what was interrupted. Finishing it can take a write's
+        # deadline per device, and systemd gives a Type=dbus unit 90 s to take its name.
+        report, operations = await loop.run_in_executor(None, self.manager.begin_startup)
 
         proc_host: Host | None = None
         if self.sim_root is not None:
@@ -234,8 +234,41 @@ class Daemon:
             f" (simulated host {self.kernel.profile.name} at {self.sim_root})" if self.kernel else "",
             extra={"ACTION": "ready"},
         )
-        self.notify(f"READY=1\nSTATUS=serving {devices} registered device{'s' if devices != 1 else ''}")
         self._start_watchdog(loop)
+        recovering = len(self.manager.recovering)
+        if recovering:
+            self.notify(
+                f"READY=1\nSTATUS=recovering 0 of {recovering} device{'s' if recovering != 1 else ''}"
+            )
+        self.recovery = asyncio.ensure_future(self._finish_startup(report, operations, devices))
+
+    async def _finish_startup(
+        self, report: Report, operations: list[recovery.Operation], devices: int
+    ) -> None:
+        """Start-up's slow part, while serving: calls on the devices concerned answer Recovering."""
+        assert self.manager is not None and self.service is not None
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: vfiod is exiting
+                loop.call_soon_threadsafe(self.notify, f"STATUS=recovering {done} of {total} devices")
+
+        try:
+            report = await loop.run_in_executor(
+                None, functools.partial(self.manager.finish_startup, report, operations, progress)
+            )
+        except Exception as e:
+            log.error("start-up recovery failed: %s", e, exc_info=e, extra={"ACTION": "startup"})
+            return
+        counters = ", ".join(f"{k}={v}" for k, v in sorted(report.counters.items()) if v)
+        log.info(
+            "start-up recovery done%s",
+            f": {counters}" if counters else ": the registry and the kernel agree",
+            extra={"ACTION": "startup"},
+        )
+        self.service.snapshots.invalidate()
+        await self.service.sync()
+        self.notify(f"READY=1\nSTATUS=serving {devices} registered device{'s' if devices != 1 else ''}")
 
     async def _connect(self) -> MessageBus:
         bus_opt = self.options.bus

@@ -60,6 +60,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "AlreadyBound": EXIT_CONFLICT,
     "NotBound": EXIT_CONFLICT,
     "Busy": EXIT_CONFLICT,
+    "Recovering": EXIT_CONFLICT,
     "VFIONotAvailable": EXIT_VFIO_UNAVAILABLE,
     "Timeout": EXIT_TIMEOUT,
     "NativeDriverNotRestored": EXIT_TIMEOUT,
@@ -92,7 +93,7 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (
         EXIT_CONFLICT,
         "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, NameExists, AlreadyExists, AlreadyBound, "
-        "NotBound, Busy",
+        "NotBound, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),

@@ -105,6 +105,12 @@ class Busy(VfiodError):
     name = "Busy"
 
 
+class Recovering(VfiodError):
+    """The device's operation, interrupted before vfiod restarted, is still being finished: retry soon."""
+
+    name = "Recovering"
+
+
 class Failed(VfiodError):
     name = "Failed"
 
@@ -129,5 +135,6 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     Timeout,
     NotAuthorized,
     Busy,
+    Recovering,
     Failed,
 )

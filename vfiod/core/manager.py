@@ -29,6 +29,7 @@ from vfiod.core.errors import (
     NotBound,
     NotFound,
     NotOwner,
+    Recovering,
     Timeout,
     VfiodError,
 )
@@ -84,6 +85,9 @@ class Manager:
         self.locks.after_release = self._run_deferred_refreshes
         self.instances = InstanceLocks()
         self._deferred_refreshes: dict[int, set[str]] = {}  # group -> addresses a uevent asked to re-read
+        self.recovering: dict[
+            str, str
+        ] = {}  # device id -> address: an interrupted operation is being finished
         self.verify_timeout = verify_timeout
         self._listeners: list[Callable[[str], None]] = []
         self._listeners_lock = threading.Lock()
@@ -246,6 +250,7 @@ class Manager:
     def unregister(self, caller: Caller, id_or_name: object) -> None:
         row = self.resolve(id_or_name)
         self.registry.check_file()
+        self._require_settled([row])
         with self.locks.hold([row.iommu_group]):
             row = self._fresh(row)
             self._require_no_pending([row.pci_address])
@@ -289,6 +294,7 @@ class Manager:
             raise NotAuthorized("force needs the admin authorization")
         if gpudirect_clique is not None and not 0 <= gpudirect_clique <= 255:
             raise InvalidArgument("gpudirect_clique must be 0-255")
+        self._require_settled(rows)
         groups = [self._group(r) for r in rows]
         with self.instances.hold(instance), self.locks.hold(groups):
             rows = [self._fresh(r) for r in rows]
@@ -630,6 +636,9 @@ class Manager:
         self.registry.check_file()
         atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
         self._require_owner(caller, instance, atts)
+        self._require_settled(
+            r for r in (self.registry.get_device(a.device_id) for a in atts) if r is not None
+        )
         with self.locks.hold(groups):
             atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
             if not atts:
@@ -795,6 +804,7 @@ class Manager:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Bind", row)
         self.registry.check_file()
+        self._require_settled([row])
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
             self._require_no_pending(self._members(self._group(row)))
@@ -827,6 +837,7 @@ class Manager:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Unbind", row)
         self.registry.check_file()
+        self._require_settled([row])
         with self.locks.hold([self._group(row)]):
             row = self._fresh(row)
             self._require_no_pending([row.pci_address])
@@ -854,11 +865,59 @@ class Manager:
 
     def startup(self) -> Report:
         """Make the registry match the kernel after a crash, restart or reboot (see recovery.py)."""
+        report, operations = self.begin_startup()
+        return self.finish_startup(report, operations)
+
+    def begin_startup(self) -> tuple[Report, list[recovery.Operation]]:
+        """The quick part of start-up: which interrupted operations there are. Their devices answer
+        `Recovering` to any call until `finish_startup` has dealt with them."""
         report = Report()
-        recovery.startup(self, report)
+        operations = recovery.plan(self, report)
         for finding in report.findings:
             log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+        with self._listeners_lock:
+            self.recovering = recovery.devices_of(self, operations)
+        return report, operations
+
+    def finish_startup(
+        self,
+        report: Report,
+        operations: Sequence[recovery.Operation],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Report:
+        """The slow part (the daemon runs it after taking its bus name): finish the interrupted operations
+        side by side, then the group nodes, the units and every device. `progress(done, total)` counts
+        devices."""
+        total = len(self.recovering)
+
+        def done(operation: recovery.Operation) -> None:
+            finished = recovery.devices_of(self, [operation])
+            with self._listeners_lock:
+                for device_id in finished:
+                    self.recovering.pop(device_id, None)
+                left = len(self.recovering)
+            self._changed(finished)
+            if progress is not None:
+                progress(total - left, total)
+
+        try:
+            recovery.finish(self, report, operations, done)  # it logs each finding as it comes
+        finally:
+            with self._listeners_lock:
+                self.recovering = {}
         return report
+
+    def _require_settled(self, rows: Iterable[DeviceRow]) -> None:
+        """`Recovering` for a device whose interrupted operation (from before a restart) is being finished."""
+        with self._listeners_lock:
+            busy = [r for r in rows if r.id in self.recovering]
+            left = len(self.recovering)
+        if busy:
+            names = ", ".join(f"{r.name} ({r.pci_address})" for r in busy)
+            raise Recovering(
+                f"vfiod is still finishing the operation on {names} that its restart interrupted "
+                f"({left} device{'s' if left != 1 else ''} left to recover); call again in a few seconds"
+            )
 
     def reconcile(
         self,
@@ -976,6 +1035,7 @@ class Manager:
         report = Report(
             counters={"candidates": len(rows), "recovered": 0, "held": 0, "failed": 0},
         )
+        self._require_settled(rows)
         for row in rows:
             with self.locks.hold([self._group(row)]):
                 self._recover_one(self._fresh(row), dry_run, report)
@@ -1065,8 +1125,8 @@ class Manager:
         except ValueError:
             return
         row = self.registry.by_pci_address(addr)
-        if row is None:
-            return
+        if row is None or row.id in self.recovering:
+            return  # a device being recovered is re-read when its recovery ends
         group = self._group(row)
         with self.locks.try_hold([group]) as held:
             if not held:
@@ -1142,6 +1202,9 @@ class Manager:
             return validation.instance_id(instance_id)
         except validation.InvalidInstanceIdInput as e:
             raise InvalidArgument(str(e)) from e
+
+    def group_of(self, row: DeviceRow) -> int:
+        return self._group(row)
 
     def _group(self, row: DeviceRow) -> int:
         live = self.host.iommu_group(row.pci_address) if self.host.device_exists(row.pci_address) else None

@@ -19,7 +19,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from vfiod.core import access, guard
@@ -47,7 +50,18 @@ def _driver(text: str) -> DriverName | None:
         return None
 
 
+Operation = tuple[str, list[IntentRow]]  # an interrupted operation: its id and its open intents
+RECOVERY_WORKERS = 16  # interrupted operations finished side by side (each write has its own deadline)
+
+
 def startup(m: Manager, report: Report) -> None:
+    """All of it, in this thread (tests and tools; the daemon runs `plan` before taking its bus name and
+    `finish` after, in the background)."""
+    finish(m, report, plan(m, report))
+
+
+def plan(m: Manager, report: Report) -> list[Operation]:
+    """The quick part: forget an earlier boot, and list the interrupted operations of this one."""
     last = m.registry.get_meta("boot_id")
     if last != m.boot_id:
         dropped = m.registry.drop_intents_of_other_boots(m.boot_id)
@@ -60,12 +74,66 @@ def startup(m: Manager, report: Report) -> None:
                 "of the earlier boot stay as reservations until their owner attaches again"
             )
         m.registry.set_meta("boot_id", m.boot_id)
-    _finish_open_operations(m, report)
-    _sweep_group_nodes(m, report)
+    return _open_operations(m, report)
+
+
+def devices_of(m: Manager, operations: Sequence[Operation]) -> dict[str, str]:
+    """Device id -> PCI address of every registered device an interrupted operation moved."""
+    out: dict[str, str] = {}
+    for _, intents in operations:
+        for intent in intents:
+            row = m.registry.get_device(intent.device_id) if intent.device_id else None
+            if row is None and intent.pci_address:
+                row = m.registry.by_pci_address(intent.pci_address)
+            if row is not None:
+                out[row.id] = str(row.pci_address)
+    return out
+
+
+def finish(
+    m: Manager,
+    report: Report,
+    operations: Sequence[Operation],
+    done: Callable[[Operation], None] | None = None,
+) -> None:
+    """The slow part: finish the interrupted operations side by side (`done` after each), then the group
+    nodes, the persistence units, and a re-read of every device. Safe beside calls being served: each
+    step takes the groups it touches, and a group a call is working on is left to that call."""
+    lock = threading.Lock()
+
+    def one(operation: Operation) -> None:
+        mine = Report()
+        try:
+            _finish_operation(m, operation, mine)
+        except Exception as e:  # one operation's trouble must not stop the others
+            log.exception("recovering %s failed", operation[0])
+            mine.count("stuck")
+            mine.findings.append(f"{operation[0]}: could not be finished: {e}")
+        for finding in mine.findings:  # as each finishes: an admin watching the journal sees it now
+            log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+        with lock:
+            for key, n in mine.counters.items():
+                report.count(key, n)
+            report.findings.extend(mine.findings)
+        if done is not None:
+            done(operation)
+
+    if operations:
+        with ThreadPoolExecutor(
+            min(RECOVERY_WORKERS, len(operations)), thread_name_prefix="vfiod-recover"
+        ) as pool:
+            list(pool.map(one, operations))
+    rest = Report()
+    _sweep_group_nodes(m, rest)
     for unit in m.hold.recover():
-        report.count("units_restarted")
-        report.findings.append(f"started {unit} again (a previous run left it stopped)")
-    refresh_all(m, report)
+        rest.count("units_restarted")
+        rest.findings.append(f"started {unit} again (a previous run left it stopped)")
+    refresh_all(m, rest)
+    for finding in rest.findings:
+        log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+    for key, n in rest.counters.items():
+        report.count(key, n)
+    report.findings.extend(rest.findings)
 
 
 def _superseded(m: Manager, intent: IntentRow) -> bool:
@@ -76,7 +144,7 @@ def _superseded(m: Manager, intent: IntentRow) -> bool:
     return row is not None and intent.id <= row.settled_through
 
 
-def _finish_open_operations(m: Manager, report: Report) -> None:
+def _open_operations(m: Manager, report: Report) -> list[Operation]:
     by_op: dict[str, list[IntentRow]] = defaultdict(list)
     for intent in m.registry.open_intents(m.boot_id):
         if _superseded(m, intent):
@@ -88,7 +156,13 @@ def _finish_open_operations(m: Manager, report: Report) -> None:
             )
             continue
         by_op[intent.operation].append(intent)
-    for op_id, intents in sorted(by_op.items()):
+    return sorted(by_op.items())
+
+
+def _finish_operation(m: Manager, operation: Operation, report: Report) -> None:
+    op_id, intents = operation
+    groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
+    with m.locks.hold(groups):
         functions = [i for i in intents if i.action in OPERATION_KINDS]
         kind = functions[0].action if functions else ""
         grants = [i for i in intents if i.action == "grant"]
@@ -150,29 +224,41 @@ def _sweep_group_nodes(m: Manager, report: Report) -> None:
     for group in m.host.iommu_groups():
         if not m.host.vfio_group_node(group).exists():
             continue
-        try:
-            owner = m.host.node_owner(group)
-        except OSError:
-            continue
-        named = {a.owner_uid for a in m.registry.attachments_in_group(group) if a.boot_id == m.boot_id}
-        if owner.uid == 0 or owner.uid in named:
-            continue
-        try:
-            access.revoke(m.host, group, access.KERNEL_DEFAULT)
-        except VfiodError as e:
-            report.findings.append(
-                f"/dev/vfio/{group} is owned by uid {owner.uid} and cannot be taken back: {e.message}"
-            )
-            continue
-        report.count("nodes_taken_back")
+        with m.locks.try_hold([group]) as held:
+            if held:  # a group a call is working on is that call's to settle
+                _sweep_group_node(m, group, report)
+
+
+def _sweep_group_node(m: Manager, group: int, report: Report) -> None:
+    try:
+        owner = m.host.node_owner(group)
+    except OSError:
+        return
+    named = {a.owner_uid for a in m.registry.attachments_in_group(group) if a.boot_id == m.boot_id}
+    if owner.uid == 0 or owner.uid in named:
+        return
+    try:
+        access.revoke(m.host, group, access.KERNEL_DEFAULT)
+    except VfiodError as e:
         report.findings.append(
-            f"/dev/vfio/{group} was owned by uid {owner.uid}, which no attachment names: root 0600 again"
+            f"/dev/vfio/{group} is owned by uid {owner.uid} and cannot be taken back: {e.message}"
         )
+        return
+    report.count("nodes_taken_back")
+    report.findings.append(
+        f"/dev/vfio/{group} was owned by uid {owner.uid}, which no attachment names: root 0600 again"
+    )
 
 
 def refresh_all(m: Manager, report: Report) -> None:
     for row in m.registry.list_devices():
-        refresh_one(m, row, report)
+        with m.locks.try_hold([m.group_of(row)]) as held:
+            if not held:
+                continue  # a call is working on it: that call settles it
+            # Held: nobody is working on it, so a `binding` or `releasing` left by a crash is stale.
+            fresh = m.registry.get_device(row.id)
+            if fresh is not None:
+                refresh_one(m, fresh, report)
 
 
 def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> None:

@@ -152,7 +152,7 @@ class ProcessInfo:
     cgroup: str
 
 
-MAX_HUNG_WRITES: Final = 8  # writes left inside the kernel past their deadline, one thread each
+MAX_HUNG_WRITES: Final = 64  # writes left inside the kernel past their deadline, one thread each
 
 
 class Host:
