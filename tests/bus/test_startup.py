@@ -8,9 +8,12 @@ hangs in the kernel, so each device needs its writes' deadlines (3 s here) befor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +77,20 @@ def test_startup_takes_the_name_first_and_recovers_in_the_background(
     conf.write_text(f"[deadlines]\ndefault = {DEADLINE}\n", encoding="utf-8")
     log = tmp_path / "vfiod.log"
     lt = LoopThread("startup")
+    # systemd's side of sd_notify: the STATUS= lines it would show in `systemctl status vfiod`
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.5)
+    messages: list[bytes] = []
+
+    def read_notifications() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    messages.append(notify.recv(4096))
+
+    reader = threading.Thread(target=read_notifications, daemon=True)
+    reader.start()
     argv = [sys.executable, "-m", "vfiod.cli.daemon", "run", "--bus", bus.address]
     argv += ["--simulate", f"synthetic:{2 * gpus}", "--sim-root", str(sim_root), "--config", str(conf)]
     with open(log, "wb") as out:
@@ -82,7 +99,7 @@ def test_startup_takes_the_name_first_and_recovers_in_the_background(
             argv,
             stdout=subprocess.DEVNULL,
             stderr=out,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(tmp_path / "notify")),
         )
     try:
         c = Client(lt, bus.address)
@@ -104,6 +121,13 @@ def test_startup_takes_the_name_first_and_recovers_in_the_background(
         assert named < 5.0
         assert settled < 60.0
         assert set(final.values()) == {"stuck"}
+        deadline = time.monotonic() + 10
+        while not any(b"STATUS=serving" in m for m in messages):
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.05)
+        statuses = [m.decode() for m in messages if b"STATUS=" in m]
+        assert any(f"STATUS=recovering 0 of {2 * gpus} devices" in m for m in statuses), statuses
+        assert any(f"STATUS=recovering {2 * gpus} of {2 * gpus} devices" in m for m in statuses), statuses
         for addr in addrs:  # stuck, with the write still pending named
             assert f"{addr}: could not finish an interrupted detach: writing '{addr}' to " in text, [
                 line for line in text.splitlines() if addr in line and "startup" in line
@@ -119,3 +143,4 @@ def test_startup_takes_the_name_first_and_recovers_in_the_background(
             proc.kill()
             proc.wait(10)
         lt.close()
+        notify.close()
