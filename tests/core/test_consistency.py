@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.test_crash import open_manager, run_and_kill
-from tests.core.worlds import ADMIN, HM, L4, L4_AUDIO, OTHER, MakeEnv, drivers
+from tests.core.worlds import ADMIN, HM, L4, L4_AUDIO, OTHER, Env, MakeEnv, drivers
 from vfiod.core import recovery
 from vfiod.core.access import KERNEL_DEFAULT
 from vfiod.core.errors import NativeDriverNotRestored, Timeout
@@ -37,14 +37,20 @@ def attached_to(e: object, instance: str) -> None:
 # ----- 1. intents never replayed over later work ------------------------------------------------------
 
 
-def test_intent_of_a_failed_detach_is_not_replayed_after_recover_and_a_new_attach(env: MakeEnv) -> None:
+def stuck_after_a_failed_detach(env: MakeEnv) -> Env:
+    """vm1 attached, then a Detach whose nvidia probe fails: the GPU is stuck, its intents left open."""
     e = env()
-    m = e.manager
-    m.register(HM, str(L4), "l4-gpu")
-    m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
+    e.manager.register(HM, str(L4), "l4-gpu")
+    e.manager.attach(HM, "vm1", ["l4-gpu"], include_group=True)
     faults.inject(e.root, "nv", kind="probe_fail", path="/sys/bus/pci/drivers_probe", driver="nvidia")
     with pytest.raises(NativeDriverNotRestored):
-        m.detach(HM, "vm1")
+        e.manager.detach(HM, "vm1")
+    return e
+
+
+def test_intent_of_a_failed_detach_is_not_replayed_after_recover_and_a_new_attach(env: MakeEnv) -> None:
+    e = stuck_after_a_failed_detach(env)
+    m = e.manager
     assert m.registry.open_intents()  # the stuck function's intents stay: a write may have happened
     faults.clear(e.root, "nv")
     assert m.recover(ADMIN).counters["recovered"] == 1
@@ -102,13 +108,8 @@ def test_intent_older_than_its_device_generation_is_closed_not_replayed(env: Mak
 
 
 def test_intent_of_a_reconciled_instance_is_closed(env: MakeEnv) -> None:
-    e = env()
+    e = stuck_after_a_failed_detach(env)
     m = e.manager
-    m.register(HM, str(L4), "l4-gpu")
-    m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
-    faults.inject(e.root, "nv", kind="probe_fail", path="/sys/bus/pci/drivers_probe", driver="nvidia")
-    with pytest.raises(NativeDriverNotRestored):
-        m.detach(HM, "vm1")
     faults.clear(e.root, "nv")
     m.recover(ADMIN)
     m.attach(HM, "vm2", ["l4-gpu"], include_group=True)
