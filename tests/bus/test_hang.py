@@ -61,6 +61,7 @@ def test_pending_uevents_during_a_hung_unbind_do_not_stall_get_device(
             started = time.monotonic()
             ok(clients.bob.m("GetDevice", "sa{sv}", "gpu", {}))
             worst = max(worst, time.monotonic() - started)
+        print(f"GetDevice during the hung unbind after 20 uevents: worst of 5 calls {worst * 1000:.0f} ms")
         assert worst < 1.0, f"GetDevice took {worst:.2f} s during the hang"
         hung = [t.name for t in threading.enumerate() if t.name.startswith("sysfs-write")]
         assert len(hung) == 1, hung  # the one write in the kernel; nothing piled up behind it
