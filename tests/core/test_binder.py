@@ -27,7 +27,8 @@ from vfiod.core.guard import (
     require_not_held,
     require_not_in_use,
 )
-from vfiod.core.system import LoadedModulesOnly, SimulatedModules
+from vfiod.core.simulated_system import SimulatedModules
+from vfiod.core.system import LoadedModulesOnly
 from vfiod.host.host import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import faults, processes

@@ -18,7 +18,7 @@ from vfiod.core.context import Report
 from vfiod.core.errors import Timeout
 from vfiod.core.manager import Manager
 from vfiod.core.registry import DeviceRow
-from vfiod.core.system import SimulatedModules
+from vfiod.core.simulated_system import SimulatedModules
 from vfiod.host import host as host_module
 from vfiod.host.pciaddr import DriverName
 from vfiod.host.simulator import faults, processes

@@ -165,7 +165,7 @@ class SimRig(Rig):
     kind = "simulator"
 
     def __init__(self, root: Path, profile: str = PROFILE) -> None:
-        from vfiod.core.system import SimulatedModules
+        from vfiod.core.simulated_system import SimulatedModules
         from vfiod.host.simulator import build
 
         self.root = root

@@ -22,7 +22,7 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -40,15 +40,11 @@ from vfiod.core import recovery
 from vfiod.core.context import Report
 from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry, RegistryError
-from vfiod.core.system import (
-    LoadedModulesOnly,
-    ModuleLoader,
-    SimulatedModules,
-    SimulatedUnits,
-    UnitController,
-)
+from vfiod.core.system import LoadedModulesOnly, ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.simulator import SimulatedKernel, build
+
+if TYPE_CHECKING:  # the simulator is imported only when --simulate is given (see _host)
+    from vfiod.host.simulator import SimulatedKernel
 
 try:
     import systemd.daemon as sd_daemon
@@ -91,7 +87,7 @@ class LoggedUnits:
     """The simulated systemd of `--simulate`: says what it stops and starts, and does it to the simulator's
     fake processes."""
 
-    def __init__(self, inner: SimulatedUnits) -> None:
+    def __init__(self, inner: UnitController) -> None:
         self._inner = inner
 
     def is_active(self, unit: str) -> bool:
@@ -293,6 +289,8 @@ class Daemon:
         policy = self.config.deadlines.policy()
         if self.options.simulate is None:
             return Host(HostRoots(), deadlines=policy)
+        from vfiod.host.simulator import SimulatedKernel, build  # noqa: PLC0415 -- simulator only with --simulate
+
         root = self.sim_root
         assert root is not None
         if (root / "sim" / "profile.json").is_file():
@@ -327,6 +325,8 @@ class Daemon:
             log.info("units and kernel modules through systemd on the bus")
             return client, client
         if self.kernel is not None and self.sim_root is not None:
+            from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits  # noqa: PLC0415 -- only with --simulate
+
             log.info("simulated host: units and modules through the simulator's stand-in for systemd")
             return LoggedUnits(SimulatedUnits(self.sim_root)), SimulatedModules(self.kernel)
         return UnitsLeftAlone(), LoadedModulesOnly(self.host)

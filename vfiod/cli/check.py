@@ -23,7 +23,6 @@ from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.host.backend import KernelBackend
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
-from vfiod.host.simulator import build
 
 USAGE_ERROR = 2
 
@@ -71,6 +70,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _build_simulation(root: Path, profile: str) -> KernelBackend:
+    from vfiod.host.simulator import build  # noqa: PLC0415 -- only with --simulate
+
     try:
         return build(root, profile)
     except LookupError as e:

@@ -1,16 +1,15 @@
 """The two small interfaces through which the core asks the system manager for something: loading a kernel
 module and stopping/starting a unit. The D-Bus layer plugs in the real systemd client; tests and the
-simulated demo plug in stand-ins.
+simulated demo plug in the stand-ins of `vfiod.core.simulated_system` (never imported by a daemon that
+does not simulate).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 from vfiod.core.errors import VFIONotAvailable
 from vfiod.host.host import Host
-from vfiod.host.simulator import SimulatedKernel, processes
 
 
 class ModuleLoader(Protocol):
@@ -46,36 +45,3 @@ class LoadedModulesOnly:
             f"kernel module {module} is not loaded and vfiod cannot load it here (systemd is not on the "
             f"bus); run: {modprobe_hint(module)}"
         )
-
-
-class SimulatedModules:
-    """Module loading on the kernel simulator: what `modprobe@<module>.service` does on a real host."""
-
-    def __init__(self, kernel: SimulatedKernel) -> None:
-        self._kernel = kernel
-
-    def load(self, module: str) -> None:
-        try:
-            self._kernel.load_module(module)
-        except (KeyError, ValueError, OSError) as e:
-            raise VFIONotAvailable(f"kernel module {module} cannot be loaded: {e}") from e
-
-
-class SimulatedUnits:
-    """systemd units on the kernel simulator: stopping a unit ends its fake processes, starting it runs
-    the profile's ones again. What the in-process systemd stand-in of `vfiod run --simulate` does."""
-
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        self.calls: list[tuple[str, str]] = []
-
-    def is_active(self, unit: str) -> bool:
-        return processes.unit_active(self._root, unit)
-
-    def stop(self, unit: str) -> None:
-        self.calls.append(("stop", unit))
-        processes.stop_unit(self._root, unit)
-
-    def start(self, unit: str) -> None:
-        self.calls.append(("start", unit))
-        processes.start_unit(self._root, unit)
