@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.conftest import SimFactory, SimHost
+from tests.machines import IGPU, L4, L4_AUDIO, NVIDIA
 from vfiod.core.binder import Binder, NativeDriver, Step
 from vfiod.core.errors import (
     DeviceBusy,
@@ -33,10 +34,6 @@ from vfiod.host.host import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import faults, processes
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
-IGPU = PciAddress.parse("0000:00:02.0")
-NVIDIA = DriverName.parse("nvidia")
 HDA = DriverName.parse("snd_hda_intel")
 
 

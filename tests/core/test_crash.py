@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
 from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.pciaddr import PciAddress
 from vfiod.host.simulator import SimulatedKernel, build, processes
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
 HM = Caller(uid=1000)
 PERSISTENCED = "nvidia-persistenced.service"
 

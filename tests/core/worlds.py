@@ -15,10 +15,6 @@ from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.simulator import SimulatedKernel, build
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
-IGPU = PciAddress.parse("0000:00:02.0")
-NIC = PciAddress.parse("0000:00:1f.6")
 PERSISTENCED = "nvidia-persistenced.service"
 HM = Caller(uid=1000)
 OTHER = Caller(uid=1001)

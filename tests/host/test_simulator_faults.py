@@ -15,15 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SimFactory
+from tests.machines import L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.host import SysfsBusy, SysfsTimeout, SysfsWriteError, WriteRecord
-from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pciaddr import DriverName
 from vfiod.host.simulator import SimulatedKernel, faults
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
-NIC = PciAddress.parse("0000:00:1f.6")
-VFIO = DriverName.parse("vfio-pci")
-NVIDIA = DriverName.parse("nvidia")
 HDA = DriverName.parse("snd_hda_intel")
 
 

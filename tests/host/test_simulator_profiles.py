@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SimFactory, SimHost
+from tests.machines import IGPU, L4, L4_AUDIO, NVIDIA, VFIO
 from vfiod.core.hostcritical import host_critical
 from vfiod.host.host import Host, HostRoots, ProcUnreadable
 from vfiod.host.pciaddr import DriverName, PciAddress
@@ -18,11 +19,6 @@ from vfiod.host.simulator import kernel as kernel_mod
 from vfiod.host.simulator.__main__ import main as tool
 from vfiod.host.simulator.profiles import Profile
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
-IGPU = PciAddress.parse("0000:00:02.0")
-VFIO = DriverName.parse("vfio-pci")
-NVIDIA = DriverName.parse("nvidia")
 L4_GROUP = 7
 
 PROFILES = ["workstation-l4", "dgx-h100", "no-iommu", "qemu-q35", "synthetic:5"]

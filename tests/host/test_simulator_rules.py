@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SimFactory, SimHost
+from tests.machines import IGPU, L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
 from vfiod.host.host import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.simulator import processes
 
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
 ROOT_PORT = PciAddress.parse("0000:00:01.0")
-IGPU = PciAddress.parse("0000:00:02.0")
-NIC = PciAddress.parse("0000:00:1f.6")
 NVME = PciAddress.parse("0000:01:00.0")
-VFIO = DriverName.parse("vfio-pci")
-NVIDIA = DriverName.parse("nvidia")
 HDA = DriverName.parse("snd_hda_intel")
 PCIEPORT = DriverName.parse("pcieport")
 L4_GROUP = 7

@@ -20,14 +20,12 @@ from pathlib import Path
 
 from tests.core.test_crash import open_manager
 from tests.core.test_crash_loop import violations
+from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError
-from vfiod.host.pciaddr import PciAddress
 from vfiod.host.simulator import build, processes
 
 HM = Caller(uid=1000)
-L4 = PciAddress.parse("0000:a2:00.0")
-L4_AUDIO = PciAddress.parse("0000:a2:00.1")
 UNIT = "nvidia-persistenced.service"
 
 
