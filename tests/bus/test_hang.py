@@ -5,23 +5,30 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.bus.conftest import Clients, StartVfiod
+from tests.bus.conftest import Clients, Running, StartVfiod
 from tests.bus.harness import Reply
 from tests.bus.helpers import AUDIO, GPU, b, ok, register
 from vfiod.bus.uevents import Uevent
 from vfiod.host.simulator import faults
 
 
-def test_list_devices_answers_while_an_unbind_hangs(start_vfiod: StartVfiod, clients: Clients) -> None:
-    vfiod = start_vfiod()
+def hung_unbind(vfiod: Running, clients: Clients, result: list[Reply]) -> threading.Thread:
+    """The GPU bound with its audio, then root's Unbind, whose first vfio-pci unbind hangs in the kernel
+    (the call holds the group); `result` gets its reply once the hang is released."""
     register(clients.root, GPU, "gpu")
     ok(clients.root.m("Bind", "sa{sv}", "gpu", {"include_group": b(True)}))
     faults.inject(vfiod.root, "hang", kind="hang", path="/sys/bus/pci/drivers/vfio-pci/unbind")
-    result: list[Reply] = []
     worker = threading.Thread(target=lambda: result.append(clients.root.m("Unbind", "sa{sv}", "gpu", {})))
     worker.start()
+    assert faults.wait_hung(vfiod.root, "hang", 10), "the unbind did not reach the kernel"
+    return worker
+
+
+def test_list_devices_answers_while_an_unbind_hangs(start_vfiod: StartVfiod, clients: Clients) -> None:
+    vfiod = start_vfiod()
+    result: list[Reply] = []
+    worker = hung_unbind(vfiod, clients, result)
     try:
-        assert faults.wait_hung(vfiod.root, "hang", 10), "the unbind did not reach the kernel"
         for who in (clients.bob, clients.root):
             started = time.monotonic()
             listed = ok(who.m("ListDevices", "a{sv}", {}))
@@ -42,14 +49,9 @@ def test_pending_uevents_during_a_hung_unbind_do_not_stall_get_device(
     """20 uevents on the audio function while the GPU's unbind hangs (the call holds the group): before,
     each queued a refresh that blocked a read worker on the group lock, and GetDevice waited behind them."""
     vfiod = start_vfiod()
-    register(clients.root, GPU, "gpu")
-    ok(clients.root.m("Bind", "sa{sv}", "gpu", {"include_group": b(True)}))
-    faults.inject(vfiod.root, "hang", kind="hang", path="/sys/bus/pci/drivers/vfio-pci/unbind")
     result: list[Reply] = []
-    worker = threading.Thread(target=lambda: result.append(clients.root.m("Unbind", "sa{sv}", "gpu", {})))
-    worker.start()
+    worker = hung_unbind(vfiod, clients, result)
     try:
-        assert faults.wait_hung(vfiod.root, "hang", 10), "the unbind did not reach the kernel"
 
         async def uevents() -> None:
             for _ in range(20):

@@ -20,7 +20,7 @@ from tests.integration.realstack import PATH, REPO, unavailable
 
 pytestmark = pytest.mark.slow
 
-# design/architecture.md, "Files on a host": every path the package itself ships.
+# Every path the package itself ships (FILES in vfiod(8) lists those an admin meets).
 TABLE = {
     "/usr/sbin/vfiod",
     "/usr/bin/vfioctl",

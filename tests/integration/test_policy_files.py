@@ -16,7 +16,7 @@ import pytest
 from tests.integration.realstack import HMTEST, NOBODY, ROOT, STRANGER, UNPRIVILEGED, Stack, User, gv_str
 
 ACTIONS = {
-    # action: (allow_any, allow_inactive, allow_active) -- design/dbus-api.md "polkit"
+    # action: (allow_any, allow_inactive, allow_active) -- the contract (AUTHORIZATION in vfiod(8))
     "org.hypeman.devices.inspect": ("yes", "yes", "yes"),
     "org.hypeman.devices.register": ("auth_admin_keep",) * 3,
     "org.hypeman.devices.attach": ("auth_admin_keep",) * 3,

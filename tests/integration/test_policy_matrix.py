@@ -3,7 +3,8 @@ polkitd with our shipped actions and rules, and unprivileged callers driving it 
 
 The stack: `vfiod run --simulate workstation-l4 --bus <private bus>` as root (the kernel is the simulator
 in a temporary directory; the real /sys is never touched). Users: `hmtest` (member of group `hypeman`),
-`stranger`, `nobody` and root. What each may do is design/dbus-api.md's contract:
+`stranger`, `nobody` and root. What each may do is the contract (the XML's method docs and AUTHORIZATION
+in vfiod(8)):
 - anyone may inspect; the stranger (and nobody) may not register, attach, detach or bind;
 - the hypeman member may register candidates and attach/detach its own devices, but not register other
   devices, detach another user's attachment, bind/unbind/recover, or use owner_uid/force;

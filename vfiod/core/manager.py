@@ -90,7 +90,7 @@ class Manager:
         ] = {}  # device id -> address: an interrupted operation is being finished
         self.verify_timeout = verify_timeout
         self._listeners: list[Callable[[str], None]] = []
-        self._listeners_lock = threading.Lock()
+        self._lock = threading.Lock()  # the small shared state below: listeners, holds, refreshes, recovering
         self._stuck_holds: dict[str, list[str]] = {}
         host.add_write_listener(self._late_listener)
 
@@ -103,11 +103,11 @@ class Manager:
     def add_change_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(device_id)` after every change vfiod makes to a registered device ("" = the set of
         devices changed)."""
-        with self._listeners_lock:
+        with self._lock:
             self._listeners.append(listener)
 
     def _changed(self, device_ids: Iterable[str]) -> None:
-        with self._listeners_lock:
+        with self._lock:
             listeners = list(self._listeners)
         for device_id in sorted(set(device_ids)):
             for listener in listeners:
@@ -249,7 +249,6 @@ class Manager:
 
     def unregister(self, caller: Caller, id_or_name: object) -> None:
         row = self.resolve(id_or_name)
-        self.registry.check_file()
         self._require_settled([row])
         with self.locks.hold([row.iommu_group]):
             row = self._fresh(row)
@@ -284,7 +283,6 @@ class Manager:
         instance = self._instance(instance_id)
         if not devices:
             raise InvalidArgument("Attach needs at least one device id or name")
-        self.registry.check_file()  # a change vfiod could not keep is refused before the kernel is touched
         rows = _unique([self.resolve(d) for d in devices])
         owner = caller.uid if owner_uid is None else owner_uid
         details = {"instance": instance, "device": ",".join(r.name for r in rows)}
@@ -295,7 +293,7 @@ class Manager:
         if gpudirect_clique is not None and not 0 <= gpudirect_clique <= 255:
             raise InvalidArgument("gpudirect_clique must be 0-255")
         self._require_settled(rows)
-        groups = [self._group(r) for r in rows]
+        groups = [self.group_of(r) for r in rows]
         with self.instances.hold(instance), self.locks.hold(groups):
             rows = [self._fresh(r) for r in rows]
             self._require_no_pending(a for g in groups for a in self._members(g))
@@ -569,8 +567,8 @@ class Manager:
             self._record_settled(op, rows, set(stuck))
         except RegistryError as e:
             log.warning(
-                "%s: the kernel is back where it was, but the registry could not record it (%s); the next "
-                "start finishes the bookkeeping",
+                "%s: the registry could not record what the kernel now shows (%s); the next start finishes "
+                "the bookkeeping",
                 op.id,
                 e.message,
                 extra={"ACTION": "settle"},
@@ -633,7 +631,6 @@ class Manager:
         groups = self._detach_groups(instance, devices)
         if not groups:
             return  # unknown or already detached: success, so a client that timed out can retry
-        self.registry.check_file()
         atts = [a for a in self.registry.attachments_of_instance(instance) if a.iommu_group in groups]
         self._require_owner(caller, instance, atts)
         self._require_settled(
@@ -739,17 +736,7 @@ class Manager:
             finally:
                 self.hold.release(units)
         if failure is not None:
-            try:
-                self._record_restore_failure(op, rows, todo, failure)
-            except RegistryError as e:
-                log.warning(
-                    "%s: the registry could not record what the kernel was left in (%s); the next start does",
-                    op.id,
-                    e.message,
-                    extra={"ACTION": kind},
-                )
-            self._changed(r.id for r in rows)
-            self.hold.release_stale()
+            self._settle(op, todo, failure.stuck)
             raise failure
         op.checkpoint("restored")
         with self.registry.transaction():
@@ -771,25 +758,6 @@ class Manager:
             op.degraded = True
             binder.restore(row.pci_address, _native(row))
 
-    def _record_restore_failure(
-        self, op: Operation, rows: Sequence[DeviceRow], todo: Sequence[DeviceRow], failure: VfiodError
-    ) -> None:
-        stuck = set(failure.stuck)
-        with self.registry.transaction():
-            for row in todo:
-                if row.pci_address in stuck:
-                    self.registry.update_device(row.id, state="stuck")
-                else:
-                    fresh = self.registry.get_device(row.id)
-                    if fresh is not None:
-                        self.registry.update_device(row.id, **self.settled_state(fresh, False))
-            for intent in self.registry.open_intents():
-                if intent.operation == op.id and intent.pci_address not in stuck:
-                    self.registry.clear_intent(intent.id)
-            for row in todo:
-                if row.pci_address not in stuck:
-                    op.settle(row.id)
-
     # ----- bind / unbind (admin) ----------------------------------------------------------------------
 
     def bind(
@@ -803,11 +771,10 @@ class Manager:
     ) -> None:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Bind", row)
-        self.registry.check_file()
         self._require_settled([row])
-        with self.locks.hold([self._group(row)]):
+        with self.locks.hold([self.group_of(row)]):
             row = self._fresh(row)
-            self._require_no_pending(self._members(self._group(row)))
+            self._require_no_pending(self._members(self.group_of(row)))
             self._usable(row)
             if guard.is_vfio_bound(self.host, row.pci_address):
                 if exclusive:
@@ -836,9 +803,8 @@ class Manager:
     def unbind(self, caller: Caller, id_or_name: object, *, exclusive: bool = False) -> None:
         row = self.resolve(id_or_name)
         self._require_admin(caller, "Unbind", row)
-        self.registry.check_file()
         self._require_settled([row])
-        with self.locks.hold([self._group(row)]):
+        with self.locks.hold([self.group_of(row)]):
             row = self._fresh(row)
             self._require_no_pending([row.pci_address])
             att = self.registry.attachment_of_device(row.id)
@@ -875,7 +841,7 @@ class Manager:
         operations = recovery.plan(self, report)
         for finding in report.findings:
             log.warning("startup: %s", finding, extra={"ACTION": "startup"})
-        with self._listeners_lock:
+        with self._lock:
             self.recovering = recovery.devices_of(self, operations)
         return report, operations
 
@@ -892,7 +858,7 @@ class Manager:
 
         def done(operation: recovery.Operation) -> None:
             finished = recovery.devices_of(self, [operation])
-            with self._listeners_lock:
+            with self._lock:
                 for device_id in finished:
                     self.recovering.pop(device_id, None)
                 left = len(self.recovering)
@@ -903,13 +869,13 @@ class Manager:
         try:
             recovery.finish(self, report, operations, done)  # it logs each finding as it comes
         finally:
-            with self._listeners_lock:
+            with self._lock:
                 self.recovering = {}
         return report
 
     def _require_settled(self, rows: Iterable[DeviceRow]) -> None:
         """`Recovering` for a device whose interrupted operation (from before a restart) is being finished."""
-        with self._listeners_lock:
+        with self._lock:
             busy = [r for r in rows if r.id in self.recovering]
             left = len(self.recovering)
         if busy:
@@ -1018,7 +984,6 @@ class Manager:
         """Admin: put stuck or driverless registered devices back on their native driver. Lists holders,
         never kills anything, releases a stale persistence hold and clears `stuck`."""
         self._require_admin(caller, "Recover")
-        self.registry.check_file()
         if target in ("", None):
             rows = [
                 r
@@ -1037,7 +1002,7 @@ class Manager:
         )
         self._require_settled(rows)
         for row in rows:
-            with self.locks.hold([self._group(row)]):
+            with self.locks.hold([self.group_of(row)]):
                 self._recover_one(self._fresh(row), dry_run, report)
         if not dry_run:
             for unit in self.hold.release_stale():
@@ -1070,16 +1035,16 @@ class Manager:
             report.findings.append(f"would return {row.name} ({addr}) from {now} to {target}")
             return
         att = self.registry.attachment_of_device(row.id)
-        if att is not None and att.node_prev_uid is not None:
-            assert att.node_prev_gid is not None and att.node_prev_mode is not None
-            access.revoke(
-                self.host,
-                att.iommu_group,
-                NodeOwner(att.node_prev_uid, att.node_prev_gid, att.node_prev_mode),
-            )
+
+        def give_node_back() -> None:
+            if att is not None and att.node_prev_uid is not None:
+                assert att.node_prev_gid is not None and att.node_prev_mode is not None
+                previous = NodeOwner(att.node_prev_uid, att.node_prev_gid, att.node_prev_mode)
+                access.revoke(self.host, att.iommu_group, previous)
+
         fixed = self.registry.update_device(row.id, bound_by_vfiod=True, state="releasing")
         try:
-            self._restore_functions([fixed], "recover", drop_attachments=True)
+            self._restore_functions([fixed], "recover", drop_attachments=True, before_steps=give_node_back)
         except VfiodError as e:
             report.count("failed")
             report.findings.append(f"{row.name} ({addr}): {e.message}")
@@ -1127,12 +1092,12 @@ class Manager:
         row = self.registry.by_pci_address(addr)
         if row is None or row.id in self.recovering:
             return  # a device being recovered is re-read when its recovery ends
-        group = self._group(row)
+        group = self.group_of(row)
         with self.locks.try_hold([group]) as held:
             if not held:
                 # A call is working on this group (perhaps waiting on the kernel): never wait behind it.
                 # The refresh runs when that call lets go of the group; repeated uevents merge into one.
-                with self._listeners_lock:
+                with self._lock:
                     self._deferred_refreshes.setdefault(group, set()).add(str(addr))
                 return
             fresh = self.registry.get_device(row.id)
@@ -1145,7 +1110,7 @@ class Manager:
             self._changed([row.id])
 
     def _run_deferred_refreshes(self, groups: set[int]) -> None:
-        with self._listeners_lock:
+        with self._lock:
             due = [a for g in groups for a in sorted(self._deferred_refreshes.pop(g, ()))]
         for addr in due:
             try:
@@ -1167,7 +1132,7 @@ class Manager:
                 continue
             units = self.hold.units_for([row.vendor_id])
             self.hold.acquire(units)
-            with self._listeners_lock:
+            with self._lock:
                 self._stuck_holds.setdefault(str(row.pci_address), []).extend(units)
 
     def _on_late_write(self, record: WriteRecord) -> None:
@@ -1175,7 +1140,7 @@ class Manager:
         if record.pci_address is None:
             return
         if not self.host.pending_writes(PciAddress.parse(record.pci_address)):
-            with self._listeners_lock:
+            with self._lock:
                 units = self._stuck_holds.pop(record.pci_address, [])
             self.hold.release(units)
         row = self.registry.by_pci_address(record.pci_address)
@@ -1183,7 +1148,7 @@ class Manager:
             return
         # This runs on the thread of the write that came back late; the call that issued it has long
         # answered Timeout and let go of the group, so waiting for the group here waits for no one of ours.
-        with self.locks.hold([self._group(row)]):
+        with self.locks.hold([self.group_of(row)]):
             fresh = self.registry.get_device(row.id)
             if fresh is None:
                 return
@@ -1204,9 +1169,7 @@ class Manager:
             raise InvalidArgument(str(e)) from e
 
     def group_of(self, row: DeviceRow) -> int:
-        return self._group(row)
-
-    def _group(self, row: DeviceRow) -> int:
+        """The device's IOMMU group: the live one while it is on the bus, else the registered one."""
         live = self.host.iommu_group(row.pci_address) if self.host.device_exists(row.pci_address) else None
         return live if live is not None else row.iommu_group
 
