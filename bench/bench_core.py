@@ -19,9 +19,9 @@ from vfiod.core.discovery import discover
 from vfiod.core.hoststatus import host_status
 from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
-from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.simulator import build
+from vfiod_sim import build
+from vfiod_sim.system import SimulatedModules, SimulatedUnits
 
 
 def measure(fn: Callable[[], object], runs: int) -> tuple[float, float]:

@@ -96,8 +96,8 @@ find "$PRIVATE" -maxdepth 2 \( -name INSTALLER -o -name REQUESTED -o -name direc
 rm -rf "$PRIVATE/bin"
 
 # vfiod itself: the package's files as they are in the tree (no bytecode; postinst compiles).
-[ -f "$REPO/vfiod/__init__.py" ] || die "vfiod/__init__.py not found in $REPO"
-tar -C "$REPO" --exclude=__pycache__ --exclude='*.py[co]' -cf - vfiod | tar -C "$PRIVATE" -xf -
+for pkg in vfiod vfiod_sim; do [ -f "$REPO/$pkg/__init__.py" ] || die "$pkg/__init__.py not found in $REPO"; done
+tar -C "$REPO" --exclude=__pycache__ --exclude='*.py[co]' -cf - vfiod vfiod_sim | tar -C "$PRIVATE" -xf -
 find "$PRIVATE" -type d -exec chmod 0755 {} + && find "$PRIVATE" -type f -exec chmod 0644 {} +
 
 # 2. Everything else the package ships, and the generated debian/ files.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
-from vfiod.host.simulator import SimulatedKernel, build, processes
+from vfiod_sim import SimulatedKernel, build, processes
 
 
 @dataclass

@@ -19,7 +19,7 @@ def test_the_daemon_does_not_import_the_simulator() -> None:
 
 
 def test_simulate_does_import_it() -> None:
-    check = "import vfiod.core.simulated_system, sys; print('vfiod.host.simulator' in sys.modules)"
+    check = "import vfiod_sim.system, sys; print('vfiod_sim' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60
     )

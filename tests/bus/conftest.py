@@ -25,7 +25,7 @@ from vfiod.bus.names import ACTION_INSPECT
 from vfiod.bus.service import Service
 from vfiod.config import Config
 from vfiod.core.manager import Manager
-from vfiod.host.simulator import SimulatedKernel, build
+from vfiod_sim import SimulatedKernel, build
 
 if shutil.which("dbus-daemon") is None:
     pytest.skip("dbus-daemon is not installed", allow_module_level=True)

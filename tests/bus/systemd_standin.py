@@ -25,7 +25,7 @@ from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from vfiod.bus.names import SYSTEMD_MANAGER_IFACE, SYSTEMD_NAME, SYSTEMD_PATH, SYSTEMD_UNIT_IFACE
-from vfiod.host.simulator import SimulatedKernel, processes
+from vfiod_sim import SimulatedKernel, processes
 
 NoReply = Annotated[None, DBusSignature("")]
 JobNewArgs = Annotated[list[object], DBusSignature("uos")]

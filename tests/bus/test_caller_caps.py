@@ -12,7 +12,7 @@ import threading
 from tests.bus.conftest import Clients, StartVfiod
 from tests.bus.harness import Reply
 from tests.bus.helpers import GPU, b, ok, register
-from vfiod.host.simulator import faults
+from vfiod_sim import faults
 
 
 def test_a_caller_at_its_cap_gets_busy_and_nothing_is_done(start_vfiod: StartVfiod, clients: Clients) -> None:

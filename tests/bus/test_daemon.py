@@ -21,7 +21,7 @@ from tests.bus.conftest import Clients, StartVfiod
 from tests.bus.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
 from tests.bus.helpers import GPU, b, ok, register
 from vfiod.bus.names import ACTION_INSPECT, ACTION_REGISTER, BUS_NAME
-from vfiod.host.simulator import faults
+from vfiod_sim import faults
 
 
 def vfiod(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -9,7 +9,7 @@ from tests.bus.conftest import Clients, Running, StartVfiod
 from tests.bus.harness import Reply
 from tests.bus.helpers import AUDIO, GPU, b, ok, register
 from vfiod.bus.uevents import Uevent
-from vfiod.host.simulator import faults
+from vfiod_sim import faults
 
 
 def hung_unbind(vfiod: Running, clients: Clients, result: list[Reply]) -> threading.Thread:

@@ -36,7 +36,7 @@ from vfiod.bus.names import (
 )
 from vfiod.config import Config, Deadlines, PerCaller
 from vfiod.core.errors import ALL_ERRORS
-from vfiod.host.simulator import faults, processes
+from vfiod_sim import faults, processes
 
 SHORT_DEADLINES = Config(deadlines=Deadlines(default=1.0))
 

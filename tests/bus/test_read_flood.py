@@ -64,7 +64,7 @@ def test_changes_are_seen_by_the_next_read(start_vfiod: StartVfiod, clients: Cli
     # another tool, announced by a uevent
     assert available(clients.bob)[AUDIO] == "vfio-pci"
     subprocess.run(
-        [sys.executable, "-m", "vfiod.host.simulator", "unbind", str(vfiod.root), AUDIO, "vfio-pci"],
+        [sys.executable, "-m", "vfiod_sim", "unbind", str(vfiod.root), AUDIO, "vfio-pci"],
         check=True,
         timeout=30,
     )

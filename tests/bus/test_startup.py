@@ -25,7 +25,7 @@ from tests.core.test_crash import open_manager
 from vfiod.bus.names import BUS_NAME
 from vfiod.core.context import Caller
 from vfiod.core.discovery import discover
-from vfiod.host.simulator import build, faults
+from vfiod_sim import build, faults
 
 HM = Caller(uid=1000)
 DEADLINE = 3

@@ -21,7 +21,7 @@ from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.core.errors import Failed, Timeout, VFIONotAvailable
 from vfiod.core.system import LoadedModulesOnly
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.simulator import SimulatedKernel, build, processes
+from vfiod_sim import SimulatedKernel, build, processes
 
 UNIT = "nvidia-persistenced.service"
 

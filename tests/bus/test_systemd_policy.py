@@ -34,7 +34,7 @@ from vfiod.bus.calls import Caller
 from vfiod.bus.names import BUS_NAME
 from vfiod.bus.systemd import SystemdClient
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.simulator import build, processes
+from vfiod_sim import build, processes
 
 UNIT = "nvidia-persistenced.service"
 PACKAGE_POLICY = Path(__file__).resolve().parents[2] / "dbus" / "org.hypeman.Devices1.conf"

@@ -17,7 +17,7 @@ from vfiod.bus.uevents import NetlinkUevents, Uevent, parse_netlink, parse_simul
 
 
 def simulator(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "vfiod.host.simulator", *args], check=True, timeout=30)
+    subprocess.run([sys.executable, "-m", "vfiod_sim", *args], check=True, timeout=30)
 
 
 def test_external_unbind_and_bind_emit_properties_changed(start_vfiod: StartVfiod, clients: Clients) -> None:

@@ -28,11 +28,11 @@ from vfiod.core.guard import (
     require_not_held,
     require_not_in_use,
 )
-from vfiod.core.simulated_system import SimulatedModules
 from vfiod.core.system import LoadedModulesOnly
 from vfiod.host.host import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import faults, processes
+from vfiod_sim import faults, processes
+from vfiod_sim.system import SimulatedModules
 
 HDA = DriverName.parse("snd_hda_intel")
 

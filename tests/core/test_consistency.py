@@ -16,7 +16,7 @@ from vfiod.core import recovery
 from vfiod.core.access import KERNEL_DEFAULT
 from vfiod.core.errors import NativeDriverNotRestored, Timeout
 from vfiod.host.backend import NodeOwner
-from vfiod.host.simulator import build, faults
+from vfiod_sim import build, faults
 
 
 def wait_no_pending(e: object, timeout: float = 10.0) -> None:

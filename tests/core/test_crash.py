@@ -14,9 +14,9 @@ from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
-from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits
 from vfiod.host.host import Host, HostRoots
-from vfiod.host.simulator import SimulatedKernel, build, processes
+from vfiod_sim import SimulatedKernel, build, processes
+from vfiod_sim.system import SimulatedModules, SimulatedUnits
 
 HM = Caller(uid=1000)
 PERSISTENCED = "nvidia-persistenced.service"

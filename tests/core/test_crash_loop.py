@@ -23,7 +23,7 @@ from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError
 from vfiod.core.manager import Manager
 from vfiod.host.pciaddr import PciAddress
-from vfiod.host.simulator import build, faults, processes
+from vfiod_sim import build, faults, processes
 
 HM = Caller(uid=1000)
 ADMIN = Caller(uid=0)

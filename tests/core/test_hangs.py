@@ -19,10 +19,10 @@ from vfiod.core.context import Report
 from vfiod.core.errors import Timeout
 from vfiod.core.manager import Manager
 from vfiod.core.registry import DeviceRow
-from vfiod.core.simulated_system import SimulatedModules
 from vfiod.host import host as host_module
 from vfiod.host.pciaddr import DriverName
-from vfiod.host.simulator import faults, processes
+from vfiod_sim import faults, processes
+from vfiod_sim.system import SimulatedModules
 
 OVERRIDE = f"/sys/bus/pci/devices/{L4}/driver_override"
 

@@ -31,7 +31,7 @@ from vfiod.core.errors import (
 )
 from vfiod.host.host import WriteRecord
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import faults, processes
+from vfiod_sim import faults, processes
 
 
 def test_seed_workflow(env: MakeEnv) -> None:

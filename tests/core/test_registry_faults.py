@@ -17,7 +17,7 @@ from tests.machines import L4, L4_AUDIO
 from vfiod.core.errors import Failed
 from vfiod.core.manager import Manager
 from vfiod.core.registry import HoldRow, Registry, RegistryError, _runtime_failure
-from vfiod.host.simulator import faults, processes
+from vfiod_sim import faults, processes
 
 FULL = "database or disk is full"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
-from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits
 from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
 from vfiod.host.pciaddr import PciAddress
-from vfiod.host.simulator import SimulatedKernel, build
+from vfiod_sim import SimulatedKernel, build
+from vfiod_sim.system import SimulatedModules, SimulatedUnits
 
 PERSISTENCED = "nvidia-persistenced.service"
 HM = Caller(uid=1000)

@@ -512,7 +512,8 @@ def _snapshot_source(dest: Path) -> None:
     """Copy the package and the e2e suite into the run folder: the guest sees this tree, unchanged by
     edits made on the host while it runs."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache")
-    shutil.copytree(REPO / "vfiod", dest / "vfiod", ignore=ignore)
+    for package in ("vfiod", "vfiod_sim"):
+        shutil.copytree(REPO / package, dest / package, ignore=ignore)
     (dest / "tests").mkdir(parents=True)
     shutil.copy2(REPO / "tests" / "__init__.py", dest / "tests" / "__init__.py")
     shutil.copytree(HERE, dest / "tests" / "e2e", ignore=ignore)

@@ -165,8 +165,8 @@ class SimRig(Rig):
     kind = "simulator"
 
     def __init__(self, root: Path, profile: str = PROFILE) -> None:
-        from vfiod.core.simulated_system import SimulatedModules
-        from vfiod.host.simulator import build
+        from vfiod_sim import build
+        from vfiod_sim.system import SimulatedModules
 
         self.root = root
         self.kernel = build(root, profile)
@@ -175,7 +175,7 @@ class SimRig(Rig):
 
     @contextlib.contextmanager
     def _hold(self, logical: str) -> Iterator[int]:
-        from vfiod.host.simulator import processes
+        from vfiod_sim import processes
 
         pid = processes.add_process(self.root, exe="/usr/bin/python3.11", fds=[logical])
         try:

@@ -18,7 +18,7 @@ from tests.conftest import SimFactory
 from tests.machines import L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.host import SysfsBusy, SysfsTimeout, SysfsWriteError, WriteRecord
 from vfiod.host.pciaddr import DriverName
-from vfiod.host.simulator import SimulatedKernel, faults
+from vfiod_sim import SimulatedKernel, faults
 
 HDA = DriverName.parse("snd_hda_intel")
 

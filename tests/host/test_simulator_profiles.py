@@ -1,5 +1,5 @@
 """Profiles, the built tree, processes, reboot, crash recovery, other processes sharing one simulated
-kernel, and the `python -m vfiod.host.simulator` tool."""
+kernel, and the `python -m vfiod_sim` tool."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from tests.machines import IGPU, L4, L4_AUDIO, NVIDIA, VFIO
 from vfiod.core.hostcritical import host_critical
 from vfiod.host.host import Host, HostRoots, ProcUnreadable
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import SimulatedKernel, build, get_profile, processes
-from vfiod.host.simulator import kernel as kernel_mod
-from vfiod.host.simulator.__main__ import main as tool
-from vfiod.host.simulator.profiles import Profile
+from vfiod_sim import SimulatedKernel, build, get_profile, processes, render, state, tree
+from vfiod_sim.__main__ import main as tool
+from vfiod_sim.profiles import Profile
 
 L4_GROUP = 7
 
@@ -331,7 +330,7 @@ def test_interrupted_update_is_repaired_by_the_next_locker(
 ) -> None:
     sh = sim(idle=True)
     sh.host.set_driver_override(L4, VFIO)
-    real_remove = kernel_mod._remove_path
+    real_remove = tree._remove_path
     calls = 0
 
     def dies_on_the_fourth_removal(path: str, kind: str) -> None:
@@ -341,20 +340,20 @@ def test_interrupted_update_is_repaired_by_the_next_locker(
             raise KeyboardInterrupt  # the process dies with the tree half updated
         real_remove(path, kind)
 
-    monkeypatch.setattr(kernel_mod, "_remove_path", dies_on_the_fourth_removal)
+    monkeypatch.setattr(tree, "_remove_path", dies_on_the_fourth_removal)
     with pytest.raises(KeyboardInterrupt):
         sh.kernel.write_attribute(sh.host.pci_drivers_dir / "nvidia/unbind", str(L4).encode())
-    monkeypatch.setattr(kernel_mod, "_remove_path", real_remove)
+    monkeypatch.setattr(tree, "_remove_path", real_remove)
     assert sh.host.driver(L4) == "nvidia"  # the driver link was not reached yet
     fresh = SimulatedKernel(sh.root)  # another process opening the same root
     st = fresh.state()  # taking the lock finishes the update
     assert st.devices[L4].driver is None and sh.host.driver(L4) is None
     assert not (sh.root / "dev/nvidia0").exists()
     # the tree is exactly what the state says
-    keys = sorted(kernel_mod._all_keys(fresh.topology))
-    rendered = kernel_mod._Renderer(fresh.topology, st).render(keys)
+    keys = sorted(state.all_keys(fresh.topology))
+    rendered = render.Renderer(fresh.topology, st).render(keys)
     for rel, entry in rendered.items():
-        assert kernel_mod._matches_disk(str(sh.root / rel), entry), rel
+        assert tree._matches_disk(str(sh.root / rel), entry), rel
 
 
 def _child_binds(root: str) -> None:

@@ -17,7 +17,7 @@ from tests.machines import IGPU, L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
 from vfiod.host.host import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
-from vfiod.host.simulator import processes
+from vfiod_sim import processes
 
 ROOT_PORT = PciAddress.parse("0000:00:01.0")
 NVME = PciAddress.parse("0000:01:00.0")
@@ -256,7 +256,7 @@ def test_pcie_pci_bridge_is_refused_by_pcieport(sim: SimFactory) -> None:
 
 def test_module_options_prebind_vfio_pci_at_boot(tmp_path: Path) -> None:
     from vfiod.host.host import Host, HostRoots
-    from vfiod.host.simulator import build, get_profile
+    from vfiod_sim import build, get_profile
 
     prof = get_profile("workstation-l4")
     prof = type(prof).from_dict(

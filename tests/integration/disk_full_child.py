@@ -23,7 +23,7 @@ from tests.core.test_crash_loop import violations
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError
-from vfiod.host.simulator import build, processes
+from vfiod_sim import build, processes
 
 HM = Caller(uid=1000)
 UNIT = "nvidia-persistenced.service"

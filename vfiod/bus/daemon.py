@@ -44,7 +44,7 @@ from vfiod.core.system import LoadedModulesOnly, ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
 
 if TYPE_CHECKING:  # the simulator is imported only when --simulate is given (see _host)
-    from vfiod.host.simulator import SimulatedKernel
+    from vfiod_sim import SimulatedKernel
 
 try:
     import systemd.daemon as sd_daemon
@@ -289,7 +289,7 @@ class Daemon:
         policy = self.config.deadlines.policy()
         if self.options.simulate is None:
             return Host(HostRoots(), deadlines=policy)
-        from vfiod.host.simulator import SimulatedKernel, build  # noqa: PLC0415 -- simulator only with --simulate
+        from vfiod_sim import SimulatedKernel, build  # noqa: PLC0415 -- simulator only with --simulate
 
         root = self.sim_root
         assert root is not None
@@ -325,7 +325,7 @@ class Daemon:
             log.info("units and kernel modules through systemd on the bus")
             return client, client
         if self.kernel is not None and self.sim_root is not None:
-            from vfiod.core.simulated_system import SimulatedModules, SimulatedUnits  # noqa: PLC0415 -- only with --simulate
+            from vfiod_sim.system import SimulatedModules, SimulatedUnits  # noqa: PLC0415 -- only with --simulate
 
             log.info("simulated host: units and modules through the simulator's stand-in for systemd")
             return LoggedUnits(SimulatedUnits(self.sim_root)), SimulatedModules(self.kernel)

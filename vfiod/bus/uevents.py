@@ -4,7 +4,7 @@
 On a real host `NetlinkUevents` reads the kernel's `NETLINK_KOBJECT_UEVENT` multicast group (only datagrams
 from the kernel itself, port id 0, are believed). On the simulator `SimulatedUevents` tails
 `<root>/sim/uevents.jsonl`, where the simulated kernel appends one JSON line per uevent (see
-vfiod/host/simulator/builder.py). Both deliver `Uevent`s for the `pci` subsystem to one callback on the
+vfiod_sim/builder.py). Both deliver `Uevent`s for the `pci` subsystem to one callback on the
 event loop; an `Uevent` with an empty address means "events were lost, re-read everything".
 """
 

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _build_simulation(root: Path, profile: str) -> KernelBackend:
-    from vfiod.host.simulator import build  # noqa: PLC0415 -- only with --simulate
+    from vfiod_sim import build  # noqa: PLC0415 -- only with --simulate
 
     try:
         return build(root, profile)

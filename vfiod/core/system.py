@@ -1,6 +1,6 @@
 """The two small interfaces through which the core asks the system manager for something: loading a kernel
 module and stopping/starting a unit. The D-Bus layer plugs in the real systemd client; tests and the
-simulated demo plug in the stand-ins of `vfiod.core.simulated_system` (never imported by a daemon that
+simulated demo plug in the stand-ins of `vfiod_sim.system` (never imported by a daemon that
 does not simulate).
 """
 

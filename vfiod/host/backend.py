@@ -3,7 +3,7 @@ ioctl and group-node ownership.
 
 `Host` reads sysfs, /dev and /proc as plain files under its roots, for the real kernel and the simulator
 alike; only these operations differ. `LinuxKernel` performs them on the real kernel;
-`vfiod.host.simulator.SimulatedKernel` imitates them on a directory tree.
+`vfiod_sim.SimulatedKernel` imitates them on a directory tree.
 """
 
 from __future__ import annotations

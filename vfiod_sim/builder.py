@@ -25,17 +25,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vfiod.host.simulator.kernel import (
-    DIR,
-    HUGEPAGE_SIZES,
-    SimulatedKernel,
-    Topology,
-    Tree,
-    apply_tree,
-    file_entry,
-    put_link,
-)
-from vfiod.host.simulator.profiles import Profile, get_profile
+from vfiod_sim.kernel import SimulatedKernel
+from vfiod_sim.profiles import Profile, get_profile
+from vfiod_sim.render import HUGEPAGE_SIZES
+from vfiod_sim.state import Topology
+from vfiod_sim.tree import DIR, Tree, apply_tree, file_entry, put_link
 
 _CLASSES = ("block", "drm", "graphics", "iommu", "net", "nvme", "sound", "vtconsole")
 

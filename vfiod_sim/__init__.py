@@ -9,9 +9,9 @@ written. Used by the tests, the demo (`vfiod check --simulate PROFILE`) and deve
 `processes` fake processes holding device nodes. docs/kernel-rules.md maps each rule to Linux.
 """
 
-from vfiod.host.simulator import faults, processes
-from vfiod.host.simulator.builder import build
-from vfiod.host.simulator.kernel import SimulatedKernel
-from vfiod.host.simulator.profiles import Profile, get_profile, profile_names
+from vfiod_sim import faults, processes
+from vfiod_sim.builder import build
+from vfiod_sim.kernel import SimulatedKernel
+from vfiod_sim.profiles import Profile, get_profile, profile_names
 
 __all__ = ["Profile", "SimulatedKernel", "build", "faults", "get_profile", "processes", "profile_names"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vfiod.core.errors import VFIONotAvailable
-from vfiod.host.simulator import SimulatedKernel, processes
+from vfiod_sim import SimulatedKernel, processes
 
 
 class SimulatedModules:

@@ -1,12 +1,12 @@
-"""`python -m vfiod.host.simulator`: build a simulated host and poke at it from a shell (or from another
+"""`python -m vfiod_sim`: build a simulated host and poke at it from a shell (or from another
 process than the one running vfiod): inject and release faults, start fake processes, write attributes the
 way an external tool would.
 
-    python -m vfiod.host.simulator build workstation-l4 /tmp/sim
-    python -m vfiod.host.simulator fault inject /tmp/sim h --kind hang --path /sys/bus/pci/drivers/nvidia/bind
-    python -m vfiod.host.simulator fault release /tmp/sim h
-    python -m vfiod.host.simulator process add /tmp/sim --exe /usr/bin/qemu --uid 1000 --fd /dev/vfio/7
-    python -m vfiod.host.simulator bind /tmp/sim 0000:a2:00.0 vfio-pci
+    python -m vfiod_sim build workstation-l4 /tmp/sim
+    python -m vfiod_sim fault inject /tmp/sim h --kind hang --path /sys/bus/pci/drivers/nvidia/bind
+    python -m vfiod_sim fault release /tmp/sim h
+    python -m vfiod_sim process add /tmp/sim --exe /usr/bin/qemu --uid 1000 --fd /dev/vfio/7
+    python -m vfiod_sim bind /tmp/sim 0000:a2:00.0 vfio-pci
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vfiod.host.simulator import faults, processes
-from vfiod.host.simulator.builder import build
-from vfiod.host.simulator.kernel import SimulatedKernel
-from vfiod.host.simulator.profiles import profile_names
+from vfiod_sim import faults, processes
+from vfiod_sim.builder import build
+from vfiod_sim.kernel import SimulatedKernel
+from vfiod_sim.profiles import profile_names
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vfiod.host.simulator", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vfiod_sim", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help=f"lay out a profile ({', '.join(profile_names())}) in a new directory")

@@ -1,0 +1,189 @@
+"""The kernel's state, and the profile seen as a topology.
+
+`KState` is everything the kernel knows that the profile does not say (which functions are on the bus,
+their drivers and overrides, loaded modules, dynamic ids, swapped cards...); it lives in `sim/state.json`.
+`Topology` is what is derived once from a profile (sysfs paths, parents, groups, drivers by module).
+The tree is partitioned into keys (one device, one IOMMU group, one driver, one module, "global"):
+`dirty_keys` says which a change of state touches.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfiod_sim.profiles import CardIdentity, DeviceSpec, DriverSpec, MatchEntry, ModuleSpec, Profile
+
+
+class Topology:
+    """Lookups derived once from a profile: paths, parents, groups, drivers by module."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.devices: dict[str, DeviceSpec] = {d.address: d for d in profile.devices}
+        self.order: list[str] = [d.address for d in profile.devices]
+        self.children: dict[str, list[str]] = {a: [] for a in self.order}
+        for d in profile.devices:
+            if d.parent is not None:
+                self.children[d.parent].append(d.address)
+        self.devpath: dict[str, str] = {}
+        for d in profile.devices:
+            if d.parent is None:
+                self.devpath[d.address] = f"sys/devices/pci{d.address[:4]}:{d.address[5:7]}/{d.address}"
+            else:
+                self.devpath[d.address] = f"{self.devpath[d.parent]}/{d.address}"
+        self.dir_to_addr = {p: a for a, p in self.devpath.items()}
+        self.root_buses = sorted(
+            {posixpath.dirname(self.devpath[a]) for a in self.order if not self.parent(a)}
+        )
+        self.groups: dict[int, list[str]] = profile.groups()
+        self.drivers: dict[str, DriverSpec] = {d.name: d for d in profile.drivers}
+        self.modules: dict[str, ModuleSpec] = {m.name: m for m in profile.modules}
+        self.module_drivers: dict[str, list[str]] = {m: [] for m in self.modules}
+        for drv in profile.drivers:
+            if drv.module is not None:
+                self.module_drivers[drv.module].append(drv.name)
+        slots: dict[str, int] = {}
+        for a in self.order:
+            slots[a[:10]] = slots.get(a[:10], 0) + 1
+        self.multifunction = {a: slots[a[:10]] > 1 for a in self.order}
+        self.index = {a: i for i, a in enumerate(self.order)}
+
+    def parent(self, addr: str) -> str | None:
+        return self.devices[addr].parent
+
+    def group_of(self, addr: str) -> int | None:
+        return self.devices[addr].iommu_group if self.profile.iommu else None
+
+    def descendants(self, addr: str) -> list[str]:
+        out: list[str] = []
+        for child in self.children[addr]:
+            out.append(child)
+            out.extend(self.descendants(child))
+        return out
+
+    def bus_range(self, addr: str) -> tuple[int, int]:
+        """(secondary, subordinate) bus numbers of a bridge, from the devices behind it."""
+        below = [int(a[5:7], 16) for a in self.descendants(addr)]
+        own = int(addr[5:7], 16)
+        if not below:
+            return own + 1, own + 1
+        return min(below), max(below)
+
+
+# ----- state --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DevState:
+    """One function: on the bus or not, its driver, its override, and the minors its driver allocated."""
+
+    present: bool = False
+    driver: str | None = None
+    override: str | None = None
+    minors: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "present": self.present,
+            "driver": self.driver,
+            "override": self.override,
+            "minors": self.minors,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DevState:
+        return cls(
+            present=bool(d["present"]),
+            driver=d.get("driver"),
+            override=d.get("override"),
+            minors={str(k): int(v) for k, v in d.get("minors", {}).items()},
+        )
+
+
+@dataclass
+class KState:
+    """Everything the kernel knows that the profile does not say. `cards` and `unplugged` are physical
+    (a swapped card, an empty slot) and survive a reboot; the rest is reset by it."""
+
+    boot_id: str
+    generation: int
+    devices: dict[str, DevState]
+    modules: list[str] = field(default_factory=list)  # loaded, in load order
+    drivers: list[str] = field(default_factory=list)  # registered, in registration order
+    dynids: dict[str, list[MatchEntry]] = field(default_factory=dict)  # new_id / ids=
+    extra_ids: dict[str, list[MatchEntry]] = field(default_factory=dict)  # add_driver_match
+    cards: dict[str, CardIdentity] = field(default_factory=dict)
+    unplugged: list[str] = field(default_factory=list)
+    autoprobe: bool = True
+    fbcon_bound: bool = False
+    console_unbound_by_admin: bool = False
+    hugepages: dict[str, int] = field(default_factory=dict)
+    seq: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "boot_id": self.boot_id,
+            "generation": self.generation,
+            "devices": {a: d.to_dict() for a, d in self.devices.items()},
+            "modules": self.modules,
+            "drivers": self.drivers,
+            "dynids": {k: [e.to_dict() for e in v] for k, v in self.dynids.items()},
+            "extra_ids": {k: [e.to_dict() for e in v] for k, v in self.extra_ids.items()},
+            "cards": {a: c.to_dict() for a, c in self.cards.items()},
+            "unplugged": self.unplugged,
+            "autoprobe": self.autoprobe,
+            "fbcon_bound": self.fbcon_bound,
+            "console_unbound_by_admin": self.console_unbound_by_admin,
+            "hugepages": self.hugepages,
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KState:
+        return cls(
+            boot_id=str(d["boot_id"]),
+            generation=int(d["generation"]),
+            devices={a: DevState.from_dict(x) for a, x in d["devices"].items()},
+            modules=[str(m) for m in d.get("modules", [])],
+            drivers=[str(m) for m in d.get("drivers", [])],
+            dynids={k: [MatchEntry.from_dict(e) for e in v] for k, v in d.get("dynids", {}).items()},
+            extra_ids={k: [MatchEntry.from_dict(e) for e in v] for k, v in d.get("extra_ids", {}).items()},
+            cards={a: CardIdentity.from_dict(c) for a, c in d.get("cards", {}).items()},
+            unplugged=[str(a) for a in d.get("unplugged", [])],
+            autoprobe=bool(d.get("autoprobe", True)),
+            fbcon_bound=bool(d.get("fbcon_bound", False)),
+            console_unbound_by_admin=bool(d.get("console_unbound_by_admin", False)),
+            hugepages={str(k): int(v) for k, v in d.get("hugepages", {}).items()},
+            seq=int(d.get("seq", 0)),
+        )
+
+
+def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
+    keys: set[str] = set()
+    for a in topo.order:
+        if old.devices[a] != new.devices[a] or old.cards.get(a) != new.cards.get(a):
+            keys.add(f"dev:{a}")
+            g = topo.group_of(a)
+            if g is not None:
+                keys.add(f"grp:{g}")
+    if old.drivers != new.drivers:
+        keys |= {f"drv:{d}" for d in set(old.drivers) ^ set(new.drivers)}
+    if old.modules != new.modules:
+        keys |= {f"mod:{m}" for m in set(old.modules) | set(new.modules)}
+        keys.add("global")
+    if (old.boot_id, old.autoprobe, old.fbcon_bound, old.hugepages) != (
+        new.boot_id,
+        new.autoprobe,
+        new.fbcon_bound,
+        new.hugepages,
+    ):
+        keys.add("global")
+    return keys
+
+
+def all_keys(topo: Topology) -> set[str]:
+    keys = {f"dev:{a}" for a in topo.order} | {f"grp:{g}" for g in topo.groups}
+    keys |= {f"drv:{d}" for d in topo.drivers} | {f"mod:{m}" for m in topo.modules}
+    return keys | {"global"}
