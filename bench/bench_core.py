@@ -17,11 +17,7 @@ from pathlib import Path
 from vfiod.core.context import Caller
 from vfiod.core.discovery import discover
 from vfiod.core.hoststatus import host_status
-from vfiod.core.manager import Manager
-from vfiod.core.registry import Registry
-from vfiod.host.host import Host, HostRoots
-from vfiod_sim import build
-from vfiod_sim.system import SimulatedModules, SimulatedUnits
+from vfiod_sim.simulation import Simulation
 
 
 def measure(fn: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -42,15 +38,14 @@ def bench_size(size: int, runs: int) -> list[tuple[str, int, float, float]]:
     rows: list[tuple[str, int, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "sim"
-        kernel = build(root, f"synthetic:{size}")
-        host = Host(HostRoots.under(root), backend=kernel)
+        sim = Simulation.open(root, f"synthetic:{size}")
+        host = sim.host
         rows.append(("discover (candidates)", size, *measure(lambda: discover(host), runs)))
         rows.append(
             ("discover (all functions)", size, *measure(lambda: discover(host, all_devices=True), runs))
         )
         rows.append(("host status", size, *measure(lambda: host_status(host), runs)))
-        registry = Registry.open(Path(tmp) / "state")
-        manager = Manager(host, registry, SimulatedModules(kernel), SimulatedUnits(root))
+        manager = sim.manager(Path(tmp) / "state")
         caller = Caller(uid=1000)
         manager.register(caller, discover(host)[0].pci_address, "bench-gpu")
 
@@ -60,7 +55,7 @@ def bench_size(size: int, runs: int) -> list[tuple[str, int, float, float]]:
 
         rows.append(("attach+detach (GPU+audio)", size, *measure(cycle, runs)))
         rows.append(("list devices", size, *measure(manager.list_devices, runs)))
-        registry.close()
+        manager.registry.close()
     return rows
 
 

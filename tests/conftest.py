@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
-from vfiod_sim import SimulatedKernel, build, processes
+from vfiod.host.host import DeadlinePolicy, Host, WriteRecord
+from vfiod_sim import SimulatedKernel, processes
+from vfiod_sim.simulation import Simulation
 
 
 @dataclass
@@ -36,11 +37,9 @@ def sim(tmp_path: Path) -> SimFactory:
         nonlocal count
         count += 1
         root = tmp_path / f"sim{count}"
-        kernel = build(root, profile)
-        policy = DeadlinePolicy(default=deadline, per_driver={})
-        host = Host(HostRoots.under(root), backend=kernel, deadlines=policy)
-        sh = SimHost(root=root, kernel=kernel, host=host)
-        host.add_write_listener(sh.writes.append)
+        sim = Simulation.open(root, profile, deadlines=DeadlinePolicy(default=deadline, per_driver={}))
+        sh = SimHost(root=root, kernel=sim.kernel, host=sim.host)
+        sim.host.add_write_listener(sh.writes.append)
         if idle:
             processes.stop_unit(root, "nvidia-persistenced.service")
         return sh

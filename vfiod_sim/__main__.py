@@ -20,7 +20,7 @@ from pathlib import Path
 from vfiod_sim import faults, processes
 from vfiod_sim.builder import build
 from vfiod_sim.kernel import SimulatedKernel
-from vfiod_sim.profiles import profile_names
+from vfiod_sim.machines import profile_names
 
 
 def _parser() -> argparse.ArgumentParser:

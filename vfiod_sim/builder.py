@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 from vfiod_sim.kernel import SimulatedKernel
-from vfiod_sim.profiles import Profile, get_profile
+from vfiod_sim.machines import get_profile
+from vfiod_sim.model import Profile
 from vfiod_sim.render import HUGEPAGE_SIZES
 from vfiod_sim.state import Topology
 from vfiod_sim.tree import DIR, Tree, apply_tree, file_entry, put_link

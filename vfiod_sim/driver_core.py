@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vfiod_sim import faults, processes
+from vfiod_sim.model import PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.parsing import scan_hex
-from vfiod_sim.profiles import PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import oserror
 

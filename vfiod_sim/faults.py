@@ -28,9 +28,10 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 KINDS = ("hang", "errno", "delay", "probe_nothing", "probe_fail")
 WRITE_KINDS = ("hang", "errno", "delay")
@@ -40,19 +41,42 @@ POLL_INTERVAL = 0.02
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")  # no dots: <name>.json, .hung, .release
 
 
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    kind: str
+def _errno_name(value: str | None) -> str | None:
+    if value is not None and (not value.startswith("E") or not isinstance(getattr(_errno, value, None), int)):
+        raise ValueError(f"{value!r} is not an errno name such as EBUSY")
+    return value
+
+
+class Fault(BaseModel):
+    """One fault file, validated: a bad kind, errno name, `then` or count is refused when injected and a
+    file that does not validate is ignored when loaded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=_NAME_RE.pattern)]
+    kind: Literal["hang", "errno", "delay", "probe_nothing", "probe_fail"]
     path: str | None = None
     value: str | None = None
-    errno: str | None = None
+    errno: Annotated[str | None, AfterValidator(_errno_name)] = None
     seconds: float = 0.0
     driver: str | None = None
     pci_address: str | None = None
-    count: int | None = None
-    then: str = "complete"
+    count: Annotated[int | None, Field(ge=0)] = None
+    then: Literal["complete", "fail"] = "complete"
     hung: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.kind in WRITE_KINDS and self.path is None:
+            raise ValueError(f"a {self.kind} fault needs a path (a logical sysfs path or glob)")
+        if (
+            self.kind in PROBE_KINDS
+            and self.path is None
+            and self.pci_address is None
+            and self.driver is None
+        ):
+            raise ValueError(f"a {self.kind} fault needs a pci_address, a driver or a path")
+        return self
 
     @property
     def active(self) -> bool:
@@ -79,36 +103,7 @@ class Fault:
         return self.driver is None or self.driver == driver
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "path": self.path,
-            "value": self.value,
-            "errno": self.errno,
-            "seconds": self.seconds,
-            "driver": self.driver,
-            "pci_address": self.pci_address,
-            "count": self.count,
-            "then": self.then,
-            "hung": self.hung,
-        }
-
-    @classmethod
-    def from_dict(cls, name: str, d: dict[str, Any]) -> Fault:
-        count = d.get("count")
-        return cls(
-            name=name,
-            kind=str(d["kind"]),
-            path=None if d.get("path") is None else str(d["path"]),
-            value=None if d.get("value") is None else str(d["value"]),
-            errno=None if d.get("errno") is None else str(d["errno"]),
-            seconds=float(d.get("seconds") or 0.0),
-            driver=None if d.get("driver") is None else str(d["driver"]),
-            pci_address=None if d.get("pci_address") is None else str(d["pci_address"]),
-            count=None if count is None else int(count),
-            then=str(d.get("then") or "complete"),
-            hung=bool(d.get("hung", False)),
-        )
+        return self.model_dump(mode="json")
 
 
 def streq(a: bytes, b: bytes) -> bool:
@@ -153,33 +148,22 @@ def inject(
     count: int | None = None,
     then: str = "complete",
 ) -> Fault:
-    """Create (or replace) fault `name`; it applies to writes that start after this returns."""
+    """Create (or replace) fault `name`; it applies to writes that start after this returns. ValueError
+    (pydantic's ValidationError) for a fault that cannot apply."""
     _check_name(name)
-    if kind not in KINDS:
-        raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
-    if errno is not None and (not errno.startswith("E") or not isinstance(getattr(_errno, errno, None), int)):
-        raise ValueError(f"{errno!r} is not an errno name such as EBUSY")
-    if kind == "errno" and errno is None:
-        errno = "EIO"
-    if then not in ("complete", "fail"):
-        raise ValueError("then must be 'complete' or 'fail'")
-    if kind in WRITE_KINDS and path is None:
-        raise ValueError(f"a {kind} fault needs a path (a logical sysfs path or glob)")
-    if kind in PROBE_KINDS and path is None and pci_address is None and driver is None:
-        raise ValueError(f"a {kind} fault needs a pci_address, a driver or a path")
-    if count is not None and count < 0:
-        raise ValueError("count must be >= 0 or None")
-    fault = Fault(
-        name=name,
-        kind=kind,
-        path=path,
-        value=value,
-        errno=errno,
-        seconds=float(seconds),
-        driver=driver,
-        pci_address=pci_address,
-        count=count,
-        then=then,
+    fault = Fault.model_validate(
+        {
+            "name": name,
+            "kind": kind,
+            "path": path,
+            "value": value,
+            "errno": "EIO" if kind == "errno" and errno is None else errno,
+            "seconds": float(seconds),
+            "driver": driver,
+            "pci_address": pci_address,
+            "count": count,
+            "then": then,
+        }
     )
     d = faults_dir(root)
     d.mkdir(parents=True, exist_ok=True)
@@ -219,8 +203,8 @@ def load(root: Path, name: str) -> Fault | None:
     except FileNotFoundError:
         return None
     try:
-        return Fault.from_dict(name, json.loads(text))
-    except (ValueError, KeyError, TypeError):
+        return Fault.model_validate({**json.loads(text), "name": name})
+    except (ValueError, TypeError):
         return None
 
 
@@ -247,7 +231,7 @@ def take(root: Path, name: str) -> bool:
     if f is None or not f.active:
         return False
     if f.count is not None:
-        _write_json(faults_dir(root) / f"{name}.json", replace(f, count=f.count - 1).to_dict())
+        _write_json(faults_dir(root) / f"{name}.json", f.model_copy(update={"count": f.count - 1}).to_dict())
     return True
 
 
@@ -273,7 +257,7 @@ def set_hung(root: Path, name: str, hung: bool) -> None:
             marker.unlink()
     f = load(root, name)
     if f is not None:
-        _write_json(d / f"{name}.json", replace(f, hung=hung).to_dict())
+        _write_json(d / f"{name}.json", f.model_copy(update={"hung": hung}).to_dict())
 
 
 def released(root: Path, name: str) -> bool:

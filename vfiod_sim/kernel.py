@@ -24,7 +24,7 @@ from typing import Any
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
 from vfiod_sim import faults, nodes, processes
 from vfiod_sim.driver_core import Core, Op
-from vfiod_sim.profiles import PCI_ANY_ID, CardIdentity, MatchEntry, Profile
+from vfiod_sim.model import PCI_ANY_ID, CardIdentity, MatchEntry, Profile
 from vfiod_sim.state import DevState, KState, Topology, all_keys
 from vfiod_sim.transactions import POLL_INTERVAL, Transactions
 from vfiod_sim.tree import oserror

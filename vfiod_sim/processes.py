@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from vfiod_sim.profiles import ProcessSpec, Profile
+from vfiod_sim.model import ProcessSpec, Profile
 
 TASK_COMM_LEN = 16  # including the NUL: comm shows at most 15 characters
 DEFAULT_MEMLOCK: tuple[int | None, int | None] = (8 * 1024 * 1024, 8 * 1024 * 1024)  # systemd's default

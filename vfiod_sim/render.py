@@ -9,7 +9,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 
-from vfiod_sim.profiles import FBCON, CardIdentity
+from vfiod_sim.model import FBCON, CardIdentity
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import DIR, Tree, file_entry, put_link
 

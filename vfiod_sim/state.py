@@ -10,10 +10,20 @@ The tree is partitioned into keys (one device, one IOMMU group, one driver, one 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field
 
-from vfiod_sim.profiles import CardIdentity, DeviceSpec, DriverSpec, MatchEntry, ModuleSpec, Profile
+from pydantic.dataclasses import dataclass
+
+from vfiod_sim.model import (
+    CONFIG,
+    CardIdentity,
+    Codec,
+    DeviceSpec,
+    DriverSpec,
+    MatchEntry,
+    ModuleSpec,
+    Profile,
+)
 
 
 class Topology:
@@ -75,8 +85,8 @@ class Topology:
 # ----- state --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DevState:
+@dataclass(config=CONFIG)
+class DevState(Codec):
     """One function: on the bus or not, its driver, its override, and the minors its driver allocated."""
 
     present: bool = False
@@ -84,26 +94,9 @@ class DevState:
     override: str | None = None
     minors: dict[str, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "present": self.present,
-            "driver": self.driver,
-            "override": self.override,
-            "minors": self.minors,
-        }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DevState:
-        return cls(
-            present=bool(d["present"]),
-            driver=d.get("driver"),
-            override=d.get("override"),
-            minors={str(k): int(v) for k, v in d.get("minors", {}).items()},
-        )
-
-
-@dataclass
-class KState:
+@dataclass(config=CONFIG)
+class KState(Codec):
     """Everything the kernel knows that the profile does not say. `cards` and `unplugged` are physical
     (a swapped card, an empty slot) and survive a reboot; the rest is reset by it."""
 
@@ -121,43 +114,6 @@ class KState:
     console_unbound_by_admin: bool = False
     hugepages: dict[str, int] = field(default_factory=dict)
     seq: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "boot_id": self.boot_id,
-            "generation": self.generation,
-            "devices": {a: d.to_dict() for a, d in self.devices.items()},
-            "modules": self.modules,
-            "drivers": self.drivers,
-            "dynids": {k: [e.to_dict() for e in v] for k, v in self.dynids.items()},
-            "extra_ids": {k: [e.to_dict() for e in v] for k, v in self.extra_ids.items()},
-            "cards": {a: c.to_dict() for a, c in self.cards.items()},
-            "unplugged": self.unplugged,
-            "autoprobe": self.autoprobe,
-            "fbcon_bound": self.fbcon_bound,
-            "console_unbound_by_admin": self.console_unbound_by_admin,
-            "hugepages": self.hugepages,
-            "seq": self.seq,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KState:
-        return cls(
-            boot_id=str(d["boot_id"]),
-            generation=int(d["generation"]),
-            devices={a: DevState.from_dict(x) for a, x in d["devices"].items()},
-            modules=[str(m) for m in d.get("modules", [])],
-            drivers=[str(m) for m in d.get("drivers", [])],
-            dynids={k: [MatchEntry.from_dict(e) for e in v] for k, v in d.get("dynids", {}).items()},
-            extra_ids={k: [MatchEntry.from_dict(e) for e in v] for k, v in d.get("extra_ids", {}).items()},
-            cards={a: CardIdentity.from_dict(c) for a, c in d.get("cards", {}).items()},
-            unplugged=[str(a) for a in d.get("unplugged", [])],
-            autoprobe=bool(d.get("autoprobe", True)),
-            fbcon_bound=bool(d.get("fbcon_bound", False)),
-            console_unbound_by_admin=bool(d.get("console_unbound_by_admin", False)),
-            hugepages={str(k): int(v) for k, v in d.get("hugepages", {}).items()},
-            seq=int(d.get("seq", 0)),
-        )
 
 
 def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:

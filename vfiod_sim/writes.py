@@ -10,8 +10,8 @@ import re
 
 from vfiod_sim import faults
 from vfiod_sim.driver_core import Core, Op
+from vfiod_sim.model import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul
-from vfiod_sim.profiles import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.state import Topology
 from vfiod_sim.tree import oserror
 

@@ -114,8 +114,8 @@ class Running:
 
     @property
     def kernel(self) -> SimulatedKernel:
-        assert self.daemon.kernel is not None
-        return self.daemon.kernel
+        assert self.daemon.simulation is not None
+        return self.daemon.simulation.kernel
 
     @property
     def manager(self) -> Manager:

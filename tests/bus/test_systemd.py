@@ -21,7 +21,8 @@ from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.core.errors import Failed, Timeout, VFIONotAvailable
 from vfiod.core.system import LoadedModulesOnly
 from vfiod.host.host import Host, HostRoots
-from vfiod_sim import SimulatedKernel, build, processes
+from vfiod_sim import SimulatedKernel, processes
+from vfiod_sim.simulation import Simulation
 
 UNIT = "nvidia-persistenced.service"
 
@@ -40,14 +41,14 @@ class Setup:
 def systemd(bus: PrivateBus, threads: dict[str, LoopThread], tmp_path: Path) -> Iterator[Setup]:
     lt = threads["daemon"]
     root = tmp_path / "host"
-    kernel = build(root, "workstation-l4")
+    sim = Simulation.open(root, "workstation-l4")
     standin = lt.run(SystemdStandin.start(bus.address, sim_root=root))
 
     async def connect() -> tuple[MessageBus, SystemdClient]:
         conn = await MessageBus(bus_address=bus.address).connect()
         client = SystemdClient(
             Caller(conn),
-            Host(HostRoots.under(root), backend=kernel),
+            sim.host,
             lt.loop,
             unit_deadline=0.5,
             modprobe_deadline=0.5,
@@ -56,7 +57,7 @@ def systemd(bus: PrivateBus, threads: dict[str, LoopThread], tmp_path: Path) -> 
         return conn, client
 
     conn, client = lt.run(connect())
-    setup = Setup(lt, standin, client, kernel, root, conn)
+    setup = Setup(lt, standin, client, sim.kernel, root, conn)
     yield setup
     conn.disconnect()
     lt.run(setup.standin.stop())
@@ -166,10 +167,10 @@ def test_without_systemd(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     units.stop(UNIT)
     units.start(UNIT)
     assert len([r for r in caplog.records if "left alone" in r.getMessage()]) == 1
-    kernel = build(tmp_path / "h", "workstation-l4")
-    kernel.unload_module("vfio_pci")
+    sim = Simulation.open(tmp_path / "h", "workstation-l4")
+    sim.kernel.unload_module("vfio_pci")
     with pytest.raises(VFIONotAvailable, match="modprobe vfio_pci"):
-        LoadedModulesOnly(Host(HostRoots.under(tmp_path / "h"), backend=kernel)).load("vfio_pci")
+        LoadedModulesOnly(sim.host).load("vfio_pci")
 
 
 def test_only_systemds_own_job_signals_count(systemd: Setup) -> None:

@@ -33,8 +33,9 @@ from tests.bus.systemd_standin import SystemdStandin
 from vfiod.bus.calls import Caller
 from vfiod.bus.names import BUS_NAME
 from vfiod.bus.systemd import SystemdClient
-from vfiod.host.host import Host, HostRoots
-from vfiod_sim import build, processes
+from vfiod.host.host import Host
+from vfiod_sim import processes
+from vfiod_sim.simulation import Simulation
 
 UNIT = "nvidia-persistenced.service"
 PACKAGE_POLICY = Path(__file__).resolve().parents[2] / "dbus" / "org.hypeman.Devices1.conf"
@@ -115,9 +116,9 @@ class Rig:
 def rig(system_bus: SystemPolicyBus, threads: dict[str, LoopThread], tmp_path: Path) -> Iterator[Rig]:
     lt = threads["daemon"]
     root = tmp_path / "host"
-    kernel = build(root, "workstation-l4")
+    sim = Simulation.open(root, "workstation-l4")
     standin = lt.run(SystemdStandin.start(system_bus.address, sim_root=root))
-    yield Rig(lt, standin, root, Host(HostRoots.under(root), backend=kernel))
+    yield Rig(lt, standin, root, sim.host)
     lt.run(standin.stop())
 
 

@@ -13,10 +13,8 @@ import pytest
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
-from vfiod.core.registry import Registry
-from vfiod.host.host import Host, HostRoots
-from vfiod_sim import SimulatedKernel, build, processes
-from vfiod_sim.system import SimulatedModules, SimulatedUnits
+from vfiod_sim import build, processes
+from vfiod_sim.simulation import Simulation
 
 HM = Caller(uid=1000)
 PERSISTENCED = "nvidia-persistenced.service"
@@ -47,11 +45,7 @@ DETACH_POINTS = [
 
 
 def open_manager(sim_root: Path, state: Path) -> Manager:
-    kernel = SimulatedKernel(sim_root)
-    host = Host(HostRoots.under(sim_root), backend=kernel)
-    return Manager(
-        host, Registry.open(state), SimulatedModules(kernel), SimulatedUnits(sim_root), verify_timeout=1.0
-    )
+    return Simulation.open(sim_root).manager(state, verify_timeout=1.0)
 
 
 def child(sim_root: str, state: str, action: str, crash_at: str) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
-from vfiod.core.registry import Registry
-from vfiod.host.host import DeadlinePolicy, Host, HostRoots, WriteRecord
+from vfiod.host.host import DeadlinePolicy, Host, WriteRecord
 from vfiod.host.pciaddr import PciAddress
-from vfiod_sim import SimulatedKernel, build
-from vfiod_sim.system import SimulatedModules, SimulatedUnits
+from vfiod_sim import SimulatedKernel
+from vfiod_sim.simulation import Simulation
+from vfiod_sim.system import SimulatedUnits
 
 PERSISTENCED = "nvidia-persistenced.service"
 HM = Caller(uid=1000)
@@ -25,19 +25,26 @@ ADMIN = Caller(uid=0)
 class Env:
     root: Path
     state: Path
-    kernel: SimulatedKernel
-    host: Host
-    units: SimulatedUnits
+    sim: Simulation
     manager: Manager
     writes: list[WriteRecord]
+
+    @property
+    def kernel(self) -> SimulatedKernel:
+        return self.sim.kernel
+
+    @property
+    def host(self) -> Host:
+        return self.sim.host
+
+    @property
+    def units(self) -> SimulatedUnits:
+        return self.sim.units
 
     def reopen(self) -> Manager:
         """A fresh manager on the same state and kernel, as after a daemon restart."""
         self.manager.registry.close()
-        registry = Registry.open(self.state)
-        self.manager = Manager(
-            self.host, registry, SimulatedModules(self.kernel), self.units, verify_timeout=1.0
-        )
+        self.manager = self.sim.manager(self.state, verify_timeout=1.0)
         return self.manager
 
 
@@ -49,18 +56,13 @@ def make_envs(tmp_path: Path) -> Iterator[MakeEnv]:
 
     def make(profile: str = "workstation-l4", deadline: float = 5.0) -> Env:
         root = tmp_path / f"sim{len(made)}"
-        kernel = build(root, profile)
-        host = Host(
-            HostRoots.under(root), backend=kernel, deadlines=DeadlinePolicy(default=deadline, per_driver={})
-        )
+        sim = Simulation.open(root, profile, deadlines=DeadlinePolicy(default=deadline, per_driver={}))
         writes: list[WriteRecord] = []
-        host.add_write_listener(writes.append)
+        sim.host.add_write_listener(writes.append)
         state = tmp_path / f"state{len(made)}"
-        registry = Registry.open(state)
-        units = SimulatedUnits(root)
-        manager = Manager(host, registry, SimulatedModules(kernel), units, verify_timeout=1.0)
+        manager = sim.manager(state, verify_timeout=1.0)
         manager.startup()
-        e = Env(root, state, kernel, host, units, manager, writes)
+        e = Env(root, state, sim, manager, writes)
         made.append(e)
         return e
 

@@ -38,7 +38,7 @@ from vfiod.core.errors import (
 from vfiod.core.guard import check_not_host_critical, plan_groups, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
-from vfiod.host.host import DeadlinePolicy, Host, HostRoots, SysfsWriteError, WriteRecord
+from vfiod.host.host import DeadlinePolicy, Host, SysfsWriteError, WriteRecord
 from vfiod.host.pciaddr import DriverName, PciAddress
 
 log = logging.getLogger("vfiod.e2e.trace")
@@ -165,13 +165,12 @@ class SimRig(Rig):
     kind = "simulator"
 
     def __init__(self, root: Path, profile: str = PROFILE) -> None:
-        from vfiod_sim import build
-        from vfiod_sim.system import SimulatedModules
+        from vfiod_sim.simulation import Simulation
 
         self.root = root
-        self.kernel = build(root, profile)
-        host = Host(HostRoots.under(root), backend=self.kernel, deadlines=DeadlinePolicy(default=60.0))
-        super().__init__(host, SimulatedModules(self.kernel))
+        sim = Simulation.open(root, profile, deadlines=DeadlinePolicy(default=60.0))
+        self.kernel = sim.kernel
+        super().__init__(sim.host, sim.modules)
 
     @contextlib.contextmanager
     def _hold(self, logical: str) -> Iterator[int]:

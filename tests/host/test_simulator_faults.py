@@ -192,6 +192,15 @@ def test_fault_files_are_plain_json(sim: SimFactory) -> None:
         faults.inject(sh.root, "y", kind="explode", path="/x")
     with pytest.raises(ValueError):
         faults.inject(sh.root, "y", kind="errno", path="/x", errno="ENOTANERRNO")
+    with pytest.raises(ValueError, match="a hang fault needs a path"):
+        faults.inject(sh.root, "y", kind="hang")
+    with pytest.raises(ValueError, match="count"):
+        faults.inject(sh.root, "y", kind="delay", path="/x", count=-1)
+    with pytest.raises(ValueError, match="then"):
+        faults.inject(sh.root, "y", kind="hang", path="/x", then="explode")
+    assert not (sh.root / "sim/faults/y.json").exists()  # nothing refused was written
+    (sh.root / "sim/faults/z.json").write_text('{"kind": "errno", "path": "/x", "colour": "red"}')
+    assert faults.load(sh.root, "z") is None  # a file that does not validate applies to nothing
     with pytest.raises(OSError) as e:
         sh.kernel.write_attribute(sh.root / "sys/bus/pci/rescan", b"1")
     assert e.value.errno == errno.EPERM

@@ -3,6 +3,7 @@ kernel, and the `python -m vfiod_sim` tool."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from vfiod.host.host import Host, HostRoots, ProcUnreadable
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod_sim import SimulatedKernel, build, get_profile, processes, render, state, tree
 from vfiod_sim.__main__ import main as tool
-from vfiod_sim.profiles import Profile
+from vfiod_sim.model import Profile
 
 L4_GROUP = 7
 
@@ -56,6 +57,33 @@ def test_profiles_round_trip_through_json() -> None:
         get_profile("no-such-profile")
     with pytest.raises(KeyError):
         get_profile("synthetic:0")
+
+
+def test_a_profile_file_names_what_is_wrong_with_it() -> None:
+    data = json.loads(get_profile("workstation-l4").to_json())
+    # the layout: hex strings for ids and classes, "*" for PCI_ANY_ID, etc files as an object
+    gpu = next(d for d in data["devices"] if d["address"] == L4)
+    assert (gpu["vendor"], gpu["class"], gpu["revision"]) == ("10de", "030200", "a1")
+    vfio = next(d for d in data["drivers"] if d["name"] == "vfio-pci")
+    assert vfio["id_table"] == [
+        {
+            "vendor": "*",
+            "device": "*",
+            "subvendor": "*",
+            "subdevice": "*",
+            "class": "000000",
+            "class_mask": "000000",
+            "override_only": True,
+        }
+    ]
+    bad_key = {**data, "devices": [{**gpu, "iommu_gruop": 7}]}
+    with pytest.raises(ValueError, match=r"devices\.0\.iommu_gruop"):
+        Profile.from_dict(bad_key)
+    bad_id = {**data, "devices": [{**gpu, "vendor": "nvidia"}]}
+    with pytest.raises(ValueError, match=r"devices\.0\.vendor"):
+        Profile.from_dict(bad_id)
+    with pytest.raises(ValueError, match="a profile is a JSON object"):
+        Profile.from_json("[]")
 
 
 def test_built_from_json_data(tmp_path: Path) -> None:

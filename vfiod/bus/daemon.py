@@ -44,7 +44,7 @@ from vfiod.core.system import LoadedModulesOnly, ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
 
 if TYPE_CHECKING:  # the simulator is imported only when --simulate is given (see _host)
-    from vfiod_sim import SimulatedKernel
+    from vfiod_sim.simulation import Simulation
 
 try:
     import systemd.daemon as sd_daemon
@@ -139,7 +139,7 @@ class Daemon:
         self.bus: MessageBus | None = None
         self.registry: Registry | None = None
         self.host: Host | None = None
-        self.kernel: SimulatedKernel | None = None
+        self.simulation: Simulation | None = None
         self.manager: Manager | None = None
         self.service: Service | None = None
         self.authz: Authorizer | None = None
@@ -202,13 +202,8 @@ class Daemon:
         # deadline per device, and systemd gives a Type=dbus unit 90 s to take its name.
         report, operations = await loop.run_in_executor(None, self.manager.begin_startup)
 
-        proc_host: Host | None = None
-        if self.sim_root is not None:
-            # Callers are real processes: read their /proc/<pid>/exe from the real /proc.
-            roots = HostRoots.under(self.sim_root)
-            proc_host = Host(
-                HostRoots(sys=roots.sys, dev=roots.dev, proc=Path("/proc"), etc=roots.etc), self.kernel
-            )
+        # Callers of a simulated daemon are real processes: read their /proc/<pid>/exe from the real /proc.
+        proc_host = self.simulation.caller_host() if self.simulation is not None else None
         self.service = Service(
             bus, self.manager, self.authz, proc_host=proc_host, per_caller=self.config.per_caller
         )
@@ -227,7 +222,7 @@ class Daemon:
             where,
             devices,
             "" if devices == 1 else "s",
-            f" (simulated host {self.kernel.profile.name} at {self.sim_root})" if self.kernel else "",
+            f" (simulated host {self.simulation.profile.name} at {self.sim_root})" if self.simulation else "",
             extra={"ACTION": "ready"},
         )
         self._start_watchdog(loop)
@@ -289,28 +284,26 @@ class Daemon:
         policy = self.config.deadlines.policy()
         if self.options.simulate is None:
             return Host(HostRoots(), deadlines=policy)
-        from vfiod_sim import SimulatedKernel, build  # noqa: PLC0415 -- simulator only with --simulate
+        from vfiod_sim.simulation import (  # noqa: PLC0415 -- simulator only with --simulate
+            Simulation,
+            SimulationError,
+        )
 
         root = self.sim_root
         assert root is not None
-        if (root / "sim" / "profile.json").is_file():
-            self.kernel = SimulatedKernel(root)
-            if self.kernel.profile.name != self.options.simulate:
-                log.warning(
-                    "%s already holds a simulated %s host; using it (not %s)",
-                    root,
-                    self.kernel.profile.name,
-                    self.options.simulate,
-                )
-        else:
-            try:
-                self.kernel = build(root, self.options.simulate)
-            except (LookupError, ValueError) as e:
-                detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-                raise StartupError(f"--simulate {self.options.simulate}: {detail}", EXIT_CONFIG) from None
-            except OSError as e:
-                raise StartupError(f"--sim-root {root}: {e}", EXIT_CONFIG) from None
-        return Host(HostRoots.under(root), backend=self.kernel, deadlines=policy)
+        try:
+            sim = Simulation.open(root, self.options.simulate, deadlines=policy, reuse=True)
+        except SimulationError as e:
+            raise StartupError(f"--simulate {self.options.simulate}: {e}", EXIT_CONFIG) from None
+        if sim.profile.name != self.options.simulate:
+            log.warning(
+                "%s already holds a simulated %s host; using it (not %s)",
+                root,
+                sim.profile.name,
+                self.options.simulate,
+            )
+        self.simulation = sim
+        return sim.host
 
     async def _system(
         self, calls: Caller, loop: asyncio.AbstractEventLoop
@@ -324,11 +317,9 @@ class Daemon:
             await client.subscribe()
             log.info("units and kernel modules through systemd on the bus")
             return client, client
-        if self.kernel is not None and self.sim_root is not None:
-            from vfiod_sim.system import SimulatedModules, SimulatedUnits  # noqa: PLC0415 -- only with --simulate
-
+        if self.simulation is not None:
             log.info("simulated host: units and modules through the simulator's stand-in for systemd")
-            return LoggedUnits(SimulatedUnits(self.sim_root)), SimulatedModules(self.kernel)
+            return LoggedUnits(self.simulation.units), self.simulation.modules
         return UnitsLeftAlone(), LoadedModulesOnly(self.host)
 
     async def _request_name(self, bus: MessageBus, where: str) -> None:

@@ -20,7 +20,6 @@ from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import HostStatus, host_status
 from vfiod.core.pciids import PciIds, default_pci_ids
-from vfiod.host.backend import KernelBackend
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
 
@@ -58,9 +57,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         if args.simulate is not None:
             with tempfile.TemporaryDirectory(prefix="vfiod-check-") as tmp:
-                root = Path(tmp)
-                kernel = _build_simulation(root, args.simulate)
-                report(Host(HostRoots.under(root), backend=kernel), names, args.all, args.json, out)
+                report(_simulated_host(Path(tmp), args.simulate), names, args.all, args.json, out)
         else:
             report(Host(_roots(args.sysfs_root)), names, args.all, args.json, out)
     except UsageError as e:
@@ -69,17 +66,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
-def _build_simulation(root: Path, profile: str) -> KernelBackend:
-    from vfiod_sim import build  # noqa: PLC0415 -- only with --simulate
+def _simulated_host(root: Path, profile: str) -> Host:
+    from vfiod_sim.simulation import Simulation, SimulationError  # noqa: PLC0415 -- only with --simulate
 
     try:
-        return build(root, profile)
-    except LookupError as e:
-        # The simulator's KeyError already names the profile and lists the known ones.
-        detail = e.args[0] if e.args and isinstance(e.args[0], str) else ""
-        raise UsageError(detail or f"unknown simulator profile {profile!r}") from None
-    except ValueError as e:
-        raise UsageError(f"cannot simulate {profile!r}: {e}") from None
+        return Simulation.open(root / "host", profile).host
+    except SimulationError as e:
+        raise UsageError(str(e)) from None
 
 
 def _roots(sysfs_root: Path | None) -> HostRoots:

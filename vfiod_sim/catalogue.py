@@ -1,0 +1,183 @@
+"""The driver and module catalogue the machines are built from: each driver's id table (trimmed to what
+the machines need, but the shape of the real one: vendor and class for the GPU drivers, exact ids for NICs,
+class alone for NVMe/AHCI/xHCI/HDA), each module's dependencies, and helpers that pick a machine's
+modules and drivers, write a device line, and order devices as the PCI core adds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vfiod_sim.model import PCI_ANY_ID, DeviceSpec, DriverSpec, MatchEntry, ModuleSpec, Mount, ProcessSpec
+
+
+def ids(vendor: int, device: int = PCI_ANY_ID) -> MatchEntry:
+    return MatchEntry(vendor=vendor, device=device)
+
+
+def klass(class_code: int, mask: int, vendor: int = PCI_ANY_ID) -> MatchEntry:
+    return MatchEntry(vendor=vendor, class_code=class_code, class_mask=mask)
+
+
+# The id tables are trimmed to what the profiles need, but each is the shape of the real one: vendor and
+# class for the GPU drivers, exact ids for NICs, class alone for NVMe/AHCI/xHCI/HDA.
+DRIVERS: dict[str, DriverSpec] = {
+    d.name: d
+    for d in (
+        # built in; pcie_portdriver sets driver_managed_dma (drivers/pci/pcie/portdrv.c)
+        DriverSpec(
+            "pcieport",
+            None,
+            (klass(0x060400, 0xFFFFFF), klass(0x060401, 0xFFFFFF)),
+            kind="pcieport",
+            driver_managed_dma=True,
+        ),
+        DriverSpec("pci-stub", "pci_stub", (), driver_managed_dma=True),
+        # drivers/vfio/pci/vfio_pci.c: PCI_DRIVER_OVERRIDE_DEVICE_VFIO(PCI_ANY_ID, PCI_ANY_ID)
+        DriverSpec(
+            "vfio-pci",
+            "vfio_pci",
+            (MatchEntry(override_only=True),),
+            kind="vfio",
+            driver_managed_dma=True,
+        ),
+        DriverSpec(
+            "nvidia",
+            "nvidia",
+            (klass(0x030000, 0xFF0000, 0x10DE), klass(0x068000, 0xFFFF00, 0x10DE)),
+            kind="gpu-nvidia",
+        ),
+        DriverSpec("nouveau", "nouveau", (klass(0x030000, 0xFF0000, 0x10DE),), kind="drm", fbdev=True),
+        DriverSpec("i915", "i915", (klass(0x030000, 0xFF0000, 0x8086),), kind="drm", fbdev=True),
+        DriverSpec(
+            "amdgpu",
+            "amdgpu",
+            (klass(0x030000, 0xFF0000, 0x1002), klass(0x038000, 0xFFFF00, 0x1002)),
+            kind="drm",
+            fbdev=True,
+        ),
+        DriverSpec("bochs-drm", "bochs", (ids(0x1234, 0x1111),), kind="drm", fbdev=True),
+        DriverSpec("ast", "ast", (ids(0x1A03, 0x2000),), kind="drm", fbdev=True),
+        DriverSpec("snd_hda_intel", "snd_hda_intel", (klass(0x040300, 0xFFFF00),), kind="audio"),
+        DriverSpec("e1000e", "e1000e", (ids(0x8086, 0x1A1C), ids(0x8086, 0x15B8)), kind="net"),
+        DriverSpec("e1000", "e1000", (ids(0x8086, 0x100E),), kind="net"),
+        DriverSpec("igb", "igb", (ids(0x8086, 0x1533),), kind="net"),
+        DriverSpec("mlx5_core", "mlx5_core", (ids(0x15B3, 0x1021), ids(0x15B3, 0x101B)), kind="net"),
+        DriverSpec("virtio-pci", "virtio_pci", (ids(0x1AF4),), kind="virtio"),
+        DriverSpec("nvme", "nvme", (klass(0x010802, 0xFFFFFF),), kind="nvme"),
+        DriverSpec("ahci", "ahci", (klass(0x010601, 0xFFFFFF),)),
+        DriverSpec("xhci_hcd", "xhci_pci", (klass(0x0C0330, 0xFFFFFF),)),
+        DriverSpec("i801_smbus", "i2c_i801", (klass(0x0C0500, 0xFFFF00, 0x8086),)),
+        DriverSpec("lpc_ich", "lpc_ich", (ids(0x8086, 0x2918),)),
+    )
+}
+
+MODULES: dict[str, ModuleSpec] = {
+    m.name: m
+    for m in (
+        ModuleSpec("drm"),
+        ModuleSpec("drm_kms_helper", depends=("drm",)),
+        ModuleSpec("i915", depends=("drm_kms_helper", "drm")),
+        ModuleSpec("nouveau", depends=("drm_kms_helper", "drm")),
+        ModuleSpec("amdgpu", depends=("drm_kms_helper", "drm")),
+        ModuleSpec("bochs", depends=("drm_kms_helper", "drm")),
+        ModuleSpec("ast", depends=("drm_kms_helper", "drm")),
+        ModuleSpec("nvidia"),
+        ModuleSpec("nvidia_modeset", depends=("nvidia",)),
+        ModuleSpec("nvidia_drm", depends=("nvidia_modeset", "drm_kms_helper", "drm")),
+        ModuleSpec("nvidia_uvm", depends=("nvidia",)),
+        ModuleSpec("snd_hda_intel"),
+        ModuleSpec("e1000e"),
+        ModuleSpec("e1000"),
+        ModuleSpec("igb"),
+        ModuleSpec("mlx5_core"),
+        ModuleSpec("virtio_pci"),
+        ModuleSpec("nvme_core"),
+        ModuleSpec("nvme", depends=("nvme_core",)),
+        ModuleSpec("ahci"),
+        ModuleSpec("xhci_pci"),
+        ModuleSpec("i2c_i801"),
+        ModuleSpec("lpc_ich"),
+        ModuleSpec("pci_stub"),
+        ModuleSpec("iommufd"),
+        ModuleSpec("vfio"),
+        ModuleSpec("vfio_iommu_type1", depends=("vfio",)),
+        ModuleSpec("vfio_pci_core", depends=("vfio",)),
+        ModuleSpec("vfio_pci", depends=("vfio_pci_core", "vfio")),
+    )
+}
+
+VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+
+
+def modules_and_drivers(
+    loaded: Sequence[str], available: Sequence[str] = ()
+) -> tuple[tuple[ModuleSpec, ...], tuple[DriverSpec, ...]]:
+    """Modules in load order (deps first) and every driver they provide, plus the built-ins."""
+    mods: list[ModuleSpec] = []
+    names: list[str] = []
+
+    def add(name: str, is_loaded: bool) -> None:
+        if name in names:
+            return
+        spec = MODULES[name]
+        for dep in spec.depends:
+            add(dep, is_loaded)
+        names.append(name)
+        mods.append(ModuleSpec(name, loaded=is_loaded, depends=spec.depends))
+
+    for name in loaded:
+        add(name, True)
+    for name in available:
+        add(name, False)
+    drivers = [d for d in DRIVERS.values() if d.module is None] + [
+        d for m in names for d in DRIVERS.values() if d.module == m
+    ]
+    return tuple(mods), tuple(drivers)
+
+
+def dev(
+    address: str,
+    ids_: str,
+    subsystem: str,
+    class_code: int,
+    **kw: Any,
+) -> DeviceSpec:
+    vendor, device = (int(x, 16) for x in ids_.split(":"))
+    sv, sd = (int(x, 16) for x in subsystem.split(":"))
+    return DeviceSpec(address, vendor, device, sv, sd, class_code, **kw)
+
+
+def nvidia_persistenced() -> ProcessSpec:
+    return ProcessSpec(
+        pid=900,
+        exe="/usr/bin/nvidia-persistenced",
+        args=("/usr/bin/nvidia-persistenced", "--user", "nvidia-persistenced"),
+        fds=("/dev/nvidiactl",),
+        cgroup_unit="nvidia-persistenced.service",
+        hold_nvidia_gpus=True,
+    )
+
+
+DISK_MOUNTS = (
+    Mount("/dev/nvme0n1p2", "/", "ext4", "rw,relatime"),
+    Mount("/dev/nvme0n1p1", "/boot/efi", "vfat", "rw,relatime"),
+)
+
+
+def bus_add_order(devices: list[DeviceSpec]) -> tuple[DeviceSpec, ...]:
+    """pci_bus_add_devices order: every device of a bus (by devfn), then the buses behind its bridges."""
+    children: dict[str | None, list[DeviceSpec]] = {}
+    for d in devices:
+        children.setdefault(d.parent, []).append(d)
+    out: list[DeviceSpec] = []
+
+    def walk(parent: str | None) -> None:
+        level = sorted(children.get(parent, []), key=lambda d: d.address)
+        out.extend(level)
+        for d in level:
+            walk(d.address)
+
+    walk(None)
+    return tuple(out)
