@@ -28,8 +28,17 @@ from dbus_fast.aio import MessageBus
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import flood
-from tests.integration.realstack import HMTEST, ROOT, STRANGER, Stack, gv_opts, gv_str, gv_strv, start_stack
-from tests.integration.test_flood import reports, start_flood
+from tests.integration.support.flooding import reports, start_flood
+from tests.integration.support.realstack import (
+    HMTEST,
+    ROOT,
+    STRANGER,
+    Stack,
+    gv_opts,
+    gv_str,
+    gv_strv,
+    start_stack,
+)
 
 GPU = "0000:01:00.0"
 

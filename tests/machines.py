@@ -12,3 +12,4 @@ NIC = PciAddress.parse("0000:00:1f.6")  # the NIC of the default route: host-cri
 
 VFIO = DriverName.parse("vfio-pci")
 NVIDIA = DriverName.parse("nvidia")
+HDA = DriverName.parse("snd_hda_intel")

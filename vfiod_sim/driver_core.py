@@ -13,7 +13,7 @@ from typing import Any
 
 from vfiod_sim import faults, processes
 from vfiod_sim.model import PCI_ANY_ID, CardIdentity, MatchEntry
-from vfiod_sim.parsing import scan_hex
+from vfiod_sim.parsing import scan_hex, streq_form
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import oserror
 
@@ -49,7 +49,7 @@ class Core:
 
     def find_device(self, value: bytes) -> str | None:
         """bus_find_device_by_name: the device whose name sysfs_streq-matches the written value."""
-        name = faults.streq_form(value).decode("utf-8", "surrogateescape")
+        name = streq_form(value).decode("utf-8", "surrogateescape")
         ds = self.st.devices.get(name)
         return name if ds is not None and ds.present else None
 

@@ -33,6 +33,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from vfiod_sim.parsing import streq
+
 KINDS = ("hang", "errno", "delay", "probe_nothing", "probe_fail")
 WRITE_KINDS = ("hang", "errno", "delay")
 PROBE_KINDS = ("probe_nothing", "probe_fail")
@@ -104,17 +106,6 @@ class Fault(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def streq(a: bytes, b: bytes) -> bool:
-    """lib/string.c sysfs_streq: equal up to the first NUL, ignoring one trailing newline on either."""
-    return streq_form(a) == streq_form(b)
-
-
-def streq_form(s: bytes) -> bytes:
-    """What sysfs_streq compares: the bytes before the first NUL, less one trailing newline."""
-    s = s.split(b"\0", 1)[0]
-    return s[:-1] if s.endswith(b"\n") else s
 
 
 def faults_dir(root: Path) -> Path:

@@ -48,3 +48,14 @@ def scan_hex(data: bytes, limit: int) -> list[int]:
         out.append((-value if m[1] == "-" else value) & 0xFFFFFFFF)
         i = m.end()
     return out
+
+
+def streq(a: bytes, b: bytes) -> bool:
+    """lib/string.c sysfs_streq: equal up to the first NUL, ignoring one trailing newline on either."""
+    return streq_form(a) == streq_form(b)
+
+
+def streq_form(s: bytes) -> bytes:
+    """What sysfs_streq compares: the bytes before the first NUL, less one trailing newline."""
+    s = s.split(b"\0", 1)[0]
+    return s[:-1] if s.endswith(b"\n") else s

@@ -8,10 +8,9 @@ import errno
 import posixpath
 import re
 
-from vfiod_sim import faults
 from vfiod_sim.driver_core import Core, Op
 from vfiod_sim.model import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
-from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul
+from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul, streq_form
 from vfiod_sim.state import Topology
 from vfiod_sim.tree import oserror
 
@@ -203,7 +202,7 @@ def _op_hugepages(c: Core, size: str, data: bytes) -> None:
 def classify(topo: Topology, rel: str, data: bytes) -> tuple[Op, str | None]:
     """The operation a write to `rel` performs, and the device whose lock it takes (if any)."""
     parent, name = posixpath.split(rel)
-    named = faults.streq_form(data).decode("utf-8", "surrogateescape")
+    named = streq_form(data).decode("utf-8", "surrogateescape")
     named_addr = named if named in topo.devices else None
     if parent in topo.dir_to_addr:
         addr = topo.dir_to_addr[parent]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.harness import (
+from tests.bus.support.harness import (
     Client,
     LoopThread,
     PolkitMock,
@@ -19,7 +19,7 @@ from tests.bus.harness import (
     can_switch_thread_user,
     other_users,
 )
-from tests.bus.systemd_standin import SystemdStandin
+from tests.bus.support.systemd_standin import SystemdStandin
 from vfiod.bus.daemon import Daemon, Options
 from vfiod.bus.names import ACTION_INSPECT
 from vfiod.bus.service import Service

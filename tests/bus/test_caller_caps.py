@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.harness import Reply
-from tests.bus.helpers import GPU, b, ok, register
+from tests.bus.support.harness import Reply
+from tests.bus.support.helpers import GPU, b, ok, register
 from vfiod_sim import faults
 
 

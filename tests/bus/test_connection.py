@@ -22,7 +22,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.aio import message_bus as upstream
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.harness import Client, LoopThread, PrivateBus, Reply
+from tests.bus.support.harness import Client, LoopThread, PrivateBus, Reply
 from vfiod.bus.connection import Connection
 
 BIG = "x" * 60_000  # a signal body; a few of them fill a unix socket's send buffer

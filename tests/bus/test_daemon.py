@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
-from tests.bus.helpers import GPU, b, ok, register
+from tests.bus.support.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
+from tests.bus.support.helpers import GPU, b, ok, register
 from vfiod.bus.names import ACTION_INSPECT, ACTION_REGISTER, BUS_NAME
 from vfiod_sim import faults
 

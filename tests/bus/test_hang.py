@@ -6,8 +6,8 @@ import threading
 import time
 
 from tests.bus.conftest import Clients, Running, StartVfiod
-from tests.bus.harness import Reply
-from tests.bus.helpers import AUDIO, GPU, b, ok, register
+from tests.bus.support.harness import Reply
+from tests.bus.support.helpers import AUDIO, GPU, b, ok, register
 from vfiod.bus.uevents import Uevent
 from vfiod_sim import faults
 

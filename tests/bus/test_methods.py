@@ -8,8 +8,8 @@ from pathlib import Path
 from dbus_fast import MessageFlag, Variant
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.harness import Client, PolkitMock
-from tests.bus.helpers import (
+from tests.bus.support.harness import Client, PolkitMock
+from tests.bus.support.helpers import (
     ABSENT,
     AUDIO,
     GPU,

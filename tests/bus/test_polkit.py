@@ -17,8 +17,8 @@ import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from tests.bus.conftest import Clients, Running, StartVfiod
-from tests.bus.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
-from tests.bus.helpers import GPU, attach, b, device, devices, ok, register
+from tests.bus.support.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
+from tests.bus.support.helpers import GPU, attach, b, device, devices, ok, register
 from vfiod.bus.names import (
     ACTION_ADMIN,
     ACTION_ATTACH,

@@ -12,8 +12,8 @@ import time
 from dbus_fast import Variant
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.harness import PolkitMock, Reply
-from tests.bus.helpers import AUDIO, GPU, b, ok, register
+from tests.bus.support.harness import PolkitMock, Reply
+from tests.bus.support.helpers import AUDIO, GPU, b, ok, register
 from vfiod.bus.names import ACTION_ATTACH, ACTION_INSPECT
 from vfiod.core.discovery import AvailableDevice
 

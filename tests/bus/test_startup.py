@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.harness import Client, LoopThread, PrivateBus
-from tests.bus.helpers import ok
-from tests.core.test_crash import open_manager
+from tests.bus.support.harness import Client, LoopThread, PrivateBus
+from tests.bus.support.helpers import ok
+from tests.core.support.crashes import open_manager
 from vfiod.bus.names import BUS_NAME
 from vfiod.core.context import Caller
 from vfiod.core.discovery import discover

@@ -13,8 +13,8 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from tests.bus.harness import LoopThread, PrivateBus
-from tests.bus.systemd_standin import SystemdStandin
+from tests.bus.support.harness import LoopThread, PrivateBus
+from tests.bus.support.systemd_standin import SystemdStandin
 from vfiod.bus.calls import Caller
 from vfiod.bus.names import SYSTEMD_MANAGER_IFACE, SYSTEMD_PATH
 from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone

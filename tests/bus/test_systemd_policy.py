@@ -27,9 +27,9 @@ from dbus_fast import NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from tests.bus.conftest import StartVfiod
-from tests.bus.harness import Client, LoopThread, PrivateBus
-from tests.bus.helpers import GPU, attach, b, ok, register
-from tests.bus.systemd_standin import SystemdStandin
+from tests.bus.support.harness import Client, LoopThread, PrivateBus
+from tests.bus.support.helpers import GPU, attach, b, ok, register
+from tests.bus.support.systemd_standin import SystemdStandin
 from vfiod.bus.calls import Caller
 from vfiod.bus.names import BUS_NAME
 from vfiod.bus.systemd import SystemdClient

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.helpers import AUDIO, GPU, plain, register
+from tests.bus.support.helpers import AUDIO, GPU, plain, register
 from vfiod.bus.names import DEVICE_IFACE
 from vfiod.bus.uevents import NetlinkUevents, Uevent, parse_netlink, parse_simulated
 

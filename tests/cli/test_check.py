@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.core.test_hostcritical import FakeSys, workstation
+from tests.core.support.fake_sys import FakeSys, workstation
 from vfiod.cli.daemon import main
 
 REPO = Path(__file__).resolve().parents[2]

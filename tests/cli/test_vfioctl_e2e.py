@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.test_vfioctl_stub import private_bus, read_until
+from tests.cli.support.buses import private_bus, read_until
 from vfiod.cli import vfioctl
 
 REPO = Path(__file__).resolve().parents[2]

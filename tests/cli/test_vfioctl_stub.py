@@ -2,76 +2,32 @@
 subcommand calls with which arguments and options, every contract error's exit status and message format,
 the unreachable and timeout cases, and `monitor` following signals. The real service is exercised in
 test_vfioctl_e2e.py; this file pins the client's side of the contract exactly, whatever the service does.
-
-Also provides `private_bus()` (a throwaway dbus-daemon) to the other vfioctl test modules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from tests.cli.support.buses import private_bus, read_until
 from vfiod.bus.names import BUS_NAME, DEVICE_IFACE, ERROR_PREFIX, MANAGER_PATH
 from vfiod.cli import vfioctl
 from vfiod.core.errors import ALL_ERRORS
 
 REPO = Path(__file__).resolve().parents[2]
-
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:dir={dir}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
-
-
-@contextlib.contextmanager
-def private_bus() -> Iterator[str]:
-    """A dbus-daemon of our own (session type, any uid may own any name); yields its address."""
-    tmp = tempfile.mkdtemp(prefix="vfioctl-bus-", dir="/tmp")
-    config = Path(tmp) / "bus.conf"
-    config.write_text(BUS_CONFIG.format(dir=tmp))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        assert address.startswith("unix:"), address
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for p in Path(tmp).iterdir():
-            p.unlink()
-        os.rmdir(tmp)
-
 
 # ----- the stand-in service -----------------------------------------------------------------------------
 
@@ -446,28 +402,6 @@ def test_no_bus_is_status_8_and_a_bad_address_is_2(capsys: pytest.CaptureFixture
 
 
 # ----- monitor --------------------------------------------------------------------------------------------
-
-
-def read_until(
-    proc: subprocess.Popen[str], stream: IO[str] | None, needle: str, timeout: float = 10.0
-) -> str:
-    """Lines from `stream` until one contains `needle` (the lines read so far are returned). A watchdog
-    kills `proc` after `timeout` so a missing line fails the test instead of hanging it."""
-    assert stream is not None
-    watchdog = threading.Timer(timeout, proc.kill)
-    watchdog.start()
-    seen = ""
-    try:
-        while True:
-            line = stream.readline()
-            if not line:
-                break
-            seen += line
-            if needle in line:
-                return seen
-    finally:
-        watchdog.cancel()
-    raise AssertionError(f"{needle!r} not seen; got {seen!r}")
 
 
 def test_monitor_prints_one_line_per_change_and_exits_0_on_ctrl_c(stub: Stub) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.worlds import MakeEnv, make_envs
+from tests.core.support.worlds import MakeEnv, make_envs
 
 
 @pytest.fixture

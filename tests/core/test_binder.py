@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import SimFactory, SimHost
-from tests.machines import IGPU, L4, L4_AUDIO, NVIDIA
+from tests.machines import HDA, IGPU, L4, L4_AUDIO, NVIDIA
 from vfiod.core.binder import Binder, NativeDriver, Step
 from vfiod.core.errors import (
     DeviceBusy,
@@ -33,8 +33,6 @@ from vfiod.host.host import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod_sim import faults, processes
 from vfiod_sim.system import SimulatedModules
-
-HDA = DriverName.parse("snd_hda_intel")
 
 
 class Recorder:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_crash import open_manager, run_and_kill
-from tests.core.worlds import ADMIN, HM, OTHER, Env, MakeEnv, drivers
+from tests.core.support.crashes import open_manager, run_and_kill
+from tests.core.support.worlds import ADMIN, HM, OTHER, Env, MakeEnv, drivers
 from tests.machines import L4, L4_AUDIO
 from vfiod.core import recovery
 from vfiod.core.access import KERNEL_DEFAULT

@@ -3,18 +3,16 @@ Detach; a restarted manager must leave the registry and the simulated kernel in 
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from tests.core.support.crashes import open_manager, run_and_kill
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
 from vfiod_sim import build, processes
-from vfiod_sim.simulation import Simulation
 
 HM = Caller(uid=1000)
 PERSISTENCED = "nvidia-persistenced.service"
@@ -42,29 +40,6 @@ DETACH_POINTS = [
     "clear-override#2",
     "restored",
 ]
-
-
-def open_manager(sim_root: Path, state: Path) -> Manager:
-    return Simulation.open(sim_root).manager(state, verify_timeout=1.0)
-
-
-def child(sim_root: str, state: str, action: str, crash_at: str) -> None:
-    os.environ["VFIOD_TEST_HOOKS"] = "1"
-    os.environ["VFIOD_TEST_CRASH_AT"] = f"{action}:{crash_at}"
-    m = open_manager(Path(sim_root), Path(state))
-    if action == "attach":
-        m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
-    else:
-        m.detach(HM, "vm1")
-    os._exit(0)  # reached only if the crash point was never hit
-
-
-def run_and_kill(sim_root: Path, state: Path, action: str, point: str) -> int | None:
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=child, args=(str(sim_root), str(state), action, point))
-    proc.start()
-    proc.join(60)
-    return proc.exitcode
 
 
 def check_invariants(m: Manager, sim_root: Path, *, attached: bool) -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_crash import open_manager
+from tests.core.support.crashes import open_manager, violations
 from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError
 from vfiod.core.manager import Manager
 from vfiod.host.pciaddr import PciAddress
-from vfiod_sim import build, faults, processes
+from vfiod_sim import build, faults
 
 HM = Caller(uid=1000)
 ADMIN = Caller(uid=0)
@@ -101,42 +101,6 @@ def snapshot(m: Manager) -> tuple[object, ...]:
     atts = sorted((a.device_id, a.instance_id) for a in m.registry.all_attachments())
     kernel = sorted((a, m.host.driver(PciAddress.parse(a))) for a, _ in rows)
     return rows, atts, kernel
-
-
-def violations(m: Manager, sim_root: Path) -> list[str]:
-    """Every way the registry and the kernel disagree after a restart."""
-    out: list[str] = []
-    host = m.host
-    for row in m.registry.list_devices():
-        addr = row.pci_address
-        drv, override = host.driver(addr), host.driver_override(addr)
-        att = m.registry.attachment_of_device(row.id)
-        if row.state == "host" and (drv != row.native_driver or override not in (None, drv)):
-            out.append(f"{addr} is stored host but the kernel has {drv} (override {override})")
-        if row.state in ("vfio", "attached") and drv != "vfio-pci":
-            out.append(f"{addr} is stored {row.state} but the kernel has {drv}")
-        if row.state == "stuck" and not host.pending_writes(addr):
-            out.append(f"{addr} is stuck with no write pending")
-        if row.state in ("binding", "releasing", "missing"):
-            out.append(f"{addr} is left {row.state}")
-        if (att is not None) != (row.state == "attached"):
-            out.append(f"{addr} is {row.state} with attachment {att.instance_id if att else None}")
-    for group in host.iommu_groups():
-        if not host.vfio_group_node(group).exists():
-            continue
-        owner = host.node_owner(group)
-        owners = {a.owner_uid for a in m.registry.attachments_in_group(group)}
-        if owners and owner.uid not in owners:
-            out.append(f"/dev/vfio/{group} is uid {owner.uid}, its attachment is uid {sorted(owners)}")
-        if not owners and (owner.uid, owner.mode) != (0, 0o600):
-            out.append(f"/dev/vfio/{group} is uid {owner.uid} mode {owner.mode:o} with no attachment")
-    if m.registry.open_intents():
-        out.append(f"{len(m.registry.open_intents())} intents open after the devices settled")
-    holds = m.registry.all_holds()
-    active = processes.unit_active(sim_root, PERSISTENCED)
-    if holds or not active:
-        out.append(f"persistence holds {[(h.unit, h.holders) for h in holds]} with the unit active={active}")
-    return out
 
 
 @pytest.mark.slow

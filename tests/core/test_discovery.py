@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.core.test_hostcritical import FakeSys, workstation
+from tests.core.support.fake_sys import FakeSys, workstation
 from vfiod.core.discovery import (
     BRIDGE_BLOCKER,
     NO_IOMMU_BLOCKER,

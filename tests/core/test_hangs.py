@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.worlds import ADMIN, HM, Env, MakeEnv, drivers
+from tests.core.support.worlds import ADMIN, HM, Env, MakeEnv, drivers
 from tests.machines import L4, L4_AUDIO
 from vfiod.core import recovery
 from vfiod.core.binder import Binder, NativeDriver

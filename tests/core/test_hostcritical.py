@@ -1,237 +1,21 @@
-"""Tests for vfiod.core.hostcritical on hand-built sysfs trees laid out like Linux's.
-
-`FakeSys` builds such trees (PCI functions under bridges, bus links, drivers, IOMMU groups, block and net
-devices, consoles, /proc files); the discovery and host-status tests reuse it.
-"""
+"""Tests for vfiod.core.hostcritical on hand-built sysfs trees laid out like Linux's (`FakeSys`, in
+tests/core/support/fake_sys.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.core.support.fake_sys import FakeSys, link, workstation, write
 from vfiod.core import hostcritical
 from vfiod.core.hostcritical import deepest_pci_function, host_critical
-from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
 
 if TYPE_CHECKING:
     from tests.conftest import SimFactory
-
-
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(os.path.relpath(target, link.parent), link)
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-class FakeSys:
-    """A small Linux-shaped tree under `root`: sys/, dev/, proc/, etc/."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.sys = root / "sys"
-        self.proc = root / "proc"
-        self.dev = root / "dev"
-        self.etc = root / "etc"
-        for d in (self.sys / "bus/pci/devices", self.proc, self.dev, self.etc):
-            d.mkdir(parents=True, exist_ok=True)
-        self.real: dict[str, Path] = {}
-        self._mountinfo: list[str] = []
-        self._mount_id = 20
-
-    def host(self) -> Host:
-        return Host(HostRoots.under(self.root))
-
-    # ----- PCI ---------------------------------------------------------------------------------------
-
-    def pci(
-        self,
-        addr: str,
-        *,
-        parent: str | None = None,
-        vendor: str = "8086",
-        device: str = "1234",
-        cls: str = "0x020000",
-        subsystem: tuple[str, str] = ("0000", "0000"),
-        driver: str | None = None,
-        group: int | None = None,
-        boot_vga: bool | None = None,
-        numa: int | None = -1,
-        reset: str | None = None,
-        header: int | None = None,
-        vfio_dev: bool = False,
-    ) -> Path:
-        base = self.real[parent] if parent else self.sys / "devices" / f"pci{addr[:4]}:{addr[5:7]}"
-        real = base / addr
-        real.mkdir(parents=True)
-        self.real[addr] = real
-        _link(self.sys / "bus/pci/devices" / addr, real)
-        _write(real / "vendor", f"0x{vendor}\n")
-        _write(real / "device", f"0x{device}\n")
-        _write(real / "subsystem_vendor", f"0x{subsystem[0]}\n")
-        _write(real / "subsystem_device", f"0x{subsystem[1]}\n")
-        _write(real / "class", f"{cls}\n")
-        if numa is not None:
-            _write(real / "numa_node", f"{numa}\n")
-        if boot_vga is not None:
-            _write(real / "boot_vga", "1\n" if boot_vga else "0\n")
-        if reset is not None:
-            _write(real / "reset_method", reset + "\n")
-        if header is not None:
-            (real / "config").write_bytes(bytes(14) + bytes([header]) + bytes(49))
-        if driver is not None:
-            self.bind(addr, driver)
-        if group is not None:
-            gdir = self.sys / "kernel/iommu_groups" / str(group)
-            _link(gdir / "devices" / addr, real)
-            _link(real / "iommu_group", gdir)
-        if vfio_dev:
-            (real / "vfio-dev/vfio0").mkdir(parents=True)
-        return real
-
-    def bind(self, addr: str, driver: str) -> None:
-        ddir = self.sys / "bus/pci/drivers" / driver
-        ddir.mkdir(parents=True, exist_ok=True)
-        _link(self.real[addr] / "driver", ddir)
-
-    def module(self, name: str) -> None:
-        (self.sys / "module" / name).mkdir(parents=True, exist_ok=True)
-
-    # ----- block -------------------------------------------------------------------------------------
-
-    def disk(self, name: str, majmin: str, under: Path, partitions: dict[str, str] | None = None) -> Path:
-        real = under / "block" / name
-        real.mkdir(parents=True)
-        self._block(name, majmin, real)
-        for part, part_majmin in (partitions or {}).items():
-            preal = real / part
-            preal.mkdir()
-            _write(preal / "partition", "1\n")
-            self._block(part, part_majmin, preal)
-        return real
-
-    def virtual_block(self, name: str, majmin: str, slaves: list[str], dm_name: str | None = None) -> Path:
-        real = self.sys / "devices/virtual/block" / name
-        real.mkdir(parents=True)
-        self._block(name, majmin, real)
-        for s in slaves:
-            _link(real / "slaves" / s, (self.sys / "class/block" / s).resolve())
-        if dm_name is not None:
-            _write(real / "dm/name", dm_name + "\n")
-        return real
-
-    def _block(self, name: str, majmin: str, real: Path) -> None:
-        _link(self.sys / "dev/block" / majmin, real)
-        _link(self.sys / "class/block" / name, real)
-
-    def mount(self, majmin: str, mountpoint: str, fstype: str, source: str) -> None:
-        self._mount_id += 1
-        mp = mountpoint.replace(" ", "\\040")
-        self._mountinfo.append(
-            f"{self._mount_id} 1 {majmin} / {mp} rw,relatime shared:1 - {fstype} {source} rw"
-        )
-        _write(self.proc / "self/mountinfo", "\n".join(self._mountinfo) + "\n")
-
-    def swaps(self, *lines: str) -> None:
-        _write(
-            self.proc / "swaps",
-            "Filename\tType\tSize\tUsed\tPriority\n" + "".join(line + "\n" for line in lines),
-        )
-
-    # ----- net ---------------------------------------------------------------------------------------
-
-    def net(self, name: str, under: Path | None = None, lowers: tuple[str, ...] = ()) -> Path:
-        real = (under / "net" / name) if under is not None else self.sys / "devices/virtual/net" / name
-        real.mkdir(parents=True)
-        _link(self.sys / "class/net" / name, real)
-        for lower in lowers:
-            _link(real / f"lower_{lower}", (self.sys / "class/net" / lower).resolve())
-        return real
-
-    def bridge(self, name: str, ports: tuple[str, ...]) -> Path:
-        real = self.net(name)
-        for port in ports:
-            preal = (self.sys / "class/net" / port).resolve()
-            (preal / "brport").mkdir(exist_ok=True)
-            _link(real / "brif" / port, preal / "brport")
-        return real
-
-    def route4(self, *ifaces: str) -> None:
-        lines = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"]
-        lines.append("lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0")
-        for ifc in ifaces:
-            lines.append(f"{ifc}\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0")
-            lines.append(f"{ifc}\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0")
-        _write(self.proc / "net/route", "\n".join(lines) + "\n")
-
-    def route6(self, *ifaces: str) -> None:
-        zero = "0" * 32
-        lines = [f"{zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200       lo"]
-        for ifc in ifaces:
-            lines.append(
-                f"{zero} 00 {zero} 00 fe800000000000000000000000000001 00000400 00000001 00000000 "
-                f"00000003 {ifc}"
-            )
-        _write(self.proc / "net/ipv6_route", "\n".join(lines) + "\n")
-
-    # ----- console -----------------------------------------------------------------------------------
-
-    def vtconsole(self, index: int, name: str, bound: bool) -> None:
-        d = self.sys / "devices/virtual/vtconsole" / f"vtcon{index}"
-        _write(d / "name", name + "\n")
-        _write(d / "bind", "1\n" if bound else "0\n")
-        _link(self.sys / "class/vtconsole" / f"vtcon{index}", d)
-
-    def framebuffer(self, index: int, device: Path) -> None:
-        d = device / "graphics" / f"fb{index}"
-        d.mkdir(parents=True)
-        _link(d / "device", device)
-        _link(self.sys / "class/graphics" / f"fb{index}", d)
-
-
-def workstation(fs: FakeSys) -> None:
-    """An iGPU with console, an NVMe root disk behind a root port, a NIC with the default route."""
-    fs.pci("0000:00:00.0", vendor="8086", device="a700", cls="0x060000", group=0)
-    fs.pci(
-        "0000:00:02.0", vendor="8086", device="a780", cls="0x030000", driver="i915", group=1, boot_vga=True
-    )
-    fs.pci("0000:00:1d.0", vendor="8086", device="7a30", cls="0x060400", driver="pcieport", group=2, header=1)
-    nvme = fs.pci(
-        "0000:03:00.0",
-        parent="0000:00:1d.0",
-        vendor="144d",
-        device="a80a",
-        cls="0x010802",
-        driver="nvme",
-        group=2,
-    )
-    nic = fs.pci("0000:00:1f.6", vendor="8086", device="1a1c", cls="0x020000", driver="e1000e", group=3)
-    fs.disk(
-        "nvme0n1",
-        "259:0",
-        nvme / "nvme/nvme0",
-        {"nvme0n1p1": "259:1", "nvme0n1p2": "259:2", "nvme0n1p3": "259:3"},
-    )
-    fs.mount("259:2", "/", "ext4", "/dev/nvme0n1p2")
-    fs.mount("259:1", "/boot/efi", "vfat", "/dev/nvme0n1p1")
-    fs.mount("0:22", "/proc", "proc", "proc")
-    fs.mount("0:23", "/tmp", "tmpfs", "tmpfs")
-    fs.swaps("/dev/nvme0n1p3                          partition\t8388604\t0\t-2")
-    fs.net("lo")
-    fs.net("eno1", under=nic)
-    fs.route4("eno1")
-    fs.route6("eno1")
-    fs.vtconsole(0, "(S) dummy device", False)
-    fs.vtconsole(1, "(M) frame buffer device", True)
-    fs.framebuffer(0, fs.real["0000:00:02.0"])
 
 
 @pytest.fixture
@@ -309,7 +93,7 @@ def test_partition_of_md_device_walks_to_parent(fs: FakeSys) -> None:
     md = fs.virtual_block("md1", "9:1", ["nvme1n1"])
     (md / "md1p1").mkdir()
     (md / "md1p1/partition").write_text("1\n")
-    _link(fs.sys / "dev/block/259:9", md / "md1p1")
+    link(fs.sys / "dev/block/259:9", md / "md1p1")
     fs.mount("259:9", "/srv", "ext4", "/dev/md1p1")
     assert set(host_critical(fs.host())) == {"0000:05:00.0"}
 
@@ -320,7 +104,7 @@ def test_btrfs_anonymous_device_uses_source_and_siblings(fs: FakeSys) -> None:
     fs.disk("nvme2n1", "259:16", a / "nvme/nvme2")
     fs.disk("nvme3n1", "259:24", b / "nvme/nvme3")
     for name in ("nvme2n1", "nvme3n1"):
-        _link(fs.sys / "fs/btrfs/0f1e/devices" / name, (fs.sys / "class/block" / name).resolve())
+        link(fs.sys / "fs/btrfs/0f1e/devices" / name, (fs.sys / "class/block" / name).resolve())
     (fs.dev).mkdir(exist_ok=True)
     fs.mount("0:31", "/data", "btrfs", "/dev/nvme2n1")
     crit = host_critical(fs.host())
@@ -334,7 +118,7 @@ def test_nvme_native_multipath(fs: FakeSys) -> None:
     ctrl.mkdir(parents=True)
     subsys = fs.sys / "devices/virtual/nvme-subsystem/nvme-subsys4"
     subsys.mkdir(parents=True)
-    _link(subsys / "nvme4", ctrl)
+    link(subsys / "nvme4", ctrl)
     fs.disk("nvme4n1", "259:32", subsys)
     fs.mount("259:32", "/var", "ext4", "/dev/nvme4n1")
     assert set(host_critical(fs.host())) == {"0000:08:00.0"}
@@ -368,7 +152,7 @@ def test_9p_root_share(fs: FakeSys) -> None:
         v = dev / f"virtio{n}"
         v.mkdir()
         (v / "mount_tag").write_bytes(tag.encode() + b"\x00")
-        _link(fs.sys / "bus/virtio/devices" / f"virtio{n}", v)
+        link(fs.sys / "bus/virtio/devices" / f"virtio{n}", v)
     fs.mount("0:25", "/", "9p", "hostroot")
     crit = host_critical(fs.host())
     assert crit == {"0000:00:10.0": 'backs / (9p share "hostroot")'}
@@ -378,8 +162,8 @@ def test_virtiofs_share(fs: FakeSys) -> None:
     dev = fs.pci("0000:00:12.0", vendor="1af4", device="105a", cls="0x018000", driver="virtio-pci", group=11)
     v = dev / "virtio3"
     v.mkdir()
-    _link(fs.sys / "fs/virtiofs/0/device", v)
-    _write(fs.sys / "fs/virtiofs/0/tag", "myfs\n")
+    link(fs.sys / "fs/virtiofs/0/device", v)
+    write(fs.sys / "fs/virtiofs/0/tag", "myfs\n")
     fs.mount("0:40", "/shared", "virtiofs", "myfs")
     assert set(host_critical(fs.host())) == {"0000:00:12.0"}
 
@@ -441,7 +225,7 @@ def test_bond_slaves_file_without_lower_links(fs: FakeSys) -> None:
     a = fs.pci("0000:02:00.0", cls="0x020000", driver="igb", group=20)
     fs.net("eth0", under=a)
     bond = fs.net("bond0")
-    _write(bond / "bonding/slaves", "eth0\n")
+    write(bond / "bonding/slaves", "eth0\n")
     fs.route6("bond0")
     assert set(host_critical(fs.host())) == {"0000:02:00.0"}
 
@@ -449,7 +233,7 @@ def test_bond_slaves_file_without_lower_links(fs: FakeSys) -> None:
 def test_non_default_and_rejected_routes_are_ignored(fs: FakeSys) -> None:
     a = fs.pci("0000:02:00.0", cls="0x020000", driver="igb", group=20)
     fs.net("eth0", under=a)
-    _write(
+    write(
         fs.proc / "net/route",
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
         "eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
@@ -478,17 +262,17 @@ def test_one_function_with_several_reasons(fs: FakeSys) -> None:
 
 def test_empty_and_garbage_never_raise(fs: FakeSys) -> None:
     assert host_critical(fs.host()) == {}
-    _write(fs.proc / "self/mountinfo", "garbage\n1 2 3\n\x00\x01 - -\n12 1 x:y / / rw - ext4 /dev/x rw\n")
-    _write(fs.proc / "net/route", "Iface\n\x00\nbad line\n")
-    _write(fs.proc / "net/ipv6_route", "zz\n")
-    _write(fs.proc / "swaps", "header\n/dev/../../etc partition\n")
+    write(fs.proc / "self/mountinfo", "garbage\n1 2 3\n\x00\x01 - -\n12 1 x:y / / rw - ext4 /dev/x rw\n")
+    write(fs.proc / "net/route", "Iface\n\x00\nbad line\n")
+    write(fs.proc / "net/ipv6_route", "zz\n")
+    write(fs.proc / "swaps", "header\n/dev/../../etc partition\n")
     (fs.sys / "class/vtconsole/vtcon0").mkdir(parents=True)
-    _write(fs.sys / "class/vtconsole/vtcon0/bind", "1")
+    write(fs.sys / "class/vtconsole/vtcon0/bind", "1")
     assert host_critical(fs.host()) == {}
 
 
 def test_route_interface_names_cannot_walk_out(fs: FakeSys) -> None:
-    _write(
+    write(
         fs.proc / "net/route",
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
         "..\t00000000\t00000000\t0003\t0\t0\t0\t00000000\t0\t0\t0\n",
@@ -498,10 +282,10 @@ def test_route_interface_names_cannot_walk_out(fs: FakeSys) -> None:
 
 def test_dangling_and_looping_links(fs: FakeSys) -> None:
     fs.pci("0000:09:00.0", cls="0x010802", driver="nvme", group=30)
-    _link(fs.sys / "dev/block/259:99", fs.sys / "nowhere")
+    link(fs.sys / "dev/block/259:99", fs.sys / "nowhere")
     a = fs.virtual_block("dm-5", "253:5", [])
     b = fs.virtual_block("dm-6", "253:6", ["dm-5"])
-    _link(a / "slaves/dm-6", b)
+    link(a / "slaves/dm-6", b)
     fs.mount("259:99", "/x", "ext4", "/dev/nvme9n1")
     fs.mount("253:6", "/y", "ext4", "/dev/dm-6")
     assert host_critical(fs.host()) == {}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.core.test_hostcritical import FakeSys, workstation
+from tests.core.support.fake_sys import FakeSys, workstation
 from vfiod.core.hoststatus import IOMMU_FIX, host_status
 from vfiod.core.pciids import PciIds
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.worlds import ADMIN, HM, OTHER, PERSISTENCED, MakeEnv, drivers
+from tests.core.support.worlds import ADMIN, HM, OTHER, PERSISTENCED, MakeEnv, drivers
 from tests.machines import IGPU, L4, L4_AUDIO, NIC
 from vfiod.core.errors import (
     AlreadyBound,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_crash_loop import violations
-from tests.core.worlds import ADMIN, HM, PERSISTENCED, Env, MakeEnv, drivers
+from tests.core.support.crashes import violations
+from tests.core.support.worlds import ADMIN, HM, PERSISTENCED, Env, MakeEnv, drivers
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.errors import Failed
 from vfiod.core.manager import Manager

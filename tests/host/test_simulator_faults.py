@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SimFactory
-from tests.machines import L4, L4_AUDIO, NIC, NVIDIA, VFIO
+from tests.machines import HDA, L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.host import SysfsBusy, SysfsTimeout, SysfsWriteError, WriteRecord
 from vfiod.host.pciaddr import DriverName
 from vfiod_sim import SimulatedKernel, faults
-
-HDA = DriverName.parse("snd_hda_intel")
 
 
 def test_hang_holds_the_device_lock_until_released(sim: SimFactory) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SimFactory, SimHost
-from tests.machines import IGPU, L4, L4_AUDIO, NIC, NVIDIA, VFIO
+from tests.machines import HDA, IGPU, L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
 from vfiod.host.host import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
@@ -21,7 +21,6 @@ from vfiod_sim import processes
 
 ROOT_PORT = PciAddress.parse("0000:00:01.0")
 NVME = PciAddress.parse("0000:01:00.0")
-HDA = DriverName.parse("snd_hda_intel")
 PCIEPORT = DriverName.parse("pcieport")
 L4_GROUP = 7
 

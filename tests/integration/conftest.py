@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.realstack import Stack, require_root_and_tools, start_stack
+from tests.integration.support.realstack import Stack, require_root_and_tools, start_stack
 
 
 @pytest.fixture(scope="module")

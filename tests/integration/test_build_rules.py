@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.integration.realstack import REPO
+from tests.integration.support.realstack import REPO
 
 
 def _stage() -> ModuleType:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.realstack import PATH, REPO, unavailable
+from tests.integration.support.realstack import PATH, REPO, unavailable
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.realstack import PATH, unavailable
+from tests.integration.support.realstack import PATH, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = (0, 4096, 65536, 262144, 1048576)  # bytes left free on the registry's file system
@@ -32,7 +32,7 @@ def test_registry_fault_disk_full_on_a_real_tmpfs() -> None:
             "private",
             sys.executable,
             "-m",
-            "tests.integration.disk_full_child",
+            "tests.integration.support.disk_full_child",
             ",".join(map(str, LEVELS)),
         ],
         capture_output=True,

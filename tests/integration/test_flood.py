@@ -8,38 +8,33 @@ system's python3, from a world-readable copy in the stack's directory.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests import flood
-from tests.integration.realstack import (
+from tests.integration.support.flooding import SYSTEM_PYTHON, reports, start_flood
+from tests.integration.support.realstack import (
     HMTEST,
-    PATH,
     ROOT,
     STRANGER,
     Stack,
     User,
-    as_user,
     gv_opts,
     gv_str,
     gv_strv,
     require_root_and_tools,
     start_stack,
     unavailable,
+    vfiod_argv,
 )
-from tests.integration.test_policy_matrix import _vfiod_argv
 
 PROFILE = "synthetic:1024"
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture(scope="module")
@@ -47,43 +42,13 @@ def stack() -> Iterator[Stack]:
     require_root_and_tools()
     if not Path(SYSTEM_PYTHON).is_file():
         unavailable(f"{SYSTEM_PYTHON} is missing (the flooder runs with the system's python3)")
-    argv = [a if a != "workstation-l4" else PROFILE for a in _vfiod_argv()]
+    argv = vfiod_argv(PROFILE)
     with start_stack(argv) as s:
         shutil.copy(Path(flood.__file__), s.workdir / "flood.py")
         (s.workdir / "list-all.json").write_text(flood.templates(), encoding="utf-8")
         for f in ("flood.py", "list-all.json"):
             os.chmod(s.workdir / f, 0o644)
         yield s
-
-
-def start_flood(
-    stack: Stack, user: User, connections: int, in_flight: int, seconds: float, total: int | None = None
-) -> subprocess.Popen[str]:
-    argv = [
-        SYSTEM_PYTHON,
-        str(stack.workdir / "flood.py"),
-        stack.address,
-        str(stack.workdir / "list-all.json"),
-        str(connections),
-        str(in_flight),
-        str(seconds),
-        *([str(total)] if total is not None else []),
-    ]
-    return subprocess.Popen(
-        as_user(user, argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={"PATH": PATH, "LC_ALL": "C.UTF-8"},
-    )
-
-
-def reports(proc: subprocess.Popen[str], timeout: float = 180) -> list[dict[str, Any]]:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"the flooder failed: {err[-3000:]}"
-    result = json.loads(out)
-    assert isinstance(result, list)
-    return result
 
 
 def name_owner(stack: Stack) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.realstack import REPO
+from tests.integration.support.realstack import REPO
 from vfiod.cli import daemon, vfioctl
 
 MAN = REPO / "packaging/man"

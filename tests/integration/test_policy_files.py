@@ -13,7 +13,16 @@ import re
 
 import pytest
 
-from tests.integration.realstack import HMTEST, NOBODY, ROOT, STRANGER, UNPRIVILEGED, Stack, User, gv_str
+from tests.integration.support.realstack import (
+    HMTEST,
+    NOBODY,
+    ROOT,
+    STRANGER,
+    UNPRIVILEGED,
+    Stack,
+    User,
+    gv_str,
+)
 
 ACTIONS = {
     # action: (allow_any, allow_inactive, allow_active) -- the contract (AUTHORIZATION in vfiod(8))

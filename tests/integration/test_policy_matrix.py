@@ -14,14 +14,12 @@ in vfiod(8)):
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration.realstack import (
+from tests import machines
+from tests.integration.support.realstack import (
     HMTEST,
     NOBODY,
     ROOT,
@@ -34,12 +32,12 @@ from tests.integration.realstack import (
     gv_strv,
     require_root_and_tools,
     start_stack,
-    unavailable,
+    vfiod_argv,
 )
 
 PROFILE = "workstation-l4"
-L4 = "0000:a2:00.0"  # NVIDIA L4 (+ its HDMI audio 0000:a2:00.1): the profile's passthrough candidate
-IGPU = "0000:00:02.0"  # the boot VGA: a candidate, registered by root for the inspect tests
+L4 = str(machines.L4)  # NVIDIA L4 (+ its HDMI audio): the profile's passthrough candidate
+IGPU = str(machines.IGPU)  # the boot VGA: a candidate, registered by root for the inspect tests
 USB = "0000:00:14.0"  # an xHCI controller: not a display controller, so registering it needs admin
 NOT_AUTHORIZED = "org.hypeman.Devices1.Error.NotAuthorized"
 NOT_OWNER = "org.hypeman.Devices1.Error.NotOwner"
@@ -49,19 +47,10 @@ EVERYONE = (ROOT, HMTEST, STRANGER, NOBODY)
 OUTSIDERS = (STRANGER, NOBODY)
 
 
-def _vfiod_argv() -> list[str]:
-    script = Path(sys.executable).parent / "vfiod"
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "vfiod.cli.daemon"]
-    r = subprocess.run([*base, "run", "--help"], capture_output=True, text=True, timeout=60, check=False)
-    if r.returncode != 0:
-        unavailable("vfiod run not implemented yet")
-    return [*base, "run", "--simulate", PROFILE, "--bus", "@ADDRESS@"]
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     require_root_and_tools()
-    argv = _vfiod_argv()
+    argv = vfiod_argv(PROFILE)
     with start_stack(argv) as s:
         r = s.call(ROOT, "RegisterDevice", gv_str(IGPU), gv_str("igpu"), gv_opts())
         assert r.ok, f"root could not register {IGPU}: {r.describe()}\n{s.logs()}"

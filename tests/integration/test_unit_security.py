@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.realstack import REPO, unavailable
+from tests.integration.support.realstack import REPO, unavailable
 
 UNIT = REPO / "systemd/vfiod.service"
 MAX_EXPOSURE = 3.0

@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.core.test_crash import open_manager
-from tests.core.test_crash_loop import violations
+from tests.core.support.crashes import open_manager, violations
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError

@@ -6,11 +6,13 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from tests.bus.harness import Client, Reply
+from tests import machines
+from tests.bus.support.harness import Client, Reply
 
-GPU = "0000:a2:00.0"  # workstation-l4: the NVIDIA L4 (nvidia), group 7 with its HDMI audio
-AUDIO = "0000:a2:00.1"  # snd_hda_intel
-IGPU = "0000:00:02.0"  # the boot VGA with the console on it: host-critical
+# workstation-l4's functions as the bus carries them (plain strings; tests/machines.py names them)
+GPU = str(machines.L4)
+AUDIO = str(machines.L4_AUDIO)
+IGPU = str(machines.IGPU)
 ABSENT = "0000:ff:1f.7"
 
 

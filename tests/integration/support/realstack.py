@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SUPERVISOR = Path(__file__).resolve().parent / "ns_supervisor.py"
 POLKITD = "/usr/lib/polkit-1/polkitd"
 DEBIAN_SYSTEM_CONF = Path("/usr/share/dbus-1/system.conf")
@@ -305,3 +305,13 @@ def start_stack(vfiod_argv: Sequence[str] | None = None, timeout: float = 90) ->
             proc.kill()
             proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def vfiod_argv(profile: str) -> list[str]:
+    """`vfiod run --simulate PROFILE` on the stack's bus (`@ADDRESS@` is replaced by start_stack)."""
+    script = Path(sys.executable).parent / "vfiod"
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "vfiod.cli.daemon"]
+    r = subprocess.run([*base, "run", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    if r.returncode != 0:
+        unavailable("vfiod run not implemented yet")
+    return [*base, "run", "--simulate", profile, "--bus", "@ADDRESS@"]
