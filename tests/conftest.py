@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vfiod.host.host import DeadlinePolicy, Host, WriteRecord
+from vfiod.host.host import Host
+from vfiod.host.writes import DeadlinePolicy, WriteRecord
 from vfiod_sim import SimulatedKernel, processes
 from vfiod_sim.simulation import Simulation
 

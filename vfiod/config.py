@@ -36,8 +36,8 @@ from typing import Annotated, Final
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from vfiod.core.persistence import DEFAULT_UNITS
-from vfiod.host.host import SLOW_DRIVERS, DeadlinePolicy
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+from vfiod.host.writes import SLOW_DRIVERS, DeadlinePolicy
 
 DEFAULT_PATH: Final = Path("/etc/vfiod/vfiod.toml")
 

@@ -11,13 +11,15 @@ simulated host is laid out, and a manager wired to it, the same way everywhere:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry
 from vfiod.core.system import ModuleLoader, UnitController
-from vfiod.host.host import DeadlinePolicy, Host, HostRoots
+from vfiod.host.host import Host, HostRoots
+from vfiod.host.writes import DeadlinePolicy
 from vfiod_sim.builder import build
 from vfiod_sim.kernel import SimulatedKernel
 from vfiod_sim.model import Profile
@@ -99,8 +101,7 @@ class Simulation:
     def caller_host(self) -> Host:
         """A `Host` on this machine's tree whose /proc is the real one: callers of a simulated daemon are
         real processes, and their /proc/<pid>/exe is read there."""
-        roots = HostRoots.under(self.root)
-        return Host(HostRoots(sys=roots.sys, dev=roots.dev, proc=Path("/proc"), etc=roots.etc), self.kernel)
+        return Host(dataclasses.replace(HostRoots.under(self.root), proc=Path("/proc")), self.kernel)
 
 
 def _name(profile: str | Profile | None) -> str:

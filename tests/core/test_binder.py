@@ -24,13 +24,13 @@ from vfiod.core.guard import (
     check_identity,
     check_not_host_critical,
     plan_groups,
-    read_identity,
     require_not_held,
     require_not_in_use,
 )
 from vfiod.core.system import LoadedModulesOnly
-from vfiod.host.host import SysfsBusy
+from vfiod.host.errors import SysfsBusy
 from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pcifunction import read_function
 from vfiod_sim import faults, processes
 from vfiod_sim.system import SimulatedModules
 
@@ -393,7 +393,7 @@ def test_group_not_viable_after_bind_rolls_back(sim: SimFactory) -> None:
 
 def test_identity_check_refuses_a_swapped_card(sim: SimFactory) -> None:
     sh = sim("workstation-l4", idle=True)
-    identity = read_identity(sh.host, L4)
+    identity = read_function(sh.host, L4).identity
     assert identity is not None and identity.vendor_id == "10de" and identity.device_id == "27b8"
     check_identity(sh.host, L4, identity)
     sh.kernel.replace_card(L4, vendor="1002", device="744c")

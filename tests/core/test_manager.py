@@ -29,8 +29,8 @@ from vfiod.core.errors import (
     NotOwner,
     Timeout,
 )
-from vfiod.host.host import WriteRecord
 from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.writes import WriteRecord
 from vfiod_sim import faults, processes
 
 

@@ -38,8 +38,11 @@ from vfiod.core.errors import (
 from vfiod.core.guard import check_not_host_critical, plan_groups, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
-from vfiod.host.host import DeadlinePolicy, Host, SysfsWriteError, WriteRecord
+from vfiod.host.errors import SysfsWriteError
+from vfiod.host.host import Host
 from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pcifunction import read_function
+from vfiod.host.writes import DeadlinePolicy, WriteRecord
 
 log = logging.getLogger("vfiod.e2e.trace")
 
@@ -386,8 +389,8 @@ def sc_inventory(rig: Rig, rec: Recorder) -> None:
     inv: dict[str, Any] = {}
     for addr in host.pci_addresses():
         inv[str(addr)] = {
-            "class": host.hex_attr(addr, "class"),
-            "id": f"{host.hex_attr(addr, 'vendor')}:{host.hex_attr(addr, 'device')}",
+            "class": read_function(host, addr).class_code,
+            "id": f"{read_function(host, addr).vendor}:{read_function(host, addr).device}",
             "driver": host.driver(addr),
             "module": host.driver_module(addr),
             "group": host.iommu_group(addr),

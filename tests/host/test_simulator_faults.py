@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import SimFactory
 from tests.machines import HDA, L4, L4_AUDIO, NIC, NVIDIA, VFIO
-from vfiod.host.host import SysfsBusy, SysfsTimeout, SysfsWriteError, WriteRecord
+from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
 from vfiod.host.pciaddr import DriverName
+from vfiod.host.writes import WriteRecord
 from vfiod_sim import SimulatedKernel, faults
 
 

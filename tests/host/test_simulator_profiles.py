@@ -13,8 +13,11 @@ import pytest
 from tests.conftest import SimFactory, SimHost
 from tests.machines import IGPU, L4, L4_AUDIO, NVIDIA, VFIO
 from vfiod.core.hostcritical import host_critical
-from vfiod.host.host import Host, HostRoots, ProcUnreadable
+from vfiod.host import procfs
+from vfiod.host.errors import ProcUnreadable
+from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pcifunction import read_function
 from vfiod_sim import SimulatedKernel, build, get_profile, processes, render, state, tree
 from vfiod_sim.__main__ import main as tool
 from vfiod_sim.model import Profile
@@ -33,11 +36,11 @@ def test_profile_builds_as_declared(sim: SimFactory, name: str) -> None:
         addr = PciAddress.parse(d.address)
         assert sh.host.driver(addr) == d.driver, addr  # the boot probe agrees with the profile
         assert sh.host.iommu_group(addr) == (d.iommu_group if prof.iommu else None)
-        assert sh.host.hex_attr(addr, "vendor") == f"{d.vendor:04x}"
+        assert read_function(sh.host, addr).vendor == f"{d.vendor:04x}"
         with open(sh.host.device_dir(addr) / "config", "rb") as f:
             assert (f.read(0x10)[0x0E] & 0x7F) == d.header_type
     assert {g: [str(a) for a in sh.host.group_members(g)] for g in sh.host.iommu_groups()} == prof.groups()
-    assert sh.host.cmdline() == prof.cmdline
+    assert procfs.cmdline(sh.host) == prof.cmdline
     assert len(sh.host.boot_id()) == 36
     # every link in the tree is relative and resolves inside it (or is a /proc logical path)
     for dirpath, dirnames, filenames in os.walk(sh.root):
@@ -119,18 +122,18 @@ def test_workstation_details(sim: SimFactory) -> None:
     assert (root / "dev/vfio/vfio").exists() and (root / "dev/nvidiactl").exists()
     assert not (root / "dev/vfio/devices").exists() and not (root / "dev/iommu").exists()
     # the boot processes
-    persistenced = h.process_info(900)
+    persistenced = procfs.process_info(h, 900)
     assert persistenced.comm == "nvidia-persiste" and persistenced.exe == "/usr/bin/nvidia-persistenced"
     assert persistenced.cgroup == "0::/system.slice/nvidia-persistenced.service"
-    assert sorted(h.fd_targets(900)) == ["/dev/null"] * 3 + ["/dev/nvidia0", "/dev/nvidiactl"]
-    assert [(i.pid, p) for i, p in h.iter_holders({"/dev/dri/card0"})] == [(1500, "/dev/dri/card0")]
+    assert sorted(procfs.fd_targets(h, 900)) == ["/dev/null"] * 3 + ["/dev/nvidia0", "/dev/nvidiactl"]
+    assert [(i.pid, p) for i, p in procfs.iter_holders(h, {"/dev/dri/card0"})] == [(1500, "/dev/dri/card0")]
 
 
 def test_dgx_details(sim: SimFactory) -> None:
     sh = sim("dgx-h100")
     h = sh.host
-    gpus = [a for a in h.pci_addresses() if h.hex_attr(a, "device") == "2330"]
-    switches = [a for a in h.pci_addresses() if h.hex_attr(a, "device") == "22a3"]
+    gpus = [a for a in h.pci_addresses() if read_function(h, a).device == "2330"]
+    switches = [a for a in h.pci_addresses() if read_function(h, a).device == "22a3"]
     assert len(gpus) == 8 and len(switches) == 4
     assert len({h.iommu_group(a) for a in gpus + switches}) == 12
     assert [h.attr(a, "numa_node") for a in gpus] == ["0"] * 4 + ["1"] * 4
@@ -139,7 +142,7 @@ def test_dgx_details(sim: SimFactory) -> None:
     assert sorted(n for n in h.list_dir(sh.root / "dev") if n.startswith("nvidia-nvswitch")) == [
         f"nvidia-nvswitch{i}" for i in range(4)
     ]
-    held = sorted(t for t in h.fd_targets(900) if t.startswith("/dev/nvidia") and t[11:].isdigit())
+    held = sorted(t for t in procfs.fd_targets(h, 900) if t.startswith("/dev/nvidia") and t[11:].isdigit())
     assert held == sorted(f"/dev/nvidia{i}" for i in range(8))
     vga = PciAddress.parse("0000:03:00.0")
     assert h.group_members(h.iommu_group(vga) or -1) == [PciAddress.parse("0000:02:00.0"), vga]
@@ -151,7 +154,7 @@ def test_dgx_details(sim: SimFactory) -> None:
 def test_no_iommu_and_qemu_details(sim: SimFactory) -> None:
     sh = sim("no-iommu")
     assert sh.host.iommu_groups() == [] and not (sh.root / "sys/class/iommu/dmar0").exists()
-    assert "intel_iommu" not in sh.host.cmdline()
+    assert "intel_iommu" not in procfs.cmdline(sh.host)
     q = sim("qemu-q35")
     assert q.host.group_members(11) == [
         PciAddress.parse(a) for a in ("0000:01:00.0", "0000:02:01.0", "0000:02:02.0")
@@ -194,7 +197,7 @@ def test_qemu_q35_is_the_e2e_guest(sim: SimFactory) -> None:
     # the NVMe disk: ext4 on the whole namespace (no partition), mounted on /mnt/data
     nvme = PciAddress.parse("0000:00:08.0")
     assert h.driver(nvme) == "nvme" and h.driver_module(nvme) == "nvme"
-    assert h.hex_attr(nvme, "class") == "010802" and h.hex_attr(nvme, "device") == "0010"
+    assert read_function(h, nvme).class_code == "010802" and read_function(h, nvme).device == "0010"
     assert h.list_dir(root / "sys/class/block") == ["nvme0n1"]
     mountinfo = h.read_text(root / "proc/self/mountinfo") or ""
     assert f"{h.read_text(root / 'sys/class/block/nvme0n1/dev')} / /mnt/data rw,relatime" in mountinfo
@@ -286,27 +289,27 @@ def test_processes(sim: SimFactory) -> None:
         args=["qemu-system-x86_64", "-m", "4G"],
     )
     h = sh.host
-    info = h.process_info(pid)
+    info = procfs.process_info(h, pid)
     assert (info.uid, info.comm, info.exe) == (1000, "qemu-system-x86", "/usr/bin/qemu-system-x86_64")
     assert info.cgroup == "0::/user.slice/user-1000.slice/vm-1.scope"
     assert (sh.root / f"proc/{pid}/cmdline").read_bytes() == b"qemu-system-x86_64\0-m\0004G\0"
-    assert h.memlock_limit(pid) == (1 << 30, None)
-    assert h.memlock_limit(900) == (8388608, 8388608)
+    assert procfs.memlock_limit(h, pid) == (1 << 30, None)
+    assert procfs.memlock_limit(h, 900) == (8388608, 8388608)
     limits = (sh.root / "proc/900/limits").read_text().splitlines()
     assert limits[0].split() == ["Limit", "Soft", "Limit", "Hard", "Limit", "Units"]
-    assert "/dev/vfio/7" in h.fd_targets(pid)
+    assert "/dev/vfio/7" in procfs.fd_targets(h, pid)
     processes.set_fd_unreadable(sh.root, pid)
     with pytest.raises(ProcUnreadable):
-        h.fd_targets(pid)
+        procfs.fd_targets(h, pid)
     # the kernel still knows what it holds
     assert processes.holders(sh.root, ["/dev/vfio/7"]) == [(pid, "/dev/vfio/7")]
     processes.remove_process(sh.root, pid)
-    assert pid not in h.pids() and processes.holders(sh.root, ["/dev/vfio/7"]) == []
+    assert pid not in procfs.pids(h) and processes.holders(sh.root, ["/dev/vfio/7"]) == []
     # units: stop and start the persistence daemon as systemd would
     assert processes.stop_unit(sh.root, "nvidia-persistenced.service") == [900]
     assert not processes.unit_active(sh.root, "nvidia-persistenced.service")
     assert processes.start_unit(sh.root, "nvidia-persistenced.service") == [900]
-    assert "/dev/nvidia0" in h.fd_targets(900)
+    assert "/dev/nvidia0" in procfs.fd_targets(h, 900)
 
 
 def test_nvidia_unbind_can_wait_for_users(tmp_path: Path) -> None:
@@ -348,9 +351,9 @@ def test_reboot_resets_to_the_boot_state(sim: SimFactory) -> None:
     assert h.driver(L4) == "nvidia" and h.driver(L4_AUDIO) == "snd_hda_intel"
     assert h.driver_override(L4) is None
     assert not h.vfio_group_node(L4_GROUP).exists()
-    assert pid not in h.pids() and 900 in h.pids() and "/dev/nvidia0" in h.fd_targets(900)
+    assert pid not in procfs.pids(h) and 900 in procfs.pids(h) and "/dev/nvidia0" in procfs.fd_targets(h, 900)
     assert h.driver(nic) == "e1000e"
-    assert h.hex_attr(IGPU, "device") == "56a0"
+    assert read_function(h, IGPU).device == "56a0"
 
 
 def test_interrupted_update_is_repaired_by_the_next_locker(

@@ -15,8 +15,9 @@ import pytest
 from tests.conftest import SimFactory, SimHost
 from tests.machines import HDA, IGPU, L4, L4_AUDIO, NIC, NVIDIA, VFIO
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE, NodeOwner
-from vfiod.host.host import SysfsWriteError
+from vfiod.host.errors import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pcifunction import read_function
 from vfiod_sim import processes
 
 ROOT_PORT = PciAddress.parse("0000:00:01.0")
@@ -339,8 +340,8 @@ def test_unplug_replug_and_replace_card(sim: SimFactory) -> None:
     sh.kernel.replug(L4)
     assert sh.host.driver(L4) == "nvidia"
     sh.kernel.replace_card(L4, vendor="1002", device="744c", class_code="030000")
-    assert (sh.host.hex_attr(L4, "vendor"), sh.host.hex_attr(L4, "device")) == ("1002", "744c")
-    assert sh.host.hex_attr(L4, "subsystem_vendor") == "1002"
+    assert (read_function(sh.host, L4).vendor, read_function(sh.host, L4).device) == ("1002", "744c")
+    assert read_function(sh.host, L4).subsystem_vendor == "1002"
     assert sh.host.driver(L4) is None  # amdgpu is not in this profile's loaded modules
     with open(sh.host.device_dir(L4) / "config", "rb") as f:
         cfg = f.read()

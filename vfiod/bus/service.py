@@ -66,7 +66,9 @@ from vfiod.core.errors import (
 )
 from vfiod.core.manager import Manager
 from vfiod.core.records import Device
-from vfiod.host.host import Host, WriteRecord
+from vfiod.host import procfs
+from vfiod.host.host import Host
+from vfiod.host.writes import WriteRecord
 
 log = logging.getLogger("vfiod.bus")
 audit = logging.getLogger("vfiod.audit")
@@ -401,7 +403,7 @@ class Service:
         if pid is None:
             return ""
         try:
-            return self._proc_host.process_info(pid).exe
+            return procfs.process_info(self._proc_host, pid).exe
         except Exception:
             return ""
 

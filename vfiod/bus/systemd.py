@@ -51,6 +51,8 @@ from vfiod.bus.names import (
 from vfiod.core.errors import Failed, Timeout, VFIONotAvailable
 from vfiod.core.system import modprobe_hint
 from vfiod.host.host import Host
+from vfiod.host.pciaddr import DriverName, InvalidDriverName
+from vfiod.host.pcifunction import module_name
 
 log = logging.getLogger("vfiod.systemd")
 
@@ -61,7 +63,6 @@ MODPROBE_DEADLINE: Final = 60.0
 ACTIVE_STATES: Final = frozenset({"active", "activating", "reloading", "deactivating"})
 NOT_RUNNING: Final = frozenset({"inactive", "failed"})
 _UNIT_RE: Final = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}\.(service|socket|target|mount|timer|path|scope)")
-_MODULE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BUFFER: Final = 1024  # JobRemoved of jobs nobody waits for yet (they are other clients' jobs, mostly)
 _BUFFER_AGE: Final = 120.0
 
@@ -233,9 +234,11 @@ class SystemdClient:
         log.info("started %s", unit, extra={"UNIT": unit, "ACTION": "start-unit"})
 
     async def load_module(self, module: str) -> None:
-        if not _MODULE_RE.fullmatch(module):
-            raise VFIONotAvailable(f"{module!r} is not a kernel module name")
-        if self._host.module_loaded(_sysfs_module(module)):
+        try:
+            DriverName.parse(module)  # the one rule for a driver or module name
+        except InvalidDriverName:
+            raise VFIONotAvailable(f"{module!r} is not a kernel module name") from None
+        if self._host.module_loaded(module_name(module)):
             return
         unit = f"modprobe@{module}.service"
         try:
@@ -244,7 +247,7 @@ class SystemdClient:
             raise VFIONotAvailable(
                 f"kernel module {module} could not be loaded: {e}; run: {modprobe_hint(module)}"
             ) from e
-        if not self._host.module_loaded(_sysfs_module(module)):
+        if not self._host.module_loaded(module_name(module)):
             raise VFIONotAvailable(
                 f"kernel module {module} is not loaded after {unit} ran (is it installed for this kernel?); "
                 f"run: {modprobe_hint(module)}"
@@ -312,11 +315,6 @@ class UnitsLeftAlone:
 def _check_unit(unit: str) -> None:
     if not _UNIT_RE.fullmatch(unit):
         raise Failed(f"{unit!r} is not a systemd unit name")
-
-
-def _sysfs_module(module: str) -> str:
-    # /sys/module uses underscores whatever modprobe was given
-    return module.replace("-", "_")
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -30,11 +30,13 @@ from vfiod.core.errors import (
     Timeout,
     VfiodError,
 )
-from vfiod.core.guard import GroupPlan, is_vfio_bound, require_not_held, vfio_holders
+from vfiod.core.guard import GroupPlan, require_not_held, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
-from vfiod.host.host import Host, SysfsBusy, SysfsTimeout, SysfsWriteError
+from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
+from vfiod.host.host import Host
 from vfiod.host.pciaddr import VFIO_PCI, DriverName, PciAddress
+from vfiod.host.pcifunction import read_function
 
 log = logging.getLogger("vfiod.binder")
 
@@ -127,7 +129,7 @@ class Binder:
 
     def _bind_one(self, addr: PciAddress, group: int) -> None:
         current = self.host.driver(addr)
-        if is_vfio_bound(self.host, addr):
+        if read_function(self.host, addr).is_vfio_bound:
             return
         self._step(addr, "override", current, VFIO_PCI, lambda: self.host.set_driver_override(addr, VFIO_PCI))
         if current is not None:
@@ -160,7 +162,7 @@ class Binder:
             blocking = [
                 f"{m} ({self.host.driver(m)})"
                 for m in self.host.group_members(group)
-                if self.host.driver(m) is not None and not is_vfio_bound(self.host, m)
+                if self.host.driver(m) is not None and not read_function(self.host, m).is_vfio_bound
             ]
             raise IOMMUGroupConflict(
                 f"IOMMU group {group} is not viable after binding"
@@ -204,7 +206,7 @@ class Binder:
             if self.host.driver_override(addr) is not None:
                 self._step(addr, "clear-override", current, current, self._clear(addr))
             return
-        if current is not None and not is_vfio_bound(self.host, addr):
+        if current is not None and not read_function(self.host, addr).is_vfio_bound:
             # Someone else moved it to another driver after vfiod: not ours to undo.
             log.warning(
                 "%s is on %s, not vfio-pci: leaving it there",

@@ -19,86 +19,22 @@ from vfiod.core.errors import (
     VFIONotAvailable,
 )
 from vfiod.core.hostcritical import host_critical
-from vfiod.host.host import Host, ProcessInfo, ProcUnreadable
+from vfiod.host import procfs
+from vfiod.host.errors import ProcUnreadable
+from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
-
-# Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
-# these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
-DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
-VFIO_DRIVERS = frozenset({"vfio-pci"})
-# Bridge classes 0600 (host) .. 0609 (semi-transparent PCI-to-PCI): never passed through. 0680 ("other
-# bridge", e.g. NVSwitch) is an endpoint. Discovery reports the same devices as "a PCI bridge".
-BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What makes a card that card: compared before any unbind so a swapped card is never touched."""
-
-    vendor_id: str
-    device_id: str
-    subsystem_vendor_id: str
-    subsystem_device_id: str
-    class_code: str
-
-    def describe(self) -> str:
-        return (
-            f"{self.vendor_id}:{self.device_id} (subsystem {self.subsystem_vendor_id}:"
-            f"{self.subsystem_device_id}, class {self.class_code})"
-        )
-
-
-def read_identity(host: Host, addr: PciAddress) -> Identity | None:
-    vendor = host.hex_attr(addr, "vendor")
-    device = host.hex_attr(addr, "device")
-    if vendor is None or device is None:
-        return None
-    return Identity(
-        vendor_id=vendor,
-        device_id=device,
-        subsystem_vendor_id=host.hex_attr(addr, "subsystem_vendor") or "",
-        subsystem_device_id=host.hex_attr(addr, "subsystem_device") or "",
-        class_code=(host.hex_attr(addr, "class") or "").rjust(6, "0"),
-    )
-
-
-def is_bridge(host: Host, addr: PciAddress) -> bool:
-    """A PCI-to-PCI or CardBus bridge (header type 1 or 2). Class 0680 endpoints such as NVSwitch are
-    not bridges: they carry a driver and decide viability like any endpoint."""
-    try:
-        with open(host.device_dir(addr) / "config", "rb") as f:
-            f.seek(0x0E)
-            header = f.read(1)
-        if header:
-            return (header[0] & 0x7F) in (1, 2)
-    except OSError:
-        pass
-    cls = host.hex_attr(addr, "class") or ""
-    return cls[:4] in ("0604", "0607", "0609")
-
-
-def never_passed_through(host: Host, addr: PciAddress) -> bool:
-    """A bridge by header type or by class (a host or ISA bridge is a header-type-0 function, but no VM
-    gets the chipset)."""
-    cls = host.hex_attr(addr, "class") or ""
-    return is_bridge(host, addr) or cls.rjust(6, "0")[:4] in BRIDGE_CLASSES
-
-
-def is_vfio_bound(host: Host, addr: PciAddress) -> bool:
-    """Bound to vfio-pci or a vfio variant driver (which shows as a vfio-dev/ directory)."""
-    drv = host.driver(addr)
-    return drv in VFIO_DRIVERS or (drv is not None and host.has_vfio_dev(addr))
-
-
-def dma_neutral(host: Host, addr: PciAddress) -> bool:
-    """The member does not stop its group from being viable: no driver, or a driver that lets the user
-    own DMA (vfio-pci and its variants, pci-stub, pcieport)."""
-    drv = host.driver(addr)
-    return drv is None or drv in DMA_NEUTRAL_DRIVERS or host.has_vfio_dev(addr)
+from vfiod.host.pcifunction import (
+    DMA_NEUTRAL_DRIVERS,
+    VFIO_DRIVERS,
+    Identity,
+    PciSnapshot,
+    read_function,
+)
+from vfiod.host.procfs import ProcessInfo
 
 
 def check_identity(host: Host, addr: PciAddress, expected: Identity) -> None:
-    live = read_identity(host, addr)
+    live = read_function(host, addr).identity
     if live is None:
         raise Failed(f"{addr} is no longer on the bus")
     if live != expected:
@@ -152,51 +88,54 @@ def plan_groups(
     maps address -> who holds it); unattached vfio-bound members join.
     """
     attached_elsewhere = attached_elsewhere or {}
+    snap = PciSnapshot(host)
     plans: dict[int, GroupPlan] = {}
     wanted: dict[PciAddress, str] = {}
     for addr in sorted(requested):
-        if not host.device_exists(addr):
+        fn = snap.function(addr)
+        if not fn.present:
             raise Failed(f"{addr} is not on the bus")
-        if never_passed_through(host, addr):
+        if fn.never_passed_through:
             raise InvalidArgument(f"{addr} is a PCI bridge; bridges are never passed through")
         wanted[addr] = "requested"
     for addr in list(wanted):
-        group = host.iommu_group(addr)
+        group = snap.function(addr).iommu_group
         if group is None:
             raise VFIONotAvailable(
                 f"{addr} has no IOMMU group: the IOMMU is off; add intel_iommu=on (Intel) or amd_iommu=on "
                 "(AMD) to the kernel command line and reboot"
             )
         if include_group:
-            for member in host.group_members(group):
-                if member.same_slot(addr) and member not in wanted and not is_bridge(host, member):
+            for member in snap.members(group):
+                if member.same_slot(addr) and member not in wanted and not snap.function(member).is_bridge:
                     wanted[member] = "companion"
     for addr, role in sorted(wanted.items()):
-        group = host.iommu_group(addr)
+        group = snap.function(addr).iommu_group
         assert group is not None
         plan = plans.setdefault(group, GroupPlan(group=group))
         plan.roles[addr] = role
         holder = attached_elsewhere.get(addr)
         if holder is not None:
             raise IOMMUGroupConflict(f"{addr} in IOMMU group {group} is attached to {holder}")
-        if is_vfio_bound(host, addr):
+        if snap.function(addr).is_vfio_bound:
             plan.already_bound.append(addr)
         else:
             plan.to_bind.append(addr)
     for group, plan in sorted(plans.items()):
-        for member in host.group_members(group):
+        for member in snap.members(group):
             if member in wanted:
                 continue
-            drv = host.driver(member)
+            other = snap.function(member)
+            drv = other.driver
             holder = attached_elsewhere.get(member)
             if holder is not None:
                 raise IOMMUGroupConflict(
                     f"IOMMU group {group} also holds {member}, which is attached to {holder}; a group can "
                     "only be handed to one owner"
                 )
-            if is_bridge(host, member) or drv is None or (drv in DMA_NEUTRAL_DRIVERS - VFIO_DRIVERS):
+            if other.is_bridge or drv is None or (drv in DMA_NEUTRAL_DRIVERS - VFIO_DRIVERS):
                 continue
-            if is_vfio_bound(host, member):
+            if other.is_vfio_bound:
                 plan.joined.append(member)
                 plan.roles[member] = "companion"
                 continue
@@ -228,7 +167,7 @@ def _holders(host: Host, paths: set[str], ignore: Callable[[ProcessInfo], bool])
         return []
     out: list[Holder] = []
     try:
-        for info, path in host.iter_holders(paths):
+        for info, path in procfs.iter_holders(host, paths):
             if ignore(info):
                 continue
             out.append(Holder(pid=info.pid, exe=info.exe or info.comm, uid=info.uid, path=path))

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vfiod.host import procfs
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 
@@ -29,7 +30,6 @@ _MAJMIN_RE = re.compile(r"(\d+):(\d+)")
 # Interface and block device names come from /proc files; they become path components, so anything that
 # could walk out of the directory is ignored.
 _NAME_RE = re.compile(r"[^/\s\x00]+")
-_OCTAL_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
 
 # Virtual file systems that are network-backed: covered by the default-route rule, not by a block device.
 _NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "fuse.sshfs", "afs"})
@@ -41,8 +41,6 @@ _SHARE_FS = frozenset({"9p", "virtiofs"})
 _MEMORY_OR_FILE_BLOCK = ("loop", "zram", "ram", "nbd")
 
 # Linux route flags (include/uapi/linux/route.h, ipv6_route.h).
-_RTF_UP = 0x0001
-_RTF_REJECT = 0x0200
 
 _MAX_LISTED = 3
 _MAX_DEPTH = 16
@@ -95,52 +93,7 @@ def deepest_pci_function(host: Host, real: Path) -> PciAddress | None:
     return None
 
 
-def _unescape(text: str) -> str:
-    """mountinfo and /proc/swaps write space, tab, newline and backslash as octal escapes."""
-    return _OCTAL_ESCAPE_RE.sub(lambda m: chr(int(m[1], 8)), text)
-
-
 # ----- storage ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Mount:
-    majmin: str
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _parse_mountinfo(text: str) -> Iterator[_Mount]:
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 3:
-            continue
-        yield _Mount(
-            majmin=fields[2],
-            mountpoint=_unescape(fields[4]),
-            fstype=fields[sep + 1],
-            source=_unescape(fields[sep + 2]),
-        )
-
-
-def _mounts(host: Host) -> list[_Mount]:
-    """Our own mount namespace plus PID 1's (the host's, if vfiod runs in a private one), deduplicated."""
-    seen: set[_Mount] = set()
-    out: list[_Mount] = []
-    for rel in ("self/mountinfo", "1/mountinfo"):
-        text = host.read_text(host.roots.proc / rel)
-        if text is None:
-            continue
-        for m in _parse_mountinfo(text):
-            if m not in seen:
-                seen.add(m)
-                out.append(m)
-    return out
 
 
 class _BlockResolver:
@@ -258,7 +211,7 @@ def _storage(host: Host, uses: dict[PciAddress, _Uses]) -> None:
             if prev is None or len(mountpoint) < len(prev[0]):
                 per[source] = (mountpoint, text)
 
-    for m in _mounts(host):
+    for m in procfs.mounts(host):
         if m.fstype in _SHARE_FS:
             addr = _share_function(host, m.source, m.fstype)
             if addr is None:
@@ -306,16 +259,13 @@ def _storage(host: Host, uses: dict[PciAddress, _Uses]) -> None:
             continue
         record(found, m.source, m.mountpoint, f"{m.mountpoint} ({m.fstype} on {m.source})")
 
-    swaps = host.read_text(host.roots.proc / "swaps") or ""
-    for line in swaps.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 2 or parts[1] != "partition":
-            continue  # a swap file lives on a filesystem that is checked as a mount
-        source = _unescape(parts[0])
+    for source in procfs.swap_partitions(host):  # a swap file's filesystem is checked as a mount
         swap_found = blocks.by_dev_path(source)
         if not swap_found:
             if not os.path.basename(source).startswith(_MEMORY_OR_FILE_BLOCK):
-                _unmapped(_Mount("unknown", "swap", "swap", source), "it is not a block device in sysfs")
+                _unmapped(
+                    procfs.Mount("unknown", "swap", "swap", source), "it is not a block device in sysfs"
+                )
             continue
         record(swap_found, source, "swap", f"swap ({source})")
 
@@ -329,7 +279,7 @@ def _storage(host: Host, uses: dict[PciAddress, _Uses]) -> None:
 _warned: set[tuple[str, str, str]] = set()
 
 
-def _unmapped(m: _Mount, why: str) -> None:
+def _unmapped(m: procfs.Mount, why: str) -> None:
     key = (m.mountpoint, m.source, m.majmin)
     level = logging.DEBUG if key in _warned else logging.WARNING
     _warned.add(key)
@@ -373,33 +323,6 @@ def _share_function(host: Host, tag: str, fstype: str) -> PciAddress | None:
 # ----- network ----------------------------------------------------------------------------------------
 
 
-def _default_route_ifaces(host: Host) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    v4 = host.read_text(host.roots.proc / "net/route") or ""
-    for line in v4.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 8:
-            continue
-        try:
-            flags = int(f[3], 16)
-        except ValueError:
-            continue
-        if f[1] == "00000000" and f[7] == "00000000" and flags & _RTF_UP and not flags & _RTF_REJECT:
-            out.setdefault(f[0], set()).add("IPv4")
-    v6 = host.read_text(host.roots.proc / "net/ipv6_route") or ""
-    for line in v6.splitlines():
-        f = line.split()
-        if len(f) < 10:
-            continue
-        try:
-            flags = int(f[8], 16)
-        except ValueError:
-            continue
-        if f[0] == "0" * 32 and f[1] == "00" and flags & _RTF_UP and not flags & _RTF_REJECT and f[9] != "lo":
-            out.setdefault(f[9], set()).add("IPv6")
-    return out
-
-
 def _iface_functions(host: Host, ifname: str, seen: set[str]) -> dict[PciAddress, str]:
     """PCI functions under a network interface, following bonds, bridges, VLANs, macvlans and teams,
     each with the PCI-side interface name."""
@@ -426,7 +349,7 @@ def _iface_functions(host: Host, ifname: str, seen: set[str]) -> dict[PciAddress
 
 
 def _routes(host: Host, uses: dict[PciAddress, _Uses]) -> None:
-    for ifname, families in sorted(_default_route_ifaces(host).items()):
+    for ifname, families in sorted(procfs.default_route_interfaces(host).items()):
         found = _iface_functions(host, ifname, set())
         if not found:
             log.debug("default route via %s has no PCI device under it", ifname)

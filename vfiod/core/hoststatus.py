@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.pciids import PciIds
+from vfiod.host import procfs
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pcifunction import PciSnapshot, module_name
 
 IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
 
@@ -48,11 +50,6 @@ _GPU_DRIVER_VENDORS: dict[str, str] = {
 _ID_FIELD_RE = re.compile(r"[0-9a-fA-F]{1,8}")
 _ANY_ID = "ffffffff"
 _DRIVERCTL_RE = re.compile(r"pci-([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])")
-
-
-def module_name(name: str) -> str:
-    """modprobe treats `-` and `_` in module names as the same character."""
-    return name.strip().replace("-", "_")
 
 
 def _is_vfio_module(name: str) -> bool:
@@ -128,7 +125,7 @@ def host_status(
 ) -> HostStatus:
     """Read the host's VFIO readiness. `attached` holds the PCI addresses vfiod has attached to VMs;
     `devices` is a default-candidate `discover()` result the caller already has (computed if None)."""
-    cmdline = host.cmdline()
+    cmdline = procfs.cmdline(host)
     params = _cmdline_params(cmdline)
     groups = len(host.iommu_groups())
     iommu_enabled = groups > 0
@@ -272,21 +269,19 @@ class _Inventory:
 
     def items(self) -> list[_Present]:
         if self._items is None:
-            self._items = []
-            for addr in self.host.pci_addresses():
-                d = self.host.device_dir(addr)
-                self._items.append(
-                    _Present(
-                        addr=addr,
-                        vendor=_hex(self.host.read_text(d / "vendor")),
-                        device=_hex(self.host.read_text(d / "device")),
-                        subvendor=_hex(self.host.read_text(d / "subsystem_vendor")),
-                        subdevice=_hex(self.host.read_text(d / "subsystem_device")),
-                        class_code=_hex(self.host.read_text(d / "class")).rjust(6, "0"),
-                        driver=module_name(self.host.link_name(d / "driver") or ""),
-                        module=module_name(self.host.link_name(d / "driver/module") or ""),
-                    )
+            self._items = [
+                _Present(
+                    addr=fn.address,
+                    vendor=fn.vendor,
+                    device=fn.device,
+                    subvendor=fn.subsystem_vendor,
+                    subdevice=fn.subsystem_device,
+                    class_code=fn.class_code,
+                    driver=module_name(fn.driver or ""),
+                    module=module_name(fn.module or ""),
                 )
+                for fn in PciSnapshot(self.host).functions()
+            ]
         return self._items
 
     def by_ids(self, spec: str) -> tuple[str, ...]:
@@ -318,11 +313,6 @@ class _Inventory:
         return {m for p in self.items() for m in (p.driver, p.module) if m} | set(_GPU_DRIVER_VENDORS)
 
 
-def _hex(raw: str | None) -> str:
-    raw = (raw or "").strip().lower()
-    return raw[2:] if raw.startswith("0x") else raw
-
-
 def _covers(devices: Sequence[str]) -> str:
     if not devices:
         return "it matches no device on this host"
@@ -333,7 +323,7 @@ def find_claims(host: Host, params: dict[str, str] | None = None) -> list[Claim]
     """Every driverctl override, command-line and modprobe.d claim concerning vfio or a present
     device's native driver, in a stable order (driverctl, command line, modprobe.d by file and line)."""
     if params is None:
-        params = _cmdline_params(host.cmdline())
+        params = _cmdline_params(procfs.cmdline(host))
     inv = _Inventory(host)
     claims: list[Claim] = []
     claims.extend(_driverctl_claims(host))
@@ -428,15 +418,9 @@ def _modprobe_lines(text: str) -> Iterable[tuple[int, str]]:
 
 
 def _modprobe_claims(host: Host, inv: _Inventory) -> Iterable[Claim]:
-    base = host.roots.etc / "modprobe.d"
-    for name in host.list_dir(base):
-        if not name.endswith(".conf"):
-            continue  # modprobe reads only *.conf
-        text = host.read_text(base / name)
-        if text is None:
-            continue
-        for number, line in _modprobe_lines(text):
-            claim = _modprobe_claim(f"/etc/modprobe.d/{name}:{number}", line, inv)
+    for conf in procfs.modprobe_files(host):
+        for number, line in _modprobe_lines(conf.text):
+            claim = _modprobe_claim(f"{conf.path}:{number}", line, inv)
             if claim is not None:
                 yield claim
 

@@ -41,9 +41,12 @@ from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
 from vfiod.core.records import Attachment, Device, device_from_row, vfio_group_path
 from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Registry, RegistryError
 from vfiod.core.system import ModuleLoader, UnitController
+from vfiod.host import procfs
 from vfiod.host.backend import NodeOwner
-from vfiod.host.host import Host, WriteRecord
+from vfiod.host.host import Host
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
+from vfiod.host.pcifunction import Identity, read_function
+from vfiod.host.writes import WriteRecord
 
 log = logging.getLogger("vfiod.manager")
 
@@ -216,18 +219,19 @@ class Manager:
         # a same-slot function of a display controller (its HDMI audio, USB-C, ...)
         for member in info.iommu_group_members:
             other = PciAddress.parse(member)
-            if other != addr and other.same_slot(addr):
-                cls = (self.host.hex_attr(other, "class") or "").rjust(6, "0")
-                if discovery.is_candidate(cls):
-                    return True
+            if (
+                other != addr
+                and other.same_slot(addr)
+                and discovery.is_candidate(read_function(self.host, other).class_code)
+            ):
+                return True
         return False
 
     def _new_row(
         self, addr: PciAddress, name: str, tags: dict[str, str], info: discovery.AvailableDevice
     ) -> DeviceRow:
-        driver = self.host.driver(addr)
-        module = self.host.driver_module(addr)
-        on_vfio = guard.is_vfio_bound(self.host, addr)
+        fn = read_function(self.host, addr)
+        driver, module, on_vfio = fn.driver, fn.module, fn.is_vfio_bound
         return DeviceRow(
             id=validation.new_device_id(),
             name=name,
@@ -260,7 +264,11 @@ class Manager:
                     "detach it first"
                 )
             addr = row.pci_address
-            if row.bound_by_vfiod and self.host.device_exists(addr) and guard.is_vfio_bound(self.host, addr):
+            if (
+                row.bound_by_vfiod
+                and self.host.device_exists(addr)
+                and read_function(self.host, addr).is_vfio_bound
+            ):
                 self._restore_functions([row], "unregister")
             self.registry.remove_device(row.id)
         log.info("unregistered %s", row.name, extra=_fields(row, action="unregister", uid=caller.uid))
@@ -327,7 +335,7 @@ class Manager:
             att = self.registry.attachment_of_device(row.id)
             if att is None or att.boot_id != self.boot_id:
                 return None
-            if not guard.is_vfio_bound(self.host, row.pci_address):
+            if not read_function(self.host, row.pci_address).is_vfio_bound:
                 return None
             groups.add(att.iommu_group)
         return self._attachment_records(instance, groups)
@@ -601,7 +609,7 @@ class Manager:
         addr = row.pci_address
         if not self.host.device_exists(addr):
             return {"state": "missing", "previous_state": _settled_previous(row.state)}
-        on_vfio = guard.is_vfio_bound(self.host, addr)
+        on_vfio = read_function(self.host, addr).is_vfio_bound
         att = self.registry.attachment_of_device(row.id)
         if att is not None and on_vfio and att.boot_id == self.boot_id:
             return {"state": "attached"}
@@ -776,7 +784,7 @@ class Manager:
             row = self._fresh(row)
             self._require_no_pending(self._members(self.group_of(row)))
             self._usable(row)
-            if guard.is_vfio_bound(self.host, row.pci_address):
+            if read_function(self.host, row.pci_address).is_vfio_bound:
                 if exclusive:
                     raise AlreadyBound(f"device {row.name!r} ({row.pci_address}) is already on vfio")
                 if row.state == "host":
@@ -812,8 +820,9 @@ class Manager:
                 raise InUse(
                     f"device {row.name!r} is attached to instance {att.instance_id!r}; detach it instead"
                 )
-            if not self.host.device_exists(row.pci_address) or not guard.is_vfio_bound(
-                self.host, row.pci_address
+            if (
+                not self.host.device_exists(row.pci_address)
+                or not read_function(self.host, row.pci_address).is_vfio_bound
             ):
                 if exclusive:
                     raise NotBound(f"device {row.name!r} ({row.pci_address}) is not on vfio")
@@ -951,7 +960,7 @@ class Manager:
                 report.count("missing")
                 report.findings.append(f"{row.name} ({addr}) of instance {instance!r} is gone from the bus")
                 continue
-            live = guard.read_identity(self.host, addr)
+            live = read_function(self.host, addr).identity
             if live != _identity(row):
                 report.count("replaced")
                 report.findings.append(
@@ -960,7 +969,7 @@ class Manager:
                 )
                 continue
             usable.append(addr)
-            if not guard.is_vfio_bound(self.host, addr):
+            if not read_function(self.host, addr).is_vfio_bound:
                 report.count("mismatches")
                 report.findings.append(
                     f"{row.name} ({addr}) is attached to {instance!r} but bound to "
@@ -1067,8 +1076,9 @@ class Manager:
                 row = self.registry.get_device(other.device_id)
                 if row is None or row.state == "stuck":
                     continue
-                if self.host.device_exists(row.pci_address) and guard.is_vfio_bound(
-                    self.host, row.pci_address
+                if (
+                    self.host.device_exists(row.pci_address)
+                    and read_function(self.host, row.pci_address).is_vfio_bound
                 ):
                     continue
                 self.registry.remove_attachment(row.id)
@@ -1205,7 +1215,7 @@ class Manager:
     def _warnings(self, pid: int | None) -> list[str]:
         out: list[str] = []
         if pid is not None:
-            limits = self.host.memlock_limit(pid)
+            limits = procfs.memlock_limit(self.host, pid)
             if limits is not None and limits[0] is not None:
                 out.append(
                     f"RLIMIT_MEMLOCK of the caller (pid {pid}) is {limits[0] // 1024} KiB; the VMM inherits "
@@ -1232,8 +1242,8 @@ def _unique(rows: Iterable[DeviceRow]) -> list[DeviceRow]:
     return sorted(seen.values(), key=lambda r: r.pci_address)
 
 
-def _identity(row: DeviceRow) -> guard.Identity:
-    return guard.Identity(
+def _identity(row: DeviceRow) -> Identity:
+    return Identity(
         vendor_id=row.vendor_id,
         device_id=row.device_id,
         subsystem_vendor_id=row.subsystem_vendor_id,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from vfiod.core.registry import AttachmentRow, DeviceRow, format_timestamp
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pcifunction import read_function
 
 
 def sysfs_path(addr: str) -> str:
@@ -78,8 +79,9 @@ def vfio_group_path(host: Host, group: int) -> str:
 
 def device_from_row(host: Host, row: DeviceRow, attachment: AttachmentRow | None) -> Device:
     addr = PciAddress.parse(row.pci_address)
-    present = host.device_exists(addr)
-    live_group = host.iommu_group(addr) if present else None
+    fn = read_function(host, addr)
+    present = fn.present
+    live_group = fn.iommu_group if present else None
     group = live_group if live_group is not None else row.iommu_group
     return Device(
         id=row.id,
@@ -93,8 +95,8 @@ def device_from_row(host: Host, row: DeviceRow, attachment: AttachmentRow | None
         vendor_name=row.vendor_name,
         device_name=row.device_name,
         iommu_group=group,
-        bound_to_vfio=present and host.has_vfio_dev(addr),
-        driver=(host.driver(addr) or "") if present else "",
+        bound_to_vfio=present and fn.has_vfio_dev,
+        driver=(fn.driver or "") if present else "",
         native_driver=row.native_driver,
         state=row.state,
         attached_to=attachment.instance_id if attachment else "",

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from vfiod.core import access, guard
+from vfiod.core import access
 from vfiod.core.binder import NativeDriver
 from vfiod.core.context import Report
 from vfiod.core.errors import VfiodError
@@ -33,6 +33,7 @@ from vfiod.core.journal import parse_grant_step
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+from vfiod.host.pcifunction import Identity, read_function
 
 if TYPE_CHECKING:
     from vfiod.core.manager import Manager
@@ -270,8 +271,8 @@ def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> Non
                 report.count("missing")
                 report.findings.append(f"{row.name} ({addr}) is gone from the bus")
         return
-    live = guard.read_identity(m.host, addr)
-    expected = guard.Identity(
+    live = read_function(m.host, addr).identity
+    expected = Identity(
         row.vendor_id, row.device_id, row.subsystem_vendor_id, row.subsystem_device_id, row.class_code
     )
     if live != expected:
@@ -308,7 +309,7 @@ def _clean(m: Manager, row: DeviceRow, *, open_intents: bool) -> bool:
         return True
     return (
         not open_intents
-        and guard.is_vfio_bound(m.host, addr)
+        and read_function(m.host, addr).is_vfio_bound
         and override in (None, "vfio-pci")
         and m.registry.attachment_of_device(row.id) is not None
     )

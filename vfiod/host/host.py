@@ -1,27 +1,35 @@
 """The one gateway to sysfs, /dev, /proc and /etc.
 
-A `Host` carries the four roots (default `/sys`, `/dev`, `/proc`, `/etc`) and is the only way any vfiod code
-touches them, so tests and the demo point it at a simulated tree. Reads are plain file reads. Writes take
-only validated PCI addresses and driver names, go through the `KernelBackend`, run in a worker thread with a
-per-attribute deadline, and are logged with path, value, result and duration. A write that misses its
-deadline raises `SysfsTimeout`; if it completes later, the late result is reported to listeners so the
-caller can move the device to its real state.
+A `Host` carries the roots (default `/sys`, `/dev`, `/proc`, `/etc`, and `/run`, `/lib`, `/usr` for
+modprobe.d) and is the only way any vfiod code touches them, so tests and the demo point it at a simulated
+tree. Reads are plain file reads (`pcifunction` reads a PCI function, `procfs` /proc and modprobe.d
+through them). Writes take only validated PCI addresses and driver names, go through the `KernelBackend`,
+run in a worker thread with a per-attribute deadline (`writes`), and are logged with path, value, result
+and duration. A write that misses its deadline raises `SysfsTimeout`; if it completes later, the late
+result is reported to listeners so the caller can move the device to its real state.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from vfiod.host.backend import KernelBackend, LinuxKernel, NodeOwner
+from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+from vfiod.host.writes import (
+    MAX_HUNG_WRITES,
+    DeadlinePolicy,
+    PendingWrite,
+    WriteListener,
+    WriteRecord,
+    WriteState,
+    result_name,
+)
 
 log = logging.getLogger("vfiod.host")
 
@@ -34,125 +42,21 @@ class HostRoots:
     dev: Path = Path("/dev")
     proc: Path = Path("/proc")
     etc: Path = Path("/etc")
+    run: Path = Path("/run")
+    lib: Path = Path("/lib")
+    usr: Path = Path("/usr")
 
     @classmethod
     def under(cls, root: Path) -> HostRoots:
-        return cls(sys=root / "sys", dev=root / "dev", proc=root / "proc", etc=root / "etc")
-
-
-# Drivers whose probe or remove routinely takes seconds (GPU firmware load, memory training).
-SLOW_DRIVERS: dict[str, float] = {
-    "nvidia": 60.0,
-    "nouveau": 60.0,
-    "amdgpu": 60.0,
-    "radeon": 30.0,
-    "i915": 30.0,
-    "xe": 30.0,
-    "mlx5_core": 30.0,
-}
-
-
-@dataclass(frozen=True)
-class DeadlinePolicy:
-    """How long one sysfs write may take, by the driver it involves."""
-
-    default: float = 10.0
-    per_driver: dict[str, float] = field(default_factory=lambda: dict(SLOW_DRIVERS))
-
-    def for_driver(self, driver: str | None) -> float:
-        if driver is None:
-            return self.default
-        return max(self.default, self.per_driver.get(driver, self.default))
-
-
-class HostError(Exception):
-    """Base of the host layer's errors; the core maps them to the contract's names."""
-
-
-class SysfsWriteError(HostError):
-    """The kernel refused a write (the errno says why)."""
-
-    def __init__(self, path: str, value: str, err: OSError) -> None:
-        self.path = path
-        self.value = value
-        self.errno = err.errno or errno.EIO
-        self.errname = errno.errorcode.get(self.errno, str(self.errno))
-        super().__init__(f"writing {value!r} to {path} failed: {self.errname} ({os.strerror(self.errno)})")
-
-
-class SysfsTimeout(HostError):
-    """A write did not return within its deadline; it may still complete later."""
-
-    def __init__(self, path: str, value: str, deadline: float) -> None:
-        self.path = path
-        self.value = value
-        self.deadline = deadline
-        super().__init__(f"writing {value!r} to {path} did not complete within {deadline:g} s")
-
-
-class SysfsBusy(HostError):
-    """A write refused before it started, because the kernel still has an earlier one: on this device
-    (whose lock it holds, so this one would hang behind it), or too many writes past their deadline."""
-
-    def __init__(self, path: str, value: str, reason: str) -> None:
-        self.path = path
-        self.value = value
-        super().__init__(f"writing {value!r} to {path} was not tried: {reason}")
-
-
-@dataclass(frozen=True)
-class PendingWrite:
-    """A write that missed its deadline and has not returned from the kernel yet."""
-
-    path: str
-    value: str
-    pci_address: str | None
-    since: float  # wall-clock time the write started
-
-    def describe(self) -> str:
-        started = time.strftime("%H:%M:%S", time.localtime(self.since))
-        return (
-            f"{self.path} <- {self.value!r} (pending since {started}, {time.time() - self.since:.0f} s ago)"
+        return cls(
+            sys=root / "sys",
+            dev=root / "dev",
+            proc=root / "proc",
+            etc=root / "etc",
+            run=root / "run",
+            lib=root / "lib",
+            usr=root / "usr",
         )
-
-
-class ProcUnreadable(HostError):
-    """A process's /proc entry could not be read; a busy check must not treat that as 'free'."""
-
-    def __init__(self, pid: int, what: str, err: OSError) -> None:
-        self.pid = pid
-        self.what = what
-        self.errno = err.errno or errno.EIO
-        super().__init__(f"cannot read /proc/{pid}/{what}: {os.strerror(self.errno)}")
-
-
-@dataclass(frozen=True)
-class WriteRecord:
-    """One sysfs write as it happened: what the log, the trace and late-completion listeners see."""
-
-    path: str  # logical path, e.g. /sys/bus/pci/drivers/vfio-pci/unbind
-    value: str
-    result: str  # "ok", an errno name, or "timeout"
-    duration: float
-    pci_address: str | None
-    late: bool = False
-
-
-WriteListener = Callable[[WriteRecord], None]
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    """What the busy checks need to know about a process holding something open."""
-
-    pid: int
-    uid: int | None
-    exe: str
-    comm: str
-    cgroup: str
-
-
-MAX_HUNG_WRITES: Final = 64  # writes left inside the kernel past their deadline, one thread each
 
 
 class Host:
@@ -259,14 +163,6 @@ class Host:
     def attr(self, addr: PciAddress, name: str) -> str | None:
         return self.read_text(self.device_dir(addr) / name)
 
-    def hex_attr(self, addr: PciAddress, name: str) -> str | None:
-        """A `0x10de`-style attribute as `10de` (class as 6 digits)."""
-        raw = self.attr(addr, name)
-        if raw is None:
-            return None
-        raw = raw.lower()
-        return raw[2:] if raw.startswith("0x") else raw
-
     def driver(self, addr: PciAddress) -> DriverName | None:
         name = self.link_name(self.device_dir(addr) / "driver")
         if name is None:
@@ -366,7 +262,7 @@ class Host:
         data = value.encode()
         logical = self.logical(path)
         self._refuse_behind_pending(logical, value, addr)
-        state = _WriteState()
+        state = WriteState()
         wall_start = time.time()
 
         def work() -> None:
@@ -387,7 +283,7 @@ class Host:
                 with self._pending_lock:
                     self._pending.pop(id(state), None)
                 record = WriteRecord(
-                    logical, value, _result(err), duration, str(addr) if addr else None, late=True
+                    logical, value, result_name(err), duration, str(addr) if addr else None, late=True
                 )
                 self._log_write(record)
                 self._notify(record)
@@ -410,7 +306,9 @@ class Host:
                 self._log_write(record)
                 self._notify(record)
                 raise SysfsTimeout(logical, value, deadline)
-        record = WriteRecord(logical, value, _result(state.err), state.duration, str(addr) if addr else None)
+        record = WriteRecord(
+            logical, value, result_name(state.err), state.duration, str(addr) if addr else None
+        )
         self._log_write(record)
         self._notify(record)
         if state.err is not None:
@@ -510,100 +408,5 @@ class Host:
             extra={"ACTION": "chown-node", "NODE": self.logical(node), "OWNER_UID": owner.uid},
         )
 
-    # ----- /proc ---------------------------------------------------------------------------------------
-
-    def pids(self) -> list[int]:
-        return sorted(int(n) for n in self.list_dir(self.roots.proc) if n.isdigit())
-
-    def fd_targets(self, pid: int) -> list[str]:
-        """Targets of every open fd of a process; ProcUnreadable unless the process is simply gone."""
-        fd_dir = self.roots.proc / str(pid) / "fd"
-        try:
-            names = os.listdir(fd_dir)
-        except FileNotFoundError:
-            return []  # the process exited while we looked
-        except OSError as e:
-            raise ProcUnreadable(pid, "fd", e) from e
-        out = []
-        for name in names:
-            try:
-                out.append(os.readlink(fd_dir / name))
-            except FileNotFoundError:
-                continue  # the fd was closed while we looked
-            except OSError as e:
-                raise ProcUnreadable(pid, f"fd/{name}", e) from e
-        return out
-
-    def process_info(self, pid: int) -> ProcessInfo:
-        base = self.roots.proc / str(pid)
-        try:
-            exe = os.readlink(base / "exe")
-        except OSError:
-            exe = ""
-        uid: int | None = None
-        status = self.read_text(base / "status") or ""
-        for line in status.splitlines():
-            if line.startswith("Uid:"):
-                parts = line.split()
-                if len(parts) > 1 and parts[1].isdigit():
-                    uid = int(parts[1])
-        return ProcessInfo(
-            pid=pid,
-            uid=uid,
-            exe=exe.removesuffix(" (deleted)"),
-            comm=self.read_text(base / "comm") or "",
-            cgroup=self.read_text(base / "cgroup") or "",
-        )
-
-    def memlock_limit(self, pid: int) -> tuple[int | None, int | None] | None:
-        """(soft, hard) RLIMIT_MEMLOCK in bytes from /proc/<pid>/limits; None = unlimited; whole None =
-        unreadable."""
-        text = self.read_text(self.roots.proc / str(pid) / "limits")
-        if text is None:
-            return None
-        for line in text.splitlines():
-            if line.startswith("Max locked memory"):
-                parts = line[len("Max locked memory") :].split()
-                if len(parts) < 2:
-                    return None
-
-                def val(s: str) -> int | None:
-                    return None if s == "unlimited" else int(s)
-
-                try:
-                    return val(parts[0]), val(parts[1])
-                except ValueError:
-                    return None
-        return None
-
-    def iter_holders(self, logical_paths: set[str]) -> Iterator[tuple[ProcessInfo, str]]:
-        """Every (process, path) where a process has one of `logical_paths` open."""
-        for pid in self.pids():
-            targets = self.fd_targets(pid)
-            hits = sorted({t for t in targets if t in logical_paths})
-            if hits:
-                info = self.process_info(pid)
-                for hit in hits:
-                    yield info, hit
-
     def boot_id(self) -> str:
         return self.read_text(self.roots.proc / "sys/kernel/random/boot_id") or ""
-
-    def cmdline(self) -> str:
-        return self.read_text(self.roots.proc / "cmdline") or ""
-
-
-@dataclass
-class _WriteState:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    done: threading.Event = field(default_factory=threading.Event)
-    err: OSError | None = None
-    duration: float = 0.0
-    finished: bool = False
-    abandoned: bool = False
-
-
-def _result(err: OSError | None) -> str:
-    if err is None:
-        return "ok"
-    return errno.errorcode.get(err.errno or errno.EIO, str(err.errno))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
-from vfiod.host.host import DeadlinePolicy, Host, WriteRecord
+from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
+from vfiod.host.writes import DeadlinePolicy, WriteRecord
 from vfiod_sim import SimulatedKernel
 from vfiod_sim.simulation import Simulation
 from vfiod_sim.system import SimulatedUnits

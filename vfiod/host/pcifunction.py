@@ -1,0 +1,297 @@
+"""One read model of a PCI function: what sysfs says about it (ids, class, header type, driver and its
+module, IOMMU group, `vfio-dev`, override, reset methods, NUMA node, SR-IOV links, mdev types), and the
+few rules that are judged on it everywhere in vfiod (a bridge, a DMA-neutral group member, bound to VFIO).
+
+A `PciSnapshot` is one call's view of the bus: each function's attributes are read on first use and then
+kept, so a listing reads every attribute at most once and never sees a value change under it. Snapshots
+are cheap; take a new one for every decision (vfiod never decides on a stale read). Only `Host` primitives
+are used, so a simulated tree, a copied tree or the real /sys all read the same way.
+
+Also the one parser of sysfs hex ids (`parse_hex`) and the one normaliser of module names
+(`module_name`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from vfiod.host.host import Host
+from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
+
+# Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
+# these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
+DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
+VFIO_DRIVERS = frozenset({"vfio-pci"})
+# Bridge classes 0600 (host) .. 0609 (semi-transparent PCI-to-PCI): never passed through. 0680 ("other
+# bridge", e.g. NVSwitch) is an endpoint.
+BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
+# Classes of a PCI-to-PCI (0604, 0609) or CardBus (0607) bridge: header type 1 or 2.
+_BRIDGE_HEADER_CLASSES = frozenset({"0604", "0607", "0609"})
+_HEADER_TYPE_OFFSET = 0x0E
+
+
+def parse_hex(raw: str | None) -> str:
+    """A sysfs id (`0x10de\\n`, `0x030000`) as bare lower-case hex (`10de`, `030000`); "" if unreadable."""
+    text = (raw or "").strip().lower()
+    return text[2:] if text.startswith("0x") else text
+
+
+def module_name(name: str) -> str:
+    """A module name as /sys/module and modprobe.d compare it: `-` and `_` are the same character."""
+    return name.strip().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes a card that card: compared before any unbind so a swapped card is never touched."""
+
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    class_code: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.vendor_id}:{self.device_id} (subsystem {self.subsystem_vendor_id}:"
+            f"{self.subsystem_device_id}, class {self.class_code})"
+        )
+
+
+class PciFunction:
+    """One function as this snapshot sees it. Every property reads its sysfs file once, on first use."""
+
+    def __init__(self, host: Host, address: PciAddress, directory: Path) -> None:
+        self._host = host
+        self.address = address
+        self.dir = directory
+
+    def attr(self, name: str) -> str | None:
+        """A raw attribute, read now (not kept): for what the model does not name."""
+        return self._host.read_text(self.dir / name)
+
+    def _driver_name(self, link: str) -> DriverName | None:
+        name = self._host.link_name(self.dir / link)
+        if name is None:
+            return None
+        try:
+            return DriverName.parse(name)
+        except InvalidDriverName:
+            return None
+
+    @cached_property
+    def present(self) -> bool:
+        return self.dir.is_dir()
+
+    @cached_property
+    def vendor(self) -> str:
+        return parse_hex(self.attr("vendor"))
+
+    @cached_property
+    def device(self) -> str:
+        return parse_hex(self.attr("device"))
+
+    @cached_property
+    def subsystem_vendor(self) -> str:
+        return parse_hex(self.attr("subsystem_vendor"))
+
+    @cached_property
+    def subsystem_device(self) -> str:
+        return parse_hex(self.attr("subsystem_device"))
+
+    @cached_property
+    def class_code(self) -> str:
+        """Six hex digits (base class, sub-class, prog-if), "" if unreadable."""
+        code = parse_hex(self.attr("class"))
+        return code.rjust(6, "0") if code else ""
+
+    @cached_property
+    def header_type(self) -> int | None:
+        """The config header's type (0 endpoint, 1 PCI-to-PCI bridge, 2 CardBus), None if unreadable."""
+        try:
+            with open(self.dir / "config", "rb") as f:
+                f.seek(_HEADER_TYPE_OFFSET)
+                data = f.read(1)
+        except OSError:
+            return None
+        return data[0] & 0x7F if data else None
+
+    @cached_property
+    def driver(self) -> DriverName | None:
+        return self._driver_name("driver")
+
+    @cached_property
+    def module(self) -> DriverName | None:
+        """The module providing the bound driver (`driver/module`), None if built in or unbound."""
+        return self._driver_name("driver/module")
+
+    @cached_property
+    def driver_override(self) -> str | None:
+        value = (self.attr("driver_override") or "").strip()
+        return None if value in ("", "(null)") else value
+
+    @cached_property
+    def iommu_group(self) -> int | None:
+        name = self._host.link_name(self.dir / "iommu_group")
+        return int(name) if name is not None and name.isdigit() else None
+
+    @cached_property
+    def has_vfio_dev(self) -> bool:
+        """A `vfio-dev/` directory: the function is registered with VFIO (vfio-pci or a variant driver)."""
+        return bool(self._host.list_dir(self.dir / "vfio-dev"))
+
+    @cached_property
+    def numa_node(self) -> int:
+        try:
+            return int(self.attr("numa_node") or "-1")
+        except ValueError:
+            return -1
+
+    @cached_property
+    def boot_vga(self) -> bool:
+        return self.attr("boot_vga") == "1"
+
+    @cached_property
+    def reset_methods(self) -> tuple[str, ...]:
+        return tuple((self.attr("reset_method") or "").split())
+
+    @cached_property
+    def sriov_totalvfs(self) -> int | None:
+        """VFs the device supports (an SR-IOV physical function), None if it has no SR-IOV capability."""
+        return _optional_int(self.attr("sriov_totalvfs"))
+
+    @cached_property
+    def sriov_numvfs(self) -> int | None:
+        return _optional_int(self.attr("sriov_numvfs"))
+
+    @cached_property
+    def physfn(self) -> PciAddress | None:
+        """The physical function of a virtual function (its `physfn` link), None for anything else."""
+        return _address(self._host.link_name(self.dir / "physfn"))
+
+    @cached_property
+    def virtfns(self) -> tuple[PciAddress, ...]:
+        """The enabled VFs of a physical function (`virtfnN` links), in VF order."""
+        names = [n for n in self._host.list_dir(self.dir) if n.startswith("virtfn") and n[6:].isdigit()]
+        out = []
+        for n in sorted(names, key=lambda n: int(n[6:])):
+            addr = _address(self._host.link_name(self.dir / n))
+            if addr is not None:
+                out.append(addr)
+        return tuple(out)
+
+    @cached_property
+    def mdev_types(self) -> tuple[str, ...]:
+        """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
+        return tuple(self._host.list_dir(self.dir / "mdev_supported_types"))
+
+    # ----- the rules judged on a function ------------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity | None:
+        """The ids that make the card that card; None when the function is gone (no vendor or device)."""
+        if not self.vendor or not self.device:
+            return None
+        return Identity(
+            vendor_id=self.vendor,
+            device_id=self.device,
+            subsystem_vendor_id=self.subsystem_vendor,
+            subsystem_device_id=self.subsystem_device,
+            class_code=self.class_code,
+        )
+
+    @property
+    def is_bridge(self) -> bool:
+        """A PCI-to-PCI or CardBus bridge: header type 1 or 2 (by class when config is unreadable). Only a
+        base class 06 or unreadable class needs config: a type-1/2 header always comes with a bridge class,
+        and reading config for every function would double the cost of a listing. Class 0680 endpoints such
+        as NVSwitch are not bridges."""
+        code = self.class_code
+        if code and code[:2] != "06":
+            return False
+        header = self.header_type
+        if header is None:
+            return code[:4] in _BRIDGE_HEADER_CLASSES
+        return header in (1, 2)
+
+    @property
+    def never_passed_through(self) -> bool:
+        """A bridge by header type or by class: a host or ISA bridge is a header-type-0 function, but no VM
+        gets the chipset."""
+        return self.class_code[:4] in BRIDGE_CLASSES or self.is_bridge
+
+    @property
+    def is_vfio_bound(self) -> bool:
+        """Bound to vfio-pci or a vfio variant driver (which shows as a vfio-dev/ directory)."""
+        drv = self.driver
+        return drv in VFIO_DRIVERS or (drv is not None and self.has_vfio_dev)
+
+    @property
+    def dma_neutral(self) -> bool:
+        """The member does not stop its group from being viable: no driver, or a driver that lets the user
+        own DMA (vfio-pci and its variants, pci-stub, pcieport)."""
+        drv = self.driver
+        return drv is None or drv in DMA_NEUTRAL_DRIVERS or self.has_vfio_dev
+
+
+class PciSnapshot:
+    """One call's view of the PCI bus: functions and IOMMU groups, each read once on first use."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        # Path joins cost more than the reads on a large host: build each directory once.
+        self._devices_dir = host.pci_devices_dir
+        self._groups_dir = host.iommu_groups_dir
+        self._functions: dict[PciAddress, PciFunction] = {}
+        self._members: dict[int, tuple[PciAddress, ...]] = {}
+        self._addresses: list[PciAddress] | None = None
+
+    def addresses(self) -> list[PciAddress]:
+        """Every function on the bus, sorted."""
+        if self._addresses is None:
+            self._addresses = self.host.pci_addresses()
+        return self._addresses
+
+    def function(self, addr: PciAddress) -> PciFunction:
+        fn = self._functions.get(addr)
+        if fn is None:
+            fn = self._functions[addr] = PciFunction(self.host, addr, self._devices_dir / addr)
+        return fn
+
+    def functions(self) -> list[PciFunction]:
+        return [self.function(a) for a in self.addresses()]
+
+    def members(self, group: int) -> tuple[PciAddress, ...]:
+        """The functions of IOMMU group `group`, sorted."""
+        got = self._members.get(group)
+        if got is None:
+            out = []
+            for name in self.host.list_dir(self._groups_dir / f"{group}/devices"):
+                addr = _address(name)
+                if addr is not None:
+                    out.append(addr)
+            got = self._members[group] = tuple(sorted(out))
+        return got
+
+
+def read_function(host: Host, addr: PciAddress) -> PciFunction:
+    """A fresh view of one function (a snapshot of its own)."""
+    return PciSnapshot(host).function(addr)
+
+
+def _optional_int(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _address(name: str | None) -> PciAddress | None:
+    if name is None:
+        return None
+    try:
+        return PciAddress.parse(name)
+    except ValueError:
+        return None
