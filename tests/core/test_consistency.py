@@ -15,6 +15,7 @@ from tests.machines import L4, L4_AUDIO
 from vfiod.core import recovery
 from vfiod.core.access import KERNEL_DEFAULT
 from vfiod.core.errors import NativeDriverNotRestored, Timeout
+from vfiod.core.ops import attach as attach_op
 from vfiod.host.backend import NodeOwner
 from vfiod_sim import build, faults
 
@@ -165,7 +166,7 @@ def test_grant_a_registry_failure_after_the_chown_gives_the_node_back(
     def broken(*a: object, **k: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(m, "_record_attachments", broken)
+    monkeypatch.setattr(attach_op, "_record_attachments", broken)
     with pytest.raises(OSError, match="disk full"):
         m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
     assert m.host.node_owner(group).uid == 0
@@ -228,5 +229,5 @@ def test_stuck_start_up_refresh_with_an_open_intent_on_vfio_is_stuck(env: MakeEn
     m.registry.begin_intent(
         action="unbind", boot_id="another-boot-of-a-test", pci_address=str(L4), operation="detach-x"
     )
-    recovery.refresh_one(m, m.registry.get_device(row.id))  # type: ignore[arg-type]
+    recovery.refresh_one(m.deps, m.registry.get_device(row.id))  # type: ignore[arg-type]
     assert m.get_device("l4-gpu").state == "stuck"

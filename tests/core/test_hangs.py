@@ -16,8 +16,8 @@ from tests.machines import L4, L4_AUDIO
 from vfiod.core import recovery
 from vfiod.core.binder import Binder, NativeDriver
 from vfiod.core.context import Report
+from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import Timeout
-from vfiod.core.manager import Manager
 from vfiod.core.registry import DeviceRow
 from vfiod.host import host as host_module
 from vfiod.host.pciaddr import DriverName
@@ -108,9 +108,9 @@ def test_pending_refreshes_do_not_wait_behind_a_hung_call(
     calls: list[str] = []
     real = recovery.refresh_one
 
-    def counted(mgr: Manager, row: DeviceRow, report: Report | None = None) -> None:
+    def counted(deps: CoreDeps, row: DeviceRow, report: Report | None = None) -> None:
         calls.append(str(row.pci_address))
-        real(mgr, row, report)
+        real(deps, row, report)
 
     monkeypatch.setattr(recovery, "refresh_one", counted)
 

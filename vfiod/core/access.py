@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from vfiod.core.errors import Failed
+from vfiod.core.registry import Registry
 from vfiod.host.backend import NodeOwner
 from vfiod.host.host import Host
 
@@ -70,3 +71,12 @@ def revoke(host: Host, group: int, previous: NodeOwner) -> None:
         host.set_node_owner(group, previous)
     except OSError as e:
         raise Failed(f"cannot give /dev/vfio/{group} back to uid {previous.uid}: {e.strerror or e}") from e
+
+
+def previous_grant(registry: Registry, group: int, instance: str) -> NodeOwner | None:
+    """Who owned `/dev/vfio/<group>` before `instance`'s attachment took it (journaled with it)."""
+    for a in registry.attachments_in_group(group):
+        if a.instance_id == instance and a.node_prev_uid is not None:
+            assert a.node_prev_gid is not None and a.node_prev_mode is not None
+            return NodeOwner(a.node_prev_uid, a.node_prev_gid, a.node_prev_mode)
+    return None

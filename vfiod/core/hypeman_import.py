@@ -12,15 +12,12 @@ import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vfiod.core import discovery, validation
+from vfiod.core import discovery, registration, validation
 from vfiod.core.context import Caller, Report
+from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import DeviceNotFound, InvalidArgument, VfiodError
 from vfiod.core.registry import AttachmentRow, DeviceRow
-
-if TYPE_CHECKING:
-    from vfiod.core.manager import Manager
 
 log = logging.getLogger("vfiod.import")
 
@@ -38,7 +35,7 @@ def _created_at(value: object) -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def import_devices(m: Manager, caller: Caller, data_dir: object) -> Report:
+def import_devices(deps: CoreDeps, caller: Caller, data_dir: object) -> Report:
     if not isinstance(data_dir, str) or not data_dir.startswith("/") or "\x00" in data_dir:
         raise InvalidArgument("data_dir must be an absolute path (hypeman's data directory)")
     devices_dir = Path(data_dir) / "devices"
@@ -56,7 +53,7 @@ def import_devices(m: Manager, caller: Caller, data_dir: object) -> Report:
             report.findings.append(f"{meta}: unreadable ({e}); not imported")
             continue
         try:
-            _import_one(m, caller, record, report)
+            _import_one(deps, caller, record, report)
         except (VfiodError, ValueError) as e:
             report.count("skipped")
             msg = e.message if isinstance(e, VfiodError) else str(e)
@@ -64,7 +61,7 @@ def import_devices(m: Manager, caller: Caller, data_dir: object) -> Report:
     return report
 
 
-def _import_one(m: Manager, caller: Caller, record: dict[str, object], report: Report) -> None:
+def _import_one(deps: CoreDeps, caller: Caller, record: dict[str, object], report: Report) -> None:
     device_id = record.get("id")
     if not validation.is_device_id(device_id):
         raise ValueError(f"id {device_id!r} is not a 24-character cuid2 id")
@@ -73,23 +70,23 @@ def _import_one(m: Manager, caller: Caller, record: dict[str, object], report: R
     name = validation.device_name(name)
     raw_tags = record.get("tags") or {}
     tags = validation.tags(raw_tags)
-    if m.registry.get_device(device_id) is not None:
+    if deps.registry.get_device(device_id) is not None:
         raise ValueError(f"id {device_id} is already registered")
     try:
-        info = discovery.describe(m.host, addr, m.pci_ids)
+        info = discovery.describe(deps.host, addr, deps.pci_ids)
     except DeviceNotFound as e:
         raise ValueError(f"{addr} is not on this host") from e
     vendor = record.get("vendor_id")
     if vendor and str(vendor).lower() != info.vendor_id:
         raise ValueError(f"{addr} is now {info.vendor_id}:{info.device_id}, hypeman recorded {vendor}")
-    base = m._new_row(addr, name, tags, info)
+    base = registration.new_row(deps, addr, name, tags, info)
     row = DeviceRow(**{**base.__dict__, "id": device_id, "created_at": _created_at(record.get("created_at"))})
-    with m.registry.transaction():
-        m.registry.add_device(row)
+    with deps.registry.transaction():
+        deps.registry.add_device(row)
         attached = record.get("attached_to")
         if isinstance(attached, str) and attached:
             instance = validation.instance_id(attached)
-            m.registry.add_attachment(
+            deps.registry.add_attachment(
                 AttachmentRow(
                     device_id=device_id,
                     instance_id=instance,

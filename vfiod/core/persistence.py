@@ -42,6 +42,7 @@ class PersistenceHold:
         # process cannot update (a full disk) never keeps a unit stopped.
         self._held: dict[str, int] = {}
         self._was_active: dict[str, bool] = {}
+        self._kept: dict[str, list[str]] = {}  # PCI address -> units held while a write of it is pending
 
     def units_for(self, vendors: Iterable[str]) -> list[str]:
         out: set[str] = set()
@@ -117,6 +118,19 @@ class PersistenceHold:
                 row = self._read_row(unit)
                 was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
                 self._start_if(unit, was_active)
+
+    def keep_for(self, pci_address: str, units: Sequence[str]) -> None:
+        """Hold `units` until `release_kept(pci_address)`: a write to that function is still inside the
+        kernel (a bind/unbind in progress), and restarting nvidia-persistenced now would hold the GPU it
+        unbinds."""
+        self.acquire(units)
+        with self._lock:
+            self._kept.setdefault(pci_address, []).extend(units)
+
+    def release_kept(self, pci_address: str) -> None:
+        with self._lock:
+            units = self._kept.pop(pci_address, [])
+        self.release(units)
 
     def release_stale(self) -> list[str]:
         """Start units whose hold no call of this process owns any more (left by a crash or a failure)."""

@@ -23,20 +23,19 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from vfiod.core import access
 from vfiod.core.binder import NativeDriver
 from vfiod.core.context import Report
+from vfiod.core.deps import CoreDeps
+from vfiod.core.devstate import group_of, identity_of, settled_state
 from vfiod.core.errors import VfiodError
 from vfiod.core.journal import parse_grant_step
+from vfiod.core.ops import release
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
-from vfiod.host.pcifunction import Identity, read_function
-
-if TYPE_CHECKING:
-    from vfiod.core.manager import Manager
+from vfiod.host.pcifunction import read_function
 
 log = logging.getLogger("vfiod.recovery")
 
@@ -55,18 +54,18 @@ Operation = tuple[str, list[IntentRow]]  # an interrupted operation: its id and 
 RECOVERY_WORKERS = 16  # interrupted operations finished side by side (each write has its own deadline)
 
 
-def startup(m: Manager, report: Report) -> None:
+def startup(deps: CoreDeps, report: Report) -> None:
     """All of it, in this thread (tests and tools; the daemon runs `plan` before taking its bus name and
     `finish` after, in the background)."""
-    finish(m, report, plan(m, report))
+    finish(deps, report, plan(deps, report))
 
 
-def plan(m: Manager, report: Report) -> list[Operation]:
+def plan(deps: CoreDeps, report: Report) -> list[Operation]:
     """The quick part: forget an earlier boot, and list the interrupted operations of this one."""
-    last = m.registry.get_meta("boot_id")
-    if last != m.boot_id:
-        dropped = m.registry.drop_intents_of_other_boots(m.boot_id)
-        units = m.hold.drop_other_boots()
+    last = deps.registry.get_meta("boot_id")
+    if last != deps.boot_id:
+        dropped = deps.registry.drop_intents_of_other_boots(deps.boot_id)
+        units = deps.hold.drop_other_boots()
         report.count("earlier_boot_intents_dropped", len(dropped))
         if last is not None:
             report.findings.append(
@@ -74,25 +73,25 @@ def plan(m: Manager, report: Report) -> list[Operation]:
                 f"dropped{', holds on ' + ', '.join(units) + ' forgotten' if units else ''}; attachments "
                 "of the earlier boot stay as reservations until their owner attaches again"
             )
-        m.registry.set_meta("boot_id", m.boot_id)
-    return _open_operations(m, report)
+        deps.registry.set_meta("boot_id", deps.boot_id)
+    return _open_operations(deps, report)
 
 
-def devices_of(m: Manager, operations: Sequence[Operation]) -> dict[str, str]:
+def devices_of(deps: CoreDeps, operations: Sequence[Operation]) -> dict[str, str]:
     """Device id -> PCI address of every registered device an interrupted operation moved."""
     out: dict[str, str] = {}
     for _, intents in operations:
         for intent in intents:
-            row = m.registry.get_device(intent.device_id) if intent.device_id else None
+            row = deps.registry.get_device(intent.device_id) if intent.device_id else None
             if row is None and intent.pci_address:
-                row = m.registry.by_pci_address(intent.pci_address)
+                row = deps.registry.by_pci_address(intent.pci_address)
             if row is not None:
                 out[row.id] = str(row.pci_address)
     return out
 
 
 def finish(
-    m: Manager,
+    deps: CoreDeps,
     report: Report,
     operations: Sequence[Operation],
     done: Callable[[Operation], None] | None = None,
@@ -105,7 +104,7 @@ def finish(
     def one(operation: Operation) -> None:
         mine = Report()
         try:
-            _finish_operation(m, operation, mine)
+            _finish_operation(deps, operation, mine)
         except Exception as e:  # one operation's trouble must not stop the others
             log.exception("recovering %s failed", operation[0])
             mine.count("stuck")
@@ -125,11 +124,11 @@ def finish(
         ) as pool:
             list(pool.map(one, operations))
     rest = Report()
-    _sweep_group_nodes(m, rest)
-    for unit in m.hold.recover():
+    _sweep_group_nodes(deps, rest)
+    for unit in deps.hold.recover():
         rest.count("units_restarted")
         rest.findings.append(f"started {unit} again (a previous run left it stopped)")
-    refresh_all(m, rest)
+    refresh_all(deps, rest)
     for finding in rest.findings:
         log.warning("startup: %s", finding, extra={"ACTION": "startup"})
     for key, n in rest.counters.items():
@@ -137,19 +136,19 @@ def finish(
     report.findings.extend(rest.findings)
 
 
-def _superseded(m: Manager, intent: IntentRow) -> bool:
+def _superseded(deps: CoreDeps, intent: IntentRow) -> bool:
     """The intent's device was settled after the intent was written."""
-    row = m.registry.get_device(intent.device_id) if intent.device_id else None
+    row = deps.registry.get_device(intent.device_id) if intent.device_id else None
     if row is None and intent.pci_address:
-        row = m.registry.by_pci_address(intent.pci_address)
+        row = deps.registry.by_pci_address(intent.pci_address)
     return row is not None and intent.id <= row.settled_through
 
 
-def _open_operations(m: Manager, report: Report) -> list[Operation]:
+def _open_operations(deps: CoreDeps, report: Report) -> list[Operation]:
     by_op: dict[str, list[IntentRow]] = defaultdict(list)
-    for intent in m.registry.open_intents(m.boot_id):
-        if _superseded(m, intent):
-            m.registry.clear_intent(intent.id)
+    for intent in deps.registry.open_intents(deps.boot_id):
+        if _superseded(deps, intent):
+            deps.registry.clear_intent(intent.id)
             report.count("superseded_intents")
             report.findings.append(
                 f"{intent.pci_address or 'a group node'}: a {intent.action} intent of {intent.operation} was "
@@ -160,10 +159,10 @@ def _open_operations(m: Manager, report: Report) -> list[Operation]:
     return sorted(by_op.items())
 
 
-def _finish_operation(m: Manager, operation: Operation, report: Report) -> None:
+def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> None:
     op_id, intents = operation
     groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
-    with m.locks.hold(groups):
+    with deps.locks.hold(groups):
         functions = [i for i in intents if i.action in OPERATION_KINDS]
         kind = functions[0].action if functions else ""
         grants = [i for i in intents if i.action == "grant"]
@@ -175,71 +174,70 @@ def _finish_operation(m: Manager, operation: Operation, report: Report) -> None:
                 continue
             live = [
                 a
-                for a in m.registry.attachments_in_group(grant.iommu_group)
-                if a.boot_id == m.boot_id and kind not in COMPLETING_KINDS
+                for a in deps.registry.attachments_in_group(grant.iommu_group)
+                if a.boot_id == deps.boot_id and kind not in COMPLETING_KINDS
             ]
             if not live:
                 try:
-                    access.revoke(m.host, grant.iommu_group, NodeOwner(*prev))
+                    access.revoke(deps.host, grant.iommu_group, NodeOwner(*prev))
                 except VfiodError as e:
                     report.findings.append(f"could not give /dev/vfio/{grant.iommu_group} back: {e.message}")
-        binder = m.binder()
+        binder = deps.binder()
         for fn in sorted(functions, key=lambda i: i.pci_address, reverse=True):
             try:
                 addr = PciAddress.parse(fn.pci_address)
             except InvalidPciAddressText:
                 continue
-            if not m.host.device_exists(addr):
+            if not deps.host.device_exists(addr):
                 continue
             native = NativeDriver(_driver(fn.from_driver), _driver(fn.step))
             try:
                 binder.restore(addr, native)
                 done = "completed" if kind in COMPLETING_KINDS else "rolled back"
-                report.findings.append(
-                    f"{addr}: an interrupted {kind} was {done}; it is on {m.host.driver(addr) or 'no driver'}"
-                )
+                now = deps.host.driver(addr) or "no driver"
+                report.findings.append(f"{addr}: an interrupted {kind} was {done}; it is on {now}")
             except VfiodError as e:
                 stuck.append(str(addr))
                 report.count("stuck")
                 report.findings.append(f"{addr}: could not finish an interrupted {kind}: {e.message}")
-        with m.registry.transaction():
+        with deps.registry.transaction():
             for fn in functions:
-                row = m.registry.get_device(fn.device_id) if fn.device_id else None
+                row = deps.registry.get_device(fn.device_id) if fn.device_id else None
                 if row is None and fn.pci_address:
-                    row = m.registry.by_pci_address(fn.pci_address)
+                    row = deps.registry.by_pci_address(fn.pci_address)
                 if row is None:
                     continue
                 if kind in COMPLETING_KINDS and str(row.pci_address) not in stuck:
-                    att = m.registry.remove_attachment(row.id)
-                    m.drop_released_siblings(att)
+                    att = deps.registry.remove_attachment(row.id)
+                    release.drop_released_siblings(deps, att)
                 if str(row.pci_address) in stuck:
-                    m.registry.update_device(row.id, state="stuck")
+                    deps.registry.update_device(row.id, state="stuck")
             for intent in intents:
                 if intent.pci_address not in stuck:
-                    m.registry.clear_intent(intent.id)
+                    deps.registry.clear_intent(intent.id)
         log.info("recovered interrupted operation %s (%s)", op_id, kind, extra={"ACTION": "recover-journal"})
 
 
-def _sweep_group_nodes(m: Manager, report: Report) -> None:
+def _sweep_group_nodes(deps: CoreDeps, report: Report) -> None:
     """A group node handed to a uid that no attachment of this boot names goes back to root 0600."""
-    for group in m.host.iommu_groups():
-        if not m.host.vfio_group_node(group).exists():
+    for group in deps.host.iommu_groups():
+        if not deps.host.vfio_group_node(group).exists():
             continue
-        with m.locks.try_hold([group]) as held:
+        with deps.locks.try_hold([group]) as held:
             if held:  # a group a call is working on is that call's to settle
-                _sweep_group_node(m, group, report)
+                _sweep_group_node(deps, group, report)
 
 
-def _sweep_group_node(m: Manager, group: int, report: Report) -> None:
+def _sweep_group_node(deps: CoreDeps, group: int, report: Report) -> None:
     try:
-        owner = m.host.node_owner(group)
+        owner = deps.host.node_owner(group)
     except OSError:
         return
-    named = {a.owner_uid for a in m.registry.attachments_in_group(group) if a.boot_id == m.boot_id}
+    named = {a.owner_uid for a in deps.registry.attachments_in_group(group) if a.boot_id == deps.boot_id}
     if owner.uid == 0 or owner.uid in named:
         return
     try:
-        access.revoke(m.host, group, access.KERNEL_DEFAULT)
+        access.revoke(deps.host, group, access.KERNEL_DEFAULT)
     except VfiodError as e:
         report.findings.append(
             f"/dev/vfio/{group} is owned by uid {owner.uid} and cannot be taken back: {e.message}"
@@ -251,33 +249,31 @@ def _sweep_group_node(m: Manager, group: int, report: Report) -> None:
     )
 
 
-def refresh_all(m: Manager, report: Report) -> None:
-    for row in m.registry.list_devices():
-        with m.locks.try_hold([m.group_of(row)]) as held:
+def refresh_all(deps: CoreDeps, report: Report) -> None:
+    for row in deps.registry.list_devices():
+        with deps.locks.try_hold([group_of(deps, row)]) as held:
             if not held:
                 continue  # a call is working on it: that call settles it
             # Held: nobody is working on it, so a `binding` or `releasing` left by a crash is stale.
-            fresh = m.registry.get_device(row.id)
+            fresh = deps.registry.get_device(row.id)
             if fresh is not None:
-                refresh_one(m, fresh, report)
+                refresh_one(deps, fresh, report)
 
 
-def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> None:
+def refresh_one(deps: CoreDeps, row: DeviceRow, report: Report | None = None) -> None:
     addr = row.pci_address
-    if not m.host.device_exists(addr):
+    if not deps.host.device_exists(addr):
         if row.state != "missing":
-            m.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+            deps.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
             if report is not None:
                 report.count("missing")
                 report.findings.append(f"{row.name} ({addr}) is gone from the bus")
         return
-    live = read_function(m.host, addr).identity
-    expected = Identity(
-        row.vendor_id, row.device_id, row.subsystem_vendor_id, row.subsystem_device_id, row.class_code
-    )
+    live = read_function(deps.host, addr).identity
+    expected = identity_of(row)
     if live != expected:
         if row.state != "missing":
-            m.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+            deps.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
         if report is not None:
             report.count("replaced")
             found = live.describe() if live else "an unreadable device"
@@ -286,32 +282,32 @@ def refresh_one(m: Manager, row: DeviceRow, report: Report | None = None) -> Non
                 "vfiod will not touch it"
             )
         return
-    open_intents = m.registry.intents_of_device(row.id, str(addr))
-    if row.state == "stuck" or open_intents or m.host.pending_writes(addr):
-        if not _clean(m, row, open_intents=bool(open_intents)):
+    open_intents = deps.registry.intents_of_device(row.id, str(addr))
+    if row.state == "stuck" or open_intents or deps.host.pending_writes(addr):
+        if not _clean(deps, row, open_intents=bool(open_intents)):
             if row.state != "stuck":
-                m.registry.update_device(row.id, state="stuck")
+                deps.registry.update_device(row.id, state="stuck")
             return
-        m.registry.settle_intents(row.id)
-    m.registry.update_device(row.id, **m.settled_state(row, False))
+        deps.registry.settle_intents(row.id)
+    deps.registry.update_device(row.id, **settled_state(deps, row, False))
 
 
-def _clean(m: Manager, row: DeviceRow, *, open_intents: bool) -> bool:
+def _clean(deps: CoreDeps, row: DeviceRow, *, open_intents: bool) -> bool:
     """A stuck device (or one with open intents) the kernel has since settled: no write of vfiod's is
     pending on it, and it is on its native driver with no stray override, or on vfio-pci with its
     attachment and no intent open (an open one may be a Detach that never got to run)."""
     addr = row.pci_address
-    if m.host.pending_writes(addr):
+    if deps.host.pending_writes(addr):
         return False
-    drv = m.host.driver(addr)
-    override = m.host.driver_override(addr)
+    drv = deps.host.driver(addr)
+    override = deps.host.driver_override(addr)
     if drv is not None and drv == row.native_driver and override in (None, drv):
         return True
     return (
         not open_intents
-        and read_function(m.host, addr).is_vfio_bound
+        and read_function(deps.host, addr).is_vfio_bound
         and override in (None, "vfio-pci")
-        and m.registry.attachment_of_device(row.id) is not None
+        and deps.registry.attachment_of_device(row.id) is not None
     )
 
 

@@ -1,0 +1,62 @@
+"""The read-only calls: what is on the bus (ListAvailable), the host's readiness (GetHostStatus), and
+registered devices as a client sees them (registry row and attachment read as one snapshot, then the
+kernel's side)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from vfiod.core import discovery, validation
+from vfiod.core.deps import CoreDeps
+from vfiod.core.errors import InvalidArgument, InvalidName, NotFound
+from vfiod.core.hoststatus import host_status
+from vfiod.core.records import Device, device_from_row
+from vfiod.core.registry import DeviceRow
+
+
+def list_available(deps: CoreDeps, *, all_devices: bool) -> list[discovery.AvailableDevice]:
+    registered = {str(r.pci_address): r.id for r in deps.registry.list_devices()}
+    return discovery.discover(deps.host, deps.pci_ids, all_devices=all_devices, registered=registered)
+
+
+def host_status_record(deps: CoreDeps) -> dict[str, object]:
+    attached = [
+        str(row.pci_address)
+        for row in deps.registry.list_devices()
+        if deps.registry.attachment_of_device(row.id) is not None
+    ]
+    return host_status(deps.host, deps.pci_ids, attached=attached).to_record()
+
+
+def resolve(deps: CoreDeps, id_or_name: object) -> DeviceRow:
+    try:
+        key = validation.id_or_name(id_or_name)
+    except validation.InvalidNameInput as e:
+        raise InvalidName(str(e)) from e
+    row = deps.registry.find(key)
+    if row is None:
+        raise NotFound(f"no registered device has the id or name {key!r}")
+    return row
+
+
+def device(deps: CoreDeps, row: DeviceRow) -> Device:
+    """The device as a client sees it: its row and attachment read as one snapshot (never `attached_to`
+    from after a change with the state from before it), then the kernel's side."""
+    with deps.registry.snapshot():
+        stored = deps.registry.get_device(row.id)
+        if stored is None:
+            raise NotFound(f"device {row.name!r} was unregistered meanwhile")
+        att = deps.registry.attachment_of_device(row.id)
+    return device_from_row(deps.host, stored, att)
+
+
+def list_devices(deps: CoreDeps, tags: Mapping[str, str] | None) -> list[Device]:
+    if tags:
+        try:
+            tags = validation.tags(tags)
+        except validation.InvalidTagsInput as e:
+            raise InvalidArgument(str(e)) from e
+    with deps.registry.snapshot():
+        rows = deps.registry.list_devices(tags or None)
+        pairs = [(r, deps.registry.attachment_of_device(r.id)) for r in rows]
+    return [device_from_row(deps.host, row, att) for row, att in pairs]
