@@ -1,6 +1,6 @@
 """The shape of the code, kept true by the suite: the layers import only downward (`host` → `core` → `bus`
 → `cli`), no import cycle among vfiod's modules (runtime or TYPE_CHECKING imports alike), and no module of
-`vfiod/host`, `vfiod/core` or the simulator over 500 lines.
+`vfiod` or the simulator over 500 lines.
 
 The two lists below are the known exceptions, each with the issue that removes it; a test fails when an
 exception is no longer needed, so the lists only shrink.
@@ -18,6 +18,7 @@ MAX_LINES = 500
 # module -> why it is still over the limit (and which change takes it under)
 TOO_LONG = {
     "vfiod/core/registry.py": "re-cut 3, slice B: the registry as a package",
+    "vfiod/bus/service.py": "re-cut 3, slice A: each D-Bus method described once (bus/methods.py)",
 }
 # import cycles (each a strongly connected set of modules) still to be broken, and by what
 KNOWN_CYCLES: dict[frozenset[str], str] = {}
@@ -130,7 +131,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 def test_modules_stay_under_the_line_limit() -> None:
     over = {}
-    for base in ("vfiod/host", "vfiod/core", "vfiod_sim"):
+    for base in ("vfiod", "vfiod_sim"):
         for path in sorted((REPO / base).rglob("*.py")):
             lines = len(path.read_text(encoding="utf-8").splitlines())
             if lines > MAX_LINES:

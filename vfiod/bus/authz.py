@@ -38,7 +38,7 @@ from vfiod.bus.names import (
     POLKIT_PATH,
     PROPERTIES_IFACE,
 )
-from vfiod.core.errors import Failed, NotAuthorized
+from vfiod.core.errors import Failed
 
 log = logging.getLogger("vfiod.authz")
 
@@ -233,20 +233,6 @@ class Authorizer:
         authorized, challenge = bool(result[0]), bool(result[1])
         return Decision(authorized, "polkit", challenge and not authorized)
 
-    async def require(
-        self,
-        who: CallerId,
-        action: str,
-        details: Mapping[str, str] | None = None,
-        *,
-        interactive: bool = False,
-    ) -> Decision:
-        """check(), raising NotAuthorized (with what to do about it) when denied."""
-        decision = await self.check(who, action, details, interactive=interactive)
-        if not decision.allowed:
-            raise NotAuthorized(denial_message(who, action, decision, interactive))
-        return decision
-
 
 def denial_message(who: CallerId, action: str, decision: Decision, interactive: bool) -> str:
     if decision.how == "never allowed":
@@ -267,14 +253,3 @@ def denial_message(who: CallerId, action: str, decision: Decision, interactive: 
             "terminal)"
         )
     return f"uid {who.uid} is not authorized for {action}"
-
-
-async def gather_checks(
-    authz: Authorizer, who: CallerId, action: str, details: list[dict[str, str]], *, interactive: bool
-) -> list[Decision]:
-    """One check per details dict, in order (one at a time, so polkit asks for a password at most once
-    when the first answer is kept)."""
-    out = []
-    for d in details:
-        out.append(await authz.require(who, action, d, interactive=interactive))
-    return out

@@ -1,5 +1,6 @@
-"""The fixed names of the `org.hypeman.Devices1` contract (dbus-api.md): bus name, object paths, interfaces,
-the error prefix and the polkit action ids, plus the names of the other services vfiod talks to.
+"""The fixed names of the `org.hypeman.Devices1` contract (dbus/org.hypeman.Devices1.xml): bus name,
+object paths, interfaces, the error prefix and the polkit action ids, plus the names of the other services
+vfiod talks to.
 
 Everything on the bus side (the service, the client `vfioctl`, the tests) takes these from here so a name
 is spelled once.

@@ -15,13 +15,10 @@ import contextlib
 import os
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from vfiod.bus.names import BUS_NAME
-from vfiod.cli import vfioctl_monitor
-from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -32,257 +29,32 @@ from vfiod.cli.vfioctl_bus import (
     BusTarget,
     CallError,
     Client,
-    dict_of,
-    list_of_dicts,
-    options,
     tty_agent,
+)
+from vfiod.cli.vfioctl_commands import (
+    Command,
+    Context,
+    cmd_attach,
+    cmd_bind,
+    cmd_check,
+    cmd_detach,
+    cmd_import_hypeman,
+    cmd_list,
+    cmd_list_available,
+    cmd_monitor,
+    cmd_reconcile,
+    cmd_recover,
+    cmd_register,
+    cmd_show,
+    cmd_status,
+    cmd_unbind,
+    cmd_unregister,
 )
 
 DEFAULT_TIMEOUT = 120.0
 UINT32_MAX = 0xFFFFFFFF
 
 
-@dataclass
-class Context:
-    args: argparse.Namespace
-    client: Client
-    out: TextIO
-    err: TextIO
-
-    @property
-    def json(self) -> bool:
-        return bool(self.args.json)
-
-    @property
-    def marks(self) -> tuple[str, str]:
-        return render.marks(getattr(self.out, "encoding", None))
-
-    def write(self, text: str) -> None:
-        self.out.write(text)
-
-
-Command = Callable[[Context], Awaitable[int]]
-
-# ----- commands --------------------------------------------------------------------------------------------
-
-
-async def cmd_status(ctx: Context) -> int:
-    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
-    status = dict_of(status)
-    ctx.write(render.to_json(status) if ctx.json else render.render_status(status, ctx.marks))
-    return EXIT_OK
-
-
-async def cmd_check(ctx: Context) -> int:
-    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
-    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", options(all=("b", True)))
-    status, devices = dict_of(status), list_of_dicts(devices)
-    if ctx.json:
-        ctx.write(render.to_json({"host": status, "devices": devices}))
-    else:
-        ctx.write(render.render_check(status, devices, ctx.marks))
-    return EXIT_OK
-
-
-async def cmd_list_available(ctx: Context) -> int:
-    opts = options(all=("b", True) if ctx.args.all else None)
-    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", opts)
-    devices = list_of_dicts(devices)
-    ctx.write(
-        render.to_json(devices) if ctx.json else render.render_available(devices, ctx.marks, ctx.args.all)
-    )
-    return EXIT_OK
-
-
-async def cmd_list(ctx: Context) -> int:
-    tags: dict[str, str] = ctx.args.tags or {}
-    (devices,) = await ctx.client.manager(
-        "ListDevices", "a{sv}", options(tags=("a{ss}", tags) if tags else None)
-    )
-    devices = list_of_dicts(devices)
-    ctx.write(render.to_json(devices) if ctx.json else render.render_devices(devices))
-    return EXIT_OK
-
-
-async def cmd_show(ctx: Context) -> int:
-    (device,) = await ctx.client.manager("GetDevice", "sa{sv}", ctx.args.device, {})
-    device = dict_of(device)
-    ctx.write(render.to_json(device) if ctx.json else render.render_device(device))
-    return EXIT_OK
-
-
-async def cmd_register(ctx: Context) -> int:
-    tags: dict[str, str] = ctx.args.tags or {}
-    path, device = await ctx.client.manager(
-        "RegisterDevice",
-        "ssa{sv}",
-        ctx.args.pci_address,
-        ctx.args.name or "",
-        options(tags=("a{ss}", tags) if tags else None),
-    )
-    device = dict_of(device)
-    device.setdefault("object_path", str(path))
-    if ctx.json:
-        ctx.write(render.to_json(device))
-    else:
-        ctx.write(
-            f"Registered {device.get('pci_address', ctx.args.pci_address)} as {device.get('name', '?')}\n"
-        )
-        ctx.write(render.render_device(device))
-    return EXIT_OK
-
-
-async def cmd_unregister(ctx: Context) -> int:
-    await ctx.client.manager("UnregisterDevice", "sa{sv}", ctx.args.device, {})
-    ctx.write(
-        render.to_json({"unregistered": ctx.args.device}) if ctx.json else f"Unregistered {ctx.args.device}\n"
-    )
-    return EXIT_OK
-
-
-async def cmd_attach(ctx: Context) -> int:
-    a = ctx.args
-    opts = options(
-        include_group=("b", True) if a.include_group else None,
-        owner_uid=("u", a.owner_uid) if a.owner_uid is not None else None,
-        gpudirect_clique=("y", a.gpudirect_clique) if a.gpudirect_clique is not None else None,
-        force=("b", True) if a.force else None,
-    )
-    attachments, warnings = await ctx.client.manager("Attach", "sasa{sv}", a.instance, list(a.devices), opts)
-    records = list_of_dicts(attachments)
-    warns = [str(w) for w in warnings or []]
-    if ctx.json:
-        ctx.write(render.to_json(render.attach_document(a.instance, records, warns)))
-    else:
-        ctx.write(render.render_attach(a.instance, records, warns))
-    return EXIT_OK
-
-
-async def _devices_of(ctx: Context, instance: str, wanted: Sequence[str]) -> list[dict[str, Any]]:
-    """Best effort: the registered devices attached to `instance` (only `wanted` ones, by id or name)."""
-    try:
-        (devices,) = await ctx.client.manager("ListDevices", "a{sv}", {})
-    except CallError:
-        return []
-    mine = [d for d in list_of_dicts(devices) if d.get("attached_to") == instance]
-    if wanted:
-        mine = [d for d in mine if d.get("id") in wanted or d.get("name") in wanted]
-    return sorted(mine, key=lambda d: str(d.get("pci_address")))
-
-
-async def _refetch(ctx: Context, ids: Sequence[str]) -> list[dict[str, Any]]:
-    out = []
-    for device_id in ids:
-        try:
-            (device,) = await ctx.client.manager("GetDevice", "sa{sv}", device_id, {})
-        except CallError:
-            continue
-        out.append(dict_of(device))
-    return out
-
-
-async def cmd_detach(ctx: Context) -> int:
-    a = ctx.args
-    before = await _devices_of(ctx, a.instance, a.devices)
-    opts = options(keep_bound=("b", True) if a.keep_bound else None)
-    await ctx.client.manager("Detach", "sasa{sv}", a.instance, list(a.devices), opts)
-    after = await _refetch(ctx, [str(d.get("id")) for d in before])
-    if ctx.json:
-        doc = {
-            "instance": a.instance,
-            "devices": list(a.devices),
-            "keep_bound": bool(a.keep_bound),
-            "released": after,
-        }
-        ctx.write(render.to_json(doc))
-        return EXIT_OK
-    what = ", ".join(a.devices) if a.devices else "all devices"
-    if not before:
-        ctx.write(f"Detached {what} from {a.instance} (nothing was attached)\n")
-        return EXIT_OK
-    ctx.write(f"Detached {what} from {a.instance}{' (kept on vfio)' if a.keep_bound else ''}\n")
-    for d in after:
-        driver = d.get("driver") or "no driver"
-        ctx.write(f"  {d.get('name')} ({d.get('pci_address')}): {driver}, state {d.get('state')}\n")
-    return EXIT_OK
-
-
-async def _bind_like(ctx: Context, member: str, verb: str, opts: dict[str, Any]) -> int:
-    await ctx.client.manager(member, "sa{sv}", ctx.args.device, opts)
-    after = await _refetch(ctx, [ctx.args.device])
-    device = after[0] if after else None
-    if ctx.json:
-        ctx.write(render.to_json({verb: ctx.args.device, "device": device}))
-    elif device is not None:
-        driver = device.get("driver") or "no driver"
-        ctx.write(
-            f"{device.get('name')} ({device.get('pci_address')}): {driver}, state {device.get('state')}\n"
-        )
-    else:
-        ctx.write(f"{verb.capitalize()} {ctx.args.device}\n")
-    return EXIT_OK
-
-
-async def cmd_bind(ctx: Context) -> int:
-    a = ctx.args
-    opts = options(
-        include_group=("b", True) if a.include_group else None,
-        force=("b", True) if a.force else None,
-        exclusive=("b", True) if a.exclusive else None,
-    )
-    return await _bind_like(ctx, "Bind", "bound", opts)
-
-
-async def cmd_unbind(ctx: Context) -> int:
-    return await _bind_like(
-        ctx, "Unbind", "unbound", options(exclusive=("b", True) if ctx.args.exclusive else None)
-    )
-
-
-def _report_options(ctx: Context) -> dict[str, Any]:
-    return options(dry_run=("b", True) if ctx.args.dry_run else None)
-
-
-def _write_report(ctx: Context, title: str, report: object) -> int:
-    rec = dict_of(report)
-    ctx.write(render.to_json(rec) if ctx.json else render.render_report(title, rec))
-    return EXIT_OK
-
-
-async def cmd_reconcile(ctx: Context) -> int:
-    live = list(ctx.args.live)
-    opts = options(
-        dry_run=("b", True) if ctx.args.dry_run else None,
-        all_users=("b", True) if ctx.args.all_users else None,
-    )
-    (report,) = await ctx.client.manager("Reconcile", "asa{sv}", live, opts)
-    dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
-    title = (
-        f"Reconcile with live instances {', '.join(live)}{dry}"
-        if live
-        else f"Reconcile, no live instances{dry}"
-    )
-    return _write_report(ctx, title, report)
-
-
-async def cmd_recover(ctx: Context) -> int:
-    device = ctx.args.device or ""
-    (report,) = await ctx.client.manager("Recover", "sa{sv}", device, _report_options(ctx))
-    dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
-    return _write_report(ctx, f"Recover {device or 'every stuck or driverless device'}{dry}", report)
-
-
-async def cmd_import_hypeman(ctx: Context) -> int:
-    data_dir = os.path.abspath(ctx.args.dir)
-    (report,) = await ctx.client.manager("ImportHypeman", "sa{sv}", data_dir, {})
-    return _write_report(ctx, f"Import from hypeman's data directory {data_dir}", report)
-
-
-async def cmd_monitor(ctx: Context) -> int:
-    return await vfioctl_monitor.run(ctx.client, ctx.out, ctx.err, ctx.json)
-
-
-# Commands that only read: they never need a polkit agent.
 READ_ONLY = frozenset({"status", "check", "list-available", "list", "show", "monitor"})
 
 # ----- argument parsing ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The system pci.ids database: vendor, device, subsystem and class names for display.
+"""The system pci.ids database: vendor and device names for display.
 
 Owns finding the file (an explicit path, then the usual Debian/Fedora locations, plain or gzipped),
 reading it once on first lookup, and answering name lookups. Names are decoration only: when the database
@@ -34,92 +34,47 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 _VENDOR_RE = re.compile(r"([0-9a-fA-F]{4})\s+(\S.*)")
 _DEVICE_RE = re.compile(r"\t([0-9a-fA-F]{4})\s+(\S.*)")
-_SUBSYS_RE = re.compile(r"\t\t([0-9a-fA-F]{4}) ([0-9a-fA-F]{4})\s+(\S.*)")
-_CLASS_RE = re.compile(r"C ([0-9a-fA-F]{2})\s+(\S.*)")
-_SUBCLASS_RE = re.compile(r"\t([0-9a-fA-F]{2})\s+(\S.*)")
-_PROGIF_RE = re.compile(r"\t\t([0-9a-fA-F]{2})\s+(\S.*)")
 # Names end up in D-Bus strings and terminal output; D-Bus forbids NUL and control characters would let a
 # corrupted file play games with a terminal. Tab and newline are structure, handled by the parser; CRLF
 # is normalised before this runs. A plain character class keeps the whole-file scan at a few ms.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ID4_RE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{4})")
-_CLASS_CODE_RE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{2})([0-9a-fA-F]{2})?([0-9a-fA-F]{2})?")
-
-# Parser context: which kind of top-level entry the indented lines belong to.
-_NONE, _VENDOR, _CLASS = 0, 1, 2
 
 
 class _Tables:
     """The indexed database. Keys are concatenated lowercase hex, which is compact and cheap to build."""
 
-    __slots__ = ("classes", "devices", "progifs", "subclasses", "subsystems", "vendors")
+    __slots__ = ("devices", "vendors")
 
     def __init__(self) -> None:
         self.vendors: dict[str, str] = {}
         self.devices: dict[str, str] = {}  # vvvvdddd
-        self.subsystems: dict[str, str] = {}  # vvvvddddssssssss
-        self.classes: dict[str, str] = {}  # cc
-        self.subclasses: dict[str, str] = {}  # ccss
-        self.progifs: dict[str, str] = {}  # ccsspp
 
 
 def _parse(text: str) -> _Tables:
+    """Vendors and their devices. Subsystem lines (two tabs) and every other section (`C` classes, `L`
+    languages...) are skipped, and the indented lines of a skipped or malformed entry are never filed
+    under the entry before it."""
     t = _Tables()
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if _CONTROL_RE.search(text) is not None:
         text = _CONTROL_RE.sub("?", text)
-    ctx = _NONE
-    # Empty string means "no valid parent": children of a skipped (malformed) entry must not be filed
-    # under the entry before it.
-    vendor = device = cls = subclass = ""
+    vendor = ""  # "" means "no valid parent" for the indented lines that follow
     # split("\n"), not splitlines(): splitlines also breaks on \x85 and \u2028, which can occur in names.
     for line in text.split("\n"):
         if not line or line[0] == "#":
             continue
         if line[0] != "\t":
-            if line[0] == "C" and line[1:2] == " ":
-                m = _CLASS_RE.fullmatch(line)
-                ctx = _CLASS
-                cls = subclass = ""
-                if m is not None:
-                    cls = m[1].lower()
-                    t.classes.setdefault(cls, m[2].rstrip())
-                continue
-            m = _VENDOR_RE.fullmatch(line)
-            ctx = _VENDOR
-            vendor = device = ""
-            if m is None:
-                # Either malformed, or a section this parser does not index (e.g. `L` languages): its
-                # indented lines must not be filed anywhere.
-                ctx = _NONE
-                continue
-            vendor = m[1].lower()
-            t.vendors.setdefault(vendor, m[2].rstrip())
+            m = _VENDOR_RE.fullmatch(line) if not (line[0] == "C" and line[1:2] == " ") else None
+            vendor = m[1].lower() if m is not None else ""
+            if m is not None:
+                t.vendors.setdefault(vendor, m[2].rstrip())
             continue
-        if ctx == _VENDOR:
-            if line[1:2] != "\t":
-                m = _DEVICE_RE.fullmatch(line)
-                device = ""
-                if m is not None and vendor:
-                    device = vendor + m[1].lower()
-                    t.devices.setdefault(device, m[2].rstrip())
-            elif device:
-                m = _SUBSYS_RE.fullmatch(line)
-                if m is not None:
-                    key = device + m[1].lower() + m[2].lower()
-                    t.subsystems.setdefault(key, m[3].rstrip())
-        elif ctx == _CLASS:
-            if line[1:2] != "\t":
-                m = _SUBCLASS_RE.fullmatch(line)
-                subclass = ""
-                if m is not None and cls:
-                    subclass = cls + m[1].lower()
-                    t.subclasses.setdefault(subclass, m[2].rstrip())
-            elif subclass:
-                m = _PROGIF_RE.fullmatch(line)
-                if m is not None:
-                    t.progifs.setdefault(subclass + m[1].lower(), m[2].rstrip())
+        if vendor and line[1:2] != "\t":
+            m = _DEVICE_RE.fullmatch(line)
+            if m is not None:
+                t.devices.setdefault(vendor + m[1].lower(), m[2].rstrip())
     return t
 
 
@@ -211,38 +166,6 @@ class PciIds:
         if v is None or d is None or t is None:
             return None
         return t.devices.get(v + d)
-
-    def subsystem_name(self, vendor_id: str, device_id: str, subvendor: str, subdevice: str) -> str | None:
-        v, d, sv, sd = _id4(vendor_id), _id4(device_id), _id4(subvendor), _id4(subdevice)
-        t = self._load()
-        if v is None or d is None or sv is None or sd is None or t is None:
-            return None
-        return t.subsystems.get(v + d + sv + sd)
-
-    def class_name(self, class_code: str) -> str | None:
-        """The most specific name for a class code: prog-if, else subclass, else base class.
-
-        `class_code` is normally 6 hex digits ("030200", or sysfs's "0x030200"); 2 or 4 digits (a base
-        class, or class+subclass such as "0403") are accepted too.
-        """
-        if not isinstance(class_code, str):
-            return None
-        m = _CLASS_CODE_RE.fullmatch(class_code)
-        t = self._load()
-        if m is None or t is None:
-            return None
-        cc = m[1].lower()
-        ss = (m[2] or "").lower()
-        pp = (m[3] or "").lower()
-        if ss and pp:
-            name = t.progifs.get(cc + ss + pp)
-            if name is not None:
-                return name
-        if ss:
-            name = t.subclasses.get(cc + ss)
-            if name is not None:
-                return name
-        return t.classes.get(cc)
 
 
 @functools.cache

@@ -1,9 +1,9 @@
 """Validation of every value a D-Bus caller can send, and the device id format.
 
-Owns the rules of dbus-api.md "Records" for PCI addresses, device names, device ids, instance ids and
-tags. Each validator takes `object` (D-Bus variants can carry any type), returns the value in its
-canonical form, or raises one of the ValueError subclasses below with a sentence naming the offending
-value through repr(), so control characters are visible in the message.
+Owns the contract's rules (the records of dbus/org.hypeman.Devices1.xml) for PCI addresses, device names,
+device ids, instance ids and tags. Each validator takes `object` (D-Bus variants can carry any type),
+returns the value in its canonical form, or raises one of the ValueError subclasses below with a sentence
+naming the offending value through repr(), so control characters are visible in the message.
 
 Whatever these validators accept never contains a newline, NUL or `/` (tags excepted: the contract allows
 `/` in tag keys and values, which are opaque metadata) and is never `.` or `..`. Names and instance ids are
