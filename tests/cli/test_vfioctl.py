@@ -10,7 +10,7 @@ import json
 import pytest
 
 from vfiod.bus.names import ERROR_PREFIX
-from vfiod.cli import vfioctl
+from vfiod.cli import report, vfioctl
 from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import EXIT_TABLE, CallError, exit_status_for, options, unwrap
 from vfiod.cli.vfioctl_monitor import timestamp
@@ -233,7 +233,7 @@ def test_status_and_available_rendering() -> None:
         "problems": ["vfio-pci is not loaded: modprobe vfio-pci"],
         "future_key": 3,
     }
-    text = render.render_status(status, ("ok", "!!"))
+    text = report.render_status(status, ("ok", "!!"))
     assert "  ok IOMMU enabled (9 IOMMU groups)" in text
     assert "  !! vfio-pci loaded" in text
     assert "  !! vfio-pci is not loaded: modprobe vfio-pci" in text
@@ -262,13 +262,13 @@ def test_status_and_available_rendering() -> None:
             "blockers": ["no IOMMU group"],
         },
     ]
-    text = render.render_available(devices, ("ok", "!!"), True)
+    text = report.render_available(devices, ("ok", "!!"), True)
     assert "0000:a2:00.1 (no driver)" in text  # the member's driver, from the same listing
     assert "      !! no IOMMU group" in text
     assert "10de:22bc" in text
-    check = render.render_check(status, devices, ("ok", "!!"))
+    check = report.render_check(status, devices, ("ok", "!!"))
     assert "Ready: 1 GPU(s) can be passed through as they stand: 0000:a2:00.0" in check
-    assert "none found" in render.render_available([], ("ok", "!!"), False)
+    assert "none found" in report.render_available([], ("ok", "!!"), False)
 
 
 def test_report_rendering() -> None:
@@ -309,6 +309,6 @@ def test_timestamp_format() -> None:
 
 
 def test_marks_fall_back_to_ascii() -> None:
-    assert render.marks("utf-8") == ("✓", "✗")
-    assert render.marks("ascii") == ("ok", "!!")
-    assert render.marks(None) == ("ok", "!!")
+    assert report.marks("utf-8") == ("✓", "✗")
+    assert report.marks("ascii") == ("ok", "!!")
+    assert report.marks(None) == ("ok", "!!")

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from vfiod.cli import vfioctl_monitor
+from vfiod.cli import report, vfioctl_monitor
 from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import (
     EXIT_OK,
@@ -35,7 +35,7 @@ class Context:
 
     @property
     def marks(self) -> tuple[str, str]:
-        return render.marks(getattr(self.out, "encoding", None))
+        return report.marks(getattr(self.out, "encoding", None))
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -49,7 +49,7 @@ Command = Callable[[Context], Awaitable[int]]
 async def cmd_status(ctx: Context) -> int:
     (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
     status = dict_of(status)
-    ctx.write(render.to_json(status) if ctx.json else render.render_status(status, ctx.marks))
+    ctx.write(render.to_json(status) if ctx.json else report.render_status(status, ctx.marks))
     return EXIT_OK
 
 
@@ -60,7 +60,7 @@ async def cmd_check(ctx: Context) -> int:
     if ctx.json:
         ctx.write(render.to_json({"host": status, "devices": devices}))
     else:
-        ctx.write(render.render_check(status, devices, ctx.marks))
+        ctx.write(report.render_check(status, devices, ctx.marks))
     return EXIT_OK
 
 
@@ -69,7 +69,7 @@ async def cmd_list_available(ctx: Context) -> int:
     (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", opts)
     devices = list_of_dicts(devices)
     ctx.write(
-        render.to_json(devices) if ctx.json else render.render_available(devices, ctx.marks, ctx.args.all)
+        render.to_json(devices) if ctx.json else report.render_available(devices, ctx.marks, ctx.args.all)
     )
     return EXIT_OK
 

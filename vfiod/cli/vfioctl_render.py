@@ -9,8 +9,10 @@ key the service sent, and the human views list unknown keys after the known ones
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from vfiod.cli.report import device_label, field, group_text, scalar, table
 
 
 def to_json(doc: object) -> str:
@@ -23,179 +25,6 @@ def to_json_line(doc: object) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def marks(encoding: str | None) -> tuple[str, str]:
-    """✓/✗ when the output can show them, ASCII otherwise."""
-    try:
-        "✓✗".encode(encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "ok", "!!"
-    return "✓", "✗"
-
-
-def scalar(value: object) -> str:
-    """A value in one token-ish piece: booleans as yes/no, lists comma-joined, dicts as k=v pairs."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={scalar(v)}" for k, v in sorted(value.items())) or "-"
-    if isinstance(value, list | tuple):
-        return ", ".join(scalar(v) for v in value) or "-"
-    text = str(value)
-    return text if text != "" else "-"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return [line(header), *(line(r) for r in rows)]
-
-
-def _str(rec: Mapping[str, Any], key: str, default: str = "") -> str:
-    value = rec.get(key, default)
-    return value if isinstance(value, str) else str(value)
-
-
-def _int(rec: Mapping[str, Any], key: str, default: int = -1) -> int:
-    value = rec.get(key, default)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _group(rec: Mapping[str, Any]) -> str:
-    group = _int(rec, "iommu_group")
-    return str(group) if group >= 0 else "-"
-
-
-def _extra(rec: Mapping[str, Any], known: Iterable[str], indent: str = "  ") -> list[str]:
-    """`key: value` lines for keys the service sent that this view does not know (added later)."""
-    seen = set(known)
-    return [f"{indent}{k}: {scalar(rec[k])}" for k in sorted(rec) if k not in seen]
-
-
-# ----- GetHostStatus ---------------------------------------------------------------------------------------
-
-_STATUS_KEYS = (
-    "iommu_enabled",
-    "iommu_groups",
-    "interrupt_remapping",
-    "vfio_pci_loaded",
-    "vfio_container",
-    "vfio_cdev",
-    "iommufd",
-    "hugepages_2m",
-    "gpu_mode",
-    "gpu_slots_total",
-    "gpu_slots_used",
-    "problems",
-    "notes",
-    "claims",
-)
-
-
-def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
-    yes, no = mark
-    lines = ["Host"]
-
-    def check(ok: bool, text: str) -> None:
-        lines.append(f"  {yes if ok else no} {text}")
-
-    check(
-        bool(status.get("iommu_enabled")), f"IOMMU enabled ({_int(status, 'iommu_groups', 0)} IOMMU groups)"
-    )
-    check(bool(status.get("interrupt_remapping")), "interrupt remapping")
-    check(bool(status.get("vfio_pci_loaded")), "vfio-pci loaded")
-    if "vfio_container" in status:
-        check(bool(status.get("vfio_container")), "VFIO container (/dev/vfio/vfio)")
-    check(bool(status.get("vfio_cdev")), "VFIO device cdev (/dev/vfio/devices)")
-    check(bool(status.get("iommufd")), "iommufd (/dev/iommu)")
-    hugepages = _int(status, "hugepages_2m", 0)
-    check(hugepages > 0, f"2 MiB huge pages reserved: {hugepages}")
-    mode = _str(status, "gpu_mode", "none")
-    slots = f"{_int(status, 'gpu_slots_total', 0)} slot(s), {_int(status, 'gpu_slots_used', 0)} used"
-    check(mode == "passthrough", f"GPU passthrough: {slots}" if mode == "passthrough" else f"GPU mode {mode}")
-    problems = [str(p) for p in status.get("problems") or []]
-    if problems:
-        lines += ["", "Problems"]
-        lines += [f"  {no} {p}" for p in problems]
-    notes = [str(n) for n in status.get("notes") or []]
-    if notes:
-        lines += ["", "Notes"]
-        lines += [f"  - {n}" for n in notes]
-    claims = [c for c in status.get("claims") or [] if isinstance(c, Mapping)]
-    if claims:
-        lines += ["", "Other tools' claims"]
-        for c in claims:
-            devices = ", ".join(str(d) for d in c.get("devices") or []) or "-"
-            lines.append(f"  - {_str(c, 'text') or _str(c, 'kind')} [{_str(c, 'source')}] devices: {devices}")
-            if _str(c, "note"):
-                lines.append(f"      {_str(c, 'note')}")
-    extra = _extra(status, _STATUS_KEYS)
-    if extra:
-        lines += ["", "Other", *extra]
-    return "\n".join(lines) + "\n"
-
-
-# ----- ListAvailable ---------------------------------------------------------------------------------------
-
-
-def _device_label(rec: Mapping[str, Any]) -> str:
-    label = f"{_str(rec, 'vendor_name')} {_str(rec, 'device_name')}".strip()
-    return label or f"{_str(rec, 'vendor_id')}:{_str(rec, 'device_id')}"
-
-
-def render_available(devices: Sequence[Mapping[str, Any]], mark: tuple[str, str], all_devices: bool) -> str:
-    _, no = mark
-    what = "every PCI function" if all_devices else "display controllers (--all for every PCI function)"
-    lines = [f"Devices: {what}"]
-    if not devices:
-        return "\n".join([*lines, "  none found"]) + "\n"
-    by_addr = {_str(d, "pci_address"): d for d in devices}
-    header = ("ADDRESS", "DEVICE", "TYPE", "GROUP", "MEMBERS", "DRIVER", "REGISTERED", "READY")
-    rows = []
-    for d in devices:
-        addr = _str(d, "pci_address")
-        members = []
-        for m in d.get("iommu_group_members") or []:
-            if m == addr:
-                continue
-            other = by_addr.get(str(m))
-            members.append(f"{m} ({_str(other, 'current_driver') or 'no driver'})" if other else str(m))
-        rows.append(
-            (
-                addr,
-                _device_label(d),
-                _str(d, "type") or "-",
-                _group(d),
-                ", ".join(members) or "-",
-                _str(d, "current_driver") or "-",
-                _str(d, "registered_as") or "-",
-                "yes" if d.get("passthrough_ready") else "no",
-            )
-        )
-    body = table(header, rows, "  ")
-    lines.append(body[0])
-    for d, line in zip(devices, body[1:], strict=True):
-        lines.append(line)
-        lines += [f"      {no} {b}" for b in d.get("blockers") or []]
-    return "\n".join(lines) + "\n"
-
-
-def render_check(
-    status: Mapping[str, Any], devices: Sequence[Mapping[str, Any]], mark: tuple[str, str]
-) -> str:
-    ready = [d for d in devices if d.get("passthrough_ready") and _str(d, "type") == "gpu"]
-    lines = [render_status(status, mark).rstrip("\n"), "", render_available(devices, mark, True).rstrip("\n")]
-    lines.append("")
-    if ready:
-        addrs = ", ".join(_str(d, "pci_address") for d in ready)
-        lines.append(f"Ready: {len(ready)} GPU(s) can be passed through as they stand: {addrs}")
-    else:
-        lines.append("Ready: no GPU can be passed through as it stands (see the blockers above)")
-    return "\n".join(lines) + "\n"
-
-
 # ----- Device ---------------------------------------------------------------------------------------------
 
 
@@ -205,18 +34,18 @@ def render_devices(devices: Sequence[Mapping[str, Any]]) -> str:
     header = ("ID", "NAME", "ADDRESS", "DEVICE", "DRIVER", "STATE", "ATTACHED TO", "TAGS")
     rows = []
     for d in devices:
-        attached = _str(d, "attached_to")
+        attached = field(d, "attached_to")
         if attached and "owner_uid" in d:
             attached += f" (uid {d['owner_uid']})"
         tags = d.get("tags") or {}
         rows.append(
             (
-                _str(d, "id"),
-                _str(d, "name"),
-                _str(d, "pci_address"),
-                _device_label(d),
-                _str(d, "driver") or "-",
-                _str(d, "state") or "-",
+                field(d, "id"),
+                field(d, "name"),
+                field(d, "pci_address"),
+                device_label(d),
+                field(d, "driver") or "-",
+                field(d, "state") or "-",
                 attached or "-",
                 scalar(tags) if isinstance(tags, Mapping) else "-",
             )
@@ -301,11 +130,11 @@ def render_attach(instance: str, attachments: Sequence[Mapping[str, Any]], warni
     header = ("ADDRESS", "ROLE", "GROUP", "GROUP NODE", "DEVICE ID")
     rows = [
         (
-            _str(a, "pci_address"),
-            _str(a, "role") or "-",
-            _group(a),
-            _str(a, "vfio_group_path") or "-",
-            _str(a, "id") or "-",
+            field(a, "pci_address"),
+            field(a, "role") or "-",
+            group_text(a),
+            field(a, "vfio_group_path") or "-",
+            field(a, "id") or "-",
         )
         for a in attachments
     ]
@@ -356,17 +185,17 @@ _ADDED_SUMMARY = ("State", "Driver", "BoundToVfio", "AttachedTo")
 
 def monitor_line(event: Mapping[str, Any]) -> str:
     """`<time>  <event>  <name> (<address>)  Key=value ...` for one monitor event."""
-    kind = _str(event, "event")
+    kind = field(event, "event")
     if kind == "service":
-        owner = _str(event, "owner")
+        owner = field(event, "owner")
         what = (
-            f"{_str(event, 'name')} is on the bus ({owner})"
+            f"{field(event, 'name')} is on the bus ({owner})"
             if owner
-            else f"{_str(event, 'name')} left the bus"
+            else f"{field(event, 'name')} left the bus"
         )
-        return f"{_str(event, 'time')}  service  {what}\n"
-    who = _str(event, "name") or _str(event, "id") or _str(event, "path")
-    addr = _str(event, "pci_address")
+        return f"{field(event, 'time')}  service  {what}\n"
+    who = field(event, "name") or field(event, "id") or field(event, "path")
+    addr = field(event, "pci_address")
     subject = f"{who} ({addr})" if addr else who
     if kind == "changed":
         props = dict(event.get("changed") or {})
@@ -376,4 +205,4 @@ def monitor_line(event: Mapping[str, Any]) -> str:
     parts = [f"{k}={prop_value(v)}" for k, v in sorted(props.items())]
     parts += [f"{k}=?" for k in event.get("invalidated") or []]
     tail = ("  " + " ".join(parts)) if parts else ""
-    return f"{_str(event, 'time')}  {kind:<7}  {subject}{tail}\n"
+    return f"{field(event, 'time')}  {kind:<7}  {subject}{tail}\n"

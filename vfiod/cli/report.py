@@ -1,0 +1,206 @@
+"""The host report, rendered once for `vfiod check`, `vfioctl check` and `vfioctl status`: the host's
+checks with their problems, notes and other tools' claims, then the PCI functions with each unready one's
+blockers, and what is ready.
+
+Pure functions from the contract's records (GetHostStatus's and ListAvailable's keys, as plain dicts) to
+text: `vfiod check` builds the records from the host itself, vfioctl gets them from the daemon. Keys the
+contract may add later are never dropped: unknown host keys are listed after the known ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def marks(encoding: str | None) -> tuple[str, str]:
+    """✓/✗ when the output can show them, ASCII otherwise."""
+    try:
+        "✓✗".encode(encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "ok", "!!"
+    return "✓", "✗"
+
+
+def scalar(value: object) -> str:
+    """A value in one token-ish piece: booleans as yes/no, lists comma-joined, dicts as k=v pairs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={scalar(v)}" for k, v in sorted(value.items())) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(scalar(v) for v in value) or "-"
+    text = str(value)
+    return text if text != "" else "-"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def field(rec: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = rec.get(key, default)
+    return value if isinstance(value, str) else str(value)
+
+
+def int_field(rec: Mapping[str, Any], key: str, default: int = -1) -> int:
+    value = rec.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def group_text(rec: Mapping[str, Any]) -> str:
+    group = int_field(rec, "iommu_group")
+    return str(group) if group >= 0 else "-"
+
+
+def extra_lines(rec: Mapping[str, Any], known: Iterable[str], indent: str = "  ") -> list[str]:
+    """`key: value` lines for keys the service sent that this view does not know (added later)."""
+    seen = set(known)
+    return [f"{indent}{k}: {scalar(rec[k])}" for k in sorted(rec) if k not in seen]
+
+
+_STATUS_KEYS = (
+    "iommu_enabled",
+    "iommu_groups",
+    "interrupt_remapping",
+    "vfio_pci_loaded",
+    "vfio_container",
+    "vfio_cdev",
+    "iommufd",
+    "hugepages_2m",
+    "gpu_mode",
+    "gpu_slots_total",
+    "gpu_slots_used",
+    "problems",
+    "notes",
+    "claims",
+)
+
+
+def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
+    yes, no = mark
+    lines = ["Host"]
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"  {yes if ok else no} {text}")
+
+    check(
+        bool(status.get("iommu_enabled")),
+        f"IOMMU enabled ({int_field(status, 'iommu_groups', 0)} IOMMU groups)",
+    )
+    check(bool(status.get("interrupt_remapping")), "interrupt remapping")
+    check(bool(status.get("vfio_pci_loaded")), "vfio-pci loaded")
+    if "vfio_container" in status:
+        check(bool(status.get("vfio_container")), "VFIO container (/dev/vfio/vfio)")
+    check(bool(status.get("vfio_cdev")), "VFIO device cdev (/dev/vfio/devices)")
+    check(bool(status.get("iommufd")), "iommufd (/dev/iommu)")
+    hugepages = int_field(status, "hugepages_2m", 0)
+    check(hugepages > 0, f"2 MiB huge pages reserved: {hugepages}")
+    mode = field(status, "gpu_mode", "none")
+    slots = (
+        f"{int_field(status, 'gpu_slots_total', 0)} slot(s), {int_field(status, 'gpu_slots_used', 0)} used"
+    )
+    check(mode == "passthrough", f"GPU passthrough: {slots}" if mode == "passthrough" else f"GPU mode {mode}")
+    problems = [str(p) for p in status.get("problems") or []]
+    if problems:
+        lines += ["", "Problems"]
+        lines += [f"  {no} {p}" for p in problems]
+    notes = [str(n) for n in status.get("notes") or []]
+    if notes:
+        lines += ["", "Notes"]
+        lines += [f"  - {n}" for n in notes]
+    claims = [c for c in status.get("claims") or [] if isinstance(c, Mapping)]
+    if claims:
+        lines += ["", "Other tools' claims"]
+        for c in claims:
+            devices = ", ".join(str(d) for d in c.get("devices") or []) or "-"
+            lines.append(
+                f"  - {field(c, 'text') or field(c, 'kind')} [{field(c, 'source')}] devices: {devices}"
+            )
+            if field(c, "note"):
+                lines.append(f"      {field(c, 'note')}")
+    extra = extra_lines(status, _STATUS_KEYS)
+    if extra:
+        lines += ["", "Other", *extra]
+    return "\n".join(lines) + "\n"
+
+
+def device_label(rec: Mapping[str, Any]) -> str:
+    label = f"{field(rec, 'vendor_name')} {field(rec, 'device_name')}".strip()
+    return label or f"{field(rec, 'vendor_id')}:{field(rec, 'device_id')}"
+
+
+def render_available(
+    devices: Sequence[Mapping[str, Any]],
+    mark: tuple[str, str],
+    all_devices: bool,
+    member_drivers: Mapping[str, str] | None = None,
+) -> str:
+    """The device table with each unready device's blockers under it. A group member's driver comes from
+    `member_drivers` (address -> driver) or, without it, from the listed devices."""
+    _, no = mark
+    what = "every PCI function" if all_devices else "display controllers (--all for every PCI function)"
+    lines = [f"Devices: {what}"]
+    if not devices:
+        return "\n".join([*lines, "  none found"]) + "\n"
+    by_addr = {field(d, "pci_address"): d for d in devices}
+
+    def member(m: str) -> str:
+        if member_drivers is not None:
+            return f"{m} ({member_drivers.get(m) or 'no driver'})"
+        other = by_addr.get(m)
+        return f"{m} ({field(other, 'current_driver') or 'no driver'})" if other else m
+
+    header = ("ADDRESS", "DEVICE", "TYPE", "GROUP", "MEMBERS", "DRIVER", "RESET", "REGISTERED", "READY")
+    rows = []
+    for d in devices:
+        addr = field(d, "pci_address")
+        members = [member(str(m)) for m in d.get("iommu_group_members") or [] if m != addr]
+        rows.append(
+            (
+                addr,
+                device_label(d),
+                field(d, "type") or "-",
+                group_text(d),
+                ", ".join(members) or "-",
+                field(d, "current_driver") or "-",
+                ",".join(str(m) for m in d.get("reset_methods") or []) or "-",
+                field(d, "registered_as") or "-",
+                "yes" if d.get("passthrough_ready") else "no",
+            )
+        )
+    body = table(header, rows, "  ")
+    lines.append(body[0])
+    for d, line in zip(devices, body[1:], strict=True):
+        lines.append(line)
+        lines += [f"      {no} {b}" for b in d.get("blockers") or []]
+    return "\n".join(lines) + "\n"
+
+
+def render_check(
+    status: Mapping[str, Any],
+    devices: Sequence[Mapping[str, Any]],
+    mark: tuple[str, str],
+    *,
+    all_devices: bool = True,
+    member_drivers: Mapping[str, str] | None = None,
+) -> str:
+    """The whole report: the host, the devices, and which GPUs can be passed through as they stand."""
+    ready = [d for d in devices if d.get("passthrough_ready") and field(d, "type") == "gpu"]
+    lines = [
+        render_status(status, mark).rstrip("\n"),
+        "",
+        render_available(devices, mark, all_devices, member_drivers).rstrip("\n"),
+        "",
+    ]
+    if ready:
+        addrs = ", ".join(field(d, "pci_address") for d in ready)
+        lines.append(f"Ready: {len(ready)} GPU(s) can be passed through as they stand: {addrs}")
+    else:
+        lines.append("Ready: no GPU can be passed through as it stands (see the blockers above)")
+    return "\n".join(lines) + "\n"
