@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from tests.bus.conftest import Clients, StartVfiod
 from tests.bus.support.harness import PolkitMock, Reply
 from tests.bus.support.helpers import GPU, register
+from vfiod.bus.methods import OPTIONS
 from vfiod.bus.names import ACTION_ADMIN, ACTION_ATTACH, ACTION_INSPECT, ACTION_REGISTER, ERROR_PREFIX
-from vfiod.bus.variants import OPTIONS
 
 SIGNATURES = {
     "ListAvailable": "a{sv}",

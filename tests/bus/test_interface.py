@@ -10,10 +10,11 @@ from pathlib import Path
 from dbus_fast import introspection as intr
 
 from tests.bus.conftest import Clients, StartVfiod
-from vfiod.bus.authz import ACTIONS, ADMIN_OPTIONS
+from vfiod.bus.authz import ACTIONS
+from vfiod.bus.methods import ADMIN_OPTIONS, OPTIONS
 from vfiod.bus.names import DEVICE_IFACE, INTROSPECTABLE_IFACE, MANAGER_IFACE, MANAGER_PATH
 from vfiod.bus.service import STANDARD_SIGNATURES, device_interface
-from vfiod.bus.variants import DEVICE_PROPERTIES, OPTIONS
+from vfiod.bus.variants import DEVICE_PROPERTIES
 from vfiod.core.errors import ALL_ERRORS
 
 XML = Path(__file__).resolve().parents[2] / "dbus" / "org.hypeman.Devices1.xml"

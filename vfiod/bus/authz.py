@@ -22,6 +22,7 @@ from typing import Final, Literal
 from dbus_fast import Message, MessageType, Variant
 
 from vfiod.bus.calls import BusCallError, Caller
+from vfiod.bus.methods import MANAGER_ACTIONS
 from vfiod.bus.names import (
     ACTION_ADMIN,
     ACTION_ATTACH,
@@ -30,7 +31,6 @@ from vfiod.bus.names import (
     DBUS_IFACE,
     DBUS_NAME,
     INTROSPECTABLE_IFACE,
-    MANAGER_IFACE,
     OBJECT_MANAGER_IFACE,
     PEER_IFACE,
     POLKIT_IFACE,
@@ -46,19 +46,7 @@ DENY: Final = ""  # an explicit entry meaning "always refused"
 
 # (interface, member) -> polkit action. Anything missing is denied.
 ACTIONS: Final[dict[tuple[str, str], str]] = {
-    (MANAGER_IFACE, "ListAvailable"): ACTION_INSPECT,
-    (MANAGER_IFACE, "ListDevices"): ACTION_INSPECT,
-    (MANAGER_IFACE, "GetDevice"): ACTION_INSPECT,
-    (MANAGER_IFACE, "GetHostStatus"): ACTION_INSPECT,
-    (MANAGER_IFACE, "RegisterDevice"): ACTION_REGISTER,
-    (MANAGER_IFACE, "UnregisterDevice"): ACTION_REGISTER,
-    (MANAGER_IFACE, "Attach"): ACTION_ATTACH,
-    (MANAGER_IFACE, "Detach"): ACTION_ATTACH,
-    (MANAGER_IFACE, "Bind"): ACTION_ADMIN,
-    (MANAGER_IFACE, "Unbind"): ACTION_ADMIN,
-    (MANAGER_IFACE, "Reconcile"): ACTION_ATTACH,
-    (MANAGER_IFACE, "Recover"): ACTION_ADMIN,
-    (MANAGER_IFACE, "ImportHypeman"): ACTION_ADMIN,
+    **MANAGER_ACTIONS,  # each Manager method's action, from its entry in methods.METHODS
     (INTROSPECTABLE_IFACE, "Introspect"): ACTION_INSPECT,
     (PEER_IFACE, "Ping"): ACTION_INSPECT,
     (PEER_IFACE, "GetMachineId"): ACTION_INSPECT,
@@ -66,13 +54,6 @@ ACTIONS: Final[dict[tuple[str, str], str]] = {
     (PROPERTIES_IFACE, "GetAll"): ACTION_INSPECT,
     (PROPERTIES_IFACE, "Set"): DENY,
     (OBJECT_MANAGER_IFACE, "GetManagedObjects"): ACTION_INSPECT,
-}
-
-# Options that need the second, admin, check (done by the manager through Caller.check_admin, because only
-# it knows e.g. whose attachment a device is). Listed here so the table of privileges is in one place.
-ADMIN_OPTIONS: Final[dict[str, frozenset[str]]] = {
-    "Attach": frozenset({"owner_uid", "force"}),
-    "Reconcile": frozenset({"all_users"}),
 }
 
 # Actions whose calls change something: logged with the caller's identity and the polkit result.

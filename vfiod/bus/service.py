@@ -27,15 +27,13 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, PropertyAccess, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusDict, DBusSignature, DBusStr
-from dbus_fast.service import ServiceInterface, dbus_method
 
-from vfiod.bus import errors, variants
+from vfiod.bus import errors, methods, variants
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
 from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
@@ -95,25 +93,6 @@ AUDIT_FIELDS: Final = {
     "device": "DEVICE",
 }  # an interactive polkit check, plus slack
 
-Records = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
-StrList = Annotated[list[str], DBusSignature("as")]
-RegisterResult = Annotated[tuple[str, dict[str, Variant]], DBusSignature("oa{sv}")]
-NoResult = Annotated[None, DBusSignature("")]
-AttachResult = Annotated[tuple[list[dict[str, Variant]], list[str]], DBusSignature("aa{sv}as")]
-
-# Names of out arguments (dbus-fast names only in arguments, from the Python parameters).
-OUT_ARG_NAMES: Final[dict[str, tuple[str, ...]]] = {
-    "ListAvailable": ("devices",),
-    "ListDevices": ("devices",),
-    "GetDevice": ("device",),
-    "GetHostStatus": ("status",),
-    "RegisterDevice": ("path", "device"),
-    "Attach": ("attachments", "warnings"),
-    "Reconcile": ("report",),
-    "Recover": ("report",),
-    "ImportHypeman": ("report",),
-}
-
 STANDARD_SIGNATURES: Final[dict[tuple[str, str], str]] = {
     (INTROSPECTABLE_IFACE, "Introspect"): "",
     (PEER_IFACE, "Ping"): "",
@@ -123,71 +102,6 @@ STANDARD_SIGNATURES: Final[dict[tuple[str, str], str]] = {
     (PROPERTIES_IFACE, "Set"): "ssv",
     (OBJECT_MANAGER_IFACE, "GetManagedObjects"): "",
 }
-
-
-class ManagerInterface(ServiceInterface):
-    """org.hypeman.Devices1.Manager: each method hands its arguments to the Service."""
-
-    def __init__(self, service: Service) -> None:
-        super().__init__(MANAGER_IFACE)
-        self._s = service
-        for method in self.introspect().methods:
-            for arg, name in zip(method.out_args, OUT_ARG_NAMES.get(method.name, ()), strict=False):
-                arg.name = name
-
-    @dbus_method(name="ListAvailable")
-    async def list_available(self, options: DBusDict) -> Records:
-        return await self._s.handle("ListAvailable", lambda c: self._s.list_available(c, options))
-
-    @dbus_method(name="ListDevices")
-    async def list_devices(self, options: DBusDict) -> Records:
-        return await self._s.handle("ListDevices", lambda c: self._s.list_devices(c, options))
-
-    @dbus_method(name="GetDevice")
-    async def get_device(self, id_or_name: DBusStr, options: DBusDict) -> DBusDict:
-        return await self._s.handle("GetDevice", lambda c: self._s.get_device(c, id_or_name, options))
-
-    @dbus_method(name="GetHostStatus")
-    async def get_host_status(self, options: DBusDict) -> DBusDict:
-        return await self._s.handle("GetHostStatus", lambda c: self._s.get_host_status(c, options))
-
-    @dbus_method(name="RegisterDevice")
-    async def register_device(self, pci_address: DBusStr, name: DBusStr, options: DBusDict) -> RegisterResult:
-        return await self._s.handle(
-            "RegisterDevice", lambda c: self._s.register_device(c, pci_address, name, options)
-        )
-
-    @dbus_method(name="UnregisterDevice")
-    async def unregister_device(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
-        await self._s.handle("UnregisterDevice", lambda c: self._s.unregister_device(c, id_or_name, options))
-
-    @dbus_method(name="Attach")
-    async def attach(self, instance_id: DBusStr, devices: StrList, options: DBusDict) -> AttachResult:
-        return await self._s.handle("Attach", lambda c: self._s.attach(c, instance_id, devices, options))
-
-    @dbus_method(name="Detach")
-    async def detach(self, instance_id: DBusStr, devices: StrList, options: DBusDict) -> NoResult:
-        await self._s.handle("Detach", lambda c: self._s.detach(c, instance_id, devices, options))
-
-    @dbus_method(name="Bind")
-    async def bind(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
-        await self._s.handle("Bind", lambda c: self._s.bind(c, id_or_name, options))
-
-    @dbus_method(name="Unbind")
-    async def unbind(self, id_or_name: DBusStr, options: DBusDict) -> NoResult:
-        await self._s.handle("Unbind", lambda c: self._s.unbind(c, id_or_name, options))
-
-    @dbus_method(name="Reconcile")
-    async def reconcile(self, live_instance_ids: StrList, options: DBusDict) -> DBusDict:
-        return await self._s.handle("Reconcile", lambda c: self._s.reconcile(c, live_instance_ids, options))
-
-    @dbus_method(name="Recover")
-    async def recover(self, id_or_name: DBusStr, options: DBusDict) -> DBusDict:
-        return await self._s.handle("Recover", lambda c: self._s.recover(c, id_or_name, options))
-
-    @dbus_method(name="ImportHypeman")
-    async def import_hypeman(self, data_dir: DBusStr, options: DBusDict) -> DBusDict:
-        return await self._s.handle("ImportHypeman", lambda c: self._s.import_hypeman(c, data_dir, options))
 
 
 def device_interface() -> intr.Interface:
@@ -315,7 +229,7 @@ class Service:
         self._priority_reads = ThreadPoolExecutor(PRIORITY_READ_WORKERS, thread_name_prefix="vfiod-prio")
         self.lanes = FairLanes(self._reads, read_workers, self._priority_reads)
         self.snapshots = Snapshots()
-        self.interface = ManagerInterface(self)
+        self.interface = methods.manager_interface(self)
         self._signatures = {
             m.name: "".join(str(a.signature) for a in m.in_args) for m in self.interface.introspect().methods
         }
@@ -499,6 +413,11 @@ class Service:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         return err._as_message(msg)
+
+    async def dispatch(self, method: methods.Method, args: tuple[Any, ...]) -> Any:
+        """A Manager method call from the generated interface: its adapter, run by `handle`."""
+        adapter = getattr(self, method.handler)
+        return await self.handle(method.name, lambda call: adapter(call, *args))
 
     async def handle(self, method: str, body: Callable[[Call], Awaitable[T]]) -> T:
         """Run one Manager method: identify the caller, run `body`, map any failure to a contract error."""

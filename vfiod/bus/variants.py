@@ -1,8 +1,8 @@
 """Between Python values and D-Bus variants: the records the core returns become `a{sv}` with the contract's
 types, and the `a{sv}` options a caller sends are checked key by key against each method's option table.
 
-Owns the OPTIONS table (which option keys each method takes, and their D-Bus types), the D-Bus types of
-record keys, and the Device interface's CamelCase property names.
+Owns checking options against each method's option table (`methods.OPTIONS`), the D-Bus types of record
+keys, and the Device interface's CamelCase property names.
 """
 
 from __future__ import annotations
@@ -13,27 +13,10 @@ from typing import Any, Final
 
 from dbus_fast import Variant
 
+from vfiod.bus.methods import OPTIONS
 from vfiod.core.errors import InvalidArgument
 
 log = logging.getLogger("vfiod.bus")
-
-# Option keys of every Manager method and their D-Bus types. An unknown key or a value of another type is
-# InvalidArgument; the privileged ones (admin) are listed in authz.ADMIN_OPTIONS.
-OPTIONS: Final[dict[str, dict[str, str]]] = {
-    "ListAvailable": {"all": "b"},
-    "ListDevices": {"tags": "a{ss}"},
-    "GetDevice": {},
-    "GetHostStatus": {},
-    "RegisterDevice": {"tags": "a{ss}"},
-    "UnregisterDevice": {},
-    "Attach": {"include_group": "b", "owner_uid": "u", "gpudirect_clique": "y", "force": "b"},
-    "Detach": {"keep_bound": "b"},
-    "Bind": {"include_group": "b", "force": "b", "exclusive": "b"},
-    "Unbind": {"exclusive": "b"},
-    "Reconcile": {"dry_run": "b", "all_users": "b"},
-    "Recover": {"dry_run": "b"},
-    "ImportHypeman": {},
-}
 
 _TYPE_WORDS: Final = {
     "b": "a boolean (b)",

@@ -27,6 +27,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, InvalidAddressError
 
 from vfiod.bus.connection import Connection
+from vfiod.bus.methods import BY_NAME as METHODS_BY_NAME
 from vfiod.bus.names import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH
 
 # ----- exit statuses (documented in `vfioctl --help`) ----------------------------------------------------
@@ -251,8 +252,9 @@ class Client:
             raise CallError(name, text or "(no message)")
         return [unwrap(v) for v in reply.body]
 
-    async def manager(self, member: str, signature: str = "", *body: object) -> list[Any]:
-        return await self.call(member, signature, body)
+    async def manager(self, member: str, *body: object) -> list[Any]:
+        """Call a Manager method; its signature is the contract's (vfiod.bus.methods), never typed here."""
+        return await self.call(member, METHODS_BY_NAME[member].in_signature, body)
 
 
 # ----- polkit agent on a terminal ------------------------------------------------------------------------

@@ -47,15 +47,15 @@ Command = Callable[[Context], Awaitable[int]]
 
 
 async def cmd_status(ctx: Context) -> int:
-    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
+    (status,) = await ctx.client.manager("GetHostStatus", {})
     status = dict_of(status)
     ctx.write(render.to_json(status) if ctx.json else report.render_status(status, ctx.marks))
     return EXIT_OK
 
 
 async def cmd_check(ctx: Context) -> int:
-    (status,) = await ctx.client.manager("GetHostStatus", "a{sv}", {})
-    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", options(all=("b", True)))
+    (status,) = await ctx.client.manager("GetHostStatus", {})
+    (devices,) = await ctx.client.manager("ListAvailable", options(all=("b", True)))
     status, devices = dict_of(status), list_of_dicts(devices)
     if ctx.json:
         ctx.write(render.to_json({"host": status, "devices": devices}))
@@ -66,7 +66,7 @@ async def cmd_check(ctx: Context) -> int:
 
 async def cmd_list_available(ctx: Context) -> int:
     opts = options(all=("b", True) if ctx.args.all else None)
-    (devices,) = await ctx.client.manager("ListAvailable", "a{sv}", opts)
+    (devices,) = await ctx.client.manager("ListAvailable", opts)
     devices = list_of_dicts(devices)
     ctx.write(
         render.to_json(devices) if ctx.json else report.render_available(devices, ctx.marks, ctx.args.all)
@@ -76,16 +76,14 @@ async def cmd_list_available(ctx: Context) -> int:
 
 async def cmd_list(ctx: Context) -> int:
     tags: dict[str, str] = ctx.args.tags or {}
-    (devices,) = await ctx.client.manager(
-        "ListDevices", "a{sv}", options(tags=("a{ss}", tags) if tags else None)
-    )
+    (devices,) = await ctx.client.manager("ListDevices", options(tags=("a{ss}", tags) if tags else None))
     devices = list_of_dicts(devices)
     ctx.write(render.to_json(devices) if ctx.json else render.render_devices(devices))
     return EXIT_OK
 
 
 async def cmd_show(ctx: Context) -> int:
-    (device,) = await ctx.client.manager("GetDevice", "sa{sv}", ctx.args.device, {})
+    (device,) = await ctx.client.manager("GetDevice", ctx.args.device, {})
     device = dict_of(device)
     ctx.write(render.to_json(device) if ctx.json else render.render_device(device))
     return EXIT_OK
@@ -95,7 +93,6 @@ async def cmd_register(ctx: Context) -> int:
     tags: dict[str, str] = ctx.args.tags or {}
     path, device = await ctx.client.manager(
         "RegisterDevice",
-        "ssa{sv}",
         ctx.args.pci_address,
         ctx.args.name or "",
         options(tags=("a{ss}", tags) if tags else None),
@@ -113,7 +110,7 @@ async def cmd_register(ctx: Context) -> int:
 
 
 async def cmd_unregister(ctx: Context) -> int:
-    await ctx.client.manager("UnregisterDevice", "sa{sv}", ctx.args.device, {})
+    await ctx.client.manager("UnregisterDevice", ctx.args.device, {})
     ctx.write(
         render.to_json({"unregistered": ctx.args.device}) if ctx.json else f"Unregistered {ctx.args.device}\n"
     )
@@ -128,7 +125,7 @@ async def cmd_attach(ctx: Context) -> int:
         gpudirect_clique=("y", a.gpudirect_clique) if a.gpudirect_clique is not None else None,
         force=("b", True) if a.force else None,
     )
-    attachments, warnings = await ctx.client.manager("Attach", "sasa{sv}", a.instance, list(a.devices), opts)
+    attachments, warnings = await ctx.client.manager("Attach", a.instance, list(a.devices), opts)
     records = list_of_dicts(attachments)
     warns = [str(w) for w in warnings or []]
     if ctx.json:
@@ -141,7 +138,7 @@ async def cmd_attach(ctx: Context) -> int:
 async def _devices_of(ctx: Context, instance: str, wanted: Sequence[str]) -> list[dict[str, Any]]:
     """Best effort: the registered devices attached to `instance` (only `wanted` ones, by id or name)."""
     try:
-        (devices,) = await ctx.client.manager("ListDevices", "a{sv}", {})
+        (devices,) = await ctx.client.manager("ListDevices", {})
     except CallError:
         return []
     mine = [d for d in list_of_dicts(devices) if d.get("attached_to") == instance]
@@ -154,7 +151,7 @@ async def _refetch(ctx: Context, ids: Sequence[str]) -> list[dict[str, Any]]:
     out = []
     for device_id in ids:
         try:
-            (device,) = await ctx.client.manager("GetDevice", "sa{sv}", device_id, {})
+            (device,) = await ctx.client.manager("GetDevice", device_id, {})
         except CallError:
             continue
         out.append(dict_of(device))
@@ -165,7 +162,7 @@ async def cmd_detach(ctx: Context) -> int:
     a = ctx.args
     before = await _devices_of(ctx, a.instance, a.devices)
     opts = options(keep_bound=("b", True) if a.keep_bound else None)
-    await ctx.client.manager("Detach", "sasa{sv}", a.instance, list(a.devices), opts)
+    await ctx.client.manager("Detach", a.instance, list(a.devices), opts)
     after = await _refetch(ctx, [str(d.get("id")) for d in before])
     if ctx.json:
         doc = {
@@ -188,7 +185,7 @@ async def cmd_detach(ctx: Context) -> int:
 
 
 async def _bind_like(ctx: Context, member: str, verb: str, opts: dict[str, Any]) -> int:
-    await ctx.client.manager(member, "sa{sv}", ctx.args.device, opts)
+    await ctx.client.manager(member, ctx.args.device, opts)
     after = await _refetch(ctx, [ctx.args.device])
     device = after[0] if after else None
     if ctx.json:
@@ -235,7 +232,7 @@ async def cmd_reconcile(ctx: Context) -> int:
         dry_run=("b", True) if ctx.args.dry_run else None,
         all_users=("b", True) if ctx.args.all_users else None,
     )
-    (report,) = await ctx.client.manager("Reconcile", "asa{sv}", live, opts)
+    (report,) = await ctx.client.manager("Reconcile", live, opts)
     dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
     title = (
         f"Reconcile with live instances {', '.join(live)}{dry}"
@@ -247,14 +244,14 @@ async def cmd_reconcile(ctx: Context) -> int:
 
 async def cmd_recover(ctx: Context) -> int:
     device = ctx.args.device or ""
-    (report,) = await ctx.client.manager("Recover", "sa{sv}", device, _report_options(ctx))
+    (report,) = await ctx.client.manager("Recover", device, _report_options(ctx))
     dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
     return _write_report(ctx, f"Recover {device or 'every stuck or driverless device'}{dry}", report)
 
 
 async def cmd_import_hypeman(ctx: Context) -> int:
     data_dir = os.path.abspath(ctx.args.dir)
-    (report,) = await ctx.client.manager("ImportHypeman", "sa{sv}", data_dir, {})
+    (report,) = await ctx.client.manager("ImportHypeman", data_dir, {})
     return _write_report(ctx, f"Import from hypeman's data directory {data_dir}", report)
 
 
