@@ -290,11 +290,24 @@ def test_what_polkit_is_asked(start_vfiod: StartVfiod, clients: Clients, polkit:
         (ACTION_ATTACH, {"instance": "vm1", "device": "audio", "pci_address": "0000:a2:00.1"}, 0, subject),
     ]
     polkit.clear()
+    # Detach naming devices is asked the same way: once per device, with the same details
+    ok(
+        clients.alice.m(
+            "Detach", "sasa{sv}", "vm1", ["audio", "gpu", "gpu"], {"keep_bound": Variant("b", True)}
+        )
+    )
+    assert [c for c in polkit.checks() if c[0] == ACTION_ATTACH] == [
+        (ACTION_ATTACH, {"instance": "vm1", "device": "audio", "pci_address": "0000:a2:00.1"}, 0, subject),
+        (ACTION_ATTACH, {"instance": "vm1", "device": "gpu", "pci_address": GPU}, 0, subject),
+    ]
+    ok(attach(clients.alice, "vm1", "gpu", "audio"))
+    polkit.clear()
     reply = clients.alice.m(
         "Detach", "sasa{sv}", "vm1", [], {}, flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
     )
     assert reply.ok, reply
-    assert [c[2] for c in polkit.checks() if c[0] == ACTION_ATTACH] == [1]  # interactive only when allowed
+    checks = [c for c in polkit.checks() if c[0] == ACTION_ATTACH]
+    assert checks == [(ACTION_ATTACH, {"instance": "vm1"}, 1, subject)]  # interactive only when allowed
 
 
 def test_inspect_is_cached_until_polkit_changes(

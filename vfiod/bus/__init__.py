@@ -1,10 +1,13 @@
 """The D-Bus side of vfiod: the `org.hypeman.Devices1` service over the core manager.
 
 names.py     the contract's fixed names (bus name, paths, interfaces, errors, polkit actions)
-service.py   the Manager and device objects, the standard interfaces, dispatch and thread pools
-authz.py     the method -> polkit action table, caller identity, polkit checks and their cache
+methods.py   each Manager method once: arguments, options, polkit action, admin options, adapter
+requests.py  a call's arguments checked once and the devices it names resolved for polkit
+adapters.py  what each method does once authorized: the core call and its answer
+service.py   the generated Manager interface's dispatch, device objects, standard interfaces, pools
+authz.py     the polkit action table (Manager part from methods.py), caller identity, checks, cache
 errors.py    any failure -> org.hypeman.Devices1.Error.<name> (never a traceback)
-variants.py  records <-> a{sv}, the option table, the Device properties
+variants.py  records <-> a{sv}, option checking, the Device properties
 calls.py     outgoing calls (bounded below dbus-daemon's 128 pending replies)
 systemd.py   units and modprobe@ through systemd, or the stand-ins without it
 uevents.py   kernel bind/unbind uevents (netlink, or the simulator's uevents.jsonl)

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -33,7 +33,7 @@ from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, P
 from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
-from vfiod.bus import errors, methods, variants
+from vfiod.bus import adapters, errors, methods, requests, variants
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
 from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
@@ -51,14 +51,10 @@ from vfiod.bus.names import (
 from vfiod.bus.shared_reads import FairLanes, Snapshots
 from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
-from vfiod.core import validation
 from vfiod.core.context import Caller
 from vfiod.core.errors import (
     Busy,
     Failed,
-    InvalidArgument,
-    InvalidName,
-    InvalidPCIAddress,
     NotAuthorized,
     NotFound,
 )
@@ -415,9 +411,24 @@ class Service:
         return err._as_message(msg)
 
     async def dispatch(self, method: methods.Method, args: tuple[Any, ...]) -> Any:
-        """A Manager method call from the generated interface: its adapter, run by `handle`."""
-        adapter = getattr(self, method.handler)
-        return await self.handle(method.name, lambda call: adapter(call, *args))
+        """A Manager method call from the generated interface: checked, authorized once per device it
+        names, then run by its adapter; `handle` maps any failure to a contract error."""
+
+        async def run(call: Call) -> Any:
+            req = await requests.prepare(method, args, lambda keys: self.read(lambda: self._devices(keys)))
+            for details in req.details:
+                await call.authorize(details)
+            return await adapters.ADAPTERS[method.handler](self, call.core_caller(), req)
+
+        return await self.handle(method.name, run)
+
+    def _devices(self, keys: list[str]) -> list[Device]:
+        """The registered devices named by `keys` (ids or names), each once, in the order named."""
+        seen: dict[str, Device] = {}
+        for key in keys:
+            device = self.manager.get_device(key)
+            seen.setdefault(device.id, device)
+        return list(seen.values())
 
     async def handle(self, method: str, body: Callable[[Call], Awaitable[T]]) -> T:
         """Run one Manager method: identify the caller, run `body`, map any failure to a contract error."""
@@ -464,207 +475,6 @@ class Service:
                 "RESULT": result,
             },
         )
-
-    # ----- Manager methods ----------------------------------------------------------------------------
-
-    async def list_available(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
-        opts = variants.parse_options("ListAvailable", options)
-        await call.authorize()
-        all_devices = bool(opts.get("all"))
-        return await self.shared(
-            ("ListAvailable", all_devices),
-            lambda: variants.records(
-                [d.to_record() for d in self.manager.list_available(all_devices=all_devices)]
-            ),
-        )
-
-    async def list_devices(self, call: Call, options: dict[str, Variant]) -> list[dict[str, Variant]]:
-        opts = variants.parse_options("ListDevices", options)
-        tags = opts.get("tags")
-        if tags is not None:
-            _tags(tags)
-        await call.authorize()
-        return await self.shared(
-            ("ListDevices", tuple(sorted(tags.items())) if tags else None),
-            lambda: [variants.record(device_record(d)) for d in self.manager.list_devices(tags)],
-        )
-
-    async def get_device(
-        self, call: Call, id_or_name: str, options: dict[str, Variant]
-    ) -> dict[str, Variant]:
-        variants.parse_options("GetDevice", options)
-        key = _id_or_name(id_or_name)
-        await call.authorize({"device": key})
-        return await self.shared(
-            ("GetDevice", key), lambda: variants.record(device_record(self.manager.get_device(key)))
-        )
-
-    async def get_host_status(self, call: Call, options: dict[str, Variant]) -> dict[str, Variant]:
-        variants.parse_options("GetHostStatus", options)
-        await call.authorize()
-        return await self.shared(("GetHostStatus",), lambda: variants.record(self.manager.host_status()))
-
-    async def register_device(
-        self, call: Call, pci_address: str, name: str, options: dict[str, Variant]
-    ) -> tuple[str, dict[str, Variant]]:
-        opts = variants.parse_options("RegisterDevice", options)
-        try:
-            addr = validation.pci_address(pci_address)
-        except validation.InvalidPciAddressInput as e:
-            raise InvalidPCIAddress(str(e)) from e
-        chosen = _device_name(name) if name else addr.default_device_name()
-        tags = _tags(opts.get("tags", {}))
-        await call.authorize({"pci_address": str(addr), "device": chosen})
-        caller = call.core_caller()
-        try:
-            device = await self.change(lambda: self.manager.register(caller, str(addr), name, tags))
-        finally:
-            await self._sync_quietly()
-        return device_path(device.id), variants.record(device_record(device))
-
-    async def unregister_device(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
-        variants.parse_options("UnregisterDevice", options)
-        key = _id_or_name(id_or_name)
-        device = await self.read(lambda: self.manager.get_device(key))
-        await call.authorize({"device": device.name, "pci_address": device.pci_address})
-        caller = call.core_caller()
-        try:
-            await self.change(lambda: self.manager.unregister(caller, device.id))
-        finally:
-            await self._sync_quietly()
-
-    async def attach(
-        self, call: Call, instance_id: str, devices: list[str], options: dict[str, Variant]
-    ) -> tuple[list[dict[str, Variant]], list[str]]:
-        opts = variants.parse_options("Attach", options)
-        instance = _instance(instance_id)
-        if not devices:
-            raise InvalidArgument("Attach needs at least one device id or name")
-        keys = [_id_or_name(d) for d in devices]
-        found = await self.read(lambda: _unique_devices(self.manager.get_device(k) for k in keys))
-        for device in found:  # one polkit check per device
-            await call.authorize(
-                {"instance": instance, "device": device.name, "pci_address": device.pci_address}
-            )
-        caller = call.core_caller()
-        try:
-            attachments, warnings = await self.change(
-                lambda: self.manager.attach(
-                    caller,
-                    instance,
-                    keys,
-                    include_group=bool(opts.get("include_group", False)),
-                    owner_uid=opts.get("owner_uid"),
-                    gpudirect_clique=opts.get("gpudirect_clique"),
-                    force=bool(opts.get("force", False)),
-                    caller_pid=call.who.pid,
-                )
-            )
-        finally:
-            await self._sync_quietly()
-        return variants.records([a.to_record() for a in attachments]), list(warnings)
-
-    async def detach(
-        self, call: Call, instance_id: str, devices: list[str], options: dict[str, Variant]
-    ) -> None:
-        opts = variants.parse_options("Detach", options)
-        instance = _instance(instance_id)
-        keys = [_id_or_name(d) for d in devices]
-        await call.authorize({"instance": instance, "device": ",".join(keys)})
-        caller = call.core_caller()
-        try:
-            await self.change(
-                lambda: self.manager.detach(
-                    caller, instance, keys, keep_bound=bool(opts.get("keep_bound", False))
-                )
-            )
-        finally:
-            await self._sync_quietly()
-
-    async def bind(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
-        opts = variants.parse_options("Bind", options)
-        key = _id_or_name(id_or_name)
-        device = await self.read(lambda: self.manager.get_device(key))
-        await call.authorize({"device": device.name, "pci_address": device.pci_address})
-        caller = call.core_caller()
-        try:
-            await self.change(
-                lambda: self.manager.bind(
-                    caller,
-                    device.id,
-                    include_group=bool(opts.get("include_group", False)),
-                    force=bool(opts.get("force", False)),
-                    exclusive=bool(opts.get("exclusive", False)),
-                )
-            )
-        finally:
-            await self._sync_quietly()
-
-    async def unbind(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> None:
-        opts = variants.parse_options("Unbind", options)
-        key = _id_or_name(id_or_name)
-        device = await self.read(lambda: self.manager.get_device(key))
-        await call.authorize({"device": device.name, "pci_address": device.pci_address})
-        caller = call.core_caller()
-        try:
-            await self.change(
-                lambda: self.manager.unbind(caller, device.id, exclusive=bool(opts.get("exclusive", False)))
-            )
-        finally:
-            await self._sync_quietly()
-
-    async def reconcile(
-        self, call: Call, live_instance_ids: list[str], options: dict[str, Variant]
-    ) -> dict[str, Variant]:
-        opts = variants.parse_options("Reconcile", options)
-        live = [_instance(i) for i in live_instance_ids]
-        await call.authorize()
-        caller = call.core_caller()
-        try:
-            report = await self.change(
-                lambda: self.manager.reconcile(
-                    caller,
-                    live,
-                    dry_run=bool(opts.get("dry_run", False)),
-                    all_users=bool(opts.get("all_users", False)),
-                )
-            )
-        finally:
-            await self._sync_quietly()
-        return variants.record(report.to_record())
-
-    async def recover(self, call: Call, id_or_name: str, options: dict[str, Variant]) -> dict[str, Variant]:
-        opts = variants.parse_options("Recover", options)
-        details: dict[str, str] = {}
-        target = ""
-        if id_or_name:
-            target = _id_or_name(id_or_name)
-            device = await self.read(lambda: self.manager.get_device(target))
-            details = {"device": device.name, "pci_address": device.pci_address}
-            target = device.id
-        await call.authorize(details)
-        caller = call.core_caller()
-        try:
-            report = await self.change(
-                lambda: self.manager.recover(caller, target, dry_run=bool(opts.get("dry_run", False)))
-            )
-        finally:
-            await self._sync_quietly()
-        return variants.record(report.to_record())
-
-    async def import_hypeman(
-        self, call: Call, data_dir: str, options: dict[str, Variant]
-    ) -> dict[str, Variant]:
-        variants.parse_options("ImportHypeman", options)
-        if not data_dir.startswith("/") or "\0" in data_dir:
-            raise InvalidArgument("data_dir must be an absolute path (hypeman's data directory)")
-        await call.authorize()
-        caller = call.core_caller()
-        try:
-            report = await self.change(lambda: self.manager.import_hypeman(caller, data_dir))
-        finally:
-            await self._sync_quietly()
-        return variants.record(report.to_record())
 
     # ----- the standard interfaces --------------------------------------------------------------------
 
@@ -856,7 +666,7 @@ class Service:
             return
         self.bus.send(Message.new_signal(path, iface, member, signature, body))
 
-    async def _sync_quietly(self) -> None:
+    async def sync_quietly(self) -> None:
         try:
             await self.sync()
         except Exception:
@@ -915,44 +725,3 @@ class Service:
 
 
 # ----- argument validation (before anything else, so bad input is never an authorization question) -------
-
-
-def _id_or_name(value: str) -> str:
-    try:
-        return validation.id_or_name(value)
-    except validation.InvalidNameInput as e:
-        raise InvalidName(str(e)) from e
-
-
-def _device_name(value: str) -> str:
-    try:
-        return validation.device_name(value)
-    except validation.InvalidNameInput as e:
-        raise InvalidName(str(e)) from e
-
-
-def _instance(value: str) -> str:
-    try:
-        return validation.instance_id(value)
-    except validation.InvalidInstanceIdInput as e:
-        raise InvalidArgument(str(e)) from e
-
-
-def _tags(value: object) -> dict[str, str]:
-    try:
-        return validation.tags(value)
-    except validation.InvalidTagsInput as e:
-        raise InvalidArgument(str(e)) from e
-
-
-def _unique_devices(devices: Iterable[Device]) -> list[Device]:
-    seen: dict[str, Device] = {}
-    for d in devices:
-        seen.setdefault(d.id, d)
-    return list(seen.values())
-
-
-def device_record(device: Device) -> dict[str, object]:
-    rec = device.to_record()
-    rec["object_path"] = device_path(device.id)
-    return rec
