@@ -4,6 +4,7 @@ names.py     the contract's fixed names (bus name, paths, interfaces, errors, po
 methods.py   each Manager method once: arguments, options, polkit action, admin options, adapter
 requests.py  a call's arguments checked once and the devices it names resolved for polkit
 adapters.py  what each method does once authorized: the core call and its answer
+call.py      one call: who made it, its polkit checks (the admin one from a worker thread), audit
 service.py   the generated Manager interface's dispatch, device objects, standard interfaces, pools
 authz.py     the polkit action table (Manager part from methods.py), caller identity, checks, cache
 errors.py    any failure -> org.hypeman.Devices1.Error.<name> (never a traceback)

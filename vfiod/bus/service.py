@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -34,10 +34,10 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
 from vfiod.bus import adapters, errors, methods, requests, variants
-from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
+from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
+from vfiod.bus.call import Call
 from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
-    ACTION_ADMIN,
     DEVICE_IFACE,
     INTROSPECTABLE_IFACE,
     MANAGER_IFACE,
@@ -51,7 +51,6 @@ from vfiod.bus.names import (
 from vfiod.bus.shared_reads import FairLanes, Snapshots
 from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
-from vfiod.core.context import Caller
 from vfiod.core.errors import (
     Busy,
     Failed,
@@ -81,13 +80,6 @@ READ_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vfiod_re
 READ_WORKERS: Final = 16
 CALL_WORKERS: Final = 48
 PRIORITY_READ_WORKERS: Final = 8
-ADMIN_WAIT: Final = 330.0
-# polkit details -> the journal fields the core logs the same things under
-AUDIT_FIELDS: Final = {
-    "pci_address": "PCI_ADDRESS",
-    "instance": "INSTANCE_ID",
-    "device": "DEVICE",
-}  # an interactive polkit check, plus slack
 
 STANDARD_SIGNATURES: Final[dict[tuple[str, str], str]] = {
     (INTROSPECTABLE_IFACE, "Introspect"): "",
@@ -113,91 +105,6 @@ def device_interface() -> intr.Interface:
 def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
     ifaces = intr.Node.default().interfaces
     return [i for i in ifaces if object_manager or i.name != OBJECT_MANAGER_IFACE]
-
-
-class Call:
-    """One method call: who made it, its authorization decisions, and the core's `Caller` for it."""
-
-    def __init__(self, service: Service, msg: Message, method: str) -> None:
-        self.service = service
-        self.msg = msg
-        self.method = method
-        self.action = action_for(MANAGER_IFACE, method) or ""
-        self.interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-        self.who: CallerId = CallerId(msg.sender or "", -1, None)
-        self.admin_granted = False
-        self._exe: str | None = None
-
-    @property
-    def exe(self) -> str:
-        if self._exe is None:
-            self._exe = self.service.caller_exe(self.who.pid)
-        return self._exe
-
-    async def identify(self) -> None:
-        self.who = await self.service.authz.identify(self.msg.sender or "")
-
-    async def authorize(self, details: Mapping[str, str] | None = None, action: str | None = None) -> None:
-        """The method's action (or `action`); NotAuthorized when polkit says no. Logged for mutating calls."""
-        act = action or self.action
-        decision = await self.service.authz.check(self.who, act, details, interactive=self.interactive)
-        if act in MUTATING or not decision.allowed:
-            self.audit(act, decision, details)
-        if not decision.allowed:
-            raise NotAuthorized(denial_message(self.who, act, decision, self.interactive))
-        if act == ACTION_ADMIN:
-            self.admin_granted = True
-
-    async def admin(self, details: Mapping[str, str]) -> bool:
-        if self.admin_granted:
-            return True
-        decision = await self.service.authz.check(
-            self.who, ACTION_ADMIN, details, interactive=self.interactive
-        )
-        self.audit(ACTION_ADMIN, decision, details)
-        if decision.allowed:
-            self.admin_granted = True
-        return decision.allowed
-
-    def check_admin(self, details: Mapping[str, str]) -> bool:
-        """For the manager, from a worker thread: the second (admin) check, run on the event loop."""
-        if self.admin_granted:
-            return True
-        fut = asyncio.run_coroutine_threadsafe(self.admin(dict(details)), self.service.loop)
-        try:
-            return fut.result(timeout=ADMIN_WAIT)
-        except Exception:
-            fut.cancel()
-            log.exception("the admin check for %s did not complete", self.method)
-            return False
-
-    def core_caller(self) -> Caller:
-        return Caller(uid=self.who.uid, pid=self.who.pid, check_admin=self.check_admin)
-
-    def audit(self, action: str, decision: Decision, details: Mapping[str, str] | None) -> None:
-        level = logging.INFO if decision.allowed else logging.WARNING
-        detail_text = ", ".join(f"{k}={v}" for k, v in sorted((details or {}).items()) if v)
-        audit.log(
-            level,
-            "%s by uid %d (pid %s, %s): %s %s%s",
-            self.method,
-            self.who.uid,
-            self.who.pid if self.who.pid is not None else "?",
-            self.exe or "unknown executable",
-            action,
-            "allowed" if decision.allowed else "denied",
-            f" [{detail_text}]" if detail_text else "",
-            extra={
-                "ACTION": self.method,
-                "CALLER_UID": self.who.uid,
-                "CALLER_PID": self.who.pid if self.who.pid is not None else "",
-                "CALLER_EXE": self.exe,
-                "CALLER_BUS_NAME": self.who.sender,
-                "POLKIT_ACTION": action,
-                "POLKIT_RESULT": decision.result,
-                **{AUDIT_FIELDS[k]: v for k, v in (details or {}).items() if k in AUDIT_FIELDS and v},
-            },
-        )
 
 
 class Service:
@@ -436,7 +343,7 @@ class Service:
         if msg is None:
             raise errors.failed("vfiod lost track of this call; call again")
         self._begin()
-        call = Call(self, msg, method)
+        call = Call(self.authz, self.loop, self.caller_exe, msg, method)
         started = time.monotonic()
         try:
             await call.identify()
