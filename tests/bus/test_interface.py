@@ -13,7 +13,8 @@ from tests.bus.conftest import Clients, StartVfiod
 from vfiod.bus.authz import ACTIONS
 from vfiod.bus.methods import ADMIN_OPTIONS, OPTIONS
 from vfiod.bus.names import DEVICE_IFACE, INTROSPECTABLE_IFACE, MANAGER_IFACE, MANAGER_PATH
-from vfiod.bus.service import STANDARD_SIGNATURES, device_interface
+from vfiod.bus.standard import SIGNATURES as STANDARD_SIGNATURES
+from vfiod.bus.standard import device_interface
 from vfiod.bus.variants import DEVICE_PROPERTIES
 from vfiod.core.errors import ALL_ERRORS
 

@@ -6,6 +6,7 @@ requests.py  a call's arguments checked once and the devices it names resolved f
 adapters.py  what each method does once authorized: the core call and its answer
 call.py      one call: who made it, its polkit checks (the admin one from a worker thread), audit
 service.py   the generated Manager interface's dispatch, device objects, standard interfaces, pools
+standard.py  the standard interfaces' signatures, introspection data and machine id
 authz.py     the polkit action table (Manager part from methods.py), caller identity, checks, cache
 errors.py    any failure -> org.hypeman.Devices1.Error.<name> (never a traceback)
 variants.py  records <-> a{sv}, option checking, the Device properties

@@ -26,24 +26,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, PropertyAccess, Variant
-from dbus_fast import introspection as intr
+from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from vfiod.bus import adapters, errors, methods, requests, variants
+from vfiod.bus import adapters, errors, methods, requests, standard, variants
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
 from vfiod.bus.call import Call
 from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
     DEVICE_IFACE,
-    INTROSPECTABLE_IFACE,
     MANAGER_IFACE,
     MANAGER_PATH,
     OBJECT_MANAGER_IFACE,
-    PEER_IFACE,
     PROPERTIES_IFACE,
     STANDARD_IFACES,
     device_path,
@@ -53,7 +49,6 @@ from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
 from vfiod.core.errors import (
     Busy,
-    Failed,
     NotAuthorized,
     NotFound,
 )
@@ -80,31 +75,6 @@ READ_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vfiod_re
 READ_WORKERS: Final = 16
 CALL_WORKERS: Final = 48
 PRIORITY_READ_WORKERS: Final = 8
-
-STANDARD_SIGNATURES: Final[dict[tuple[str, str], str]] = {
-    (INTROSPECTABLE_IFACE, "Introspect"): "",
-    (PEER_IFACE, "Ping"): "",
-    (PEER_IFACE, "GetMachineId"): "",
-    (PROPERTIES_IFACE, "Get"): "ss",
-    (PROPERTIES_IFACE, "GetAll"): "s",
-    (PROPERTIES_IFACE, "Set"): "ssv",
-    (OBJECT_MANAGER_IFACE, "GetManagedObjects"): "",
-}
-
-
-def device_interface() -> intr.Interface:
-    """org.hypeman.Devices1.Device as introspection data: one read-only property per Device record key."""
-    return intr.Interface(
-        DEVICE_IFACE,
-        properties=[
-            intr.Property(name, sig, PropertyAccess.READ) for name, sig in variants.DEVICE_PROPERTIES.values()
-        ],
-    )
-
-
-def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
-    ifaces = intr.Node.default().interfaces
-    return [i for i in ifaces if object_manager or i.name != OBJECT_MANAGER_IFACE]
 
 
 class Service:
@@ -233,7 +203,7 @@ class Service:
         if iface is None:
             return self._refuse(msg, errors.invalid_argument("vfiod needs the interface named in every call"))
         if iface in STANDARD_IFACES:
-            if (iface, member) not in STANDARD_SIGNATURES:
+            if (iface, member) not in standard.SIGNATURES:
                 return None  # dbus-fast answers UnknownMethod
             if (busy := self._over_cap(msg)) is not None:
                 return busy
@@ -403,7 +373,7 @@ class Service:
 
     async def _standard_reply(self, msg: Message) -> Message:
         iface, member = msg.interface or "", msg.member or ""
-        expected = STANDARD_SIGNATURES[(iface, member)]
+        expected = standard.SIGNATURES[(iface, member)]
         if msg.signature != expected:
             raise errors.invalid_argument(
                 f"{iface}.{member} takes {expected or 'no arguments'!r}, not {msg.signature!r}"
@@ -481,34 +451,11 @@ class Service:
         return None
 
     def _introspect(self, path: str) -> str:
-        paths = [MANAGER_PATH, *(device_path(i) for i in self._objects)]
-        if path == MANAGER_PATH:
-            node = intr.Node(path, [*standard_interfaces(object_manager=True), self.interface.introspect()])
-        elif self._device_at(path) is not None:
-            node = intr.Node(path, [*standard_interfaces(object_manager=False), device_interface()])
-        elif path == "/" or any(p.startswith(path + "/") for p in paths):
-            node = intr.Node(
-                path, [i for i in standard_interfaces(object_manager=False) if i.name == INTROSPECTABLE_IFACE]
-            )
-        else:
-            raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")
-        prefix = path.rstrip("/") + "/"
-        children = sorted({p[len(prefix) :].split("/", 1)[0] for p in paths if p.startswith(prefix)})
-        node.nodes = [intr.Node(c, is_root=False) for c in children]
-        return node.tostring()
+        return standard.introspect(path, [device_path(i) for i in self._objects], self.interface)
 
     def _get_machine_id(self) -> str:
         if self._machine_id is None:
-            for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-                try:
-                    text = Path(candidate).read_text(encoding="ascii").strip()
-                except OSError:
-                    continue
-                if len(text) == 32:
-                    self._machine_id = text
-                    break
-        if self._machine_id is None:
-            raise Failed("this host has no machine id")
+            self._machine_id = standard.machine_id()
         return self._machine_id
 
     # ----- device objects -----------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The standard D-Bus interfaces as vfiod serves them (Introspectable, Peer, Properties, ObjectManager):
+their signatures, the introspection data of each object (generated, so it always matches what is served),
+and the machine id Peer.GetMachineId answers. The calls themselves go through the service's dispatch,
+authorization and caps like any Manager method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from dbus_fast import DBusError, ErrorType, PropertyAccess
+from dbus_fast import introspection as intr
+from dbus_fast.service import ServiceInterface
+
+from vfiod.bus import variants
+from vfiod.bus.names import (
+    DEVICE_IFACE,
+    INTROSPECTABLE_IFACE,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    PEER_IFACE,
+    PROPERTIES_IFACE,
+)
+from vfiod.core.errors import Failed
+
+SIGNATURES: Final[dict[tuple[str, str], str]] = {
+    (INTROSPECTABLE_IFACE, "Introspect"): "",
+    (PEER_IFACE, "Ping"): "",
+    (PEER_IFACE, "GetMachineId"): "",
+    (PROPERTIES_IFACE, "Get"): "ss",
+    (PROPERTIES_IFACE, "GetAll"): "s",
+    (PROPERTIES_IFACE, "Set"): "ssv",
+    (OBJECT_MANAGER_IFACE, "GetManagedObjects"): "",
+}
+
+
+def device_interface() -> intr.Interface:
+    """org.hypeman.Devices1.Device as introspection data: one read-only property per Device record key."""
+    return intr.Interface(
+        DEVICE_IFACE,
+        properties=[
+            intr.Property(name, sig, PropertyAccess.READ) for name, sig in variants.DEVICE_PROPERTIES.values()
+        ],
+    )
+
+
+def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
+    ifaces = intr.Node.default().interfaces
+    return [i for i in ifaces if object_manager or i.name != OBJECT_MANAGER_IFACE]
+
+
+def introspect(path: str, device_paths: list[str], manager: ServiceInterface) -> str:
+    """The introspection XML of `path`: the manager, a device, or a node on the way to them."""
+    paths = [MANAGER_PATH, *device_paths]
+    if path == MANAGER_PATH:
+        node = intr.Node(path, [*standard_interfaces(object_manager=True), manager.introspect()])
+    elif path in device_paths:
+        node = intr.Node(path, [*standard_interfaces(object_manager=False), device_interface()])
+    elif path == "/" or any(p.startswith(path + "/") for p in paths):
+        node = intr.Node(
+            path, [i for i in standard_interfaces(object_manager=False) if i.name == INTROSPECTABLE_IFACE]
+        )
+    else:
+        raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")
+    prefix = path.rstrip("/") + "/"
+    children = sorted({p[len(prefix) :].split("/", 1)[0] for p in paths if p.startswith(prefix)})
+    node.nodes = [intr.Node(c, is_root=False) for c in children]
+    return node.tostring()
+
+
+def machine_id() -> str:
+    """This host's machine id (systemd's, or D-Bus's own); Failed if it has none."""
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(candidate).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if len(text) == 32:
+            return text
+    raise Failed("this host has no machine id")
