@@ -5,7 +5,8 @@ methods.py   each Manager method once: arguments, options, polkit action, admin 
 requests.py  a call's arguments checked once and the devices it names resolved for polkit
 adapters.py  what each method does once authorized: the core call and its answer
 call.py      one call: who made it, its polkit checks (the admin one from a worker thread), audit
-service.py   the generated Manager interface's dispatch, device objects, standard interfaces, pools
+service.py   dispatch of the generated Manager interface and the standard interfaces, the pools
+objects.py   the device objects: their properties, kept current, and their signals
 standard.py  the standard interfaces' signatures, introspection data and machine id
 authz.py     the polkit action table (Manager part from methods.py), caller identity, checks, cache
 errors.py    any failure -> org.hypeman.Devices1.Error.<name> (never a traceback)

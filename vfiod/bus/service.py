@@ -1,20 +1,14 @@
-"""The `org.hypeman.Devices1` service: the Manager object, the device objects, and the standard interfaces.
+"""The `org.hypeman.Devices1` service: dispatch of the Manager's methods and the standard interfaces.
 
-Owns what a caller sees on the bus. The layer is thin: for every call it checks the signature and the
-option keys, validates the arguments (bad input is refused before anything else), asks `authz` (the
-method's action; one check per device for Attach), runs the manager in a worker thread, and maps the
-outcome with `errors.to_dbus_error`. Blocking work never runs on the event loop, and reads and changes use
-separate thread pools, so a sysfs write that hangs in the kernel cannot delay `ListDevices` or a property
-read.
-
-Dispatch: one message handler sees every method call first. It refuses what the action table does not
-know, records the message in a ContextVar (dbus-fast does not hand the message to a method, and the
-caller's unique name and flags are needed) and lets dbus-fast dispatch the Manager's methods, which are
-`@dbus_method`s with `Annotated` D-Bus signatures. The standard interfaces (Introspectable, Peer,
-Properties, ObjectManager) are answered here rather than by dbus-fast, so that they are authorized like any
-other method. Device objects are not exported through dbus-fast: they have only properties, served from
-`_objects` and announced with ObjectManager signals sent from /org/hypeman/Devices1 (dbus-fast's own
-InterfacesAdded would be sent from the device's path, where ObjectManager clients do not listen).
+Owns what a caller sees on the bus, thinly: one message handler sees every method call first (unknown
+actions, wrong signatures, shutdown and per-caller caps are refused there), records the message in a
+ContextVar (dbus-fast does not hand it to a method) and lets dbus-fast dispatch the Manager interface
+generated from `methods`; each call is then checked and authorized (`requests`), run (`adapters`) and its
+outcome mapped by `errors.to_dbus_error`. Blocking work never runs on the event loop; reads and changes
+use separate pools, so a sysfs write hung in the kernel cannot delay `ListDevices` or a property read. The
+standard interfaces are answered here, authorized like any other method; device objects (`objects`) are
+not exported through dbus-fast, whose InterfacesAdded would come from the device's path, where
+ObjectManager clients do not listen.
 """
 
 from __future__ import annotations
@@ -28,10 +22,10 @@ from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType, Variant
+from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from vfiod.bus import adapters, errors, methods, requests, standard, variants
+from vfiod.bus import adapters, errors, methods, requests, standard
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
 from vfiod.bus.call import Call
 from vfiod.bus.connection import Connection
@@ -39,18 +33,16 @@ from vfiod.bus.names import (
     DEVICE_IFACE,
     MANAGER_IFACE,
     MANAGER_PATH,
-    OBJECT_MANAGER_IFACE,
-    PROPERTIES_IFACE,
     STANDARD_IFACES,
     device_path,
 )
+from vfiod.bus.objects import DeviceObjects
 from vfiod.bus.shared_reads import FairLanes, Snapshots
 from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
 from vfiod.core.errors import (
     Busy,
     NotAuthorized,
-    NotFound,
 )
 from vfiod.core.manager import Manager
 from vfiod.core.records import Device
@@ -106,11 +98,8 @@ class Service:
         self._signatures = {
             m.name: "".join(str(a.signature) for a in m.in_args) for m in self.interface.introspect().methods
         }
-        self._objects: dict[str, dict[str, Variant]] = {}  # device id -> property values
-        self._tree_lock = asyncio.Lock()
-        self._pending: set[str] = set()
+        self.objects = DeviceObjects(self.read, manager, self._send)
         self._refresh_queued: set[str] = set()  # PCI addresses with a manager re-read queued (uevents)
-        self._flush: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self._in_flight = 0
@@ -414,7 +403,7 @@ class Service:
             if path != MANAGER_PATH:
                 raise DBusError(ErrorType.UNKNOWN_METHOD, f"{path} is not an object manager")
             await self.sync()
-            managed = {device_path(i): {DEVICE_IFACE: dict(p)} for i, p in sorted(self._objects.items())}
+            managed = {device_path(i): {DEVICE_IFACE: dict(p)} for i, p in sorted(self.objects.props.items())}
             return Message.new_method_return(msg, "a{oa{sa{sv}}}", [managed])
         return await self._properties(msg, member, path)
 
@@ -433,8 +422,8 @@ class Service:
             if iface_name in STANDARD_IFACES and member == "GetAll":
                 return Message.new_method_return(msg, "a{sv}", [{}])
             raise DBusError(ErrorType.UNKNOWN_INTERFACE, f"{path} has no interface {iface_name!r}")
-        await self.refresh(device_id)
-        props = self._objects.get(device_id)
+        await self.objects.refresh(device_id)
+        props = self.objects.props.get(device_id)
         if props is None:
             raise DBusError(ErrorType.UNKNOWN_OBJECT, f"the device at {path} was unregistered")
         if member == "GetAll":
@@ -445,13 +434,13 @@ class Service:
         return Message.new_method_return(msg, "v", [props[name]])
 
     def _device_at(self, path: str) -> str | None:
-        for device_id in self._objects:
+        for device_id in self.objects.props:
             if device_path(device_id) == path:
                 return device_id
         return None
 
     def _introspect(self, path: str) -> str:
-        return standard.introspect(path, [device_path(i) for i in self._objects], self.interface)
+        return standard.introspect(path, [device_path(i) for i in self.objects.props], self.interface)
 
     def _get_machine_id(self) -> str:
         if self._machine_id is None:
@@ -461,64 +450,11 @@ class Service:
     # ----- device objects -----------------------------------------------------------------------------
 
     async def sync(self, *, announce: bool = True) -> None:
-        """Re-read every registered device; add, remove and update objects (with their signals)."""
-        # The read happens under the lock too, so an older snapshot is never applied after a newer one.
-        async with self._tree_lock:
-            recs = await self.read(lambda: [d.to_record() for d in self.manager.list_devices()])
-            fresh = {str(r["id"]): variants.device_properties(r) for r in recs}
-            for device_id in sorted(set(self._objects) - set(fresh)):
-                del self._objects[device_id]
-                if announce:
-                    self._signal(
-                        MANAGER_PATH,
-                        OBJECT_MANAGER_IFACE,
-                        "InterfacesRemoved",
-                        "oas",
-                        [device_path(device_id), [DEVICE_IFACE]],
-                    )
-            for device_id, props in sorted(fresh.items()):
-                self._apply(device_id, props, announce)
+        await self.objects.sync(announce=announce)
 
-    async def refresh(self, device_id: str) -> None:
-        """Re-read one device (gone: its object goes)."""
-        async with self._tree_lock:
-            try:
-                device = await self.read(lambda: self.manager.get_device(device_id))
-            except NotFound:
-                if self._objects.pop(device_id, None) is not None:
-                    self._signal(
-                        MANAGER_PATH,
-                        OBJECT_MANAGER_IFACE,
-                        "InterfacesRemoved",
-                        "oas",
-                        [device_path(device_id), [DEVICE_IFACE]],
-                    )
-                return
-            self._apply(device_id, variants.device_properties(device.to_record()), True)
-
-    def _apply(self, device_id: str, props: dict[str, Variant], announce: bool) -> None:
-        old = self._objects.get(device_id)
-        self._objects[device_id] = props
-        if not announce:
-            return
-        path = device_path(device_id)
-        if old is None:
-            self._signal(
-                MANAGER_PATH,
-                OBJECT_MANAGER_IFACE,
-                "InterfacesAdded",
-                "oa{sa{sv}}",
-                [path, {DEVICE_IFACE: dict(props)}],
-            )
-            return
-        changed = {k: v for k, v in props.items() if old.get(k) != v}
-        if changed:
-            self._signal(path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [DEVICE_IFACE, changed, []])
-
-    def _signal(self, path: str, iface: str, member: str, signature: str, body: list[Any]) -> None:
-        if not self.bus.connected:
-            return
-        self.bus.send(Message.new_signal(path, iface, member, signature, body))
+    def _send(self, msg: Message) -> None:
+        if self.bus.connected:
+            self.bus.send(msg)
 
     async def sync_quietly(self) -> None:
         try:
@@ -530,14 +466,14 @@ class Service:
         """The manager's change listener (called from worker threads)."""
         self.snapshots.invalidate()
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
-            self.loop.call_soon_threadsafe(self.schedule, device_id)
+            self.loop.call_soon_threadsafe(self.objects.schedule, device_id)
 
     def on_uevent(self, ev: Uevent) -> None:
         self.snapshots.invalidate()  # any device: ListAvailable and GetHostStatus cover them all
         if not ev.pci_address:
-            self.schedule("")
+            self.objects.schedule("")
             return
-        for device_id, props in self._objects.items():
+        for device_id, props in self.objects.props.items():
             if props["PciAddress"].value == ev.pci_address:
                 log.debug(
                     "uevent %s for %s", ev.action, ev.pci_address, extra={"PCI_ADDRESS": ev.pci_address}
@@ -548,34 +484,12 @@ class Service:
                 if ev.pci_address not in self._refresh_queued:
                     self._refresh_queued.add(ev.pci_address)
                     self._reads.submit(self._refresh_device, ev.pci_address)
-                self.schedule(device_id)
+                self.objects.schedule(device_id)
 
     def _refresh_device(self, pci_address: str) -> None:
         self._refresh_queued.discard(pci_address)  # from here on, a new uevent queues another re-read
         self.manager.refresh_device(pci_address)
 
-    def schedule(self, device_id: str) -> None:
-        """Refresh `device_id` ("" = every device) soon; requests that arrive meanwhile are merged."""
-        self._pending.add(device_id)
-        if self._flush is None or self._flush.done():
-            self._flush = asyncio.ensure_future(self._flush_pending())
-
-    async def _flush_pending(self) -> None:
-        await asyncio.sleep(0)
-        while self._pending:
-            pending, self._pending = self._pending, set()
-            try:
-                if "" in pending:
-                    await self.sync()
-                else:
-                    for device_id in sorted(pending):
-                        await self.refresh(device_id)
-            except Exception:
-                log.exception("refreshing device objects failed")
-
     @property
     def device_ids(self) -> list[str]:
-        return sorted(self._objects)
-
-
-# ----- argument validation (before anything else, so bad input is never an authorization question) -------
+        return sorted(self.objects.props)
