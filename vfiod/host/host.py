@@ -224,15 +224,6 @@ class Host:
     def module_loaded(self, module: str) -> bool:
         return (self.roots.sys / "module" / module).is_dir()
 
-    def real_device_path(self, addr: PciAddress) -> str:
-        """The device's location in /sys/devices (the resolved bus link), as a logical path."""
-        try:
-            return self.logical(self.device_dir(addr).resolve(strict=True))
-        except OSError:
-            return self.logical(self.device_dir(addr))
-
-    # ----- writes ------------------------------------------------------------------------------------
-
     def add_write_listener(self, listener: WriteListener) -> None:
         with self._listeners_lock:
             self._listeners.append(listener)

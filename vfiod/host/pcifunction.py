@@ -4,8 +4,9 @@ few rules that are judged on it everywhere in vfiod (a bridge, a DMA-neutral gro
 
 A `PciSnapshot` is one call's view of the bus: each function's attributes are read on first use and then
 kept, so a listing reads every attribute at most once and never sees a value change under it. Snapshots
-are cheap; take a new one for every decision (vfiod never decides on a stale read). Only `Host` primitives
-are used, so a simulated tree, a copied tree or the real /sys all read the same way.
+are cheap; take a new one for every decision (vfiod never decides on a stale read). Reads go through
+`Host` (its driver, override, group and vfio-dev readers are the ones parsing those attributes), so a
+simulated tree, a copied tree or the real /sys all read the same way.
 
 Also the one parser of sysfs hex ids (`parse_hex`) and the one normaliser of module names
 (`module_name`).
@@ -18,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from vfiod.host.host import Host
-from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
+from vfiod.host.pciaddr import DriverName, PciAddress
 
 # Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
 # these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
@@ -72,15 +73,6 @@ class PciFunction:
         """A raw attribute, read now (not kept): for what the model does not name."""
         return self._host.read_text(self.dir / name)
 
-    def _driver_name(self, link: str) -> DriverName | None:
-        name = self._host.link_name(self.dir / link)
-        if name is None:
-            return None
-        try:
-            return DriverName.parse(name)
-        except InvalidDriverName:
-            return None
-
     @cached_property
     def present(self) -> bool:
         return self.dir.is_dir()
@@ -120,27 +112,25 @@ class PciFunction:
 
     @cached_property
     def driver(self) -> DriverName | None:
-        return self._driver_name("driver")
+        return self._host.driver(self.address)
 
     @cached_property
     def module(self) -> DriverName | None:
         """The module providing the bound driver (`driver/module`), None if built in or unbound."""
-        return self._driver_name("driver/module")
+        return self._host.driver_module(self.address)
 
     @cached_property
     def driver_override(self) -> str | None:
-        value = (self.attr("driver_override") or "").strip()
-        return None if value in ("", "(null)") else value
+        return self._host.driver_override(self.address)
 
     @cached_property
     def iommu_group(self) -> int | None:
-        name = self._host.link_name(self.dir / "iommu_group")
-        return int(name) if name is not None and name.isdigit() else None
+        return self._host.iommu_group(self.address)
 
     @cached_property
     def has_vfio_dev(self) -> bool:
         """A `vfio-dev/` directory: the function is registered with VFIO (vfio-pci or a variant driver)."""
-        return bool(self._host.list_dir(self.dir / "vfio-dev"))
+        return self._host.has_vfio_dev(self.address)
 
     @cached_property
     def numa_node(self) -> int:
@@ -243,7 +233,6 @@ class PciSnapshot:
         self.host = host
         # Path joins cost more than the reads on a large host: build each directory once.
         self._devices_dir = host.pci_devices_dir
-        self._groups_dir = host.iommu_groups_dir
         self._functions: dict[PciAddress, PciFunction] = {}
         self._members: dict[int, tuple[PciAddress, ...]] = {}
         self._addresses: list[PciAddress] | None = None
@@ -267,12 +256,7 @@ class PciSnapshot:
         """The functions of IOMMU group `group`, sorted."""
         got = self._members.get(group)
         if got is None:
-            out = []
-            for name in self.host.list_dir(self._groups_dir / f"{group}/devices"):
-                addr = _address(name)
-                if addr is not None:
-                    out.append(addr)
-            got = self._members[group] = tuple(sorted(out))
+            got = self._members[group] = tuple(self.host.group_members(group))
         return got
 
 
