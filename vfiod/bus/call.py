@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -109,13 +110,30 @@ class Call:
             "allowed" if decision.allowed else "denied",
             f" [{detail_text}]" if detail_text else "",
             extra={
-                "ACTION": self.method,
-                "CALLER_UID": self.who.uid,
-                "CALLER_PID": self.who.pid if self.who.pid is not None else "",
-                "CALLER_EXE": self.exe,
+                **self._fields(),
                 "CALLER_BUS_NAME": self.who.sender,
                 "POLKIT_ACTION": action,
                 "POLKIT_RESULT": decision.result,
                 **{AUDIT_FIELDS[k]: v for k, v in (details or {}).items() if k in AUDIT_FIELDS and v},
             },
         )
+
+    def outcome(self, result: str, started: float, text: str = "") -> None:
+        """The audit line of a mutating call's result ("ok" or the error's name) and duration."""
+        audit.info(
+            "%s by uid %d: %s (%.3f s)%s",
+            self.method,
+            self.who.uid,
+            result,
+            time.monotonic() - started,
+            f": {text}" if text else "",
+            extra={**self._fields(), "RESULT": result},
+        )
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "ACTION": self.method,
+            "CALLER_UID": self.who.uid,
+            "CALLER_PID": self.who.pid if self.who.pid is not None else "",
+            "CALLER_EXE": self.exe,
+        }

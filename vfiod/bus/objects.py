@@ -46,13 +46,7 @@ class DeviceObjects:
             for device_id in sorted(set(self.props) - set(fresh)):
                 del self.props[device_id]
                 if announce:
-                    self._signal(
-                        MANAGER_PATH,
-                        OBJECT_MANAGER_IFACE,
-                        "InterfacesRemoved",
-                        "oas",
-                        [device_path(device_id), [DEVICE_IFACE]],
-                    )
+                    self._removed(device_id)
             for device_id, props in sorted(fresh.items()):
                 self._apply(device_id, props, announce)
 
@@ -63,13 +57,7 @@ class DeviceObjects:
                 device = await self._read(lambda: self._manager.get_device(device_id))
             except NotFound:
                 if self.props.pop(device_id, None) is not None:
-                    self._signal(
-                        MANAGER_PATH,
-                        OBJECT_MANAGER_IFACE,
-                        "InterfacesRemoved",
-                        "oas",
-                        [device_path(device_id), [DEVICE_IFACE]],
-                    )
+                    self._removed(device_id)
                 return
             self._apply(device_id, variants.device_properties(device.to_record()), True)
 
@@ -91,6 +79,10 @@ class DeviceObjects:
         changed = {k: v for k, v in props.items() if old.get(k) != v}
         if changed:
             self._signal(path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [DEVICE_IFACE, changed, []])
+
+    def _removed(self, device_id: str) -> None:
+        path = device_path(device_id)
+        self._signal(MANAGER_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved", "oas", [path, [DEVICE_IFACE]])
 
     def _signal(self, path: str, iface: str, member: str, signature: str, body: list[Any]) -> None:
         self._send(Message.new_signal(path, iface, member, signature, body))

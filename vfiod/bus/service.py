@@ -51,7 +51,6 @@ from vfiod.host.host import Host
 from vfiod.host.writes import WriteRecord
 
 log = logging.getLogger("vfiod.bus")
-audit = logging.getLogger("vfiod.audit")
 
 T = TypeVar("T")
 
@@ -312,11 +311,11 @@ class Service:
         except Exception as e:
             err = errors.to_dbus_error(e, context=method)
             if call.action in MUTATING and call.who.uid >= 0:
-                self._log_outcome(call, err.type.rsplit(".", 1)[-1], started, err.text)
+                call.outcome(err.type.rsplit(".", 1)[-1], started, err.text)
             raise err from None
         else:
             if call.action in MUTATING:
-                self._log_outcome(call, "ok", started)
+                call.outcome("ok", started)
             return result
         finally:
             if call.action in MUTATING:
@@ -324,23 +323,6 @@ class Service:
                 self.snapshots.invalidate()
             self._release(msg)
             self._end()
-
-    def _log_outcome(self, call: Call, result: str, started: float, text: str = "") -> None:
-        audit.info(
-            "%s by uid %d: %s (%.3f s)%s",
-            call.method,
-            call.who.uid,
-            result,
-            time.monotonic() - started,
-            f": {text}" if text else "",
-            extra={
-                "ACTION": call.method,
-                "CALLER_UID": call.who.uid,
-                "CALLER_PID": call.who.pid if call.who.pid is not None else "",
-                "CALLER_EXE": call.exe,
-                "RESULT": result,
-            },
-        )
 
     # ----- the standard interfaces --------------------------------------------------------------------
 
