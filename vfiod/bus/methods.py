@@ -34,6 +34,7 @@ class Method:
     # options that need the admin action as well (the manager asks, through Caller.is_admin, because only
     # it knows e.g. whose attachment a device is)
     admin_options: frozenset[str] = field(default_factory=frozenset)
+    needs_devices: bool = False  # its `devices` argument may not be empty
 
     @property
     def in_signature(self) -> str:
@@ -66,6 +67,7 @@ METHODS: Final[tuple[Method, ...]] = (
         ACTION_ATTACH,
         "attach",
         frozenset({"owner_uid", "force"}),
+        needs_devices=True,
     ),
     Method(
         "Detach",

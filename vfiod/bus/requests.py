@@ -74,8 +74,8 @@ async def prepare(
             opts["tags"] = validation.tags(opts["tags"])
         except validation.InvalidTagsInput as e:
             raise InvalidArgument(str(e)) from e
-    if method.name == "Attach" and not args["devices"]:
-        raise InvalidArgument("Attach needs at least one device id or name")
+    if method.needs_devices and not args["devices"]:
+        raise InvalidArgument(f"{method.name} needs at least one device id or name")
     req = Request(method, args, opts)
     instance = args.get("instance_id")
     keys = args.get("devices") or ([args["id_or_name"]] if args.get("id_or_name") else [])

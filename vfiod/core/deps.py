@@ -27,10 +27,7 @@ class CoreDeps:
     locks: GroupLocks
     pci_ids: PciIds
     binder_factory: Callable[[Operation | None], Binder]
-    notify: Callable[[Iterable[str]], None]  # device ids whose client-visible state changed ("" = the set)
+    changed: Callable[[Iterable[str]], None]  # device ids whose client-visible state changed ("" = the set)
 
     def binder(self, op: Operation | None = None) -> Binder:
         return self.binder_factory(op)
-
-    def changed(self, device_ids: Iterable[str]) -> None:
-        self.notify(device_ids)

@@ -91,7 +91,7 @@ class Manager:
             locks=self.locks,
             pci_ids=pci_ids or default_pci_ids(),
             binder_factory=lambda op: Binder(host, modules, op, verify_timeout=verify_timeout),
-            notify=self._changed,
+            changed=self._changed,
         )
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()  # guards the listeners
