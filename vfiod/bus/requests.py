@@ -24,7 +24,6 @@ from vfiod.core.records import Device
 
 @dataclass
 class Request:
-    method: Method
     args: dict[str, Any]  # validated, by argument name
     options: dict[str, Any]  # plain Python values
     devices: list[Device] = field(default_factory=list)  # the registered devices it names, resolved
@@ -76,7 +75,7 @@ async def prepare(
             raise InvalidArgument(str(e)) from e
     if method.needs_devices and not args["devices"]:
         raise InvalidArgument(f"{method.name} needs at least one device id or name")
-    req = Request(method, args, opts)
+    req = Request(args, opts)
     instance = args.get("instance_id")
     keys = args.get("devices") or ([args["id_or_name"]] if args.get("id_or_name") else [])
     if "pci_address" in args:  # RegisterDevice: the device is not registered yet
