@@ -28,7 +28,7 @@ from vfiod.core.pciids import PciIds
 from vfiod.host import procfs
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
-from vfiod.host.pcifunction import PciSnapshot, module_name
+from vfiod.host.pcifunction import PciFunction, PciSnapshot, module_name
 
 IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
 
@@ -246,42 +246,16 @@ def _interrupt_remapping(host: Host, params: dict[str, str]) -> bool:
 # ----- claims -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Present:
-    """What claim matching needs to know about one present function."""
-
-    addr: PciAddress
-    vendor: str
-    device: str
-    subvendor: str
-    subdevice: str
-    class_code: str
-    driver: str  # module-style name of the bound driver, "" if none
-    module: str  # module providing it, "" if none or built in
-
-
 class _Inventory:
     """The present functions, read lazily: most hosts have no claims and never pay for this."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
-        self._items: list[_Present] | None = None
+        self._items: list[PciFunction] | None = None
 
-    def items(self) -> list[_Present]:
+    def items(self) -> list[PciFunction]:
         if self._items is None:
-            self._items = [
-                _Present(
-                    addr=fn.address,
-                    vendor=fn.vendor,
-                    device=fn.device,
-                    subvendor=fn.subsystem_vendor,
-                    subdevice=fn.subsystem_device,
-                    class_code=fn.class_code,
-                    driver=module_name(fn.driver or ""),
-                    module=module_name(fn.module or ""),
-                )
-                for fn in PciSnapshot(self.host).functions()
-            ]
+            self._items = PciSnapshot(self.host).functions()
         return self._items
 
     def by_ids(self, spec: str) -> tuple[str, ...]:
@@ -292,9 +266,9 @@ class _Inventory:
         want = [f.lower().rjust(4, "0") for f in fields[:4]]
         out = []
         for p in self.items():
-            have = [p.vendor, p.device, p.subvendor, p.subdevice]
+            have = [p.vendor, p.device, p.subsystem_vendor, p.subsystem_device]
             if all(w in (_ANY_ID, h) for w, h in zip(want, have, strict=False)):
-                out.append(str(p.addr))
+                out.append(str(p.address))
         return tuple(out)
 
     def by_driver(self, module: str) -> tuple[str, ...]:
@@ -303,14 +277,19 @@ class _Inventory:
         vendor = _GPU_DRIVER_VENDORS.get(mod)
         out = []
         for p in self.items():
-            if mod in (p.driver, p.module) or (
+            if mod in _modules(p) or (
                 vendor is not None and p.vendor == vendor and p.class_code.startswith("03")
             ):
-                out.append(str(p.addr))
+                out.append(str(p.address))
         return tuple(out)
 
     def native_modules(self) -> set[str]:
-        return {m for p in self.items() for m in (p.driver, p.module) if m} | set(_GPU_DRIVER_VENDORS)
+        return {m for p in self.items() for m in _modules(p) if m} | set(_GPU_DRIVER_VENDORS)
+
+
+def _modules(fn: PciFunction) -> tuple[str, str]:
+    """The bound driver and its module, module-style ("" for none), as modprobe.d names them."""
+    return module_name(fn.driver or ""), module_name(fn.module or "")
 
 
 def _covers(devices: Sequence[str]) -> str:
