@@ -47,15 +47,16 @@ def interrupted_detaches(sim_root: Path, gpus: int) -> list[str]:
         att = m.registry.attachment_of_device(row.id)
         assert att is not None
         m.registry.update_device(row.id, state="releasing")
-        m.registry.begin_intent(
+        m.registry.journal_function(
             action="detach",
             boot_id=m.boot_id,
+            operation=f"detach-{att.instance_id}",
             device_id=row.id,
             pci_address=str(row.pci_address),
             iommu_group=row.iommu_group,
             from_driver=row.native_driver,
-            step=row.native_module,
-            operation=f"detach-{att.instance_id}",
+            native_module=row.native_module,
+            to_driver="",
         )
     m.registry.close()
     faults.inject(sim_root, "hang", kind="hang", path="/sys/bus/pci/drivers/vfio-pci/unbind")

@@ -91,15 +91,16 @@ def test_intent_older_than_its_device_generation_is_closed_not_replayed(env: Mak
     row = m.register(HM, str(L4), "l4-gpu")
     m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
     # an intent that a path forgot to close, from before the device was last settled
-    stale = m.registry.begin_intent(
+    stale = m.registry.journal_function(
         action="detach",
         boot_id=m.boot_id,
+        operation="detach-0ld",
         device_id=row.id,
         pci_address=str(L4),
         iommu_group=row.iommu_group,
         from_driver="nvidia",
-        step="nvidia",
-        operation="detach-0ld",
+        native_module="nvidia",
+        to_driver="",
     )
     m.registry.update_device(row.id, settled_through=stale)
     m = e.reopen()
@@ -226,8 +227,13 @@ def test_stuck_start_up_refresh_with_an_open_intent_on_vfio_is_stuck(env: MakeEn
     m = e.manager
     row = m.register(HM, str(L4), "l4-gpu")
     m.attach(HM, "vm1", ["l4-gpu"], include_group=True)
-    m.registry.begin_intent(
-        action="unbind", boot_id="another-boot-of-a-test", pci_address=str(L4), operation="detach-x"
+    m.registry.journal_write(
+        action="unbind",
+        boot_id="another-boot-of-a-test",
+        operation="detach-x",
+        pci_address=str(L4),
+        from_driver="nvidia",
+        to_driver="",
     )
     recovery.refresh_one(m.deps, m.registry.get_device(row.id))  # type: ignore[arg-type]
     assert m.get_device("l4-gpu").state == "stuck"

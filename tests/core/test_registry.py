@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from vfiod.core import registry
 from vfiod.core.errors import AlreadyExists, InUse, NameExists, NotFound
 from vfiod.core.registry import (
     APPLICATION_ID,
@@ -32,8 +31,11 @@ from vfiod.core.registry import (
     Migration,
     Registry,
     RegistryError,
+    VgpuRow,
+    schema,
 )
 from vfiod.core.validation import new_device_id
+from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -50,14 +52,13 @@ def make_device(n: int = 0, **overrides: Any) -> DeviceRow:
         "vendor_id": "10de",
         "device_id": "27b8",
         "class_code": "030200",
-        "type": "gpu",
         "iommu_group": n,
     }
     values.update(overrides)
     return DeviceRow(**values)
 
 
-def attach(device: DeviceRow, instance: str = "vm-1", **overrides: Any) -> AttachmentRow:
+def attach(device: DeviceRow | VgpuRow, instance: str = "vm-1", **overrides: Any) -> AttachmentRow:
     values: dict[str, Any] = {
         "device_id": device.id,
         "instance_id": instance,
@@ -67,6 +68,27 @@ def attach(device: DeviceRow, instance: str = "vm-1", **overrides: Any) -> Attac
     }
     values.update(overrides)
     return AttachmentRow(**values)
+
+
+def function_intent(r: Registry, dev: DeviceRow, action: str = "bind", boot_id: str = "b") -> int:
+    """Journals that operation `op-<action>` moves `dev` from nvidia to vfio-pci."""
+    return r.journal_function(
+        action=action,
+        boot_id=boot_id,
+        operation=f"op-{action}",
+        device_id=dev.id,
+        pci_address=str(dev.pci_address),
+        iommu_group=dev.iommu_group,
+        from_driver="nvidia",
+        native_module="nvidia",
+        to_driver="vfio-pci",
+    )
+
+
+def problems(r: Registry) -> list[str]:
+    """What SQLite's integrity and foreign key checks find in an open registry."""
+    with r.snapshot():
+        return schema.problems(r._db())
 
 
 def raw(path: Path) -> sqlite3.Connection:
@@ -110,16 +132,16 @@ def test_open_creates_a_private_wal_database_with_the_pragmas(reg: Registry, sta
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(registry.MIGRATIONS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(schema.MIGRATIONS)
     assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
-    assert reg.integrity_check() == []
+    assert problems(reg) == []
 
 
 def test_reopen_keeps_everything(state: Path) -> None:
     with Registry.open(state) as r:
         dev = r.add_device(make_device(tags={"team": "ml"}))
         r.add_attachment(attach(dev))
-        intent = r.begin_intent(action="bind", boot_id="b", device_id=dev.id)
+        intent = function_intent(r, dev)
         r.put_hold(HoldRow("nvidia-persistenced.service", True, 1, "b"))
         r.set_meta("last_boot_id", "b")
     with Registry.open(state) as r:
@@ -293,7 +315,7 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
     path = existing_db(state)
     with Registry.open(state) as r:
         (dev,) = r.list_devices()
-    shipped = registry.MIGRATIONS
+    shipped = schema.MIGRATIONS
     now = len(shipped)
     notes = Migration(
         now + 1,
@@ -303,10 +325,10 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
             lambda conn: conn.execute("INSERT INTO notes SELECT id, 'migrated' FROM devices"),
         ),
     )
-    monkeypatch.setattr(registry, "MIGRATIONS", (*shipped, notes))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*shipped, notes))
     with Registry.open(state) as r:
         assert r.get_device(dev.id) == dev
-        assert r.integrity_check() == []
+        assert problems(r) == []
     with contextlib.closing(raw(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == now + 1
         assert conn.execute("SELECT device_id, note FROM notes").fetchall() == [(dev.id, "migrated")]
@@ -317,7 +339,7 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
         assert conn.execute("SELECT name FROM sqlite_schema WHERE name = 'notes'").fetchall() == []
 
     # The vfiod that only knows the shipped versions now refuses the file and points at the copy.
-    monkeypatch.setattr(registry, "MIGRATIONS", shipped)
+    monkeypatch.setattr(schema, "MIGRATIONS", shipped)
     with pytest.raises(RegistryError, match="created by a newer vfiod") as err:
         Registry.open(state)
     assert str(saved) in str(err.value)
@@ -325,13 +347,13 @@ def test_appended_migration_upgrades_and_keeps_a_copy(state: Path, monkeypatch: 
 
 def test_failed_migration_leaves_the_previous_version(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = existing_db(state)
-    now = len(registry.MIGRATIONS)
+    now = len(schema.MIGRATIONS)
     broken = Migration(
         now + 1,
         "test: broken",
         ("CREATE TABLE half (a INTEGER) STRICT", "INSERT INTO missing_table VALUES (1)"),
     )
-    monkeypatch.setattr(registry, "MIGRATIONS", (*registry.MIGRATIONS, broken))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
     with pytest.raises(RegistryError, match=f"schema version {now + 1}") as err:
         Registry.open(state)
     assert f"left at version {now}" in str(err.value)
@@ -341,8 +363,8 @@ def test_failed_migration_leaves_the_previous_version(state: Path, monkeypatch: 
 
 
 def test_migrations_must_be_numbered_in_order(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gap = len(registry.MIGRATIONS) + 2
-    monkeypatch.setattr(registry, "MIGRATIONS", (*registry.MIGRATIONS, Migration(gap, "gap", ())))
+    gap = len(schema.MIGRATIONS) + 2
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, Migration(gap, "gap", ())))
     with pytest.raises(RuntimeError, match="numbered"):
         Registry.open(state)
 
@@ -373,7 +395,7 @@ def test_stored_row_is_normalised(reg: Registry) -> None:
 def test_timestamps_are_stored_as_utc_with_z(reg: Registry, state: Path) -> None:
     dev = reg.add_device(make_device())
     reg.add_attachment(attach(dev))
-    reg.begin_intent(action="bind", boot_id="b")
+    function_intent(reg, dev)
     assert dev.created_at.tzinfo is UTC
     assert abs(datetime.now(UTC) - dev.created_at) < timedelta(minutes=1)
     with contextlib.closing(raw(state / "vfiod.db")) as conn:
@@ -451,9 +473,9 @@ def test_list_devices_filters_on_every_given_tag_exactly(reg: Registry) -> None:
 def test_update_device(reg: Registry) -> None:
     dev = reg.add_device(make_device(0))
     updated = reg.update_device(
-        dev.id, state="missing", previous_state="vfio", bound_by_vfiod=True, device_id="1eb8", tags={"k": "v"}
+        dev.id, state="missing", bound_by_vfiod=True, device_id="1eb8", tags={"k": "v"}
     )
-    assert (updated.state, updated.previous_state, updated.bound_by_vfiod) == ("missing", "vfio", True)
+    assert (updated.state, updated.bound_by_vfiod, updated.type) == ("missing", True, "gpu")
     assert updated.device_id == "1eb8"
     assert updated.tags == {"k": "v"}
     assert reg.get_device(dev.id) == updated
@@ -466,8 +488,9 @@ def test_update_device(reg: Registry) -> None:
         ({"colour": "red"}, "cannot set colour"),
         ({"id": "a" * 24}, "cannot set id"),
         ({"state": "bogus"}, "state must be one of"),
-        ({"previous_state": "missing"}, "previous_state must be one of"),
-        ({"type": "nic"}, "type must be one of"),
+        ({"previous_state": "vfio"}, "cannot set previous_state"),
+        ({"type": "pci"}, "cannot set type"),
+        ({"pci_address": ""}, "needs its PCI address"),
         ({"iommu_group": True}, "must be an integer"),
         ({"bound_by_vfiod": 1}, "must be a bool"),
         ({"tags": {"k": 1}}, "tags must be"),
@@ -510,7 +533,8 @@ def test_remove_device_is_refused_while_attached(reg: Registry) -> None:
 
 def test_attachments(reg: Registry) -> None:
     gpu = reg.add_device(make_device(0, iommu_group=7))
-    audio = reg.add_device(make_device(1, iommu_group=7, type="pci", class_code="040300"))
+    audio = reg.add_device(make_device(1, iommu_group=7, class_code="040300"))
+    assert (gpu.type, audio.type) == ("gpu", "pci")  # from the class code
     other = reg.add_device(make_device(2, iommu_group=9))
     a1 = reg.add_attachment(
         attach(gpu, node_prev_uid=0, node_prev_gid=0, node_prev_mode=0o600, id=99)  # the id is assigned
@@ -534,18 +558,7 @@ def test_attachments(reg: Registry) -> None:
     with pytest.raises(ValueError, match="recorded together"):
         reg.add_attachment(attach(reg.add_device(make_device(3)), node_prev_uid=0))
 
-    moved = reg.update_attachment(
-        other.id, boot_id="boot-b", node_prev_uid=5, node_prev_gid=5, node_prev_mode=0o660
-    )
-    assert (moved.boot_id, moved.node_prev_uid, moved.id) == ("boot-b", 5, a3.id)
-    with pytest.raises(ValueError, match="recorded together"):
-        reg.update_attachment(other.id, node_prev_uid=None)
-    with pytest.raises(ValueError, match="cannot set device_id"):
-        reg.update_attachment(other.id, device_id=gpu.id)
-    with pytest.raises(NotFound):
-        reg.update_attachment(new_device_id(), boot_id="x")
-
-    assert reg.remove_attachment(other.id) == moved
+    assert reg.remove_attachment(other.id) == a3
     assert reg.remove_attachment(other.id) is None
     again = reg.add_attachment(attach(other))
     assert again.id > a3.id  # ids are never reused
@@ -558,7 +571,7 @@ def test_transaction_commits_together(reg: Registry) -> None:
     with reg.transaction() as tx:
         dev = tx.add_device(make_device(0))
         tx.update_device(dev.id, state="binding")
-        intent = tx.begin_intent(action="bind", boot_id="b", device_id=dev.id, pci_address=dev.pci_address)
+        intent = function_intent(tx, dev)
     assert reg.find(dev.id) is not None
     assert [i.id for i in reg.open_intents("b")] == [intent]
 
@@ -566,7 +579,7 @@ def test_transaction_commits_together(reg: Registry) -> None:
 def test_transaction_rolls_back_on_error(reg: Registry) -> None:
     with pytest.raises(RuntimeError), reg.transaction() as tx:
         dev = tx.add_device(make_device(0))
-        tx.begin_intent(action="bind", boot_id="b", device_id=dev.id)
+        function_intent(tx, dev)
         raise RuntimeError("the kernel said no")
     assert reg.list_devices() == []
     assert reg.open_intents() == []
@@ -619,40 +632,161 @@ def test_closed_registry_refuses_use(state: Path) -> None:
 
 def test_intent_journal(reg: Registry) -> None:
     dev = reg.add_device(make_device(0))
-    old = reg.begin_intent(action="restore", boot_id="boot-old", device_id=dev.id, operation="op-0")
-    first = reg.begin_intent(
+    old = function_intent(reg, dev, "restore", boot_id="boot-old")
+    first = reg.journal_function(
         action="bind",
         boot_id="boot-new",
+        operation="op-1",
         device_id=dev.id,
         pci_address=dev.pci_address.upper(),
         iommu_group=dev.iommu_group,
-        from_driver=None,
+        from_driver="i915",
+        native_module="i915",
         to_driver="vfio-pci",
-        step="override",
-        operation="op-1",
     )
-    grant = reg.begin_intent(action="grant", boot_id="boot-new", iommu_group=7, operation="op-1")
-    assert old < first < grant
+    write = reg.journal_write(
+        action="unbind",
+        boot_id="boot-new",
+        operation="op-1",
+        pci_address=str(dev.pci_address),
+        from_driver="i915",
+        to_driver="",
+    )
+    grant = reg.journal_grant(
+        boot_id="boot-new", operation="op-1", iommu_group=7, node_prev=NodeOwner(0, 0, 0o600)
+    )
+    assert old < first < write < grant
 
-    reg.set_intent_step(first, "unbind")
-    (row,) = [i for i in reg.open_intents("boot-new") if i.id == first]
-    assert (row.action, row.step, row.from_driver, row.to_driver) == ("bind", "unbind", "", "vfio-pci")
-    assert (row.pci_address, row.device_id, row.operation) == (dev.pci_address, dev.id, "op-1")
-    assert [i.id for i in reg.open_intents()] == [old, first, grant]
+    rows = {i.id: i for i in reg.open_intents("boot-new")}
+    assert sorted(rows) == [first, write, grant]
+    fn = rows[first]
+    assert (fn.kind, fn.action, fn.from_driver, fn.native_module, fn.to_driver) == (
+        "function",
+        "bind",
+        "i915",
+        "i915",
+        "vfio-pci",
+    )
+    assert (fn.pci_address, fn.device_id, fn.operation, fn.node_prev) == (
+        dev.pci_address,
+        dev.id,
+        "op-1",
+        None,
+    )
+    # An unbind write is a write, not an Unbind operation: the kind says so, not the action's name.
+    assert (rows[write].kind, rows[write].action, rows[write].native_module) == ("write", "unbind", "")
+    assert (rows[grant].kind, rows[grant].iommu_group, rows[grant].node_prev) == (
+        "grant",
+        7,
+        NodeOwner(0, 0, 0o600),
+    )
+    assert [i.id for i in reg.open_intents()] == [old, first, write, grant]
 
     assert reg.clear_intent(grant) is True
     assert reg.clear_intent(grant) is False
-    with pytest.raises(NotFound):
-        reg.set_intent_step(grant, "x")
-    assert reg.begin_intent(action="revoke", boot_id="boot-new") > grant  # ids are never reused
+    assert function_intent(reg, dev, "detach", boot_id="boot-new") > grant  # ids are never reused
 
     dropped = reg.drop_intents_of_other_boots("boot-new")
     assert [i.id for i in dropped] == [old]
     assert dropped[0].action == "restore"
     assert all(i.boot_id == "boot-new" for i in reg.open_intents())
     assert reg.drop_intents_of_other_boots("boot-new") == []
-    with pytest.raises(ValueError):
-        reg.begin_intent(action="", boot_id="b")
+    with pytest.raises(ValueError, match="action must not be empty"):
+        function_intent(reg, dev, "")
+    with pytest.raises(ValueError, match="lower-case UUID"):
+        reg.journal_claim(
+            action="create",
+            boot_id="b",
+            operation="op",
+            device_id=dev.id,
+            parent="mtty",
+            uuid="X",
+            type_id="mtty-1",
+        )
+
+
+def test_vgpus_share_the_devices_names_and_have_their_own_reads(reg: Registry) -> None:
+    gpu = reg.add_device(make_device(0))
+    vgpu_id = new_device_id()
+    uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    # Claim first: the parent, uuid and type are journaled before anything is created.
+    claim = reg.journal_claim(
+        action="create",
+        boot_id="b",
+        operation="op-c",
+        device_id=vgpu_id,
+        parent="mtty",
+        uuid=uuid,
+        type_id="mtty-2",
+    )
+    (intent,) = reg.open_intents()
+    assert (intent.id, intent.kind, intent.vgpu_parent, intent.vgpu_uuid, intent.vgpu_type) == (
+        claim,
+        "claim",
+        "mtty",
+        uuid,
+        "mtty-2",
+    )
+    mdev = VgpuRow(
+        id=vgpu_id,
+        name="vm-1-vgpu",
+        uuid=uuid,
+        framework="mdev",
+        type_id="mtty-2",
+        profile="Dual-port serial",
+        parent="mtty",
+    )
+    stored = reg.add_vgpu(mdev)
+    assert (stored.type, stored.state, stored.pci_address, stored.managed) == ("vgpu", "creating", None, True)
+    assert reg.list_devices() == [gpu]  # vGPUs are read through their own calls
+    assert reg.get_device(vgpu_id) is None and reg.find("vm-1-vgpu") is None
+    assert reg.list_vgpus() == [stored] and reg.list_vgpus("mtty") == [stored] and reg.list_vgpus("x") == []
+    with pytest.raises(NameExists, match="an mdev"):
+        reg.add_device(make_device(1, name="vm-1-vgpu"))
+    with pytest.raises(AlreadyExists, match=uuid):
+        reg.add_vgpu(VgpuRow(new_device_id(), "other", uuid, "mdev", "mtty-2", "p", "mtty"))
+    # A vendor-vfio vGPU is its VF: the VF's address is taken.
+    vf = reg.add_vgpu(
+        VgpuRow(
+            new_device_id(),
+            "vm-2-vgpu",
+            "0b6a2c5e-2f3c-4b1a-9d7e-31a3c1e0f001",
+            "vendor-vfio",
+            "1155",
+            "NVIDIA L40S-4Q",
+            "0000:41:00.4",
+            physical_gpu="0000:41:00.0",
+            pci_address=PciAddress.parse("0000:41:00.4"),
+            iommu_group=40,
+        )
+    )
+    with pytest.raises(AlreadyExists, match="vm-2-vgpu"):
+        reg.add_device(make_device(2, pci_address=PciAddress.parse("0000:41:00.4")))
+
+    ready = reg.set_vgpu_state(vgpu_id, "vfio", iommu_group=12)
+    assert (ready.state, ready.iommu_group) == ("vfio", 12)
+    reg.add_attachment(attach(ready))  # attached like any device
+    with pytest.raises(InUse, match="vm-1"):
+        reg.remove_vgpu(vgpu_id)
+    reg.remove_attachment(vgpu_id)
+    assert reg.remove_vgpu(vgpu_id) == ready
+    assert reg.list_vgpus() == [vf]
+    with pytest.raises(NotFound):
+        reg.remove_vgpu(vgpu_id)
+    assert reg.settle_intents(vf.id) == []  # a vGPU has a generation like any device
+
+
+def test_parent_failures_count_in_a_row_until_cleared(reg: Registry) -> None:
+    assert reg.parent_health("0000:41:00.4") is None
+    first = reg.record_parent_failure("0000:41:00.4", "create: -EIO")
+    second = reg.record_parent_failure("0000:41:00.4", "verify: no vfio-dev")
+    assert (first.failures, second.failures, second.last_failure) == (1, 2, "verify: no vfio-dev")
+    assert second.since == first.since  # when the run of failures began
+    reg.record_parent_failure("mtty", "create: -ENOSPC")
+    assert [p.parent for p in reg.all_parent_health()] == ["0000:41:00.4", "mtty"]
+    assert reg.clear_parent_failures("0000:41:00.4") is True
+    assert reg.clear_parent_failures("0000:41:00.4") is False
+    assert reg.record_parent_failure("0000:41:00.4", "again").failures == 1
 
 
 def test_holds_and_meta(reg: Registry) -> None:
@@ -672,8 +806,6 @@ def test_holds_and_meta(reg: Registry) -> None:
     reg.set_meta("last_boot_id", "a")
     reg.set_meta("last_boot_id", "b")
     assert reg.get_meta("last_boot_id") == "b"
-    assert reg.delete_meta("last_boot_id") is True
-    assert reg.get_meta("last_boot_id") is None
 
 
 # --- concurrency -----------------------------------------------------------------------------------------
@@ -685,7 +817,7 @@ def _write_a_lot(reg: Registry, worker: int, errors: list[BaseException]) -> Non
             n = worker * 100 + i
             with reg.transaction() as tx:
                 dev = tx.add_device(make_device(n, tags={"worker": str(worker)}))
-                intent = tx.begin_intent(action="bind", boot_id="b", device_id=dev.id)
+                intent = function_intent(tx, dev)
                 tx.update_device(dev.id, state="vfio")
             reg.list_devices({"worker": str(worker)})
             reg.clear_intent(intent)
@@ -705,7 +837,7 @@ def test_eight_threads_on_one_registry(reg: Registry) -> None:
     assert len(devices) == 200
     assert {d.state for d in devices} == {"vfio"}
     assert reg.open_intents() == []
-    assert reg.integrity_check() == []
+    assert problems(reg) == []
 
 
 def test_eight_threads_with_their_own_connections(state: Path) -> None:
@@ -727,7 +859,7 @@ def test_eight_threads_with_their_own_connections(state: Path) -> None:
     assert errors == []
     with Registry.open(state) as r:
         assert len(r.list_devices()) == 200
-        assert r.integrity_check() == []
+        assert problems(r) == []
 
 
 # --- crash safety ----------------------------------------------------------------------------------------
@@ -737,7 +869,7 @@ def _add_device_and_intent(state_dir: str, device: DeviceRow, commit: bool, read
     reg = Registry.open(Path(state_dir))
     with reg.transaction() as tx:
         tx.add_device(device)
-        tx.begin_intent(action="bind", boot_id="b", device_id=device.id, pci_address=device.pci_address)
+        function_intent(tx, device)
         if not commit:
             ready.set()
             time.sleep(60)
@@ -765,7 +897,7 @@ def test_sigkill_leaves_old_or_new_state(state: Path, commit: bool) -> None:
         else:
             assert r.list_devices() == []
             assert r.open_intents() == []
-        assert r.integrity_check() == []
+        assert problems(r) == []
 
 
 def _commit_pairs_forever(state_dir: str, going: Event) -> None:
@@ -774,7 +906,7 @@ def _commit_pairs_forever(state_dir: str, going: Event) -> None:
     while True:
         with reg.transaction() as tx:
             dev = tx.add_device(make_device(n))
-            tx.begin_intent(action="bind", boot_id="b", device_id=dev.id)
+            function_intent(tx, dev)
         n += 1
         going.set()
 
@@ -792,15 +924,15 @@ def test_sigkill_at_any_moment_keeps_devices_and_intents_paired(state: Path) -> 
             os.kill(child.pid or 0, signal.SIGKILL)
             child.join(10)
         with Registry.open(state) as r:
-            assert r.integrity_check() == []
+            assert problems(r) == []
             devices = {d.id for d in r.list_devices()}
             assert devices
             assert sorted(i.device_id for i in r.open_intents()) == sorted(devices)
 
 
 def test_a_version_1_registry_gains_device_generations(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shipped = registry.MIGRATIONS
-    monkeypatch.setattr(registry, "MIGRATIONS", shipped[:1])
+    shipped = schema.MIGRATIONS
+    monkeypatch.setattr(schema, "MIGRATIONS", shipped[:1])
     path = state / "vfiod.db"
     Registry.open(state).close()  # a version 1 file, as vfiod 0.1 left it
     with contextlib.closing(raw(path)) as conn:
@@ -815,20 +947,27 @@ def test_a_version_1_registry_gains_device_generations(state: Path, monkeypatch:
             "'', 'op', '2026-01-01T00:00:00Z')"
         )
         conn.commit()
-    monkeypatch.setattr(registry, "MIGRATIONS", shipped)
+    monkeypatch.setattr(schema, "MIGRATIONS", shipped)
     with Registry.open(state) as r:
         (dev,) = r.list_devices()
         assert dev.settled_through == 0
         assert [i.pci_address for i in r.intents_of_device(dev.id, str(dev.pci_address))] == ["0000:00:00.1"]
-        assert r.integrity_check() == []
+        assert problems(r) == []
 
 
 def test_settling_a_device_closes_its_intents_and_moves_its_generation(reg: Registry) -> None:
     a = reg.add_device(make_device(1))
     b = reg.add_device(make_device(2))
-    by_id = reg.begin_intent(action="detach", boot_id="b", device_id=a.id, pci_address=str(a.pci_address))
-    step = reg.begin_intent(action="unbind", boot_id="b", pci_address=str(a.pci_address))
-    other = reg.begin_intent(action="attach", boot_id="b", device_id=b.id, pci_address=str(b.pci_address))
+    by_id = function_intent(reg, a, "detach")
+    step = reg.journal_write(
+        action="unbind",
+        boot_id="b",
+        operation="op-detach",
+        pci_address=str(a.pci_address),
+        from_driver="nvidia",
+        to_driver="",
+    )
+    other = function_intent(reg, b, "attach")
     closed = reg.settle_intents(a.id)
     assert sorted(i.id for i in closed) == [by_id, step]
     assert [i.id for i in reg.open_intents()] == [other]

@@ -16,7 +16,8 @@ from tests.core.support.worlds import ADMIN, HM, PERSISTENCED, Env, MakeEnv, dri
 from tests.machines import L4, L4_AUDIO
 from vfiod.core.errors import Failed
 from vfiod.core.manager import Manager
-from vfiod.core.registry import HoldRow, Registry, RegistryError, _runtime_failure
+from vfiod.core.registry import HoldRow, Registry, RegistryError
+from vfiod.core.registry.files import runtime_failure
 from vfiod_sim import faults, processes
 
 FULL = "database or disk is full"
@@ -35,7 +36,7 @@ class FullAfter:
             if self.count > self.n:
                 err = sqlite3.OperationalError(FULL)
                 err.sqlite_errorname = "SQLITE_FULL"
-                raise _runtime_failure(self.registry.path, err)
+                raise runtime_failure(self.registry.path, err)
             return self._real(sql, params)  # type: ignore[arg-type]
 
         self.registry._write = write  # type: ignore[method-assign]

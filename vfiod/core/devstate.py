@@ -31,7 +31,7 @@ def settled_state(deps: CoreDeps, row: DeviceRow, stuck: bool) -> dict[str, obje
         return {"state": "stuck"}
     fn = read_function(deps.host, row.pci_address)
     if not fn.present:
-        return {"state": "missing", "previous_state": settled_previous(row.state)}
+        return {"state": "missing"}
     on_vfio = fn.is_vfio_bound
     att = deps.registry.attachment_of_device(row.id)
     if att is not None and on_vfio and att.boot_id == deps.boot_id:
@@ -39,11 +39,6 @@ def settled_state(deps: CoreDeps, row: DeviceRow, stuck: bool) -> dict[str, obje
     if on_vfio:
         return {"state": "vfio"}
     return {"state": "host", "bound_by_vfiod": False}
-
-
-def settled_previous(state: str) -> str:
-    """The state a device that left the bus comes back to: an operation in flight counts as `host`."""
-    return "host" if state in ("binding", "releasing", "missing") else state
 
 
 def identity_of(row: DeviceRow) -> Identity:

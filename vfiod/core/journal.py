@@ -21,6 +21,7 @@ import signal
 
 from vfiod.core.binder import Step
 from vfiod.core.registry import Registry, RegistryError
+from vfiod.host.backend import NodeOwner
 
 log = logging.getLogger("vfiod.journal")
 
@@ -74,25 +75,22 @@ class Operation:
         state)."""
         if device_id and device_id not in self.devices:
             self.devices.append(device_id)
-        return self.registry.begin_intent(
+        return self.registry.journal_function(
             action=self.kind,
             boot_id=self.boot_id,
+            operation=self.id,
             device_id=device_id,
             pci_address=pci_address,
             iommu_group=group,
             from_driver=native_driver,
+            native_module=native_module,
             to_driver=to,
-            step=native_module,
-            operation=self.id,
         )
 
-    def grant(self, group: int, prev_uid: int, prev_gid: int, prev_mode: int) -> int:
-        return self.registry.begin_intent(
-            action="grant",
-            boot_id=self.boot_id,
-            iommu_group=group,
-            step=f"{prev_uid}:{prev_gid}:{prev_mode:o}",
-            operation=self.id,
+    def grant(self, group: int, previous: NodeOwner) -> int:
+        """Record that /dev/vfio/<group> is about to be handed over; `previous` is its owner and mode now."""
+        return self.registry.journal_grant(
+            boot_id=self.boot_id, operation=self.id, iommu_group=group, node_prev=previous
         )
 
     def finish(self) -> None:
@@ -121,14 +119,13 @@ class Operation:
     def before(self, step: Step) -> None:
         self.checkpoint(step.action)
         try:
-            self._open[step] = self.registry.begin_intent(
+            self._open[step] = self.registry.journal_write(
                 action=step.action,
                 boot_id=self.boot_id,
+                operation=self.id,
                 pci_address=step.pci_address,
                 from_driver=step.from_driver or "",
                 to_driver=step.to_driver or "",
-                step=step.action,
-                operation=self.id,
             )
         except RegistryError as e:
             if not self.degraded:
@@ -154,11 +151,3 @@ class Operation:
                     raise
         # A failed step keeps its intent until the operation finishes or rolls back: if vfiod dies first,
         # recovery knows that write may have happened.
-
-
-def parse_grant_step(step: str) -> tuple[int, int, int] | None:
-    try:
-        uid, gid, mode = step.split(":")
-        return int(uid), int(gid), int(mode, 8)
-    except ValueError:
-        return None

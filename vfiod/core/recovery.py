@@ -30,16 +30,13 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import group_of, identity_of, settled_state
 from vfiod.core.errors import VfiodError
-from vfiod.core.journal import parse_grant_step
 from vfiod.core.ops import release
 from vfiod.core.registry import DeviceRow, IntentRow
-from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.pcifunction import read_function
 
 log = logging.getLogger("vfiod.recovery")
 
-OPERATION_KINDS = frozenset({"attach", "bind", "detach", "unbind", "unregister", "recover"})
 COMPLETING_KINDS = frozenset({"detach", "unbind", "unregister", "recover"})
 
 
@@ -163,14 +160,13 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
     op_id, intents = operation
     groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
     with deps.locks.hold(groups):
-        functions = [i for i in intents if i.action in OPERATION_KINDS]
+        functions = [i for i in intents if i.kind == "function"]
         kind = functions[0].action if functions else ""
-        grants = [i for i in intents if i.action == "grant"]
+        grants = [i for i in intents if i.kind == "grant"]
         report.count("operations_recovered")
         stuck: list[str] = []
         for grant in grants:
-            prev = parse_grant_step(grant.step)
-            if prev is None:
+            if grant.node_prev is None:
                 continue
             live = [
                 a
@@ -179,7 +175,7 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
             ]
             if not live:
                 try:
-                    access.revoke(deps.host, grant.iommu_group, NodeOwner(*prev))
+                    access.revoke(deps.host, grant.iommu_group, grant.node_prev)
                 except VfiodError as e:
                     report.findings.append(f"could not give /dev/vfio/{grant.iommu_group} back: {e.message}")
         binder = deps.binder()
@@ -190,7 +186,7 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
                 continue
             if not deps.host.device_exists(addr):
                 continue
-            native = NativeDriver(_driver(fn.from_driver), _driver(fn.step))
+            native = NativeDriver(_driver(fn.from_driver), _driver(fn.native_module))
             try:
                 binder.restore(addr, native)
                 done = "completed" if kind in COMPLETING_KINDS else "rolled back"
@@ -264,7 +260,7 @@ def refresh_one(deps: CoreDeps, row: DeviceRow, report: Report | None = None) ->
     addr = row.pci_address
     if not deps.host.device_exists(addr):
         if row.state != "missing":
-            deps.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+            deps.registry.update_device(row.id, state="missing")
             if report is not None:
                 report.count("missing")
                 report.findings.append(f"{row.name} ({addr}) is gone from the bus")
@@ -273,7 +269,7 @@ def refresh_one(deps: CoreDeps, row: DeviceRow, report: Report | None = None) ->
     expected = identity_of(row)
     if live != expected:
         if row.state != "missing":
-            deps.registry.update_device(row.id, state="missing", previous_state=_previous(row.state))
+            deps.registry.update_device(row.id, state="missing")
         if report is not None:
             report.count("replaced")
             found = live.describe() if live else "an unreadable device"
@@ -309,7 +305,3 @@ def _clean(deps: CoreDeps, row: DeviceRow, *, open_intents: bool) -> bool:
         and override in (None, "vfio-pci")
         and deps.registry.attachment_of_device(row.id) is not None
     )
-
-
-def _previous(state: str) -> str:
-    return "host" if state in ("binding", "releasing", "missing") else state

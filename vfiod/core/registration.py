@@ -55,7 +55,6 @@ def new_row(
         vendor_id=info.vendor_id,
         device_id=info.device_id,
         class_code=info.class_,
-        type=info.type,
         subsystem_vendor_id=info.subsystem_vendor_id,
         subsystem_device_id=info.subsystem_device_id,
         iommu_group=info.iommu_group,

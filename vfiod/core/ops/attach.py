@@ -107,7 +107,7 @@ def attach(
             previous = access.previous_owner(deps.host, plan.group, named)
             # Journal first: a crash between here and the attachment's row finds the grant to undo.
             with deps.registry.transaction():
-                op.grant(plan.group, previous.uid, previous.gid, previous.mode)
+                op.grant(plan.group, previous)
             granted.append((plan.group, previous))
             op.checkpoint("grant")
             access.grant(deps.host, plan.group, owner)
