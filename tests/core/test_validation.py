@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vfiod.core import validation as v
+from vfiod.core.errors import VfiodError
 from vfiod.core.validation import (
     InvalidInstanceIdInput,
     InvalidNameInput,
@@ -422,3 +423,24 @@ def test_huge_input_gives_a_short_message() -> None:
 def test_errors_are_value_errors() -> None:
     for cls in (InvalidPciAddressInput, InvalidNameInput, InvalidInstanceIdInput, InvalidTagsInput):
         assert issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "contract_error"),
+    [
+        (v.pci_address, "a2:00.0", "InvalidPCIAddress"),
+        (v.device_name, "a/b", "InvalidName"),
+        (v.id_or_name, "", "InvalidName"),
+        (v.instance_id, "", "InvalidArgument"),
+        (v.tags, {"": "x"}, "InvalidArgument"),
+    ],
+)
+def test_a_bad_value_is_the_contract_error_and_a_value_error(
+    check: Callable[[Any], object], value: object, contract_error: str
+) -> None:
+    # The one place a bad value becomes the named error a D-Bus caller gets; file parsers catch ValueError.
+    with pytest.raises(VfiodError) as err:
+        check(value)
+    assert err.value.name == contract_error
+    assert isinstance(err.value, ValueError)
+    assert err.value.message == str(err.value)

@@ -18,7 +18,7 @@ from vfiod.bus import variants
 from vfiod.bus.methods import Method
 from vfiod.bus.names import ACTION_INSPECT
 from vfiod.core import validation
-from vfiod.core.errors import InvalidArgument, InvalidName, InvalidPCIAddress
+from vfiod.core.errors import InvalidArgument
 from vfiod.core.records import Device
 
 
@@ -35,25 +35,18 @@ class Request:
 
 def _checked(name: str, value: Any) -> Any:
     """One in-argument, by its name in the contract."""
-    try:
-        if name == "id_or_name":
-            return validation.id_or_name(value) if value else ""
-        if name == "devices":
-            return [validation.id_or_name(v) for v in value]
-        if name == "instance_id":
-            return validation.instance_id(value)
-        if name == "live_instance_ids":
-            return [validation.instance_id(v) for v in value]
-        if name == "pci_address":
-            return validation.pci_address(value)
-        if name == "name":
-            return validation.device_name(value) if value else ""
-    except validation.InvalidPciAddressInput as e:
-        raise InvalidPCIAddress(str(e)) from e
-    except validation.InvalidNameInput as e:
-        raise InvalidName(str(e)) from e
-    except validation.InvalidInstanceIdInput as e:
-        raise InvalidArgument(str(e)) from e
+    if name == "id_or_name":
+        return validation.id_or_name(value) if value else ""
+    if name == "devices":
+        return [validation.id_or_name(v) for v in value]
+    if name == "instance_id":
+        return validation.instance_id(value)
+    if name == "live_instance_ids":
+        return [validation.instance_id(v) for v in value]
+    if name == "pci_address":
+        return validation.pci_address(value)
+    if name == "name":
+        return validation.device_name(value) if value else ""
     if name == "data_dir" and (not value.startswith("/") or "\0" in value):
         raise InvalidArgument("data_dir must be an absolute path (hypeman's data directory)")
     return value
@@ -69,10 +62,7 @@ async def prepare(
     opts = variants.parse_options(method.name, options)
     args = {name: _checked(name, value) for (name, _), value in zip(method.args, given, strict=True)}
     if "tags" in opts:
-        try:
-            opts["tags"] = validation.tags(opts["tags"])
-        except validation.InvalidTagsInput as e:
-            raise InvalidArgument(str(e)) from e
+        opts["tags"] = validation.tags(opts["tags"])
     if method.needs_devices and not args["devices"]:
         raise InvalidArgument(f"{method.name} needs at least one device id or name")
     req = Request(args, opts)

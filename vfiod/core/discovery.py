@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vfiod.core.errors import DeviceNotFound, InvalidPCIAddress
+from vfiod.core.errors import DeviceNotFound
 from vfiod.core.hostcritical import host_critical as scan_host_critical
 from vfiod.core.pciids import PciIds, default_pci_ids
-from vfiod.core.validation import InvalidPciAddressInput
 from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
@@ -198,10 +197,7 @@ def describe(
 
     Raises InvalidPCIAddress for malformed text and DeviceNotFound when no such function is on the bus.
     """
-    try:
-        canonical = parse_pci_address(addr)
-    except InvalidPciAddressInput as e:
-        raise InvalidPCIAddress(str(e)) from e
+    canonical = parse_pci_address(addr)
     if not host.device_exists(canonical):
         raise DeviceNotFound(f"no PCI device {canonical} on this host")
     names = pci_ids if pci_ids is not None else default_pci_ids()

@@ -32,8 +32,6 @@ from vfiod.core.errors import (
     AlreadyBound,
     InUse,
     InvalidArgument,
-    InvalidName,
-    InvalidPCIAddress,
     NotAuthorized,
     NotBound,
     NotOwner,
@@ -141,21 +139,9 @@ class Manager:
     # ----- register / unregister ----------------------------------------------------------------------
 
     def register(self, caller: Caller, pci_address: object, name: object = "", tags: object = None) -> Device:
-        try:
-            addr = validation.pci_address(pci_address)
-        except validation.InvalidPciAddressInput as e:
-            raise InvalidPCIAddress(str(e)) from e
-        if name in ("", None):
-            chosen = addr.default_device_name()
-        else:
-            try:
-                chosen = validation.device_name(name)
-            except validation.InvalidNameInput as e:
-                raise InvalidName(str(e)) from e
-        try:
-            tag_map = validation.tags(tags if tags is not None else {})
-        except validation.InvalidTagsInput as e:
-            raise InvalidArgument(str(e)) from e
+        addr = validation.pci_address(pci_address)
+        chosen = addr.default_device_name() if name in ("", None) else validation.device_name(name)
+        tag_map = validation.tags(tags if tags is not None else {})
         info = discovery.describe(self.host, addr, self.deps.pci_ids)
         allowed = registration.registrable_without_admin(self.deps, addr, info, self.config.register_allow)
         if not allowed and not caller.is_admin({"pci_address": str(addr), "device": chosen}):
@@ -209,7 +195,7 @@ class Manager:
         force: bool = False,
         caller_pid: int | None = None,
     ) -> tuple[list[Attachment], list[str]]:
-        instance = self._instance(instance_id)
+        instance = validation.instance_id(instance_id)
         if not devices:
             raise InvalidArgument("Attach needs at least one device id or name")
         rows = _unique([self.resolve(d) for d in devices])
@@ -263,7 +249,7 @@ class Manager:
         *,
         keep_bound: bool = False,
     ) -> None:
-        instance = self._instance(instance_id)
+        instance = validation.instance_id(instance_id)
         # The instance first: a Detach sent while this instance's Attach still runs waits for it, then
         # releases what it attached (rather than finding nothing yet and answering success).
         with self.instances.hold(instance):
@@ -407,7 +393,7 @@ class Manager:
         """Release attachments whose instance is not in the caller's live list (only the caller's own,
         unless `all_users` and admin), never while the group node is held; report every disagreement
         between the registry and the kernel in that scope."""
-        live = {self._instance(i) for i in live_instances}
+        live = {validation.instance_id(i) for i in live_instances}
         if all_users and not caller.is_admin({"instance": ",".join(sorted(live))}):
             raise NotAuthorized("reconciling every user's attachments needs the admin authorization")
         return reconcile.reconcile(
@@ -469,12 +455,6 @@ class Manager:
         details = {"pci_address": str(row.pci_address), "device": row.name} if row else {}
         if not caller.is_admin(details):
             raise NotAuthorized(f"{what} needs the admin authorization (org.hypeman.devices.admin)")
-
-    def _instance(self, instance_id: object) -> str:
-        try:
-            return validation.instance_id(instance_id)
-        except validation.InvalidInstanceIdInput as e:
-            raise InvalidArgument(str(e)) from e
 
 
 def _unique(rows: Iterable[DeviceRow]) -> list[DeviceRow]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from vfiod.core import discovery, validation
 from vfiod.core.deps import CoreDeps
-from vfiod.core.errors import InvalidArgument, InvalidName, NotFound
+from vfiod.core.errors import NotFound
 from vfiod.core.hoststatus import host_status
 from vfiod.core.records import Device, device_from_row
 from vfiod.core.registry import DeviceRow
@@ -29,10 +29,7 @@ def host_status_record(deps: CoreDeps) -> dict[str, object]:
 
 
 def resolve(deps: CoreDeps, id_or_name: object) -> DeviceRow:
-    try:
-        key = validation.id_or_name(id_or_name)
-    except validation.InvalidNameInput as e:
-        raise InvalidName(str(e)) from e
+    key = validation.id_or_name(id_or_name)
     row = deps.registry.find(key)
     if row is None:
         raise NotFound(f"no registered device has the id or name {key!r}")
@@ -52,10 +49,7 @@ def device(deps: CoreDeps, row: DeviceRow) -> Device:
 
 def list_devices(deps: CoreDeps, tags: Mapping[str, str] | None) -> list[Device]:
     if tags:
-        try:
-            tags = validation.tags(tags)
-        except validation.InvalidTagsInput as e:
-            raise InvalidArgument(str(e)) from e
+        tags = validation.tags(tags)
     with deps.registry.snapshot():
         rows = deps.registry.list_devices(tags or None)
         pairs = [(r, deps.registry.attachment_of_device(r.id)) for r in rows]

@@ -2,8 +2,9 @@
 
 Owns the contract's rules (the records of dbus/org.hypeman.Devices1.xml) for PCI addresses, device names,
 device ids, instance ids and tags. Each validator takes `object` (D-Bus variants can carry any type),
-returns the value in its canonical form, or raises one of the ValueError subclasses below with a sentence
-naming the offending value through repr(), so control characters are visible in the message.
+returns the value in its canonical form, or raises one of the errors below (the contract's InvalidPCIAddress,
+InvalidName or InvalidArgument) with a sentence naming the offending value through repr(), so control
+characters are visible in the message.
 
 Whatever these validators accept never contains a newline, NUL or `/` (tags excepted: the contract allows
 `/` in tag keys and values, which are opaque metadata) and is never `.` or `..`. Names and instance ids are
@@ -19,22 +20,26 @@ import string
 from collections.abc import Mapping
 from typing import TypeGuard
 
+from vfiod.core.errors import InvalidArgument, InvalidName, InvalidPCIAddress
 from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
 
+# Each is the contract's error (what a D-Bus caller receives) and a ValueError (what a parser of files,
+# such as the hypeman import, catches): the one place a bad value becomes a named error.
 
-class InvalidPciAddressInput(ValueError):
+
+class InvalidPciAddressInput(InvalidPCIAddress, ValueError):
     """A caller-supplied PCI address is not of the form dddd:bb:ss.f."""
 
 
-class InvalidNameInput(ValueError):
+class InvalidNameInput(InvalidName, ValueError):
     """A caller-supplied device name (or id-or-name) is not acceptable."""
 
 
-class InvalidInstanceIdInput(ValueError):
+class InvalidInstanceIdInput(InvalidArgument, ValueError):
     """A caller-supplied instance id is not acceptable."""
 
 
-class InvalidTagsInput(ValueError):
+class InvalidTagsInput(InvalidArgument, ValueError):
     """A caller-supplied tag dictionary is not acceptable."""
 
 
