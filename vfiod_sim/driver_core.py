@@ -145,6 +145,9 @@ class Core:
         # vfio_group_find_or_alloc: no iommu_group and no noiommu -> -EINVAL
         if spec.kind == "vfio" and (dev.header_type != 0 or group is None):
             return errno.EINVAL
+        # vfio_pci_core_register_device: "Cannot bind to PF with SR-IOV enabled"
+        if spec.kind == "vfio" and ds.numvfs:
+            return errno.EBUSY
         if spec.kind == "pcieport" and not dev.pcie_port:
             return errno.ENODEV  # pcie_portdrv_probe: not a root/switch port
         self.attach(addr, driver)
@@ -243,6 +246,8 @@ class Core:
             blockers = self.release_blockers(addr)
             if blockers:
                 raise Blocked(addr, blockers)
+        if ds.numvfs and self.topo.drivers[ds.driver].sriov_configure:
+            self.sriov_disable(addr)  # the PF driver's remove: pci_disable_sriov
         ds.driver = None
         self.free_minors(ds)
         if self.st.fbcon_bound and not any("fb" in d.minors for d in self.st.devices.values()):
@@ -304,11 +309,31 @@ class Core:
         self.st.devices[addr] = DevState(present=False)
         self.uevent("remove", addr, None)
 
+    def sriov_enable(self, pf: str, count: int) -> None:
+        """drivers/pci/iov.c sriov_enable: the first `count` VFs join the bus (pci_iov_add_virtfn), probed
+        only while the PF's sriov_drivers_autoprobe is on."""
+        ds = self.st.devices[pf]
+        ds.numvfs = count
+        for vf in self.topo.vfs[pf][:count]:
+            self.st.devices[vf] = DevState(present=True)
+            self.uevent("add", vf, None)
+            if self.st.autoprobe and ds.vf_autoprobe:
+                self.device_attach(vf)
+
+    def sriov_disable(self, pf: str) -> None:
+        """sriov_disable: every enabled VF leaves the bus, the last first; each unbind waits for its users."""
+        ds = self.st.devices[pf]
+        for vf in reversed(self.topo.vfs[pf][: ds.numvfs]):
+            self.remove_one(vf, force=False)
+        ds.numvfs = 0
+
     def rescan(self) -> None:
         for addr in self.topo.order:  # bus-add order: bridges before what is behind them
             parent = self.topo.parent(addr)
             if self.st.devices[addr].present or not self.reachable(addr):
                 continue
+            if self.topo.devices[addr].physfn is not None:
+                continue  # a VF comes only with sriov_numvfs
             if parent is None or self.st.devices[parent].present:
                 self.add_device(addr)
 

@@ -197,7 +197,7 @@ class SimulatedKernel:
         core.quiet = True  # boot-time uevents happen before anyone listens (udev replays them)
         core.booting = True
         for addr in topo.order:
-            if core.reachable(addr):
+            if core.reachable(addr) and topo.devices[addr].physfn is None:  # VFs wait for sriov_numvfs
                 st.devices[addr].present = True
         # built-in drivers register at device_initcall, then modules load in profile order
         for driver in prof.drivers:

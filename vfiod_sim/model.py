@@ -166,6 +166,8 @@ class DriverSpec(Codec):
     kind: str = "other"
     driver_managed_dma: bool = False
     fbdev: bool = False  # DRM drivers whose fbdev emulation registers /dev/fbN for each device
+    # It has a sriov_configure callback (sysfs sriov_numvfs works through it); its remove disables SR-IOV.
+    sriov_configure: bool = False
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -202,6 +204,10 @@ class DeviceSpec(Codec):
     mount_tag: str | None = None  # virtio-9p / virtiofs tag
     irq: int = 0
     label: str = ""
+    # SR-IOV: a physical function lists how many VFs it supports; each VF is listed (after its PF, in VF
+    # order) with `physfn`, and is on the bus only while the PF's sriov_numvfs covers it.
+    sriov_totalvfs: int = 0
+    physfn: str | None = None
 
     @cached_property
     def identity(self) -> CardIdentity:
@@ -316,7 +322,17 @@ class Profile(Codec):
                 raise ValueError(f"{d.address}: its parent {d.parent} must be listed before it")
             if d.parent is not None and self.device(d.parent).header_type != 1:
                 raise ValueError(f"{d.address}: its parent {d.parent} is not a bridge")
+            if d.physfn is not None and (d.physfn not in seen or not self.device(d.physfn).sriov_totalvfs):
+                raise ValueError(f"{d.address}: its physfn {d.physfn} must be an SR-IOV PF listed before it")
+            if d.physfn is not None and self.device(d.physfn).parent != d.parent:
+                raise ValueError(
+                    f"{d.address}: a VF sits on its PF's bus (parent {self.device(d.physfn).parent})"
+                )
             seen.add(d.address)
+        for d in self.devices:
+            vfs = [v for v in self.devices if v.physfn == d.address]
+            if len(vfs) > d.sriov_totalvfs:
+                raise ValueError(f"{d.address} lists {len(vfs)} VFs but supports {d.sriov_totalvfs}")
         modules = {m.name for m in self.modules}
         for m in self.modules:
             for dep in m.depends:

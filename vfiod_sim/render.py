@@ -24,6 +24,11 @@ NVIDIA_MAJOR = 195
 HUGEPAGE_SIZES = ("2048kB", "1048576kB")
 
 
+def _routing_id(addr: str) -> int:
+    """bus << 8 | device << 3 | function: what sriov_offset and sriov_stride count in."""
+    return int(addr[5:7], 16) << 8 | int(addr[8:10], 16) << 3 | int(addr[11])
+
+
 def stable_hex(text: str, n: int) -> str:
     """Deterministic pseudo-random hex (MACs, UUIDs) so a profile always builds the same tree."""
     out = ""
@@ -141,7 +146,28 @@ class Renderer:
         if ds.driver:
             put_link(t, f"{p}/driver", f"sys/bus/pci/drivers/{ds.driver}")
             put_link(t, f"sys/bus/pci/drivers/{ds.driver}/{addr}", p)
+        self.sriov(t, addr, ds, p)
         self.side_effects(t, addr, ds, p)
+
+    def sriov(self, t: Tree, addr: str, ds: DevState, p: str) -> None:
+        """drivers/pci/iov.c: a PF's sriov_* attributes and virtfnN links, a VF's physfn link."""
+        spec = self.topo.devices[addr]
+        if spec.physfn is not None:
+            put_link(t, f"{p}/physfn", self.topo.devpath[spec.physfn])
+        if not spec.sriov_totalvfs:
+            return
+        vfs = self.topo.vfs[addr]
+        t[f"{p}/sriov_totalvfs"] = file_entry(f"{spec.sriov_totalvfs}\n", 0o444)
+        t[f"{p}/sriov_numvfs"] = file_entry(f"{ds.numvfs}\n", 0o644)
+        t[f"{p}/sriov_drivers_autoprobe"] = file_entry("1\n" if ds.vf_autoprobe else "0\n", 0o644)
+        if vfs:
+            rids = [_routing_id(a) for a in (addr, *vfs[:2])]
+            stride = rids[2] - rids[1] if len(rids) > 2 else 1
+            t[f"{p}/sriov_offset"] = file_entry(f"{rids[1] - rids[0]}\n", 0o444)
+            t[f"{p}/sriov_stride"] = file_entry(f"{stride}\n", 0o444)
+            t[f"{p}/sriov_vf_device"] = file_entry(f"{self.topo.devices[vfs[0]].device:x}\n", 0o444)
+        for i, vf in enumerate(vfs[: ds.numvfs]):
+            put_link(t, f"{p}/virtfn{i}", self.topo.devpath[vf])
 
     def cpulist(self, node: int) -> str:
         n = self.profile.cpus_per_node

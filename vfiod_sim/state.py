@@ -54,9 +54,13 @@ class Topology:
         for drv in profile.drivers:
             if drv.module is not None:
                 self.module_drivers[drv.module].append(drv.name)
+        self.vfs: dict[str, list[str]] = {a: [] for a in self.order}  # PF -> its VFs in VF order
+        for d in profile.devices:
+            if d.physfn is not None:
+                self.vfs[d.physfn].append(d.address)
         slots: dict[str, int] = {}
-        for a in self.order:
-            slots[a[:10]] = slots.get(a[:10], 0) + 1
+        for a in self.order:  # a VF is not a function of its slot's multi-function device
+            slots[a[:10]] = slots.get(a[:10], 0) + (self.devices[a].physfn is None)
         self.multifunction = {a: slots[a[:10]] > 1 for a in self.order}
         self.index = {a: i for i, a in enumerate(self.order)}
 
@@ -93,6 +97,8 @@ class DevState(Codec):
     driver: str | None = None
     override: str | None = None
     minors: dict[str, int] = field(default_factory=dict)
+    numvfs: int = 0  # an SR-IOV PF: its enabled VFs
+    vf_autoprobe: bool = True  # an SR-IOV PF: sriov_drivers_autoprobe
 
 
 @dataclass(config=CONFIG)

@@ -8,6 +8,7 @@ import errno
 import posixpath
 import re
 
+from vfiod_sim import sriov
 from vfiod_sim.driver_core import Core, Op
 from vfiod_sim.model import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul, streq_form
@@ -212,6 +213,10 @@ def classify(topo: Topology, rel: str, data: bytes) -> tuple[Op, str | None]:
             return (lambda c: _op_remove(c, addr, data)), addr
         if name == "uevent":
             return (lambda c: _op_device_uevent(c, addr, data)), addr
+        if name == "sriov_numvfs" and topo.devices[addr].sriov_totalvfs:
+            return (lambda c: sriov.store_numvfs(c, addr, data)), addr
+        if name == "sriov_drivers_autoprobe" and topo.devices[addr].sriov_totalvfs:
+            return (lambda c: sriov.store_autoprobe(c, addr, data)), addr
         raise oserror(errno.EACCES, f"/{rel} is read-only")
     m = _DRIVER_ATTR_RE.fullmatch(rel)
     if m is not None:

@@ -190,6 +190,21 @@ def test_input_and_registry_errors(start_vfiod: StartVfiod, clients: Clients) ->
     assert seen
 
 
+def test_a_pf_with_vfs_enabled_is_sriov_enabled(start_vfiod: StartVfiod, clients: Clients) -> None:
+    vfiod = start_vfiod("dgx-h100")
+    pf = "0000:1c:00.0"  # the first ConnectX-7: SR-IOV with 4 VFs
+    register(clients.root, pf, "cx7")
+    sysfs = vfiod.daemon.simulation.host.from_logical  # type: ignore[union-attr]
+    vfiod.kernel.write_attribute(sysfs(f"/sys/bus/pci/devices/{pf}/sriov_numvfs"), b"2")
+    text = expect(clients.root, "SriovEnabled", "Bind", "sa{sv}", "cx7", {})
+    assert "0000:1c:00.1" in text and "0000:1c:00.2" in text
+    (listed,) = [
+        d for d in ok(clients.root.m("ListAvailable", "a{sv}", {"all": b(True)})) if d["pci_address"] == pf
+    ]
+    assert (listed["sriov_totalvfs"], listed["sriov_numvfs"]) == (4, 2)
+    assert listed["virtfns"] == ["0000:1c:00.1", "0000:1c:00.2"] and listed["physfn"] == ""
+
+
 def test_busy_and_ownership_errors(start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock) -> None:
     vfiod = start_vfiod()
     polkit.allow(ACTION_INSPECT, ACTION_REGISTER, ACTION_ATTACH)

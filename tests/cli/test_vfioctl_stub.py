@@ -343,6 +343,7 @@ EXPECTED_STATUS = {
     "DeviceBusy": 5,
     "IOMMUGroupConflict": 5,
     "HostCritical": 5,
+    "SriovEnabled": 5,
     "NameExists": 5,
     "AlreadyExists": 5,
     "AlreadyBound": 5,

@@ -48,6 +48,12 @@ CONTRACT_KEYS = {
     "host_critical",
     "passthrough_ready",
     "blockers",
+    # version 2 of the contract
+    "sriov_totalvfs",
+    "sriov_numvfs",
+    "physfn",
+    "virtfns",
+    "mdev_types",
 }
 
 PCI_IDS = """\
@@ -135,6 +141,11 @@ def test_record_has_exactly_the_contract_keys(fs: FakeSys, ids: PciIds) -> None:
         "host_critical": "",
         "passthrough_ready": True,
         "blockers": [],
+        "sriov_totalvfs": 0,
+        "sriov_numvfs": 0,
+        "physfn": "",
+        "virtfns": [],
+        "mdev_types": [],
     }
 
 

@@ -178,8 +178,25 @@ def render_available(
     lines.append(body[0])
     for d, line in zip(devices, body[1:], strict=True):
         lines.append(line)
+        lines += [f"      {note}" for note in _relations(d)]
         lines += [f"      {no} {b}" for b in d.get("blockers") or []]
     return "\n".join(lines) + "\n"
+
+
+def _relations(d: Mapping[str, Any]) -> list[str]:
+    """What hangs off a device or what it hangs off: SR-IOV VFs and PF, mdev types."""
+    out = []
+    total = int(d.get("sriov_totalvfs") or 0)
+    if total:
+        vfs = ", ".join(str(v) for v in d.get("virtfns") or [])
+        out.append(
+            f"SR-IOV: {int(d.get('sriov_numvfs') or 0)} of {total} VFs enabled" + (f" ({vfs})" if vfs else "")
+        )
+    if d.get("physfn"):
+        out.append(f"SR-IOV virtual function of {d['physfn']}")
+    if d.get("mdev_types"):
+        out.append(f"mdev parent: {', '.join(str(t) for t in d['mdev_types'])}")
+    return out
 
 
 def render_check(

@@ -56,6 +56,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "DeviceBusy": EXIT_CONFLICT,
     "IOMMUGroupConflict": EXIT_CONFLICT,
     "HostCritical": EXIT_CONFLICT,
+    "SriovEnabled": EXIT_CONFLICT,
     "NameExists": EXIT_CONFLICT,
     "AlreadyExists": EXIT_CONFLICT,
     "AlreadyBound": EXIT_CONFLICT,
@@ -93,8 +94,8 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (EXIT_NOT_AUTHORIZED, "NotAuthorized, NotOwner (or the bus policy denied the call)"),
     (
         EXIT_CONFLICT,
-        "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, NameExists, AlreadyExists, AlreadyBound, "
-        "NotBound, Busy, Recovering",
+        "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, SriovEnabled, NameExists, AlreadyExists, "
+        "AlreadyBound, NotBound, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),

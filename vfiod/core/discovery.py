@@ -61,6 +61,11 @@ class AvailableDevice:
     host_critical: str
     passthrough_ready: bool
     blockers: tuple[str, ...]
+    sriov_totalvfs: int  # 0: no SR-IOV capability
+    sriov_numvfs: int
+    physfn: str  # a VF's physical function, "" for anything else
+    virtfns: tuple[str, ...]  # a PF's enabled VFs
+    mdev_types: tuple[str, ...]  # the mediated device types it offers as a parent
 
     def to_record(self) -> dict[str, object]:
         """The contract's a{sv} keys (`class_` becomes `class`; tuples become lists)."""
@@ -84,6 +89,11 @@ class AvailableDevice:
             "host_critical": self.host_critical,
             "passthrough_ready": self.passthrough_ready,
             "blockers": list(self.blockers),
+            "sriov_totalvfs": self.sriov_totalvfs,
+            "sriov_numvfs": self.sriov_numvfs,
+            "physfn": self.physfn,
+            "virtfns": list(self.virtfns),
+            "mdev_types": list(self.mdev_types),
         }
 
 
@@ -128,6 +138,15 @@ def _build(
     bridge = fn.never_passed_through
     if bridge:
         blockers.append(BRIDGE_BLOCKER)
+    if fn.sriov_numvfs:
+        blockers.append(
+            f"it is an SR-IOV physical function with {fn.sriov_numvfs} virtual functions enabled "
+            f"({', '.join(str(v) for v in fn.virtfns)}); pass the VFs through, or disable them to pass the PF"
+        )
+    if fn.mdev_children:
+        blockers.append(
+            f"it is the parent of mediated devices ({', '.join(fn.mdev_children)}); remove them to pass it"
+        )
     for member in members:
         # A bridge is refused whatever its group holds: listing the group too would only add noise.
         other = snap.function(member)
@@ -158,6 +177,11 @@ def _build(
         host_critical=reason,
         passthrough_ready=not blockers,
         blockers=tuple(blockers),
+        sriov_totalvfs=fn.sriov_totalvfs or 0,
+        sriov_numvfs=fn.sriov_numvfs or 0,
+        physfn=str(fn.physfn) if fn.physfn else "",
+        virtfns=tuple(str(v) for v in fn.virtfns),
+        mdev_types=fn.mdev_types,
     )
 
 

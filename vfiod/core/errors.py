@@ -73,6 +73,13 @@ class HostCritical(VfiodError):
     name = "HostCritical"
 
 
+class SriovEnabled(VfiodError):
+    """The device is an SR-IOV physical function with virtual functions enabled: unbinding its driver
+    would remove them (and eject them from whatever uses them), and vfio-pci refuses such a PF."""
+
+    name = "SriovEnabled"
+
+
 class DeviceBusy(VfiodError):
     """Processes hold the device; `holders` names them (pid, executable) so the caller can act."""
 
@@ -129,6 +136,7 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     NotBound,
     IOMMUGroupConflict,
     HostCritical,
+    SriovEnabled,
     DeviceBusy,
     VFIONotAvailable,
     NativeDriverNotRestored,

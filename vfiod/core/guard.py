@@ -14,8 +14,10 @@ from vfiod.core.errors import (
     DeviceBusy,
     Failed,
     HostCritical,
+    InUse,
     InvalidArgument,
     IOMMUGroupConflict,
+    SriovEnabled,
     VFIONotAvailable,
 )
 from vfiod.core.hostcritical import host_critical
@@ -107,7 +109,12 @@ def plan_groups(
             )
         if include_group:
             for member in snap.members(group):
-                if member.same_slot(addr) and member not in wanted and not snap.function(member).is_bridge:
+                other = snap.function(member)
+                # A VF is never a companion: with ARI a PF's VFs share its slot prefix, but each is its own
+                # device with its own user (drivers/pci/iov.c pci_iov_add_virtfn).
+                if other.is_bridge or other.physfn:
+                    continue
+                if member.same_slot(addr) and member not in wanted:
                     wanted[member] = "companion"
     for addr, role in sorted(wanted.items()):
         group = snap.function(addr).iommu_group
@@ -149,6 +156,35 @@ def plan_groups(
                 f"must be passed through together{hint}"
             )
     return [plans[g] for g in sorted(plans)]
+
+
+def require_no_dependents(host: Host, addrs: Iterable[PciAddress]) -> None:
+    """Refuse to unbind a function whose driver carries other devices, before anything is written.
+
+    An SR-IOV physical function with VFs enabled (SriovEnabled): its driver's remove disables SR-IOV,
+    which removes every VF and ejects each from whatever uses it, and vfio-pci refuses to bind such a PF
+    ("Cannot bind to PF with SR-IOV enabled", drivers/vfio/pci/vfio_pci_core.c). An mdev parent with
+    mediated devices (InUse): unbinding it removes them all (mdev_unregister_parent)."""
+    snap = PciSnapshot(host)
+    for addr in addrs:
+        fn = snap.function(addr)
+        if fn.sriov_numvfs:
+            vfs = []
+            for vf in fn.virtfns:
+                holders = vfio_holders(host, [vf])
+                used = "; ".join(h.describe() for h in holders) if holders else "not held"
+                vfs.append(f"{vf} on {snap.function(vf).driver or 'no driver'} ({used})")
+            raise SriovEnabled(
+                f"{addr} is an SR-IOV physical function with {fn.sriov_numvfs} virtual functions enabled: "
+                f"{', '.join(vfs) or 'not listed'}. Unbinding its driver would remove them, and vfio-pci "
+                f"refuses such a function; disable them first (echo 0 > "
+                f"/sys/bus/pci/devices/{addr}/sriov_numvfs once nothing uses them)"
+            )
+        if fn.mdev_children:
+            raise InUse(
+                f"{addr} is the parent of mediated devices {', '.join(fn.mdev_children)}: unbinding its "
+                "driver would remove them all (and eject them from their VMs); remove them first"
+            )
 
 
 @dataclass(frozen=True)

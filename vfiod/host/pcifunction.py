@@ -14,6 +14,7 @@ Also the one parser of sysfs hex ids (`parse_hex`) and the one normaliser of mod
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,7 @@ BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
 # Classes of a PCI-to-PCI (0604, 0609) or CardBus (0607) bridge: header type 1 or 2.
 _BRIDGE_HEADER_CLASSES = frozenset({"0604", "0607", "0609"})
 _HEADER_TYPE_OFFSET = 0x0E
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def parse_hex(raw: str | None) -> str:
@@ -176,6 +178,17 @@ class PciFunction:
     def mdev_types(self) -> tuple[str, ...]:
         """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
         return tuple(self._host.list_dir(self.dir / "mdev_supported_types"))
+
+    @cached_property
+    def mdev_children(self) -> tuple[str, ...]:
+        """The uuids of the mediated devices created on this parent: the kernel puts each under its
+        parent's directory (`<dev>/<uuid>/`, with an `mdev_type` link; drivers/vfio/mdev/mdev_core.c)."""
+        names = self._host.list_dir(self.dir) if self.mdev_types else []
+        return tuple(
+            n
+            for n in sorted(names)
+            if _UUID.fullmatch(n) and self._host.link_name(self.dir / n / "mdev_type") is not None
+        )
 
     # ----- the rules judged on a function ------------------------------------------------------------
 

@@ -156,6 +156,27 @@ def dgx_h100() -> Profile:
                 ifname=nic_names[i],
                 irq=400 + i,
                 label="ConnectX-7",
+                sriov_totalvfs=4 if i == 0 else 0,
+            )
+        )
+        group += 1
+    # The first ConnectX-7 is an SR-IOV PF with 4 VFs (ARI: they follow it in its slot, 1c:00.1-4), each
+    # in its own IOMMU group; none is enabled at boot.
+    nic0 = f"0000:{gpu_buses[0] + 1:02x}:00.0"
+    for vf in range(1, 5):
+        devices.append(
+            dev(
+                f"{nic0[:-1]}{vf}",
+                "15b3:101e",
+                "15b3:0041",
+                0x020000,
+                driver="mlx5_core",
+                parent=next(d.parent for d in devices if d.address == nic0),
+                iommu_group=group,
+                reset_method="flr",
+                numa_node=0,
+                label="ConnectX-7 Virtual Function",
+                physfn=nic0,
             )
         )
         group += 1

@@ -203,6 +203,7 @@ def bind_plans(
     all_fns = sorted({a for p in plans for a in p.functions})
     to_bind = sorted({a for p in plans for a in p.to_bind})
     guard.check_not_host_critical(deps.host, to_bind, force)
+    guard.require_no_dependents(deps.host, to_bind)
     rows = _rows_for(deps, plans)
     vendors = [rows[a].vendor_id for a in to_bind]
     bound: list[BoundFunction] = []

@@ -40,6 +40,7 @@ def restore(
         for r in sorted(rows, key=lambda r: r.pci_address, reverse=True)
         if r.bound_by_vfiod and r.native_driver != "vfio-pci" and deps.host.device_exists(r.pci_address)
     ]
+    guard.require_no_dependents(deps.host, [r.pci_address for r in todo])
     with deps.registry.transaction():
         for row in todo:
             deps.registry.update_device(row.id, state="releasing")
