@@ -213,9 +213,10 @@ class Core:
                 m["net"] = self.alloc("net", 2)
         elif spec.kind == "nvme":
             m["nvme"] = self.alloc("nvme")
-            count = 1 + self.topo.devices[addr].partitions
-            m["blk"] = self.alloc_range("blk", count)
-            m["blk_count"] = count
+            if self.topo.devices[addr].namespaces:
+                count = 1 + self.topo.devices[addr].partitions
+                m["blk"] = self.alloc_range("blk", count)
+                m["blk_count"] = count
         elif spec.kind == "audio":
             m["sound"] = self.alloc("sound")
         # fbcon takes the consoles over when a frame buffer registers, unless an admin unbound it
@@ -246,7 +247,8 @@ class Core:
             blockers = self.release_blockers(addr)
             if blockers:
                 raise Blocked(addr, blockers)
-        if ds.numvfs and self.topo.drivers[ds.driver].sriov_configure:
+        spec = self.topo.drivers[ds.driver]
+        if ds.numvfs and spec.sriov_configure and not spec.sriov_kept_on_remove:
             self.sriov_disable(addr)  # the PF driver's remove: pci_disable_sriov
         ds.driver = None
         self.free_minors(ds)

@@ -166,8 +166,11 @@ class DriverSpec(Codec):
     kind: str = "other"
     driver_managed_dma: bool = False
     fbdev: bool = False  # DRM drivers whose fbdev emulation registers /dev/fbN for each device
-    # It has a sriov_configure callback (sysfs sriov_numvfs works through it); its remove disables SR-IOV.
+    # It has a sriov_configure callback (sysfs sriov_numvfs works through it). Its remove disables SR-IOV
+    # (pci_disable_sriov), unless it is one that leaves the VFs ("driver left SR-IOV enabled after
+    # remove", drivers/pci/iov.c pci_iov_remove: nvme does).
     sriov_configure: bool = False
+    sriov_kept_on_remove: bool = False
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -201,6 +204,7 @@ class DeviceSpec(Codec):
     boot_vga: bool = False
     ifname: str | None = None
     partitions: int = 0  # NVMe: partitions on namespace 1
+    namespaces: int = 1  # NVMe: 0 for a controller without a namespace (no block device)
     mount_tag: str | None = None  # virtio-9p / virtiofs tag
     irq: int = 0
     label: str = ""

@@ -260,13 +260,16 @@ class Renderer:
             put_link(t, f"{nd}/device", parent)
             put_link(t, f"sys/class/net/{name}", nd)
         if "nvme" in m:
-            k, base = m["nvme"], m["blk"]
+            k = m["nvme"]
             ctrl = f"{p}/nvme/nvme{k}"
             t[f"{p}/nvme"] = DIR
             t[ctrl] = DIR
             chardev(ctrl, NVME_CHAR_MAJOR, k)
             put_link(t, f"sys/class/nvme/nvme{k}", ctrl)
             t[f"dev/nvme{k}"] = file_entry(b"", 0o600)
+        if "nvme" in m and "blk" in m:
+            k, base = m["nvme"], m["blk"]
+            ctrl = f"{p}/nvme/nvme{k}"
             disk = f"nvme{k}n1"
             blocks = [(disk, f"{ctrl}/{disk}", base)]
             parts = self.topo.devices[addr].partitions

@@ -271,6 +271,28 @@ def test_status_and_available_rendering() -> None:
     assert "none found" in report.render_available([], ("ok", "!!"), False)
 
 
+def test_the_device_table_shows_sr_iov_and_mdev_relations() -> None:
+    base = {"class": "020000", "type": "pci", "iommu_group": 5, "passthrough_ready": False}
+    devices = [
+        {
+            **base,
+            "pci_address": "0000:1c:00.0",
+            "sriov_totalvfs": 4,
+            "sriov_numvfs": 2,
+            "virtfns": ["0000:1c:00.1", "0000:1c:00.2"],
+            "blockers": ["it is an SR-IOV physical function with 2 virtual functions enabled"],
+        },
+        {**base, "pci_address": "0000:1c:00.1", "physfn": "0000:1c:00.0", "iommu_group": 40, "blockers": []},
+        {**base, "pci_address": "0000:41:00.0", "mdev_types": ["nvidia-1155", "nvidia-1156"], "blockers": []},
+    ]
+    lines = report.render_available(devices, ("ok", "!!"), True).splitlines()
+    pf = lines.index(next(line for line in lines if line.startswith("  0000:1c:00.0")))
+    assert lines[pf + 1] == "      SR-IOV: 2 of 4 VFs enabled (0000:1c:00.1, 0000:1c:00.2)"
+    assert lines[pf + 2] == "      !! it is an SR-IOV physical function with 2 virtual functions enabled"
+    assert "      SR-IOV virtual function of 0000:1c:00.0" in lines
+    assert "      mdev parent: nvidia-1155, nvidia-1156" in lines
+
+
 def test_report_rendering() -> None:
     text = render.render_report("Reconcile", {"released": 2, "kept": 1, "findings": ["released vm-2"]})
     assert text.splitlines() == [

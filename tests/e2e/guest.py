@@ -573,6 +573,13 @@ def qemu_command(images: Images, run_dir: Path, spec: BootSpec) -> list[str]:
         # a disk the guest mounts: host-critical
         *("-drive", f"file={images.nvme},if=none,id=nvm0,format=raw,snapshot=on"),
         *("-device", "nvme,serial=vfiod-e2e,drive=nvm0,addr=0x8.0"),
+        # an SR-IOV physical function (QEMU's only SR-IOV device in 7.2): 2 VFs at 00:09.1-2 when enabled
+        *("-device", "nvme-subsys,id=subsys0"),
+        *(
+            "-device",
+            "nvme,serial=vfiod-sriov,subsys=subsys0,sriov_max_vfs=2,sriov_vq_flexible=4,"
+            "sriov_vi_flexible=2,max_ioqpairs=6,addr=0x9.0",
+        ),
         # a group with a bridge: pcie-pci-bridge + e1000 + edu
         *("-device", "pcie-pci-bridge,id=br1,bus=rp1"),
         *("-device", "e1000,bus=br1,addr=0x1,mac=52:54:00:12:34:03", "-device", "edu,bus=br1,addr=0x2"),

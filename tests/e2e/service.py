@@ -33,6 +33,8 @@ from tests.e2e.trace import (
     HDA,
     NVME,
     ROOT_SHARE,
+    SRIOV_PF,
+    SRIOV_VFS,
     VGA,
     ScenarioFailed,
     check,
@@ -524,6 +526,49 @@ def sc_host_critical(g: Guest) -> None:
     check(os.path.exists("/usr/bin/python3"), "the root file system is gone")
 
 
+def sc_sriov_pf_refused(g: Guest) -> None:
+    """Two VFs enabled by the admin (driverless): Attach and Bind of the PF answer SriovEnabled naming them
+    and write nothing; Unbind of the PF on nvme is the usual no-op; ListAvailable shows the PF's VFs and
+    each VF's physfn; hypeman gets one VF alone (include_group takes neither the PF nor the other VF), a
+    VMM uses it, and Detach leaves it driverless again."""
+    pf, (vf1, vf2) = str(SRIOV_PF), (str(v) for v in SRIOV_VFS)
+    sysfs = Path(f"/sys/bus/pci/devices/{pf}")
+    (sysfs / "sriov_drivers_autoprobe").write_text("0")
+    (sysfs / "sriov_numvfs").write_text("2")
+    g.say(f"admin: echo 0 > {sysfs}/sriov_drivers_autoprobe; echo 2 > {sysfs}/sriov_numvfs")
+    check(wait_for(lambda: os.path.exists(f"/sys/bus/pci/devices/{vf2}"), 10), "the VFs did not appear")
+    g.register("root", pf, "sriov-pf")
+    reply = g.expect_error("root", "SriovEnabled", *_attach_args("vm-pf", ["sriov-pf"], include_group=False))
+    check(vf1 in reply.message and vf2 in reply.message, f"the VFs are not named: {reply.message}")
+    g.expect_error("root", "SriovEnabled", "Bind", "sa{sv}", "sriov-pf", "0")
+    g.expect_drivers({pf: "nvme", vf1: None, vf2: None}, "after the refusals")
+    check(_overrides(pf) == {pf: "(null)"}, f"an override was written: {_overrides(pf)}")
+    g.expect_ok("root", "Unbind", "sa{sv}", "sriov-pf", "0")  # not on vfio: nothing to do
+    listing = {
+        d["pci_address"]: d
+        for d in g.expect_ok(HYPEMAN, "ListAvailable", "a{sv}", "1", "all", "b", "true")[0]
+    }
+    shown = {k: listing[pf].get(k) for k in ("sriov_totalvfs", "sriov_numvfs", "virtfns", "physfn")}
+    check(
+        shown == {"sriov_totalvfs": 2, "sriov_numvfs": 2, "virtfns": [vf1, vf2], "physfn": ""}, f"PF: {shown}"
+    )
+    check(listing[vf1].get("physfn") == pf and not listing[pf]["passthrough_ready"], f"VF: {listing[vf1]}")
+    g.register("root", vf1, "sriov-vf1")
+    reply = g.attach(HYPEMAN, "vm-vf", ["sriov-vf1"], include_group=True)
+    check(reply.ok, f"Attach of the VF failed: {reply.describe()}")
+    check([r["pci_address"] for r in reply.data[0]] == [vf1], f"attachments: {reply.data[0]}")
+    g.expect_drivers({vf1: "vfio-pci", vf2: None, pf: "nvme"}, "after Attach")
+    res = g.vmm(HYPEMAN, f"/dev/vfio/{g.group(vf1)}", vf1)
+    check(res.get("ok") is True and res.get("vendor_id") == "1b36", f"the VMM failed on the VF: {res}")
+    reply = g.detach(HYPEMAN, "vm-vf")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    g.expect_drivers({vf1: None, pf: "nvme"}, "after Detach")
+    for name in ("sriov-vf1", "sriov-pf"):
+        g.expect_ok("root", "UnregisterDevice", "sa{sv}", name, "0")
+    (sysfs / "sriov_numvfs").write_text("0")
+    check(wait_for(lambda: not os.path.exists(f"/sys/bus/pci/devices/{vf1}"), 10), "the VFs are still there")
+
+
 def _overrides(*addrs: str) -> dict[str, str]:
     return {a: Path(f"/sys/bus/pci/devices/{a}/driver_override").read_text().strip() for a in addrs}
 
@@ -611,6 +656,7 @@ FAST_INIT: dict[str, Scenario] = {
     "bridge-group": sc_bridge_group,
     "authorization": sc_authorization,
     "host-critical": sc_host_critical,
+    "sriov-pf-refused": sc_sriov_pf_refused,
     "crash-mid-attach": sc_crash_mid_attach,
 }
 
@@ -626,6 +672,7 @@ DEPENDS: dict[str, str] = {
     "bridge-group": "bus-activation",
     "authorization": "bus-activation",
     "host-critical": "bus-activation",
+    "sriov-pf-refused": "bus-activation",
     "crash-mid-attach": "bridge-group",
 }
 

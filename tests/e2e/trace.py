@@ -32,10 +32,11 @@ from vfiod.core.errors import (
     DeviceBusy,
     HostCritical,
     IOMMUGroupConflict,
+    SriovEnabled,
     VfiodError,
     VFIONotAvailable,
 )
-from vfiod.core.guard import check_not_host_critical, plan_groups, vfio_holders
+from vfiod.core.guard import check_not_host_critical, plan_groups, require_no_dependents, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
 from vfiod.host.errors import SysfsWriteError
@@ -55,6 +56,8 @@ ROOT_SHARE = A("0000:00:10.0")  # virtio-9p carrying the guest's root (tag hostr
 BRIDGE = A("0000:01:00.0")  # pcie-pci-bridge, no driver
 BR_E1000 = A("0000:02:01.0")  # e1000 behind the bridge
 BR_EDU = A("0000:02:02.0")  # edu behind the bridge
+SRIOV_PF = A("0000:00:09.0")  # QEMU NVMe with sriov_max_vfs=2 and no namespace
+SRIOV_VFS = (A("0000:00:09.1"), A("0000:00:09.2"))  # its VFs once enabled (offset 1, stride 1)
 
 PROFILE = "qemu-q35"
 GUEST_MARKER = "e2e.root="  # on the kernel command line of the e2e guest only
@@ -552,6 +555,66 @@ def sc_sysfs_errors(rig: Rig, rec: Recorder) -> None:
     check(host.driver_override(EDU) is None, "the override should be cleared")
 
 
+def _sriov_state(rig: Rig) -> dict[str, Any]:
+    pf = read_function(rig.host, SRIOV_PF)
+    state: dict[str, Any] = {
+        "pf": {
+            "driver": rig.host.driver(SRIOV_PF),
+            "totalvfs": pf.sriov_totalvfs,
+            "numvfs": pf.sriov_numvfs,
+            "virtfns": [str(v) for v in pf.virtfns],
+        }
+    }
+    for vf in SRIOV_VFS:
+        if rig.host.device_exists(vf):
+            fn = read_function(rig.host, vf)
+            members = rig.host.group_members(_group_of(rig, vf))
+            state[str(vf)] = {
+                "physfn": str(fn.physfn),
+                "driver": fn.driver,
+                "members": [str(m) for m in members],
+            }
+    return state
+
+
+def sc_sriov_pf_refused(rig: Rig, rec: Recorder) -> None:
+    """With two VFs enabled (driverless: sriov_drivers_autoprobe 0), the PF is refused SriovEnabled naming
+    both, nothing written; each VF has its physfn and a group of its own; a VF asked for with include_group
+    binds alone (never the PF or the other VF as a companion) and comes back."""
+    rig.admin_write(f"/sys/bus/pci/devices/{SRIOV_PF}/sriov_drivers_autoprobe", "0")
+    rig.admin_write(f"/sys/bus/pci/devices/{SRIOV_PF}/sriov_numvfs", "2")
+    check(wait_for(lambda: all(rig.host.device_exists(v) for v in SRIOV_VFS)), "the VFs did not appear")
+    rec.check("sr-iov", _sriov_state(rig))
+    with expect(rec, SriovEnabled) as refused:
+        require_no_dependents(rig.host, [SRIOV_PF])
+    check(
+        all(str(v) in refused[0].message for v in SRIOV_VFS), f"the VFs are not named: {refused[0].message}"
+    )
+    natives = _bind(rig, rec, [SRIOV_VFS[0]], include_group=True)
+    check(sorted(natives) == [SRIOV_VFS[0]], f"include_group took more than the VF: {sorted(natives)}")
+    _expect_drivers(rig, {SRIOV_VFS[0]: "vfio-pci", SRIOV_VFS[1]: None, SRIOV_PF: "nvme"}, "with VF 1 bound")
+    _restore(rig, natives)
+    _expect_drivers(rig, {SRIOV_VFS[0]: None, SRIOV_PF: "nvme"}, "after restoring VF 1")
+
+
+def sc_sriov_pf_without_driver(rig: Rig, rec: Recorder) -> None:
+    """What vfiod refuses, done by hand: nvme's remove leaves SR-IOV enabled (the VFs stay), vfio-pci's probe
+    of the PF fails (EBUSY: "Cannot bind to PF with SR-IOV enabled") and leaves it driverless; nvme takes it
+    back, and 0 to sriov_numvfs removes the VFs."""
+    rig.admin_write("/sys/bus/pci/drivers/nvme/unbind", str(SRIOV_PF))
+    rec.check("after unbinding nvme", _sriov_state(rig))
+    rig.modules.load("vfio-pci")
+    rig.admin_write(f"/sys/bus/pci/devices/{SRIOV_PF}/driver_override", "vfio-pci")
+    rig.admin_write("/sys/bus/pci/drivers_probe", str(SRIOV_PF))  # the probe's own error is not returned
+    rec.check("after vfio-pci's probe", _sriov_state(rig))
+    rig.admin_write(f"/sys/bus/pci/devices/{SRIOV_PF}/driver_override", "\n")
+    rig.admin_write("/sys/bus/pci/drivers_probe", str(SRIOV_PF))
+    _expect_drivers(rig, {SRIOV_PF: "nvme"}, "after probing nvme again")
+    rig.admin_write(f"/sys/bus/pci/devices/{SRIOV_PF}/sriov_numvfs", "0")
+    check(wait_for(lambda: not any(rig.host.device_exists(v) for v in SRIOV_VFS)), "the VFs are still there")
+    rec.check("after disabling the VFs", _sriov_state(rig))
+
+
 Scenario = Callable[[Rig, Recorder], None]
 
 # In order: each scenario starts where the previous one left the host (the console stays unbound).
@@ -565,6 +628,8 @@ SCENARIOS: dict[str, Scenario] = {
     "nvme-host-critical": sc_nvme_host_critical,
     "root-share-host-critical": sc_root_share_host_critical,
     "sysfs-errors": sc_sysfs_errors,
+    "sriov-pf-refused": sc_sriov_pf_refused,
+    "sriov-pf-without-driver": sc_sriov_pf_without_driver,
 }
 
 

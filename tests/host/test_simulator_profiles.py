@@ -162,7 +162,7 @@ def test_no_iommu_and_qemu_details(sim: SimFactory) -> None:
     assert sh.host.iommu_groups() == [] and not (sh.root / "sys/class/iommu/dmar0").exists()
     assert "intel_iommu" not in procfs.cmdline(sh.host)
     q = sim("qemu-q35")
-    assert q.host.group_members(11) == [
+    assert q.host.group_members(12) == [
         PciAddress.parse(a) for a in ("0000:01:00.0", "0000:02:01.0", "0000:02:02.0")
     ]
     assert q.host.group_members(1) == [PciAddress.parse("0000:00:02.0"), PciAddress.parse("0000:00:02.1")]
@@ -185,14 +185,15 @@ Q35_GROUPS = {
     "0000:00:06.0": 5,
     "0000:00:07.0": 6,
     "0000:00:08.0": 7,
-    "0000:00:10.0": 8,
-    "0000:00:11.0": 9,
-    "0000:00:1f.0": 10,
-    "0000:00:1f.2": 10,
-    "0000:00:1f.3": 10,
-    "0000:01:00.0": 11,
-    "0000:02:01.0": 11,
-    "0000:02:02.0": 11,
+    "0000:00:09.0": 8,  # the SR-IOV NVMe; its VFs get 13 and 14 when enabled
+    "0000:00:10.0": 9,
+    "0000:00:11.0": 10,
+    "0000:00:1f.0": 11,
+    "0000:00:1f.2": 11,
+    "0000:00:1f.3": 11,
+    "0000:01:00.0": 12,
+    "0000:02:01.0": 12,
+    "0000:02:02.0": 12,
 }
 
 

@@ -370,8 +370,8 @@ def test_group_with_bridge_and_pcieport_is_viable(sim: SimFactory) -> None:
     sh.kernel.load_module("vfio_pci")  # not loaded at boot in the e2e guest: `modprobe vfio-pci`
     e1000 = PciAddress.parse("0000:02:01.0")
     to_vfio(sh, e1000)
-    # group 11 also holds the driverless pcie-pci-bridge and edu
-    assert sh.host.group_status(11) == VFIO_GROUP_FLAGS_VIABLE
+    # group 12 also holds the driverless pcie-pci-bridge and edu
+    assert sh.host.group_status(12) == VFIO_GROUP_FLAGS_VIABLE
 
 
 def test_group_node_has_a_single_opener(sim: SimFactory) -> None:
