@@ -74,3 +74,19 @@ def test_a_pf_unbind_removes_its_vfs_and_a_vf_passes_through(sim: SimFactory) ->
     sh.host.set_driver_override(VF1, VFIO)
     sh.host.probe(VF1)
     assert read_function(sh.host, VF1).is_vfio_bound  # a VF passes through like any function
+
+
+def test_nvme_leaves_its_vfs_and_vfio_pci_refuses_such_a_pf(sim: SimFactory) -> None:
+    # qemu-q35's SR-IOV NVMe, as Debian's 6.1 kernel shows it: "driver left SR-IOV enabled after remove",
+    # then "Cannot bind to PF with SR-IOV enabled" (probe -EBUSY; drivers_probe itself succeeds)
+    sh = sim("qemu-q35", idle=True)
+    pf, vf = PciAddress.parse("0000:00:09.0"), PciAddress.parse("0000:00:09.1")
+    write(sh, "sriov_drivers_autoprobe", b"0", pf)
+    write(sh, "sriov_numvfs", b"2", pf)
+    sh.host.unbind(pf, DriverName.parse("nvme"))
+    assert read_function(sh.host, pf).sriov_numvfs == 2 and sh.host.device_exists(vf)
+    sh.kernel.load_module("vfio_pci")
+    sh.host.set_driver_override(pf, VFIO)
+    sh.host.probe(pf)
+    assert sh.host.driver(pf) is None
+    assert errno_of(sh, "sriov_numvfs", b"0", pf) == "ENOENT"  # no driver to disable them
