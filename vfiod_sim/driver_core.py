@@ -73,7 +73,7 @@ class Core:
         paths = {f"/dev/vfio/{group}"}
         for a in self.topo.groups.get(group, []):
             paths |= self.vfio_nodes(a)
-        return bool(self.holders(paths))
+        return bool(self.holders(paths)) or bool(self.device_file_holders(self.topo.groups.get(group, [])))
 
     def device_nodes(self, addr: str) -> set[str]:
         m = self.st.devices[addr].minors
@@ -227,7 +227,8 @@ class Core:
 
     def release_blockers(self, addr: str) -> list[tuple[int, str]]:
         """Who makes the driver's remove wait: vfio_unregister_group_dev waits for the device's users to
-        close it; nvidia's remove waits while /dev/nvidiaN is open."""
+        close it (its group node, cdev or a device file); nvidia's remove waits while /dev/nvidiaN is open;
+        snd_card_free waits until every file of the sound card is closed."""
         ds = self.st.devices[addr]
         if ds.driver is None:
             return []
@@ -236,7 +237,18 @@ class Core:
             paths |= self.vfio_nodes(addr)
         if "nvidia" in ds.minors and self.profile.nvidia_remove_waits_for_users:
             paths.add(f"/dev/nvidia{ds.minors['nvidia']}")
-        return self.holders(paths)
+        if "sound" in ds.minors:
+            paths.add(f"/dev/snd/controlC{ds.minors['sound']}")
+        blockers = self.holders(paths)
+        if "vfio" in ds.minors:
+            blockers += [(pid, processes.VFIO_DEVICE_FILE) for pid, _ in self.device_file_holders([addr])]
+        return blockers
+
+    def device_file_holders(self, addrs: Iterable[str]) -> list[tuple[int, str]]:
+        """Processes holding a VFIO device file of one of `addrs`: each keeps its group's file open."""
+        if self.booting:
+            return []
+        return processes.vfio_device_holders(self.root, addrs)
 
     def detach(self, addr: str, *, force: bool = False) -> None:
         """device_release_driver: remove the driver's side effects; blocks while the device is in use."""

@@ -157,9 +157,11 @@ class SimulatedKernel:
         logical, group = self._node(node)
         with self.tx.global_lock():
             st = self.tx.load()
-            if processes.holders(self.root, [logical]):
-                raise oserror(errno.EBUSY, f"{logical} is already open")
             members = [a for a in self.topology.groups.get(group, []) if st.devices[a].present]
+            # vfio_group_fops_open: one opener; a device file holds the group file, so a VMM that closed
+            # its group fd but kept a device fd (or a mapping of one) still has the group open
+            if processes.holders(self.root, [logical]) or processes.vfio_device_holders(self.root, members):
+                raise oserror(errno.EBUSY, f"{logical} is already open")
             if not members:
                 raise oserror(errno.ENODEV, logical)
             viable = all(

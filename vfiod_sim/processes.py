@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,9 @@ FIRST_AUTO_PID = 4000
 Memlock = tuple[int | None, int | None] | None
 
 _NVIDIA_NODE_RE = re.compile(r"nvidia(\d+)")
+# What /proc/<pid>/fd/<n> shows for a VFIO device file (VFIO_GROUP_GET_DEVICE_FD's anonymous inode): not
+# which device, so the simulator keeps that in <root>/sim/vfio-device-files.json.
+VFIO_DEVICE_FILE = "anon_inode:[vfio-device]"
 
 # fs/proc/base.c lnames[]: (name, unit, soft, hard) for every row but memlock.
 _LIMITS: tuple[tuple[str, str, str, str], ...] = (
@@ -175,6 +179,38 @@ def add_fd(root: Path, pid: int, target: str) -> int:
     fd = next(n for n in range(len(used) + 1) if n not in used)
     os.symlink(target, d / str(fd))
     return fd
+
+
+def _device_files_path(root: Path) -> Path:
+    return Path(root) / "sim" / "vfio-device-files.json"
+
+
+def open_vfio_device(root: Path, pid: int, addr: str) -> int:
+    """The process gets a VFIO device file of `addr` (VFIO_GROUP_GET_DEVICE_FD); returns its fd. It keeps
+    the group open in the kernel (its group file) until closed, even after the group fd is."""
+    fd = add_fd(root, pid, VFIO_DEVICE_FILE)
+    path = _device_files_path(root)
+    table = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    table[f"{pid}:{fd}"] = addr
+    path.write_text(json.dumps(table, sort_keys=True), encoding="utf-8")
+    return fd
+
+
+def vfio_device_holders(root: Path, addrs: Iterable[str]) -> list[tuple[int, str]]:
+    """(pid, address) for every VFIO device file of one of `addrs` a process still holds."""
+    wanted = set(addrs)
+    path = _device_files_path(root)
+    if not wanted or not path.exists():
+        return []
+    out = []
+    for key, addr in json.loads(path.read_text(encoding="utf-8")).items():
+        pid, _, fd = key.partition(":")
+        if addr not in wanted:
+            continue
+        with contextlib.suppress(OSError, ProcessLookupError):
+            if os.readlink(_fd_dir(root, int(pid)) / fd) == VFIO_DEVICE_FILE:
+                out.append((int(pid), addr))
+    return sorted(out)
 
 
 def close_fd(root: Path, pid: int, target: str) -> None:

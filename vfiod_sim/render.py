@@ -291,6 +291,12 @@ class Renderer:
             t[f"{card_dir}/number"] = file_entry(f"{n}\n")
             put_link(t, f"{card_dir}/device", p)
             put_link(t, f"sys/class/sound/card{n}", card_dir)
+            # the card's control device (sound/core/control.c snd_ctl_dev_register): a class device under
+            # the card and its node; an HDA controller without codecs has no pcm or hwdep devices
+            control = f"{card_dir}/controlC{n}"
+            t[control] = DIR
+            t[f"{control}/dev"] = file_entry(f"116:{n * 32}\n")
+            put_link(t, f"sys/class/sound/controlC{n}", control)
             t[f"dev/snd/controlC{n}"] = file_entry(b"", 0o660)
 
     # -- groups, drivers, modules, global ------------------------------------------------------------

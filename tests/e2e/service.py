@@ -31,6 +31,7 @@ from tests.e2e.trace import (
     BR_EDU,
     EDU,
     HDA,
+    HOLD_CODE,
     NVME,
     ROOT_SHARE,
     SRIOV_PF,
@@ -244,8 +245,10 @@ class Guest:
         return result
 
     @contextlib.contextmanager
-    def holding_vmm(self, user: str, node: str, addr: str) -> Iterator[int]:
-        argv = as_user(user, [PYTHON, *VMM, node, addr, "--hold-device"])
+    def holding_vmm(self, user: str, node: str, addr: str, only_device: bool = False) -> Iterator[int]:
+        argv = as_user(
+            user, [PYTHON, *VMM, node, addr, "--hold-device", *(["--only-device"] if only_device else [])]
+        )
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -404,14 +407,20 @@ def pci_ids_names(vendor: str, device: str, path: str = "/usr/share/misc/pci.ids
     return vname, dname
 
 
-def sc_vga_list_and_conflict(g: Guest) -> None:
-    """Console unbound as an admin would: ListAvailable names both functions from pci.ids; Attach without
-    include_group is an IOMMUGroupConflict and both keep their drivers."""
+def unbind_console(g: Guest) -> None:
+    """What an admin does before passing the boot VGA: the frame buffer console lets go of it (bochs-drm
+    coming back after a Detach binds it again)."""
     for path in glob.glob("/sys/class/vtconsole/*/bind"):
         name = Path(path).parent.joinpath("name").read_text()
         if "frame buffer" in name and Path(path).read_text().strip() == "1":
             Path(path).write_text("0")
             g.say(f"admin: echo 0 > {path}")
+
+
+def sc_vga_list_and_conflict(g: Guest) -> None:
+    """Console unbound as an admin would: ListAvailable names both functions from pci.ids; Attach without
+    include_group is an IOMMUGroupConflict and both keep their drivers."""
+    unbind_console(g)
     listing = g.expect_ok(HYPEMAN, "ListAvailable", "a{sv}", "1", "all", "b", "true")[0]
     by_addr = {d["pci_address"]: d for d in listing}
     for addr in (VGA, HDA):
@@ -483,6 +492,60 @@ def sc_held_detach(g: Guest) -> None:
     check(reply.ok, f"Detach failed: {reply.describe()}")
     g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
     check(wait_for(lambda: not os.path.exists(node), 10), f"{node} is still there")
+
+
+def sc_device_fd_holder(g: Guest) -> None:
+    """The VMM closed its group and container fds and keeps only the device fd (/proc shows just
+    `anon_inode:[vfio-device]`): Detach answers DeviceBusy at once, writes nothing and leaves nothing
+    `stuck` (the kernel still has the group open); after the VMM exits, Detach works."""
+    unbind_console(g)
+    reply = g.attach(HYPEMAN, "vm-vga", ["vga"], include_group=True)
+    check(reply.ok, f"Attach failed: {reply.describe()}")
+    node = f"/dev/vfio/{g.group(VGA)}"
+    with g.holding_vmm(HYPEMAN, node, VGA, only_device=True) as pid:
+        fds = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        check(node not in fds and "anon_inode:[vfio-device]" in fds, f"the VMM's fds: {fds}")
+        reply = g.detach(HYPEMAN, "vm-vga")
+        check(not reply.ok and reply.error == "DeviceBusy", f"expected DeviceBusy: {reply.describe()}")
+        check(str(pid) in reply.message, f"DeviceBusy should name pid {pid}: {reply.message}")
+        check(reply.seconds < 20, f"DeviceBusy took {reply.seconds:.1f} s")
+        g.expect_drivers({VGA: "vfio-pci", HDA: "vfio-pci"}, "while the device fd is held")
+        check(_overrides(VGA, HDA) == {VGA: "vfio-pci", HDA: "vfio-pci"}, "an override was cleared")
+    registry_matches_kernel(g)
+    reply = g.detach(HYPEMAN, "vm-vga")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
+
+
+def sc_alsa_holder(g: Guest) -> None:
+    """A process holding the HDA function's sound card (/dev/snd/controlC<n>): Attach of the VGA with its
+    slot answers DeviceBusy naming it and writes nothing (snd_card_free would wait for it); once it lets
+    go, Attach and Detach work."""
+    cards = glob.glob(f"/sys/bus/pci/devices/{HDA}/sound/card*/controlC*")
+    check(bool(cards), f"{HDA} has no sound card")
+    node = f"/dev/snd/{os.path.basename(cards[0])}"
+    unbind_console(g)
+    holder = subprocess.Popen(
+        [PYTHON, "-c", HOLD_CODE, node], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        check(holder.stdout.readline().strip() == "held", f"could not open {node}")
+        reply = g.attach(HYPEMAN, "vm-vga", ["vga"], include_group=True)
+        check(not reply.ok and reply.error == "DeviceBusy", f"expected DeviceBusy: {reply.describe()}")
+        check(str(holder.pid) in reply.message and node in reply.message, f"not named: {reply.message}")
+        g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after the refusal")
+        check(_overrides(VGA, HDA) == {VGA: "(null)", HDA: "(null)"}, "an override was written")
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+    unbind_console(g)
+    reply = g.attach(HYPEMAN, "vm-vga", ["vga"], include_group=True)
+    check(reply.ok, f"Attach failed once the card was closed: {reply.describe()}")
+    reply = g.detach(HYPEMAN, "vm-vga")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
 
 
 def sc_bridge_group(g: Guest) -> None:
@@ -653,6 +716,8 @@ FAST_INIT: dict[str, Scenario] = {
     "vmm-uses-group": sc_vmm_uses_group,
     "memlock": sc_memlock,
     "held-detach": sc_held_detach,
+    "device-fd-holder": sc_device_fd_holder,
+    "alsa-holder": sc_alsa_holder,
     "bridge-group": sc_bridge_group,
     "authorization": sc_authorization,
     "host-critical": sc_host_critical,
@@ -669,6 +734,8 @@ DEPENDS: dict[str, str] = {
     "vmm-uses-group": "vga-attach",
     "memlock": "vga-attach",
     "held-detach": "vga-attach",
+    "device-fd-holder": "held-detach",
+    "alsa-holder": "held-detach",
     "bridge-group": "bus-activation",
     "authorization": "bus-activation",
     "host-critical": "bus-activation",

@@ -36,7 +36,13 @@ from vfiod.core.errors import (
     VfiodError,
     VFIONotAvailable,
 )
-from vfiod.core.guard import check_not_host_critical, plan_groups, require_no_dependents, vfio_holders
+from vfiod.core.guard import (
+    check_not_host_critical,
+    plan_groups,
+    require_no_dependents,
+    require_not_in_use,
+    vfio_holders,
+)
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
 from vfiod.host.errors import SysfsWriteError
@@ -62,7 +68,7 @@ SRIOV_VFS = (A("0000:00:09.1"), A("0000:00:09.2"))  # its VFs once enabled (offs
 PROFILE = "qemu-q35"
 GUEST_MARKER = "e2e.root="  # on the kernel command line of the e2e guest only
 
-_HOLD_CODE = (
+HOLD_CODE = (
     "import os, sys, time\n"
     "fd = os.open(sys.argv[1], os.O_RDWR)\n"
     "print('held', flush=True)\n"
@@ -99,6 +105,11 @@ class Rig:
         """A write an administrator makes by hand (not through vfiod)."""
         raise NotImplementedError
 
+    def hold_device_file(self, group: int, addr: PciAddress) -> contextlib.AbstractContextManager[int]:
+        """A VMM that got `addr`'s VFIO device file, then closed its group and container fds and keeps
+        only the device file while the context lasts; yields its pid."""
+        raise NotImplementedError
+
     def kernel_release(self) -> str:
         raise NotImplementedError
 
@@ -133,7 +144,7 @@ class RealRig(Rig):
     @contextlib.contextmanager
     def _hold(self, logical: str) -> Iterator[int]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _HOLD_CODE, logical],
+            [sys.executable, "-c", HOLD_CODE, logical],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -155,6 +166,25 @@ class RealRig(Rig):
 
     def hold(self, logical: str) -> contextlib.AbstractContextManager[int]:
         return self._hold(logical)
+
+    @contextlib.contextmanager
+    def _hold_device_file(self, group: int, addr: PciAddress) -> Iterator[int]:
+        argv = [sys.executable, "-m", "tests.e2e.vmm", f"/dev/vfio/{group}", str(addr), "--hold-device"]
+        proc = subprocess.Popen(
+            [*argv, "--only-device"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            if not any(line.strip() == "holding" for line in iter(proc.stdout.readline, "")):
+                raise ScenarioFailed(f"the VMM could not take {addr}'s device file (exit {proc.wait()})")
+            yield proc.pid
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=30)
+
+    def hold_device_file(self, group: int, addr: PciAddress) -> contextlib.AbstractContextManager[int]:
+        return self._hold_device_file(group, addr)
 
     def admin_write(self, logical: str, value: str) -> None:
         fd = os.open(self.host.from_logical(logical), os.O_WRONLY)
@@ -190,6 +220,20 @@ class SimRig(Rig):
 
     def hold(self, logical: str) -> contextlib.AbstractContextManager[int]:
         return self._hold(logical)
+
+    @contextlib.contextmanager
+    def _hold_device_file(self, group: int, addr: PciAddress) -> Iterator[int]:
+        from vfiod_sim import processes
+
+        pid = processes.add_process(self.root, exe="/usr/bin/python3.11")
+        try:
+            processes.open_vfio_device(self.root, pid, str(addr))
+            yield pid
+        finally:
+            processes.remove_process(self.root, pid)
+
+    def hold_device_file(self, group: int, addr: PciAddress) -> contextlib.AbstractContextManager[int]:
+        return self._hold_device_file(group, addr)
 
     def admin_write(self, logical: str, value: str) -> None:
         self.kernel.write_attribute(self.host.from_logical(logical), value.encode())
@@ -485,6 +529,43 @@ def sc_held_group_node(rig: Rig, rec: Recorder) -> None:
     check(wait_for(lambda: not rig.host.vfio_group_node(group).exists()), f"{node} should be gone")
 
 
+def sc_device_file_holder(rig: Rig, rec: Recorder) -> None:
+    """A VMM keeps only edu's device file (group fd closed): /proc shows no group node, but the kernel
+    still has the group open (EBUSY), so restore refuses DeviceBusy naming it, writing nothing."""
+    group = _group_of(rig, EDU)
+    natives = _bind(rig, rec, [EDU], include_group=False)
+    with rig.hold_device_file(group, EDU) as pid:
+        rec.check("node holders", [h.path for h in vfio_holders(rig.host, [EDU])])
+        _group_status(rig, rec, group, "group status with only a device file held")
+        before = rec.writes()
+        with expect(rec, DeviceBusy) as caught:
+            _restore(rig, natives)
+        err = caught[0]
+        named = isinstance(err, DeviceBusy) and any(p == pid for p, _ in err.holders)
+        check(named, f"DeviceBusy names pid {pid}: {err.message}")
+        check(rec.writes() == before, "DeviceBusy must be raised before any write")
+    _restore(rig, natives)
+    _expect_drivers(rig, {EDU: None}, "after the restore")
+
+
+def sc_alsa_holder(rig: Rig, rec: Recorder) -> None:
+    """A process holding intel-hda's sound card control node: binding the VGA's slot is refused DeviceBusy
+    naming it before anything is written (snd_hda_intel's unbind would wait for it)."""
+    cards = [c for c in rig.host.list_dir(rig.host.device_dir(HDA) / "sound") if c.startswith("card")]
+    rec.check("sound cards", cards)
+    check(len(cards) == 1, f"{HDA} should have one sound card: {cards}")
+    node = f"/dev/snd/controlC{cards[0][4:]}"
+    with rig.hold(node) as pid:
+        before = rec.writes()
+        with expect(rec, DeviceBusy) as caught:
+            require_not_in_use(rig.host, [VGA, HDA], ignore_units=())
+        err = caught[0]
+        named = isinstance(err, DeviceBusy) and any(p == pid for p, _ in err.holders)
+        check(named, f"DeviceBusy names pid {pid}: {err.message}")
+        check(rec.writes() == before, "nothing is written")
+    _expect_drivers(rig, {VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after the refusal")
+
+
 def sc_bridge_group(rig: Rig, rec: Recorder) -> None:
     """pcie-pci-bridge + e1000 + edu: edu alone conflicts with e1000; both together bind and come back."""
     group = _group_of(rig, BR_EDU)
@@ -624,6 +705,8 @@ SCENARIOS: dict[str, Scenario] = {
     "vga-group-conflict": sc_vga_group_conflict,
     "vga-group-bind-restore": sc_vga_group_bind_restore,
     "held-group-node": sc_held_group_node,
+    "device-file-holder": sc_device_file_holder,
+    "alsa-holder": sc_alsa_holder,
     "bridge-group": sc_bridge_group,
     "nvme-host-critical": sc_nvme_host_critical,
     "root-share-host-critical": sc_root_share_host_critical,

@@ -1,12 +1,14 @@
 """A minimal VMM's use of a VFIO group, as an unprivileged VM manager would do it (ctypes ioctls only).
 
-    python3 -m tests.e2e.vmm GROUP_NODE PCI_ADDRESS [--dma-mib N] [--hold-device] [--json]
+    python3 -m tests.e2e.vmm GROUP_NODE PCI_ADDRESS [--dma-mib N] [--hold-device [--only-device]]
 
 Opens /dev/vfio/vfio and the group node, checks the API version, type1v2 support and the group's viability,
 attaches the group to a container, sets the type1v2 IOMMU, gets the device fd, reads the vendor and device
 ids from the config region and maps then unmaps N MiB of DMA (default 1). With --hold-device it prints
-`holding` and keeps every fd open until its standard input closes. Prints one JSON object (what worked,
-and the errno name of what did not); exit status 0 when every step worked.
+`holding` and keeps every fd open until its standard input closes; with --only-device too it first closes
+the group and container fds and keeps only the device fd (/proc then shows just
+`anon_inode:[vfio-device]`). Prints one JSON object (what worked, and the errno name of what did not);
+exit status 0 when every step worked.
 
 Standard library only: run in the guest with Debian's /usr/bin/python3 as the unprivileged user.
 """
@@ -102,7 +104,7 @@ def ioctl(fd: int, request: int, arg: Any, step: str) -> int:
     return rc
 
 
-def run(node: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]:
+def run(node: str, address: str, dma_mib: int, hold: bool, only_device: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": os.getuid(), "node": node, "device": address, "steps": []}
     steps: list[str] = out["steps"]
     fds: list[int] = []
@@ -156,6 +158,11 @@ def run(node: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]:
         ioctl(container, VFIO_IOMMU_UNMAP_DMA, ctypes.byref(unmap), "UNMAP_DMA")
         steps.append("unmap")
         out["ok"] = True
+        if hold and only_device:
+            for fd in (group, container):
+                os.close(fd)
+                fds.remove(fd)
+            steps.append("only-device")
         if hold:
             print(json.dumps(out), flush=True)
             print("holding", flush=True)
@@ -176,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("address")
     parser.add_argument("--dma-mib", type=int, default=1)
     parser.add_argument("--hold-device", action="store_true")
+    parser.add_argument("--only-device", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.node, args.address, args.dma_mib, args.hold_device)
+    result = run(args.node, args.address, args.dma_mib, args.hold_device, args.only_device)
     print(json.dumps(result), flush=True)
     return 0 if result.get("ok") else 1
 

@@ -7,6 +7,7 @@ registry data.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +34,11 @@ from vfiod.host.pcifunction import (
     read_function,
 )
 from vfiod.host.procfs import ProcessInfo
+
+# What /proc/<pid>/fd shows for a VFIO device file (the anonymous inode VFIO_GROUP_GET_DEVICE_FD returns).
+VFIO_DEVICE_FILE = "anon_inode:[vfio-device]"
+# The nodes of a sound card's devices, as they are named under <dev>/sound/card<N>/ and /dev/snd/.
+ALSA_NODE_PREFIXES = ("controlC", "pcmC", "hwC", "midiC")
 
 
 def check_identity(host: Host, addr: PciAddress, expected: Identity) -> None:
@@ -233,8 +239,13 @@ def vfio_holders(host: Host, addrs: Iterable[PciAddress]) -> list[Holder]:
 
 
 def require_not_held(host: Host, addrs: Iterable[PciAddress], what: str) -> None:
-    """Refuse with DeviceBusy while a process holds a group node or cdev: an unbind would block in the
-    kernel, uninterruptibly, until the holder lets go."""
+    """Refuse with DeviceBusy while a process holds a group node, a cdev or a VFIO device file: an unbind
+    would block in the kernel, uninterruptibly, until the holder lets go.
+
+    /proc/*/fd names group nodes and cdevs, but a VMM that closed its group fd and kept a device fd (or
+    only a mapping of one) shows just `anon_inode:[vfio-device]`, which does not say which device. The
+    kernel knows: a device file holds its group's file, and the group node has one opener
+    (vfio_group_fops_open: -EBUSY), so opening the node once tells exactly whether anyone holds it."""
     addrs = list(addrs)
     holders = vfio_holders(host, addrs)
     if holders:
@@ -242,6 +253,29 @@ def require_not_held(host: Host, addrs: Iterable[PciAddress], what: str) -> None
             f"cannot {what} {', '.join(addrs)}: " + "; ".join(h.describe() for h in holders),
             [(h.pid, h.exe) for h in holders],
         )
+    for group in sorted({g for a in addrs if (g := host.iommu_group(a)) is not None}):
+        if not _group_open_elsewhere(host, group):
+            continue
+        suspects = _holders(host, {VFIO_DEVICE_FILE}, lambda _info: False)
+        named = "; ".join(f"pid {h.pid} ({h.exe or 'unknown executable'})" for h in suspects)
+        raise DeviceBusy(
+            f"cannot {what} {', '.join(addrs)}: /dev/vfio/{group} is held open in the kernel by a VFIO "
+            "device file (or a mapping of one) that a VMM kept after closing the group; "
+            + (f"processes holding VFIO device files: {named}" if named else "no process shows one in /proc")
+            + ". Stop that VMM first",
+            [(h.pid, h.exe) for h in suspects],
+        )
+
+
+def _group_open_elsewhere(host: Host, group: int) -> bool:
+    """Whether the kernel refuses to open /dev/vfio/<group> because someone has it open (EBUSY)."""
+    if not host.vfio_group_node(group).exists():
+        return False
+    try:
+        host.group_status(group)
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False
 
 
 def nvidia_minor(host: Host, addr: PciAddress) -> int | None:
@@ -254,15 +288,23 @@ def nvidia_minor(host: Host, addr: PciAddress) -> int | None:
 
 
 def native_use_paths(host: Host, addr: PciAddress) -> set[str]:
-    """Device nodes through which host processes use a GPU on its native driver. Holders of only
-    nvidiactl/nvidia-uvm do not pin one GPU, so they are not listed."""
+    """Device nodes through which host processes use a function on its native driver: a GPU's nvidia and
+    DRM nodes, and the nodes of a sound card (a GPU's HDMI audio: snd_card_free, called by the unbind,
+    waits until every file of the card is closed). Holders of only nvidiactl/nvidia-uvm do not pin one
+    GPU, so they are not listed."""
     paths: set[str] = set()
     minor = nvidia_minor(host, addr)
     if minor is not None:
         paths.add(f"/dev/nvidia{minor}")
-    for name in host.list_dir(host.device_dir(addr) / "drm"):
+    dev = host.device_dir(addr)
+    for name in host.list_dir(dev / "drm"):
         if name.startswith(("card", "renderD")):
             paths.add(f"/dev/dri/{name}")
+    for card in host.list_dir(dev / "sound"):
+        if card.startswith("card"):
+            for name in host.list_dir(dev / "sound" / card):
+                if name.startswith(ALSA_NODE_PREFIXES):
+                    paths.add(f"/dev/snd/{name}")
     return paths
 
 
