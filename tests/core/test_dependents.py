@@ -93,3 +93,55 @@ def test_an_mdev_parent_with_children_is_in_use(tmp_path: Path) -> None:
     (listed,) = discovery.discover(host)
     assert listed.mdev_types == ("nvidia-1155",)
     assert any(UUID in b for b in listed.blockers) and not listed.passthrough_ready
+
+
+def test_devices_behind_intel_vmd_are_listed_grouped_and_guarded(tmp_path: Path) -> None:
+    """Intel VMD puts the NVMe behind it in PCI domain 10000 and in the VMD endpoint's IOMMU group: those
+    functions are listed, count as group members, and keep the host's root disk host-critical."""
+    fs = FakeSys(tmp_path)
+    fs.pci("0000:00:0e.0", vendor="8086", device="467f", cls="0x010400", driver="vmd", group=4)
+    nvme = fs.pci(
+        "10000:e1:00.0",
+        parent="0000:00:0e.0",
+        vendor="144d",
+        device="a80a",
+        cls="0x010802",
+        driver="nvme",
+        group=4,
+    )
+    fs.disk("nvme0n1", "259:0", nvme / "nvme/nvme0", {"nvme0n1p2": "259:2"})
+    fs.mount("259:2", "/", "ext4", "/dev/nvme0n1p2")
+    host = fs.host()
+    vmd, disk = PciAddress.parse("0000:00:0e.0"), PciAddress.parse("10000:e1:00.0")
+    assert host.pci_addresses() == [vmd, disk]
+    assert host.group_members(4) == [vmd, disk]
+    listed = {d.pci_address: d for d in discovery.discover(host, all_devices=True)}
+    assert listed["0000:00:0e.0"].iommu_group_members == ("0000:00:0e.0", "10000:e1:00.0")
+    assert "backs /" in listed["10000:e1:00.0"].host_critical
+    with pytest.raises(IOMMUGroupConflict, match=r"10000:e1:00\.0, bound to nvme"):
+        guard.plan_groups(host, [vmd], include_group=False)
+
+
+@pytest.mark.parametrize(
+    ("bridge_driver", "conflict"), [("shpchp", True), ("pcieport", False), (None, False)]
+)
+def test_a_bridge_in_the_group_is_judged_by_its_driver(
+    tmp_path: Path, bridge_driver: str | None, conflict: bool
+) -> None:
+    """The kernel judges a group's viability by each member's driver, bridges included: shpchp owns DMA,
+    pcieport and no driver do not. Attach plans and ListAvailable blockers use that one rule."""
+    fs = FakeSys(tmp_path)
+    fs.pci(
+        "0000:00:1e.0", vendor="8086", device="244e", cls="0x060400", driver=bridge_driver, group=6, header=1
+    )
+    fs.pci("0000:05:00.0", parent="0000:00:1e.0", vendor="1234", device="11e8", cls="0x00ff00", group=6)
+    host = fs.host()
+    edu = PciAddress.parse("0000:05:00.0")
+    (listed,) = [d for d in discovery.discover(host, all_devices=True) if d.pci_address == str(edu)]
+    if conflict:
+        with pytest.raises(IOMMUGroupConflict, match=r"0000:00:1e\.0, bound to shpchp"):
+            guard.plan_groups(host, [edu], include_group=False)
+        assert any("0000:00:1e.0 (shpchp)" in b for b in listed.blockers)
+    else:
+        (plan,) = guard.plan_groups(host, [edu], include_group=False)
+        assert plan.to_bind == [edu] and listed.passthrough_ready

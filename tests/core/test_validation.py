@@ -218,10 +218,22 @@ def test_id_shaped_strings_are_never_names(text: str) -> None:
         ("0000:a2:00.0", "0000:a2:00.0"),
         ("0000:A2:00.1", "0000:a2:00.1"),
         ("ABCD:EF:1F.7", "abcd:ef:1f.7"),
+        # domains above ffff, as the kernel names them (Intel VMD puts its devices from 10000 on)
+        ("10000:E1:00.0", "10000:e1:00.0"),
+        ("ffffffff:00:1f.7", "ffffffff:00:1f.7"),
     ],
 )
 def test_pci_address_accepted(text: str, canonical: str) -> None:
     assert v.pci_address(text) == canonical
+
+
+def test_the_parts_of_an_address_with_a_wide_domain() -> None:
+    vmd, plain = v.pci_address("10000:e1:02.3"), v.pci_address("0000:e1:02.3")
+    assert (vmd.domain, vmd.bus, vmd.slot, vmd.function) == (0x10000, 0xE1, 2, 3)
+    assert (plain.domain, plain.bus, plain.slot, plain.function) == (0, 0xE1, 2, 3)
+    assert vmd.slot_prefix == "10000:e1:02" and not vmd.same_slot(plain)
+    assert vmd.same_slot(v.pci_address("10000:e1:02.0"))
+    assert vmd.default_device_name() == "pci-10000-e1-02-3"
 
 
 @pytest.mark.parametrize(
@@ -235,7 +247,9 @@ def test_pci_address_accepted(text: str, canonical: str) -> None:
         (" 0000:a2:00.0", "' 0000:a2:00.0'"),
         ("0000:a2:00", "is not a PCI address"),
         ("0000:a2:000.0", "is not a PCI address"),
-        ("00000:a2:00.0", "is not a PCI address"),
+        ("00000:a2:00.0", "is not a PCI address"),  # the kernel writes no leading zero beyond four digits
+        ("000:a2:00.0", "is not a PCI address"),
+        ("100000000:a2:00.0", "is not a PCI address"),  # a domain is 32 bits
         ("0000:a2:00.0/../..", "is not a PCI address"),
         ("0000:a2:00.\u0660", "is not a PCI address"),  # Arabic-Indic zero is a \d, not a [0-7]
         ("", "is not a PCI address"),

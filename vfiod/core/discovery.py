@@ -150,7 +150,9 @@ def _build(
     for member in members:
         # A bridge is refused whatever its group holds: listing the group too would only add noise.
         other = snap.function(member)
-        if bridge or member == addr or member.same_slot(addr) or other.dma_neutral:
+        # Judged by driver, as the kernel judges viability and as Attach plans the group (a same-slot
+        # function goes along with include_group; a VF never does).
+        if bridge or member == addr or (member.same_slot(addr) and not other.physfn) or other.dma_neutral:
             continue
         blockers.append(
             f"IOMMU group {group} also holds {member} ({other.driver or ''}), which the host is using; "

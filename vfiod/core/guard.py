@@ -27,8 +27,6 @@ from vfiod.host.errors import ProcUnreadable
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import (
-    DMA_NEUTRAL_DRIVERS,
-    VFIO_DRIVERS,
     Identity,
     PciSnapshot,
     read_function,
@@ -146,7 +144,9 @@ def plan_groups(
                     f"IOMMU group {group} also holds {member}, which is attached to {holder}; a group can "
                     "only be handed to one owner"
                 )
-            if other.is_bridge or drv is None or (drv in DMA_NEUTRAL_DRIVERS - VFIO_DRIVERS):
+            # Judged by driver, as the kernel judges viability (a bridge too: pcieport leaves DMA to the
+            # user, shpchp does not): the same rule as ListAvailable's blockers (PciFunction.dma_neutral).
+            if other.dma_neutral and not other.is_vfio_bound:
                 continue
             if other.is_vfio_bound:
                 plan.joined.append(member)

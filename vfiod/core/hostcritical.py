@@ -21,11 +21,11 @@ from pathlib import Path
 
 from vfiod.host import procfs
 from vfiod.host.host import Host
-from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pciaddr import PCI_ADDRESS_PATTERN, PciAddress
 
 log = logging.getLogger("vfiod.hostcritical")
 
-_PCI_COMPONENT_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_PCI_COMPONENT_RE = re.compile(PCI_ADDRESS_PATTERN)
 _MAJMIN_RE = re.compile(r"(\d+):(\d+)")
 # Interface and block device names come from /proc files; they become path components, so anything that
 # could walk out of the directory is ignored.

@@ -27,7 +27,7 @@ from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.pciids import PciIds
 from vfiod.host import procfs
 from vfiod.host.host import Host
-from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pciaddr import PCI_ADDRESS_PATTERN, PciAddress
 from vfiod.host.pcifunction import PciFunction, PciSnapshot, module_name
 
 IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
@@ -49,7 +49,7 @@ _GPU_DRIVER_VENDORS: dict[str, str] = {
 }
 _ID_FIELD_RE = re.compile(r"[0-9a-fA-F]{1,8}")
 _ANY_ID = "ffffffff"
-_DRIVERCTL_RE = re.compile(r"pci-([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])")
+_DRIVERCTL_RE = re.compile(rf"pci-({PCI_ADDRESS_PATTERN})")
 
 
 def _is_vfio_module(name: str) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TypeGuard
 
 from vfiod.core.errors import InvalidArgument, InvalidName, InvalidPCIAddress
-from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
+from vfiod.host.pciaddr import DOMAIN_PATTERN, InvalidPciAddressText, PciAddress
 
 # Each is the contract's error (what a D-Bus caller receives) and a ValueError (what a parser of files,
 # such as the hypeman import, catches): the one place a bad value becomes a named error.
@@ -58,7 +58,7 @@ _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 _INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _TAG_CHARS_RE = re.compile(r"[A-Za-z0-9 _.:/=+@-]*")
 _SHORT_PCI_RE = re.compile(r"[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
-_PCI_BAD_FUNCTION_RE = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-9a-fA-F]")
+_PCI_BAD_FUNCTION_RE = re.compile(DOMAIN_PATTERN + r":[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-9a-fA-F]")
 
 _ID_FIRST = string.ascii_lowercase
 _ID_REST = string.ascii_lowercase + string.digits

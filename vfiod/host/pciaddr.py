@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import re
 
-_PCI_RE = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
-_SLOT_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}")
+# The domain is what the kernel prints with %04x: four hex digits, or more above 0xffff (Intel VMD puts
+# the devices behind it in domains from 0x10000: `10000:e1:00.0`).
+DOMAIN_PATTERN = r"(?:[0-9a-fA-F]{4}|[1-9a-fA-F][0-9a-fA-F]{4,7})"
+PCI_ADDRESS_PATTERN = DOMAIN_PATTERN + r":[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
+_PCI_RE = re.compile(PCI_ADDRESS_PATTERN)
+_SLOT_RE = re.compile(DOMAIN_PATTERN.replace("A-F", "") + r":[0-9a-f]{2}:[0-9a-f]{2}")
 # Kernel driver and module names: letters, digits, '_' and '-' (e.g. vfio-pci, snd_hda_intel).
 _DRIVER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class InvalidPciAddressText(ValueError):
-    """The text is not a PCI address of the form dddd:bb:ss.f."""
+    """The text is not a PCI address of the form dddd:bb:ss.f (a domain above ffff has more digits)."""
 
 
 class InvalidDriverName(ValueError):
@@ -23,7 +27,8 @@ class InvalidDriverName(ValueError):
 
 
 class PciAddress(str):
-    """A canonical PCI address `dddd:bb:ss.f` (lowercase hex, function 0-7).
+    """A canonical PCI address `dddd:bb:ss.f` (lowercase hex, function 0-7; the domain as the kernel names
+    it: four digits, more above ffff).
 
     Construct only through `parse`; the str value is the canonical form, which is also the device's
     directory name under /sys/bus/pci/devices.
@@ -42,26 +47,27 @@ class PciAddress(str):
             )
         return str.__new__(cls, text.lower())
 
+    # Indexed from the end: the domain is four digits or more.
     @property
     def domain(self) -> int:
-        return int(self[0:4], 16)
+        return int(self[:-8], 16)
 
     @property
     def bus(self) -> int:
-        return int(self[5:7], 16)
+        return int(self[-7:-5], 16)
 
     @property
     def slot(self) -> int:
-        return int(self[8:10], 16)
+        return int(self[-4:-2], 16)
 
     @property
     def function(self) -> int:
-        return int(self[11], 16)
+        return int(self[-1], 16)
 
     @property
     def slot_prefix(self) -> str:
         """`dddd:bb:ss`, shared by every function of one physical slot."""
-        return self[:10]
+        return self[:-2]
 
     def same_slot(self, other: PciAddress) -> bool:
         return self.slot_prefix == other.slot_prefix

@@ -35,6 +35,18 @@ class Migration:
 
 
 _PCI_GLOB: Final = "'[0-9a-f][0-9a-f][0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f].[0-7]'"
+
+
+def _pci_check(column: str) -> str:
+    """`column` is a canonical PCI address whose domain has four hex digits, or up to eight above ffff
+    (Intel VMD): `:bb:ss.f` is the last eight characters, the domain everything before them."""
+    domain = f"substr({column}, 1, length({column}) - 8)"
+    return (
+        f"({column} GLOB '*:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f].[0-7]' AND length({domain}) BETWEEN 4 AND 8 "
+        f"AND {domain} NOT GLOB '*[^0-9a-f]*' AND (length({domain}) = 4 OR {domain} NOT GLOB '0*'))"
+    )
+
+
 _TIMESTAMP_GLOB: Final = "'[0-9][0-9][0-9][0-9]-[0-1][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9]Z'"
 
 _V1: Final[tuple[MigrationStep, ...]] = (
@@ -177,7 +189,7 @@ _V3: Final[tuple[MigrationStep, ...]] = (
         id TEXT PRIMARY KEY NOT NULL
             CHECK (length(id) = 24 AND id GLOB '[a-z]*' AND id NOT GLOB '*[^a-z0-9]*'),
         name TEXT NOT NULL UNIQUE CHECK (name <> ''),
-        pci_address TEXT NOT NULL CHECK (pci_address = '' OR pci_address GLOB {_PCI_GLOB}),
+        pci_address TEXT NOT NULL CHECK (pci_address = '' OR {_pci_check("pci_address")}),
         vendor_id TEXT NOT NULL,
         device_id TEXT NOT NULL,
         class_code TEXT NOT NULL,
@@ -209,7 +221,7 @@ _V3: Final[tuple[MigrationStep, ...]] = (
         type_id TEXT NOT NULL CHECK (type_id <> ''),
         profile TEXT NOT NULL CHECK (profile <> ''),
         parent TEXT NOT NULL CHECK (parent <> ''),
-        physical_gpu TEXT NOT NULL CHECK (physical_gpu = '' OR physical_gpu GLOB {_PCI_GLOB}),
+        physical_gpu TEXT NOT NULL CHECK (physical_gpu = '' OR {_pci_check("physical_gpu")}),
         managed INTEGER NOT NULL CHECK (managed IN (0, 1))
     ) STRICT""",
     "CREATE INDEX vgpus_by_parent ON vgpus (parent)",
