@@ -29,7 +29,8 @@ PCI_ANY_ID = 0xFFFFFFFF
 
 DRIVER_KINDS = ("drm", "net", "nvme", "audio", "vfio", "gpu-nvidia", "virtio", "pcieport", "other")
 
-ADDR_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+# The domain as the kernel prints it (%04x): four hex digits, more above ffff (Intel VMD's 10000 on).
+ADDR_RE = re.compile(r"(?:[0-9a-f]{4}|[1-9a-f][0-9a-f]{4,7}):[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 # The vtconsole drivers (/sys/class/vtconsole/vtconN/name, "(M)" for one registered later as a module,

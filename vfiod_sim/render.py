@@ -26,7 +26,7 @@ HUGEPAGE_SIZES = ("2048kB", "1048576kB")
 
 def _routing_id(addr: str) -> int:
     """bus << 8 | device << 3 | function: what sriov_offset and sriov_stride count in."""
-    return int(addr[5:7], 16) << 8 | int(addr[8:10], 16) << 3 | int(addr[11])
+    return int(addr[-7:-5], 16) << 8 | int(addr[-4:-2], 16) << 3 | int(addr[-1])
 
 
 def stable_hex(text: str, n: int) -> str:
@@ -53,7 +53,7 @@ class Renderer:
         if spec.ifname:
             return spec.ifname
         # systemd's predictable name for a function without one in the profile
-        bus, slot, fn = int(addr[5:7], 16), int(addr[8:10], 16), int(addr[11])
+        bus, slot, fn = int(addr[-7:-5], 16), int(addr[-4:-2], 16), int(addr[-1])
         return f"enp{bus}s{slot}" + (f"f{fn}" if self.topo.multifunction[addr] else "")
 
     def render(self, keys: Iterable[str]) -> Tree:
@@ -85,7 +85,7 @@ class Renderer:
         cfg[0x34] = 0x40  # capabilities pointer
         if spec.header_type == 1:
             secondary, subordinate = self.topo.bus_range(addr)
-            cfg[0x18], cfg[0x19], cfg[0x1A] = int(addr[5:7], 16), secondary, subordinate
+            cfg[0x18], cfg[0x19], cfg[0x1A] = int(addr[-7:-5], 16), secondary, subordinate
         else:
             struct.pack_into("<HH", cfg, 0x2C, card.subsystem_vendor, card.subsystem_device)
         cfg[0x3C] = spec.irq & 0xFF

@@ -40,7 +40,7 @@ class Topology:
         self.devpath: dict[str, str] = {}
         for d in profile.devices:
             if d.parent is None:
-                self.devpath[d.address] = f"sys/devices/pci{d.address[:4]}:{d.address[5:7]}/{d.address}"
+                self.devpath[d.address] = f"sys/devices/pci{d.address[:-5]}/{d.address}"  # pci<domain>:<bus>
             else:
                 self.devpath[d.address] = f"{self.devpath[d.parent]}/{d.address}"
         self.dir_to_addr = {p: a for a, p in self.devpath.items()}
@@ -60,8 +60,8 @@ class Topology:
                 self.vfs[d.physfn].append(d.address)
         slots: dict[str, int] = {}
         for a in self.order:  # a VF is not a function of its slot's multi-function device
-            slots[a[:10]] = slots.get(a[:10], 0) + (self.devices[a].physfn is None)
-        self.multifunction = {a: slots[a[:10]] > 1 for a in self.order}
+            slots[a[:-2]] = slots.get(a[:-2], 0) + (self.devices[a].physfn is None)
+        self.multifunction = {a: slots[a[:-2]] > 1 for a in self.order}
         self.index = {a: i for i, a in enumerate(self.order)}
 
     def parent(self, addr: str) -> str | None:
@@ -79,8 +79,8 @@ class Topology:
 
     def bus_range(self, addr: str) -> tuple[int, int]:
         """(secondary, subordinate) bus numbers of a bridge, from the devices behind it."""
-        below = [int(a[5:7], 16) for a in self.descendants(addr)]
-        own = int(addr[5:7], 16)
+        below = [int(a[-7:-5], 16) for a in self.descendants(addr)]
+        own = int(addr[-7:-5], 16)
         if not below:
             return own + 1, own + 1
         return min(below), max(below)

@@ -3,6 +3,7 @@ kernel, and the `python -m vfiod_sim` tool."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -20,7 +21,8 @@ from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.pcifunction import read_function
 from vfiod_sim import SimulatedKernel, build, get_profile, processes, render, state, tree
 from vfiod_sim.__main__ import main as tool
-from vfiod_sim.model import Profile
+from vfiod_sim.model import DeviceSpec, Profile
+from vfiod_sim.simulation import Simulation
 
 L4_GROUP = 7
 
@@ -443,3 +445,18 @@ def test_tool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert tool(["build", "nope", str(tmp_path / "other")]) == 2
     assert tool(["reboot", str(root)]) == 0
     assert SimulatedKernel(root).driver_of(L4) == "nvidia"
+
+
+def test_a_device_in_a_domain_above_ffff(tmp_path: Path) -> None:
+    """Intel VMD's domain 10000 as the kernel names it: the device, its group and its bus directory."""
+    base = get_profile("qemu-q35")
+    vmd_nvme = DeviceSpec(
+        "10000:e1:00.0", 0x144D, 0xA80A, 0x144D, 0xA801, 0x010802, driver="nvme", iommu_group=20
+    )
+    profile = dataclasses.replace(base, name="q35-vmd", devices=(*base.devices, vmd_nvme))
+    sim_root = tmp_path / "sim"
+    sim = Simulation.open(sim_root, profile)
+    addr = PciAddress.parse("10000:e1:00.0")
+    assert addr in sim.host.pci_addresses() and sim.host.group_members(20) == [addr]
+    assert sim.host.driver(addr) == "nvme"
+    assert (sim_root / "sys/devices/pci10000:e1/10000:e1:00.0").is_dir()
