@@ -156,6 +156,8 @@ class PciFunction:
 
     @cached_property
     def sriov_numvfs(self) -> int | None:
+        if self.sriov_totalvfs is None:
+            return None  # no SR-IOV capability: spare the read on every function of a listing
         return _optional_int(self.attr("sriov_numvfs"))
 
     @cached_property
@@ -166,6 +168,8 @@ class PciFunction:
     @cached_property
     def virtfns(self) -> tuple[PciAddress, ...]:
         """The enabled VFs of a physical function (`virtfnN` links), in VF order."""
+        if not self.sriov_numvfs:
+            return ()  # not a PF, or none enabled: no directory listing for every function of a listing
         names = [n for n in self._host.list_dir(self.dir) if n.startswith("virtfn") and n[6:].isdigit()]
         out = []
         for n in sorted(names, key=lambda n: int(n[6:])):
