@@ -673,6 +673,19 @@ def test_intent_journal(reg: Registry) -> None:
         "op-1",
         None,
     )
+    numvfs = reg.journal_write(
+        action="sriov_numvfs",
+        boot_id="boot-new",
+        operation="op-2",
+        pci_address=str(dev.pci_address),
+        from_driver="",
+        to_driver="",
+        value="2",
+    )
+    assert [(i.kind, i.action, i.value) for i in reg.open_intents() if i.id == numvfs] == [
+        ("write", "sriov_numvfs", "2")
+    ]
+    assert reg.clear_intent(numvfs)
     # An unbind write is a write, not an Unbind operation: the kind says so, not the action's name.
     assert (rows[write].kind, rows[write].action, rows[write].native_module) == ("write", "unbind", "")
     assert (rows[grant].kind, rows[grant].iommu_group, rows[grant].node_prev) == (

@@ -198,6 +198,7 @@ INTENT_COLUMNS: Final[dict[str, Encoder]] = {
     "iommu_group": _at_least(-1),
     "from_driver": text,
     "to_driver": text,
+    "value": text,
     "native_module": text,
     "node_uid": _optional(_at_least(0)),
     "node_gid": _optional(_at_least(0)),

@@ -36,6 +36,7 @@ class IntentJournal(Store):
                 "iommu_group": -1,
                 "from_driver": "",
                 "to_driver": "",
+                "value": "",
                 "native_module": "",
                 "node_uid": None,
                 "node_gid": None,
@@ -79,9 +80,19 @@ class IntentJournal(Store):
         )
 
     def journal_write(
-        self, *, action: str, boot_id: str, operation: str, pci_address: str, from_driver: str, to_driver: str
+        self,
+        *,
+        action: str,
+        boot_id: str,
+        operation: str,
+        pci_address: str,
+        from_driver: str,
+        to_driver: str,
+        value: str = "",
     ) -> int:
-        """One sysfs write (`action`: override, unbind, probe, clear-override) is about to happen."""
+        """One sysfs write is about to happen: a driver change (`action` override, unbind, probe,
+        clear-override: `from_driver`, `to_driver`) or another attribute (`action` its name, `value` what
+        is written, e.g. sriov_numvfs and a count)."""
         return self._begin_intent(
             "write",
             action,
@@ -90,6 +101,7 @@ class IntentJournal(Store):
             pci_address=pci_address,
             from_driver=from_driver,
             to_driver=to_driver,
+            value=value,
         )
 
     def journal_grant(self, *, boot_id: str, operation: str, iommu_group: int, node_prev: NodeOwner) -> int:

@@ -137,6 +137,7 @@ class IntentRow:
     iommu_group: int = -1
     from_driver: str = ""
     to_driver: str = ""
+    value: str = ""  # write: what is written when it is not a driver (a VF count, say)
     native_module: str = ""  # function: the module that provides from_driver
     node_prev: NodeOwner | None = None  # grant: the node's owner and mode before vfiod changed it
     vgpu_parent: str = ""  # claim: where the vGPU is being created

@@ -156,9 +156,9 @@ def _v3_intents(conn: sqlite3.Connection) -> None:
             kind, module = "function", str(step)
         conn.execute(
             "INSERT INTO intents_v3 (id, kind, action, boot_id, operation, created_at, device_id, "
-            "pci_address, iommu_group, from_driver, to_driver, native_module, node_uid, node_gid, "
+            "pci_address, iommu_group, from_driver, to_driver, value, native_module, node_uid, node_gid, "
             "node_mode, vgpu_parent, vgpu_uuid, vgpu_type) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', '', '')",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?, ?, '', '', '')",
             (
                 id_,
                 kind,
@@ -243,6 +243,7 @@ _V3: Final[tuple[MigrationStep, ...]] = (
         iommu_group INTEGER NOT NULL CHECK (iommu_group >= -1),
         from_driver TEXT NOT NULL,
         to_driver TEXT NOT NULL,
+        value TEXT NOT NULL,
         native_module TEXT NOT NULL,
         node_uid INTEGER CHECK (node_uid >= 0),
         node_gid INTEGER CHECK (node_gid >= 0),
