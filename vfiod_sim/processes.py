@@ -189,21 +189,24 @@ def open_vfio_device(root: Path, pid: int, addr: str) -> int:
     """The process gets a VFIO device file of `addr` (VFIO_GROUP_GET_DEVICE_FD); returns its fd. It keeps
     the group open in the kernel (its group file) until closed, even after the group fd is."""
     fd = add_fd(root, pid, VFIO_DEVICE_FILE)
-    path = _device_files_path(root)
-    table = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    table = _device_files(root)
     table[f"{pid}:{fd}"] = addr
-    path.write_text(json.dumps(table, sort_keys=True), encoding="utf-8")
+    _device_files_path(root).write_text(json.dumps(table, sort_keys=True), encoding="utf-8")
     return fd
+
+
+def _device_files(root: Path) -> dict[str, str]:
+    path = _device_files_path(root)
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else {}
 
 
 def vfio_device_holders(root: Path, addrs: Iterable[str]) -> list[tuple[int, str]]:
     """(pid, address) for every VFIO device file of one of `addrs` a process still holds."""
     wanted = set(addrs)
-    path = _device_files_path(root)
-    if not wanted or not path.exists():
+    if not wanted:
         return []
     out = []
-    for key, addr in json.loads(path.read_text(encoding="utf-8")).items():
+    for key, addr in _device_files(root).items():
         pid, _, fd = key.partition(":")
         if addr not in wanted:
             continue
@@ -226,6 +229,10 @@ def remove_process(root: Path, pid: int) -> None:
     """The process exits (closing everything it held). Removing a missing process is not an error."""
     shutil.rmtree(proc_dir(root) / str(pid), ignore_errors=True)
     shutil.rmtree(_hidden_dir(root) / str(pid), ignore_errors=True)
+    table = _device_files(root)
+    kept = {k: a for k, a in table.items() if not k.startswith(f"{pid}:")}
+    if kept != table:  # its device files close with it: a later process with this pid holds none
+        _device_files_path(root).write_text(json.dumps(kept, sort_keys=True), encoding="utf-8")
 
 
 def set_fd_unreadable(root: Path, pid: int) -> None:

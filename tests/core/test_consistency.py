@@ -145,7 +145,7 @@ def test_grant_crash_around_the_chown_leaves_no_node_with_the_caller(tmp_path: P
     m.attach(OTHER, "vm2", ["l4-gpu"], include_group=True)
     assert m.host.node_owner(group).uid == OTHER.uid
     (att, _) = m.registry.attachments_in_group(group)
-    assert att.node_prev_uid in (None, 0)
+    assert att.node_prev is None or att.node_prev.uid == 0
     m.detach(OTHER, "vm2")
     m.registry.close()
 

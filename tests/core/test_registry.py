@@ -537,14 +537,12 @@ def test_attachments(reg: Registry) -> None:
     assert (gpu.type, audio.type) == ("gpu", "pci")  # from the class code
     other = reg.add_device(make_device(2, iommu_group=9))
     a1 = reg.add_attachment(
-        attach(gpu, node_prev_uid=0, node_prev_gid=0, node_prev_mode=0o600, id=99)  # the id is assigned
+        attach(gpu, node_prev=NodeOwner(0, 0, 0o600), id=99)  # the id is assigned
     )
-    a2 = reg.add_attachment(
-        attach(audio, role="companion", node_prev_uid=0, node_prev_gid=0, node_prev_mode=0o600)
-    )
+    a2 = reg.add_attachment(attach(audio, role="companion", node_prev=NodeOwner(0, 0, 0o600)))
     a3 = reg.add_attachment(attach(other, "vm-2", owner_uid=1001))
     assert 0 < a1.id < a2.id < a3.id
-    assert a1.node_prev_mode == 0o600
+    assert a1.node_prev == NodeOwner(0, 0, 0o600)
     assert reg.attachments_of_instance("vm-1") == [a1, a2]
     assert reg.attachments_in_group(7) == [a1, a2]
     assert reg.attachment_of_device(other.id) == a3
@@ -555,8 +553,8 @@ def test_attachments(reg: Registry) -> None:
         reg.add_attachment(attach(gpu, "vm-1"))
     with pytest.raises(NotFound):
         reg.add_attachment(AttachmentRow(new_device_id(), "vm-1", 0, 1, "b"))
-    with pytest.raises(ValueError, match="recorded together"):
-        reg.add_attachment(attach(reg.add_device(make_device(3)), node_prev_uid=0))
+    with pytest.raises(ValueError, match="node_prev_mode must be at least 0"):
+        reg.add_attachment(attach(reg.add_device(make_device(3)), node_prev=NodeOwner(0, 0, -1)))
 
     assert reg.remove_attachment(other.id) == a3
     assert reg.remove_attachment(other.id) is None

@@ -46,10 +46,10 @@ def test_a_version_2_registry_upgrades_keeping_attachments_and_open_intents(tmp_
             3,
             boot,
         )
-        assert (audio_att.device_id, audio_att.role, audio_att.node_prev_mode) == (
+        assert (audio_att.device_id, audio_att.role, audio_att.node_prev) == (
             audio.id,
             "companion",
-            0o600,
+            NodeOwner(0, 0, 0o600),
         )
 
         # The overloaded `step` became explicit columns, by what each intent was.

@@ -76,7 +76,6 @@ def revoke(host: Host, group: int, previous: NodeOwner) -> None:
 def previous_grant(registry: Registry, group: int, instance: str) -> NodeOwner | None:
     """Who owned `/dev/vfio/<group>` before `instance`'s attachment took it (journaled with it)."""
     for a in registry.attachments_in_group(group):
-        if a.instance_id == instance and a.node_prev_uid is not None:
-            assert a.node_prev_gid is not None and a.node_prev_mode is not None
-            return NodeOwner(a.node_prev_uid, a.node_prev_gid, a.node_prev_mode)
+        if a.instance_id == instance and a.node_prev is not None:
+            return a.node_prev
     return None

@@ -27,9 +27,7 @@ from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
-from vfiod.host.pcifunction import PciSnapshot
-
-DISPLAY_BASE_CLASS = "03"
+from vfiod.host.pcifunction import DISPLAY_BASE_CLASS, PciSnapshot, device_type
 
 NO_IOMMU_BLOCKER = (
     "no IOMMU group: the IOMMU is off (add intel_iommu=on or amd_iommu=on to the kernel command line and "
@@ -95,11 +93,6 @@ class AvailableDevice:
             "virtfns": list(self.virtfns),
             "mdev_types": list(self.mdev_types),
         }
-
-
-def device_type(class_code: str) -> str:
-    """`gpu` for any display controller (base class 03), else `pci`."""
-    return "gpu" if class_code[:2] == DISPLAY_BASE_CLASS else "pci"
 
 
 def is_candidate(class_code: str) -> bool:

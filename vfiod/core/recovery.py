@@ -166,8 +166,7 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
         report.count("operations_recovered")
         stuck: list[str] = []
         for grant in grants:
-            if grant.node_prev is None:
-                continue
+            assert grant.node_prev is not None  # the schema: a grant intent always records it
             live = [
                 a
                 for a in deps.registry.attachments_in_group(grant.iommu_group)

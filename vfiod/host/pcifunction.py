@@ -32,6 +32,8 @@ BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
 # Classes of a PCI-to-PCI (0604, 0609) or CardBus (0607) bridge: header type 1 or 2.
 _BRIDGE_HEADER_CLASSES = frozenset({"0604", "0607", "0609"})
 _HEADER_TYPE_OFFSET = 0x0E
+# Display controllers (0300 VGA, 0301 XGA, 0302 3D, 0380 other): what vfiod calls a GPU.
+DISPLAY_BASE_CLASS = "03"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -241,6 +243,12 @@ class PciFunction:
         own DMA (vfio-pci and its variants, pci-stub, pcieport)."""
         drv = self.driver
         return drv is None or drv in DMA_NEUTRAL_DRIVERS or self.has_vfio_dev
+
+
+def device_type(class_code: str) -> str:
+    """`gpu` for any display controller (base class 03), else `pci`: the type a PCI function is listed
+    and registered with."""
+    return "gpu" if class_code[:2] == DISPLAY_BASE_CLASS else "pci"
 
 
 class PciSnapshot:

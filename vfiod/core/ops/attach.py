@@ -178,9 +178,7 @@ def _record_attachments(
                     iommu_group=fn.group,
                     boot_id=deps.boot_id,
                     role=existing.role if existing else _role(fn.role),
-                    node_prev_uid=prev.uid if prev else None,
-                    node_prev_gid=prev.gid if prev else None,
-                    node_prev_mode=prev.mode if prev else None,
+                    node_prev=prev,
                     gpudirect_clique=clique if fn.role == "requested" else None,
                 )
             )

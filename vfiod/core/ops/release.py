@@ -19,7 +19,6 @@ from vfiod.core.errors import VfiodError
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
 from vfiod.core.registry import AttachmentRow, DeviceRow, RegistryError
-from vfiod.host.backend import NodeOwner
 from vfiod.host.pcifunction import read_function
 
 
@@ -167,10 +166,8 @@ def recover_one(deps: CoreDeps, row: DeviceRow, dry_run: bool, report: Report) -
     att = deps.registry.attachment_of_device(row.id)
 
     def give_node_back() -> None:
-        if att is not None and att.node_prev_uid is not None:
-            assert att.node_prev_gid is not None and att.node_prev_mode is not None
-            previous = NodeOwner(att.node_prev_uid, att.node_prev_gid, att.node_prev_mode)
-            access.revoke(deps.host, att.iommu_group, previous)
+        if att is not None and att.node_prev is not None:
+            access.revoke(deps.host, att.iommu_group, att.node_prev)
 
     fixed = deps.registry.update_device(row.id, bound_by_vfiod=True, state="releasing")
     try:

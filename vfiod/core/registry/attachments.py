@@ -21,10 +21,7 @@ class AttachmentTable(Store):
         """Records that a device (or vGPU) is given to an instance; `row.id` is ignored and the stored row,
         with its new id, is returned. NotFound for an unknown device, InUse when it is attached already (to
         anyone: an idempotent repeat is for the caller to recognise)."""
-        values = codec.encode(
-            ATTACHMENT_COLUMNS, {c: getattr(row, c) for c in ATTACHMENT_COLUMNS if c != "id"}
-        )
-        codec.check_node_prev(values)
+        values = codec.attachment_values(row)
         with self.transaction():
             device = self._query("SELECT name, pci_address FROM devices WHERE id = ?", (row.device_id,))
             if not device:

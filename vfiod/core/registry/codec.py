@@ -108,7 +108,7 @@ def pci(column: str, value: object) -> str:
 
 
 def pci_or_empty(column: str, value: object) -> str:
-    return "" if value in ("", None) else pci(column, value if isinstance(value, str) else str(value))
+    return "" if value in ("", None) else pci(column, value)
 
 
 def device_id(column: str, value: object) -> str:
@@ -232,12 +232,12 @@ def select(table: Mapping[str, Encoder], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{c}" for c in table)
 
 
-def check_node_prev(values: Mapping[str, object]) -> None:
-    if len({values[c] is None for c in NODE_PREV}) != 1:
-        raise ValueError(
-            "node_prev_uid, node_prev_gid and node_prev_mode are recorded together: all set when vfiod "
-            "changed the group node, all None when it did not"
-        )
+def attachment_values(row: AttachmentRow) -> dict[str, object]:
+    """A new attachment's columns (its id is assigned by SQLite), checked and converted."""
+    prev = row.node_prev
+    node = (prev.uid, prev.gid, prev.mode) if prev else (None, None, None)
+    values = {c: getattr(row, c) for c in ATTACHMENT_COLUMNS if c not in ("id", *NODE_PREV)}
+    return encode(ATTACHMENT_COLUMNS, {**values, **dict(zip(NODE_PREV, node, strict=True))})
 
 
 def _named(table: Mapping[str, Encoder], values: Sequence[Any]) -> dict[str, Any]:
@@ -281,6 +281,8 @@ def vgpu_from_sql(values: Sequence[Any]) -> VgpuRow:
 def attachment_from_sql(values: Sequence[Any]) -> AttachmentRow:
     row = _named(ATTACHMENT_COLUMNS, values)
     row["attached_at"] = parse_timestamp(row["attached_at"])
+    uid, gid, mode = (row.pop(c) for c in NODE_PREV)
+    row["node_prev"] = None if uid is None else NodeOwner(uid, gid, mode)  # the schema sets all or none
     return AttachmentRow(**row)
 
 

@@ -12,6 +12,7 @@ from typing import Final, Literal, get_args
 
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pcifunction import device_type
 
 # `creating` and `destroying` are a vGPU's: the claim is journaled and the create or remove write is in
 # flight.
@@ -30,8 +31,6 @@ INTENT_KINDS: Final[tuple[IntentKind, ...]] = get_args(IntentKind)
 # driver (NVIDIA vGPU 17 and later).
 VgpuFramework = Literal["mdev", "vendor-vfio"]
 VGPU_FRAMEWORKS: Final[tuple[VgpuFramework, ...]] = get_args(VgpuFramework)
-
-DISPLAY_BASE_CLASS: Final = "03"
 
 
 def utc_now() -> datetime:
@@ -68,8 +67,7 @@ class DeviceRow:
 
     @property
     def type(self) -> str:
-        """`gpu` for a display controller (base class 03), else `pci`."""
-        return "gpu" if self.class_code[:2] == DISPLAY_BASE_CLASS else "pci"
+        return device_type(self.class_code)
 
 
 @dataclass(frozen=True)
@@ -112,10 +110,8 @@ class AttachmentRow:
     boot_id: str
     role: AttachmentRole = "requested"
     attached_at: datetime = field(default_factory=utc_now)
-    # The group node's owner and mode before vfiod granted it; all None when vfiod did not change it.
-    node_prev_uid: int | None = None
-    node_prev_gid: int | None = None
-    node_prev_mode: int | None = None
+    # The group node's owner and mode before vfiod granted it; None when vfiod did not change it.
+    node_prev: NodeOwner | None = None
     # cloud-hypervisor's x_nv_gpudirect_clique for this function (GPUDirect P2P), None when not asked.
     gpudirect_clique: int | None = None
     id: int = 0  # assigned by add_attachment; never reused

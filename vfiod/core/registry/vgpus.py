@@ -26,7 +26,7 @@ class VgpuTable(DeviceTable):
             {
                 "id": row.id,
                 "name": row.name,
-                "pci_address": str(row.pci_address) if row.pci_address is not None else "",
+                "pci_address": row.pci_address,
                 "vendor_id": row.vendor_id,
                 "device_id": row.device_id,
                 "class_code": "",
