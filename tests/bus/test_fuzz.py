@@ -30,6 +30,7 @@ SIGNATURES = {
     "Reconcile": "asa{sv}",
     "Recover": "sa{sv}",
     "ImportHypeman": "sa{sv}",
+    "SetVirtualFunctions": "sua{sv}",
 }
 LEAKS = ("Traceback", 'File "/', "site-packages", '.py", line')
 
@@ -70,11 +71,16 @@ def options_for(member: str) -> st.SearchStrategy[dict[str, Variant]]:
 
 def arguments(member: str) -> st.SearchStrategy[list[Any]]:
     signature = SIGNATURES[member]
-    parts = {"s": strings, "as": st.lists(strings, max_size=5), "a{sv}": options_for(member)}
+    parts = {
+        "s": strings,
+        "u": st.one_of(st.sampled_from([0, 1, 2, 7]), st.integers(0, 2**32 - 1)),
+        "as": st.lists(strings, max_size=5),
+        "a{sv}": options_for(member),
+    }
     out: list[st.SearchStrategy[Any]] = []
     rest = signature
     while rest:
-        for token in ("a{sv}", "as", "s"):
+        for token in ("a{sv}", "as", "s", "u"):
             if rest.startswith(token):
                 out.append(parts[token])
                 rest = rest[len(token) :]

@@ -308,3 +308,29 @@ def test_shutting_down_refuses_new_calls(start_vfiod: StartVfiod, clients: Clien
     vfiod.service.accepting = True
     no_reply = clients.root.m("ListDevices", "a{sv}", {}, flags=MessageFlag.NONE)
     assert no_reply.ok
+
+
+def test_set_virtual_functions(start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock) -> None:
+    """qemu-q35's NVMe PF 00:09.0 (2 VFs): enable, a VF registered and attached like any device, refusals
+    while it is attached, and a disable once it is detached."""
+    start_vfiod(profile="qemu-q35")
+    root, alice = clients.root, clients.alice
+    polkit.allow(ACTION_INSPECT, ACTION_ATTACH)
+    pf, vf1, vf2 = "0000:00:09.0", "0000:00:09.1", "0000:00:09.2"
+    assert ok(root.m("SetVirtualFunctions", "sua{sv}", pf, 2, {})) == [vf1, vf2]
+    listed = {d["pci_address"]: d for d in ok(root.m("ListAvailable", "a{sv}", {"all": b(True)}))}
+    assert listed[pf]["virtfns"] == [vf1, vf2] and listed[pf]["sriov_numvfs"] == 2
+    assert listed[vf2]["physfn"] == pf and listed[vf2]["current_driver"] == ""
+    register(root, pf, "nvme-pf")
+    register(root, vf2, "vf2")
+    ok(attach(alice, "vm1", "vf2"))
+    refused = root.m("SetVirtualFunctions", "sua{sv}", "nvme-pf", 1, {})
+    assert refused.short == "InUse" and "is attached to instance 'vm1'" in refused.text
+    assert alice.m("SetVirtualFunctions", "sua{sv}", pf, 0, {}).short == "NotAuthorized"
+    too_many = root.m("SetVirtualFunctions", "sua{sv}", pf, 3, {})
+    assert too_many.short == "InvalidArgument" and "at most 2" in too_many.text
+    bad = root.m("SetVirtualFunctions", "sua{sv}", pf, 2, {"autoprobe": Variant("s", "yes")})
+    assert bad.short == "InvalidArgument"
+    ok(detach(alice, "vm1"))
+    assert ok(root.m("SetVirtualFunctions", "sua{sv}", "nvme-pf", 0, {})) == []
+    assert device(root, "vf2")["state"] == "missing"

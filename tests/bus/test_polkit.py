@@ -37,6 +37,7 @@ from vfiod.config import Config, PerCaller
 
 ALL_ACTIONS = (ACTION_INSPECT, ACTION_REGISTER, ACTION_ATTACH, ACTION_ADMIN)
 USB = "0000:00:14.0"  # not a display controller: registering it needs admin
+SRIOV_PF = "0000:00:09.0"  # qemu-q35's SR-IOV NVMe
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Case:
     act: Act
     needs: tuple[str, ...]
     denied_error: str = "NotAuthorized"
+    profile: str = "workstation-l4"
 
 
 CASES = [
@@ -203,6 +205,13 @@ CASES = [
         lambda w: w.clients.alice.m("ImportHypeman", "sa{sv}", str(w.tmp / "hypeman"), {}),
         (ACTION_ADMIN,),
     ),
+    Case(
+        "SetVirtualFunctions",
+        nothing,
+        lambda w: w.clients.alice.m("SetVirtualFunctions", "sua{sv}", SRIOV_PF, 2, {}),
+        (ACTION_ADMIN,),
+        profile="qemu-q35",
+    ),
     Case("Introspect", gpu_registered, std("Introspect", "", iface=INTROSPECTABLE_IFACE), (ACTION_INSPECT,)),
     Case("Ping", nothing, std("Ping", "", iface=PEER_IFACE), (ACTION_INSPECT,)),
     Case(
@@ -241,7 +250,7 @@ def snapshot(w: World) -> tuple[object, ...]:
 def test_polkit_matrix(
     case: Case, allowed: bool, start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock, tmp_path: Path
 ) -> None:
-    w = World(start_vfiod(), clients, polkit, tmp_path)
+    w = World(start_vfiod(profile=case.profile), clients, polkit, tmp_path)
     case.setup(w)
     before = snapshot(w)
     granted = set(case.needs) if allowed else set(ALL_ACTIONS) - {case.needs[-1]}

@@ -247,3 +247,12 @@ def test_import_hypeman_and_unregister(
         assert code == 0 and out == f"Unregistered {name}\n"
     code, _, err = ctl(capsys, address, "unregister", "l4-gpu")
     assert code == 3 and err.startswith("vfioctl: NotFound: ")
+
+
+def test_vfs_of_a_function_without_sr_iov(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """workstation-l4 has no SR-IOV PF: the GPU is refused by name, nothing changes (the VF workflow is in
+    tests/bus/test_methods.py and the real-kernel suite)."""
+    code, _, err = ctl(capsys, address, "vfs", GPU, "2")
+    assert code == 2 and err.startswith("vfioctl: InvalidArgument: ") and "no SR-IOV capability" in err
+    code, _, err = ctl(capsys, address, "vfs", "0000:a2:00", "2")
+    assert code == 2 and err.startswith("vfioctl: InvalidPCIAddress: ")

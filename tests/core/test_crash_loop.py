@@ -1,7 +1,7 @@
 """The crash loop: a child process running the manager is SIGKILLed at every journal point of Attach, Detach,
-Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`; the restarted manager must leave the registry
-and the simulated kernel in agreement, and a second restart must change nothing (no intent is replayed
-over what came after it).
+Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`, and of SetVirtualFunctions (2 VFs to 3) on
+`dgx-h100`; the restarted manager must leave the registry and the simulated kernel in agreement, and a
+second restart must change nothing (no intent is replayed over what came after it).
 
 The points are not listed by hand: a first run of each operation with `VFIOD_TEST_TRACE_POINTS` records
 every point it passes, and each of them is then killed in a fresh world. Every disagreement found is a
@@ -30,6 +30,7 @@ ADMIN = Caller(uid=0)
 PERSISTENCED = "nvidia-persistenced.service"
 GPUS = {"workstation-l4": "0000:a2:00.0", "dgx-h100": "0000:1b:00.0"}
 ACTIONS = ("attach", "detach", "bind", "unbind", "recover")
+SRIOV_PF, SRIOV_VF = "0000:1c:00.0", "0000:1c:00.1"  # dgx-h100's first ConnectX-7 and its first VF
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ def setup(world: World, action: str) -> None:
             m.detach(HM, "vm1")
         faults.clear(world.sim_root, "nv")
         assert m.get_device("gpu").state == "stuck"
+    elif action == "sriov":
+        m.set_virtual_functions(ADMIN, SRIOV_PF, 2)
+        m.register(ADMIN, SRIOV_VF, "vf1")
     m.registry.close()
 
 
@@ -70,6 +74,8 @@ def perform(m: Manager, action: str) -> None:
         m.bind(ADMIN, "gpu", include_group=True)
     elif action == "unbind":
         m.unbind(ADMIN, "gpu")
+    elif action == "sriov":
+        m.set_virtual_functions(ADMIN, SRIOV_PF, 3)
     else:
         m.recover(ADMIN)
 
@@ -144,3 +150,38 @@ def _follow_up(m: Manager) -> str:
         m.detach(HM, "vm1")
     m.attach(HM, "vm2", ["gpu"], include_group=True)
     return "a new attach"
+
+
+@pytest.mark.slow
+def test_crash_loop_sriov(tmp_path: Path) -> None:
+    """Killed anywhere in a change from 2 VFs to 3, the restart leaves 2 (nothing had happened yet) or 3 (it
+    finished the change), never 0; the registered VF is on the bus again, and SetVirtualFunctions works."""
+    points = points_of(tmp_path, "dgx-h100", "sriov")
+    assert "sriov:disable#1" in points and "sriov:enable#1" in points
+    found: list[str] = []
+    pf = PciAddress.parse(SRIOV_PF)
+    for n, point in enumerate(points):
+        world = World("dgx-h100", tmp_path / f"sim{n}", tmp_path / f"state{n}")
+        setup(world, "sriov")
+        status = run_child(world, "sriov", {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
+        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        m = open_manager(world.sim_root, world.state)
+        m.startup()
+        count = m.host.attr(pf, "sriov_numvfs")
+        if count not in ("2", "3"):
+            found.append(f"{point}: the PF has {count} VFs after the restart")
+        if m.get_device("vf1").state != "host":
+            found.append(f"{point}: the registered VF is {m.get_device('vf1').state}")
+        found += [f"{point}: {v}" for v in violations(m, world.sim_root)]
+        try:
+            m.set_virtual_functions(ADMIN, SRIOV_PF, 1)
+        except VfiodError as e:
+            found.append(f"{point}: SetVirtualFunctions failed after the restart: {e.message}")
+        m.registry.close()
+        m = open_manager(world.sim_root, world.state)
+        report = m.startup()
+        if report.counters.get("operations_recovered") or m.host.attr(pf, "sriov_numvfs") != "1":
+            found.append(f"{point}: the second restart replayed something: {report.findings}")
+        m.registry.close()
+    print(f"crash loop dgx-h100 sriov: {len(points)} points killed, {len(found)} violations")
+    assert found == []

@@ -145,6 +145,14 @@ async def recover(svc: Runner, caller: Caller, req: Request) -> Record:
     return variants.record(report.to_record())
 
 
+async def set_virtual_functions(svc: Runner, caller: Caller, req: Request) -> list[str]:
+    pf = req.devices[0].id if req.devices else req.args["pf"]
+    count, autoprobe = req.args["count"], req.flag("autoprobe")
+    return await _changed(
+        svc, lambda: svc.manager.set_virtual_functions(caller, pf, count, autoprobe=autoprobe)
+    )
+
+
 async def import_hypeman(svc: Runner, caller: Caller, req: Request) -> Record:
     data_dir = req.args["data_dir"]
     report = await _changed(svc, lambda: svc.manager.import_hypeman(caller, data_dir))
@@ -165,5 +173,6 @@ ADAPTERS: dict[str, Adapter] = {
     "unbind": unbind,
     "reconcile": reconcile,
     "recover": recover,
+    "set_virtual_functions": set_virtual_functions,
     "import_hypeman": import_hypeman,
 }

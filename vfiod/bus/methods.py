@@ -98,6 +98,14 @@ METHODS: Final[tuple[Method, ...]] = (
     Method(
         "Recover", (("id_or_name", "s"),), (("report", "a{sv}"),), {"dry_run": "b"}, ACTION_ADMIN, "recover"
     ),
+    Method(
+        "SetVirtualFunctions",
+        (("pf", "s"), ("count", "u")),
+        (("vfs", "as"),),
+        {"autoprobe": "b"},
+        ACTION_ADMIN,
+        "set_virtual_functions",
+    ),
     Method("ImportHypeman", (("data_dir", "s"),), (("report", "a{sv}"),), {}, ACTION_ADMIN, "import_hypeman"),
 )
 

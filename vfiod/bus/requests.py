@@ -19,7 +19,9 @@ from vfiod.bus.methods import Method
 from vfiod.bus.names import ACTION_INSPECT
 from vfiod.core import validation
 from vfiod.core.errors import InvalidArgument
+from vfiod.core.ops.sriov import MAX_VFS
 from vfiod.core.records import Device
+from vfiod.host.pciaddr import PciAddress
 
 
 @dataclass
@@ -47,6 +49,10 @@ def _checked(name: str, value: Any) -> Any:
         return validation.pci_address(value)
     if name == "name":
         return validation.device_name(value) if value else ""
+    if name == "pf":
+        return validation.device_or_address(value)
+    if name == "count" and value > MAX_VFS:
+        raise InvalidArgument(f"the number of virtual functions must be 0-{MAX_VFS}, not {value}")
     if name == "data_dir" and (not value.startswith("/") or "\0" in value):
         raise InvalidArgument("data_dir must be an absolute path (hypeman's data directory)")
     return value
@@ -67,8 +73,12 @@ async def prepare(
         raise InvalidArgument(f"{method.name} needs at least one device id or name")
     req = Request(args, opts)
     instance = args.get("instance_id")
-    keys = args.get("devices") or ([args["id_or_name"]] if args.get("id_or_name") else [])
-    if "pci_address" in args:  # RegisterDevice: the device is not registered yet
+    keys = args.get("devices") or [
+        args[k] for k in ("id_or_name", "pf") if isinstance(args.get(k), str) and args[k]
+    ]
+    if isinstance(args.get("pf"), PciAddress):  # SetVirtualFunctions of a PF that need not be registered
+        req.details = [{"pci_address": str(args["pf"])}]
+    elif "pci_address" in args:  # RegisterDevice: the device is not registered yet
         chosen = args["name"] or args["pci_address"].default_device_name()
         req.details = [{"pci_address": str(args["pci_address"]), "device": chosen}]
     elif method.action == ACTION_INSPECT:

@@ -49,6 +49,7 @@ from vfiod.cli.vfioctl_commands import (
     cmd_status,
     cmd_unbind,
     cmd_unregister,
+    cmd_vfs,
 )
 
 DEFAULT_TIMEOUT = 120.0
@@ -225,6 +226,13 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
         "Without a device, every stuck or driverless registered device.",
         ["vfioctl recover --dry-run", "vfioctl recover l4-gpu"],
     ),
+    "vfs": (
+        "set the number of SR-IOV virtual functions of a physical function (SetVirtualFunctions; admin)",
+        "PF is a PCI address or a registered device. The VFs stay driverless unless --autoprobe lets host "
+        "drivers take them; they can then be registered and attached like any device. Refused while a VF "
+        "that would go away is attached, held or used by the host. Prints the VFs' addresses.",
+        ["vfioctl vfs 0000:1c:00.0 4", "vfioctl vfs 0000:1c:00.0 0", "vfioctl vfs cx7-pf 2 --json"],
+    ),
     "import-hypeman": (
         "import devices registered by hypeman's own lib/devices (ImportHypeman)",
         "The service reads DIR/devices/*/metadata.json and registers those devices with their ids and names; "
@@ -334,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("recover", cmd_recover)
     p.add_argument("device", metavar="ID|NAME", nargs="?", help="default: every stuck or driverless device")
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p = add("vfs", cmd_vfs)
+    p.add_argument("pf", metavar="PF", help="the physical function: dddd:bb:ss.f or a registered id or name")
+    p.add_argument("count", metavar="COUNT", type=_uint32, help="how many VFs it should have (0 disables)")
+    p.add_argument("--autoprobe", action="store_true", help="let host drivers probe the new VFs")
     p = add("import-hypeman", cmd_import_hypeman)
     p.add_argument("dir", metavar="DIR", help="hypeman's data directory (holds devices/<id>/metadata.json)")
     add("monitor", cmd_monitor)

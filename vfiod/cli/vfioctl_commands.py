@@ -249,6 +249,19 @@ async def cmd_recover(ctx: Context) -> int:
     return _write_report(ctx, f"Recover {device or 'every stuck or driverless device'}{dry}", report)
 
 
+async def cmd_vfs(ctx: Context) -> int:
+    a = ctx.args
+    opts = options(autoprobe=("b", True) if a.autoprobe else None)
+    (vfs,) = await ctx.client.manager("SetVirtualFunctions", a.pf, a.count, opts)
+    vfs = [str(v) for v in vfs]
+    if ctx.json:
+        ctx.write(render.to_json({"pf": a.pf, "vfs": vfs}))
+    else:
+        ctx.write(f"{a.pf}: {len(vfs)} virtual function{'' if len(vfs) == 1 else 's'}\n")
+        ctx.write("".join(f"  {vf}\n" for vf in vfs))
+    return EXIT_OK
+
+
 async def cmd_import_hypeman(ctx: Context) -> int:
     data_dir = os.path.abspath(ctx.args.dir)
     (report,) = await ctx.client.manager("ImportHypeman", data_dir, {})

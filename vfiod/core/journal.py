@@ -93,6 +93,19 @@ class Operation:
             boot_id=self.boot_id, operation=self.id, iommu_group=group, node_prev=previous
         )
 
+    def attribute(self, pci_address: str, attribute: str, value: str) -> int:
+        """Record that this operation is about to write `value` to a device attribute (such as a PF's
+        sriov_numvfs); it stays open until the operation finishes."""
+        return self.registry.journal_write(
+            action=attribute,
+            boot_id=self.boot_id,
+            operation=self.id,
+            pci_address=pci_address,
+            from_driver="",
+            to_driver="",
+            value=value,
+        )
+
     def finish(self) -> None:
         """Clear every intent of this operation and settle every device it moved: any intent an earlier
         operation left open on them is closed too, and their generation moves past it, so start-up recovery

@@ -7,7 +7,8 @@
    completed), grants it made are revoked, a finished Detach's attachments are removed. A function whose
    group node is held is left alone and marked `stuck`. An intent older than its device's generation
    (`settled_through`: the device was settled after it was written) describes nothing current: it is closed,
-   never replayed over what came after it.
+   never replayed over what came after it. An interrupted SetVirtualFunctions is finished once the old VFs
+   are gone, and otherwise closed (`ops/sriov`).
 3. Group nodes: one owned by a uid that no attachment of this boot names goes back to root 0600.
 4. Persistence units a dead vfiod left stopped are started again.
 5. Every registered device is re-read: gone → `missing`; back with the same identity → its real state; a
@@ -30,7 +31,7 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import group_of, identity_of, settled_state
 from vfiod.core.errors import VfiodError
-from vfiod.core.ops import release
+from vfiod.core.ops import release, sriov
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.pcifunction import read_function
@@ -158,6 +159,9 @@ def _open_operations(deps: CoreDeps, report: Report) -> list[Operation]:
 
 def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> None:
     op_id, intents = operation
+    if sriov.is_sriov(intents):
+        sriov.finish_interrupted(deps, intents, report, deps.binder().verify_timeout)
+        return
     groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
     with deps.locks.hold(groups):
         functions = [i for i in intents if i.kind == "function"]

@@ -193,6 +193,15 @@ def id_or_name(text: object) -> str:
         raise InvalidNameInput(f"{_show(text)} is neither a device id nor a valid device name: {e}") from None
 
 
+def device_or_address(value: object) -> PciAddress | str:
+    """A PCI address (text with a ':', which no device id or name contains) or a device id or name."""
+    if isinstance(value, PciAddress):
+        return value
+    if isinstance(value, str) and ":" in value:
+        return pci_address(value)
+    return id_or_name(value)
+
+
 def new_device_id() -> str:
     """A fresh device id in cuid2 *format*: 24 characters, a lowercase letter then 23 lowercase base36.
 

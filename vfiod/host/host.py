@@ -249,6 +249,18 @@ class Host:
         deadline = self.deadlines.for_driver(expect_driver)
         self._write(self.roots.sys / "bus/pci/drivers_probe", addr, addr, deadline)
 
+    def set_sriov_autoprobe(self, pf: PciAddress, on: bool) -> None:
+        """`sriov_drivers_autoprobe`: whether VFs enabled from now on are probed by a host driver."""
+        self._write(
+            self.device_dir(pf) / "sriov_drivers_autoprobe", "1" if on else "0", pf, self.deadlines.default
+        )
+
+    def set_sriov_numvfs(self, pf: PciAddress, count: int, driver: DriverName | None) -> None:
+        """`sriov_numvfs`: the PF's driver enables or disables its VFs, as slowly as that driver probes."""
+        self._write(
+            self.device_dir(pf) / "sriov_numvfs", str(int(count)), pf, self.deadlines.for_driver(driver)
+        )
+
     def _write(self, path: Path, value: str, addr: PciAddress | None, deadline: float) -> None:
         data = value.encode()
         logical = self.logical(path)

@@ -163,6 +163,13 @@ class PciFunction:
         return _optional_int(self.attr("sriov_numvfs"))
 
     @cached_property
+    def sriov_autoprobe(self) -> bool | None:
+        """Whether VFs are probed by a host driver when they are enabled (`sriov_drivers_autoprobe`)."""
+        if self.sriov_totalvfs is None:
+            return None
+        return self.attr("sriov_drivers_autoprobe") == "1"
+
+    @cached_property
     def physfn(self) -> PciAddress | None:
         """The physical function of a virtual function (its `physfn` link), None for anything else."""
         return _address(self._host.link_name(self.dir / "physfn"))

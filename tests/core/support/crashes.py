@@ -30,7 +30,7 @@ def violations(m: Manager, sim_root: Path) -> list[str]:
         addr = row.pci_address
         drv, override = host.driver(addr), host.driver_override(addr)
         att = m.registry.attachment_of_device(row.id)
-        if row.state == "host" and (drv != row.native_driver or override not in (None, drv)):
+        if row.state == "host" and ((drv or "") != row.native_driver or override not in (None, drv)):
             out.append(f"{addr} is stored host but the kernel has {drv} (override {override})")
         if row.state in ("vfio", "attached") and drv != "vfio-pci":
             out.append(f"{addr} is stored {row.state} but the kernel has {drv}")
