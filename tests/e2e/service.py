@@ -632,6 +632,72 @@ def sc_sriov_pf_refused(g: Guest) -> None:
     check(wait_for(lambda: not os.path.exists(f"/sys/bus/pci/devices/{vf1}"), 10), "the VFs are still there")
 
 
+def _numvfs(pf: str) -> tuple[str, str]:
+    sysfs = Path(f"/sys/bus/pci/devices/{pf}")
+    return (sysfs / "sriov_numvfs").read_text().strip(), (
+        sysfs / "sriov_drivers_autoprobe"
+    ).read_text().strip()
+
+
+def _set_vfs(g: Guest, user: str, pf: str, count: int) -> list[str]:
+    return list(g.expect_ok(user, "SetVirtualFunctions", "sua{sv}", pf, str(count), "0")[0])
+
+
+def sc_sriov_vf_counts(g: Guest) -> None:
+    """SetVirtualFunctions as root on the NVMe PF: 2, the same 2 again, 0, 1, then 2 (which the kernel
+    accepts only after a 0: vfiod writes it), each answered with the VFs once they are on the bus, each VF
+    driverless (autoprobe 0) in its own IOMMU group; hypeman and a stranger are refused, nothing changes."""
+    pf, (vf1, vf2) = str(SRIOV_PF), (str(v) for v in SRIOV_VFS)
+    start = g.log_position()
+    for count, expected in ((2, [vf1, vf2]), (2, [vf1, vf2]), (0, []), (1, [vf1]), (2, [vf1, vf2])):
+        vfs = _set_vfs(g, "root", pf, count)
+        check(vfs == expected, f"SetVirtualFunctions {count} answered {vfs}, not {expected}")
+        check(_numvfs(pf) == (str(count), "0"), f"after {count}: sriov_numvfs, autoprobe = {_numvfs(pf)}")
+        for vf in expected:
+            check(g.driver(vf) is None and g.group(vf) != g.group(pf), f"{vf}: {g.driver(vf)} {g.group(vf)}")
+    g.expect_error(HYPEMAN, "NotAuthorized", "SetVirtualFunctions", "sua{sv}", pf, "0", "0")
+    g.expect_error(STRANGER, "NotAuthorized", "SetVirtualFunctions", "sua{sv}", pf, "0", "0")
+    g.expect_error("root", "InvalidArgument", "SetVirtualFunctions", "sua{sv}", pf, "3", "0")
+    g.expect_error("root", "InvalidArgument", "SetVirtualFunctions", "sua{sv}", vf1, "1", "0")
+    check(_numvfs(pf) == ("2", "0"), f"a refusal changed the PF: {_numvfs(pf)}")
+    writes = [line for line in g.log_since(start).splitlines() if "sriov_numvfs <- '" in line]
+    values = [line.split("sriov_numvfs <- '")[1].split("'")[0] for line in writes]
+    check(values == ["2", "0", "1", "0", "2"], f"the sriov_numvfs writes were {values}")
+
+
+def sc_sriov_vf_attached(g: Guest) -> None:
+    """A VF set up by SetVirtualFunctions is an ordinary device: hypeman attaches it, its group node is
+    hypeman's, an unprivileged program (the ctypes VMM, as hypeman) reads its config space; the VF count
+    cannot change while it is attached (InUse, nothing written) and can once it is detached; the registered
+    VF goes missing with its VF and comes back with it."""
+    pf, (vf1, vf2) = str(SRIOV_PF), (str(v) for v in SRIOV_VFS)
+    g.register("root", vf2, "sriov-vf2")
+    reply = g.attach(HYPEMAN, "vm-vf", ["sriov-vf2"])
+    check(reply.ok, f"Attach of the VF failed: {reply.describe()}")
+    node = f"/dev/vfio/{g.group(vf2)}"
+    import pwd
+
+    st = os.stat(node)
+    check(st.st_uid == pwd.getpwnam(HYPEMAN).pw_uid and st.st_mode & 0o777 == 0o600, f"{node}: {st}")
+    res = g.vmm(HYPEMAN, node, vf2)
+    check(res.get("ok") is True and res.get("vendor_id") == "1b36", f"the VMM failed on the VF: {res}")
+    reply = g.expect_error("root", "InUse", "SetVirtualFunctions", "sua{sv}", pf, "1", "0")
+    check("vm-vf" in reply.message, f"InUse should name the instance: {reply.message}")
+    g.expect_drivers({vf1: None, vf2: "vfio-pci", pf: "nvme"}, "after the refusal")
+    check(_numvfs(pf) == ("2", "0"), f"the refusal changed the PF: {_numvfs(pf)}")
+    reply = g.detach(HYPEMAN, "vm-vf")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    check(_set_vfs(g, "root", pf, 1) == [vf1], "SetVirtualFunctions 1 after Detach")
+    state = g.expect_ok("root", "GetDevice", "sa{sv}", "sriov-vf2", "0")[0]["state"]
+    check(state == "missing", f"the registered VF whose VF is gone is {state}")
+    check(_set_vfs(g, "root", pf, 2) == [vf1, vf2], "SetVirtualFunctions 2")
+    state = g.expect_ok("root", "GetDevice", "sa{sv}", "sriov-vf2", "0")[0]["state"]
+    check(state == "host", f"the registered VF back on the bus is {state}")
+    g.expect_ok("root", "UnregisterDevice", "sa{sv}", "sriov-vf2", "0")
+    check(_set_vfs(g, "root", pf, 0) == [], "SetVirtualFunctions 0")
+    registry_matches_kernel(g)
+
+
 def _overrides(*addrs: str) -> dict[str, str]:
     return {a: Path(f"/sys/bus/pci/devices/{a}/driver_override").read_text().strip() for a in addrs}
 
@@ -722,6 +788,8 @@ FAST_INIT: dict[str, Scenario] = {
     "authorization": sc_authorization,
     "host-critical": sc_host_critical,
     "sriov-pf-refused": sc_sriov_pf_refused,
+    "sriov-vf-counts": sc_sriov_vf_counts,
+    "sriov-vf-attached": sc_sriov_vf_attached,
     "crash-mid-attach": sc_crash_mid_attach,
 }
 
@@ -740,6 +808,8 @@ DEPENDS: dict[str, str] = {
     "authorization": "bus-activation",
     "host-critical": "bus-activation",
     "sriov-pf-refused": "bus-activation",
+    "sriov-vf-counts": "bus-activation",
+    "sriov-vf-attached": "sriov-vf-counts",
     "crash-mid-attach": "bridge-group",
 }
 

@@ -24,8 +24,25 @@ def service_run(images: guest.Images, deb: Path) -> guest.GuestRun:
     return guest.boot_suite(images, "service", GUEST_SCRIPT, timeout=900, files={f"pkg/{deb.name}": deb})
 
 
-@pytest.mark.parametrize("name", list(service.FAST_INIT))
+SRIOV_VF = ("sriov-vf-counts", "sriov-vf-attached")
+
+
+@pytest.mark.parametrize("name", [n for n in service.FAST_INIT if n not in SRIOV_VF])
 def test_fast_init(service_run: guest.GuestRun, name: str) -> None:
+    _report(service_run, name)
+
+
+def test_sriov_vf_counts(service_run: guest.GuestRun) -> None:
+    """SetVirtualFunctions on the guest's NVMe PF: 2, 2, 0, 1, 2 (see service.sc_sriov_vf_counts)."""
+    _report(service_run, "sriov-vf-counts")
+
+
+def test_sriov_vf_attached(service_run: guest.GuestRun) -> None:
+    """A VF attached by hypeman and used as its node's owner (see service.sc_sriov_vf_attached)."""
+    _report(service_run, "sriov-vf-attached")
+
+
+def _report(service_run: guest.GuestRun, name: str) -> None:
     problem = service_run.failure(name)
     if problem is None:
         return

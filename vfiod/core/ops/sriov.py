@@ -100,7 +100,8 @@ def _apply(deps: CoreDeps, fn: PciFunction, count: int, autoprobe: bool, wait: f
     if changing:
         op.attribute(str(pf), NUMVFS, str(count))
     try:
-        _write(op, pf, AUTOPROBE, lambda: deps.host.set_sriov_autoprobe(pf, autoprobe))
+        if fn.sriov_autoprobe != autoprobe:
+            _write(op, pf, AUTOPROBE, lambda: deps.host.set_sriov_autoprobe(pf, autoprobe))
         if changing and now:
             _write(op, pf, "disable", lambda: deps.host.set_sriov_numvfs(pf, 0, driver))
         if changing and count:
@@ -110,9 +111,10 @@ def _apply(deps: CoreDeps, fn: PciFunction, count: int, autoprobe: bool, wait: f
     finally:
         op.finish()
     log.info(
-        "%s has %d virtual functions%s",
+        "%s has %d virtual function%s%s",
         pf,
         count,
+        "" if count == 1 else "s",
         f": {', '.join(vfs)}" if vfs else "",
         extra={"ACTION": "sriov", "PCI_ADDRESS": str(pf), "VF_COUNT": count},
     )
