@@ -118,6 +118,9 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("vfio_iommu_type1", depends=("vfio",)),
         ModuleSpec("vfio_pci_core", depends=("vfio",)),
         ModuleSpec("vfio_pci", depends=("vfio_pci_core", "vfio")),
+        ModuleSpec("mdev", depends=("vfio",)),
+        ModuleSpec("mtty", depends=("mdev", "vfio")),  # samples/vfio-mdev, built out of tree
+        ModuleSpec("mbochs", depends=("mdev", "vfio")),
     )
 }
 

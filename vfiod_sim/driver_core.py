@@ -107,6 +107,21 @@ class Core:
             }
         )
 
+    def mdev_uevent(self, action: str, uuid: str) -> None:
+        if self.quiet:
+            return
+        m = self.st.mdevs.get(uuid) or self.old.mdevs[uuid]
+        path = f"{self.topo.mdev_parent_dir(m.parent)}/{uuid}"
+        driver = self.topo.mdev_parents[m.parent].module
+        self.uevents.append(
+            {
+                "action": action,
+                "devpath": "/" + path.removeprefix("sys/"),
+                "subsystem": "mdev",
+                "driver": driver,
+            }
+        )
+
     # -- matching and probing -------------------------------------------------------------------------
 
     def match(self, driver: str, addr: str) -> bool:

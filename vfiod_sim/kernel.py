@@ -157,6 +157,11 @@ class SimulatedKernel:
         logical, group = self._node(node)
         with self.tx.global_lock():
             st = self.tx.load()
+            mdevs = [u for u, m in st.mdevs.items() if m.group == group]
+            if mdevs:  # an mdev's group: an emulated IOMMU, always viable; one opener as for any group
+                if processes.holders(self.root, [logical]):
+                    raise oserror(errno.EBUSY, f"{logical} is already open")
+                return VFIO_GROUP_FLAGS_VIABLE
             members = [a for a in self.topology.groups.get(group, []) if st.devices[a].present]
             # vfio_group_fops_open: one opener; a device file holds the group file, so a VMM that closed
             # its group fd but kept a device fd (or a mapping of one) still has the group open
@@ -216,7 +221,7 @@ class SimulatedKernel:
         with self.tx.global_lock():
             prev = None if first else self.tx.load()
             st, _core = self._boot_state(prev)
-            self.tx.replace(prev, st, sorted(all_keys(topo)))
+            self.tx.replace(prev, st, sorted(all_keys(topo, *([prev] if prev else []))))
             nodes.reset(self.sim)
             shutil.rmtree(self.sim / "blocked", ignore_errors=True)
             processes.reset(self.root, topo.profile)

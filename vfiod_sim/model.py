@@ -227,6 +227,35 @@ class DeviceSpec(Codec):
 
 
 @dataclass(frozen=True, config=CONFIG)
+class MdevTypeSpec(Codec):
+    """A type a mediated-device parent offers: its directory under `mdev_supported_types/` (the parent
+    driver's name, a dash and the type's own name: `mtty-2`), its `name` and `description` attributes (None:
+    the driver has no such file) and how much of the parent's budget one instance takes."""
+
+    id: str
+    name: str | None
+    description: str | None = None
+    device_api: str = "vfio-pci"
+    cost: int = 1
+
+
+@dataclass(frozen=True, config=CONFIG)
+class MdevParentSpec(Codec):
+    """A parent of mediated devices, registered while its module is loaded (mdev_register_parent): a PCI
+    function (`pci_address`) or a virtual device of class `virtual_class` (`sys/devices/virtual/<class>/
+    <name>`, as the kernel's samples are). Its children are bound to the driver its module registers on the
+    mdev bus (named like the module); `budget` is what its types draw from (mtty: 24 ports; mbochs: the
+    `count` parameter, 256 MB)."""
+
+    name: str
+    module: str
+    budget: int
+    types: tuple[MdevTypeSpec, ...]
+    pci_address: str | None = None
+    virtual_class: str | None = None
+
+
+@dataclass(frozen=True, config=CONFIG)
 class Mount(Codec):
     """A line of /proc/self/mountinfo (or of /proc/swaps when `fstype` is "swap"). A `/dev/<block>`
     source gets the block device's major:minor from the simulated tree; anything else is anonymous."""
@@ -280,6 +309,7 @@ class Profile(Codec):
     nvidia_remove_waits_for_users: bool = True
     # /sys/class/vtconsole/vtconN/name in N order: one fbcon and one dummycon entry (see FBCON)
     vtconsoles: tuple[str, ...] = VTCONSOLES_DUMMY_AT_BOOT
+    mdev_parents: tuple[MdevParentSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # free-form notes carried with the scenario
 
     @property
@@ -355,6 +385,13 @@ class Profile(Codec):
         for d in self.devices:
             if d.driver is not None and d.driver not in names:
                 raise ValueError(f"{d.address} expects driver {d.driver}, which the profile does not have")
+        for parent in self.mdev_parents:
+            if (parent.pci_address is None) == (parent.virtual_class is None):
+                raise ValueError(f"mdev parent {parent.name}: a PCI address or a virtual class, not both")
+            if parent.pci_address is not None and parent.pci_address not in seen:
+                raise ValueError(f"mdev parent {parent.name}: no device {parent.pci_address}")
+            if parent.module not in modules:
+                raise ValueError(f"mdev parent {parent.name} comes from module {parent.module}, not listed")
         kinds = sorted(self.vtconsole(i) for i in range(len(self.vtconsoles)))
         if [k for k, _ in kinds] != [DUMMYCON, FBCON]:
             raise ValueError(

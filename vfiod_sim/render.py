@@ -9,6 +9,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 
+from vfiod_sim import mdev
 from vfiod_sim.model import FBCON, CardIdentity
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import DIR, Tree, file_entry, put_link
@@ -70,7 +71,69 @@ class Renderer:
                 self.module(tree, name)
             elif kind == "global":
                 self.global_(tree)
+            elif kind == "mdevp":
+                self.mdev_parent(tree, name)
+            elif kind == "mdev":
+                self.mdev(tree, name)
         return tree
+
+    # -- mediated devices ----------------------------------------------------------------------------
+
+    def mdev_parent(self, t: Tree, name: str) -> None:
+        """A registered parent: /sys/class/mdev_bus/<name>, its types and their attributes, and the mdev
+        driver its module registered, with the links to its children."""
+        topo, st = self.topo, self.st
+        if not mdev.registered(topo, st, name):
+            return
+        spec = topo.mdev_parents[name]
+        p = topo.mdev_parent_dir(name)
+        if spec.virtual_class is not None:
+            t[f"sys/devices/virtual/{spec.virtual_class}"] = DIR
+            t[p] = DIR
+        put_link(t, f"sys/class/mdev_bus/{name}", p)
+        children = {u: m for u, m in st.mdevs.items() if m.parent == name}
+        t[f"{p}/mdev_supported_types"] = DIR
+        for ty in spec.types:
+            d = f"{p}/mdev_supported_types/{ty.id}"
+            t[d] = DIR
+            if ty.name is not None:
+                t[f"{d}/name"] = file_entry(ty.name + "\n")
+            if ty.description is not None:
+                t[f"{d}/description"] = file_entry(ty.description + "\n")
+            t[f"{d}/device_api"] = file_entry(ty.device_api + "\n")
+            t[f"{d}/available_instances"] = file_entry(f"{mdev.available(topo, st, name, ty.id)}\n")
+            t[f"{d}/create"] = file_entry(b"", 0o200)
+            t[f"{d}/devices"] = DIR
+            for uuid, m in children.items():
+                if m.type == ty.id:
+                    put_link(t, f"{d}/devices/{uuid}", f"{p}/{uuid}")
+        drv = f"sys/bus/mdev/drivers/{spec.module}"
+        t[drv] = DIR
+        for uuid in children:
+            put_link(t, f"{drv}/{uuid}", f"{p}/{uuid}")
+
+    def mdev(self, t: Tree, uuid: str) -> None:
+        """One mediated device: its directory under the parent, its type and group links, its driver, its
+        group (only itself) and the group node."""
+        m = self.st.mdevs.get(uuid)
+        if m is None:
+            return
+        p = f"{self.topo.mdev_parent_dir(m.parent)}/{uuid}"
+        module = self.topo.mdev_parents[m.parent].module
+        t[p] = DIR
+        put_link(t, f"{p}/mdev_type", f"{self.topo.mdev_parent_dir(m.parent)}/mdev_supported_types/{m.type}")
+        put_link(t, f"{p}/driver", f"sys/bus/mdev/drivers/{module}")
+        t[f"{p}/remove"] = file_entry(b"", 0o200)
+        t[f"{p}/uevent"] = file_entry(f"DRIVER={module}\nMDEV_TYPE={m.type}\n", 0o644)
+        put_link(t, f"sys/bus/mdev/devices/{uuid}", p)
+        base = f"sys/kernel/iommu_groups/{m.group}"
+        t[base] = DIR
+        t[f"{base}/devices"] = DIR
+        t[f"{base}/type"] = file_entry("unknown\n", 0o644)  # an emulated IOMMU's group: no default domain
+        t[f"{base}/reserved_regions"] = file_entry(b"")
+        put_link(t, f"{base}/devices/{uuid}", p)
+        put_link(t, f"{p}/iommu_group", base)
+        t[f"dev/vfio/{m.group}"] = file_entry(b"", 0o600)
 
     # -- a PCI function ------------------------------------------------------------------------------
 
@@ -345,6 +408,9 @@ class Renderer:
             t[f"{base}/parameters"] = DIR
             for param in ("disable_denylist", "disable_idle_d3", "disable_vga", "enable_sriov", "nointxmask"):
                 t[f"{base}/parameters/{param}"] = file_entry("N\n", 0o644)
+        elif name == "mdev":
+            for d in ("sys/bus/mdev", "sys/bus/mdev/devices", "sys/bus/mdev/drivers", "sys/class/mdev_bus"):
+                t[d] = DIR
         elif name == "vfio":
             t["dev/vfio"] = DIR
             t["dev/vfio/vfio"] = file_entry(b"", 0o666)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import field
+from functools import cached_property
 
 from pydantic.dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from vfiod_sim.model import (
     DeviceSpec,
     DriverSpec,
     MatchEntry,
+    MdevParentSpec,
     ModuleSpec,
     Profile,
 )
@@ -64,6 +66,21 @@ class Topology:
         self.multifunction = {a: slots[a[:-2]] > 1 for a in self.order}
         self.index = {a: i for i, a in enumerate(self.order)}
 
+    @cached_property
+    def mdev_parents(self) -> dict[str, MdevParentSpec]:
+        return {p.name: p for p in self.profile.mdev_parents}
+
+    @cached_property
+    def mdev_dir_to_parent(self) -> dict[str, str]:
+        return {self.mdev_parent_dir(n): n for n in self.mdev_parents}
+
+    def mdev_parent_dir(self, name: str) -> str:
+        """Where a parent's device directory is: the PCI function's, or sys/devices/virtual/<class>/<name>."""
+        spec = self.mdev_parents[name]
+        if spec.pci_address is not None:
+            return self.devpath[spec.pci_address]
+        return f"sys/devices/virtual/{spec.virtual_class}/{name}"
+
     def parent(self, addr: str) -> str | None:
         return self.devices[addr].parent
 
@@ -102,6 +119,16 @@ class DevState(Codec):
 
 
 @dataclass(config=CONFIG)
+class MdevState(Codec):
+    """One mediated device: its parent, its type and the IOMMU group the kernel gave it (a group of its
+    own, numbered like any new group: the lowest free id)."""
+
+    parent: str
+    type: str
+    group: int
+
+
+@dataclass(config=CONFIG)
 class KState(Codec):
     """Everything the kernel knows that the profile does not say. `cards` and `unplugged` are physical
     (a swapped card, an empty slot) and survive a reboot; the rest is reset by it."""
@@ -119,6 +146,7 @@ class KState(Codec):
     fbcon_bound: bool = False
     console_unbound_by_admin: bool = False
     hugepages: dict[str, int] = field(default_factory=dict)
+    mdevs: dict[str, MdevState] = field(default_factory=dict)  # uuid -> the mediated device
     seq: int = 0
 
 
@@ -130,10 +158,16 @@ def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
             g = topo.group_of(a)
             if g is not None:
                 keys.add(f"grp:{g}")
+    if old.mdevs != new.mdevs:
+        for uuid in set(old.mdevs) | set(new.mdevs):
+            if old.mdevs.get(uuid) != new.mdevs.get(uuid):
+                keys.add(f"mdev:{uuid}")
+                keys |= {f"mdevp:{m.parent}" for m in (old.mdevs.get(uuid), new.mdevs.get(uuid)) if m}
     if old.drivers != new.drivers:
         keys |= {f"drv:{d}" for d in set(old.drivers) ^ set(new.drivers)}
     if old.modules != new.modules:
         keys |= {f"mod:{m}" for m in set(old.modules) | set(new.modules)}
+        keys |= {f"mdevp:{p}" for p in topo.mdev_parents}
         keys.add("global")
     if (old.boot_id, old.autoprobe, old.fbcon_bound, old.hugepages) != (
         new.boot_id,
@@ -145,7 +179,9 @@ def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
     return keys
 
 
-def all_keys(topo: Topology) -> set[str]:
+def all_keys(topo: Topology, *states: KState) -> set[str]:
+    """Every key of the tree, with the mediated devices of `states` (a reboot renders the old ones away)."""
     keys = {f"dev:{a}" for a in topo.order} | {f"grp:{g}" for g in topo.groups}
+    keys |= {f"mdevp:{p}" for p in topo.mdev_parents} | {f"mdev:{u}" for st in states for u in st.mdevs}
     keys |= {f"drv:{d}" for d in topo.drivers} | {f"mod:{m}" for m in topo.modules}
     return keys | {"global"}

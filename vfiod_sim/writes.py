@@ -8,7 +8,7 @@ import errno
 import posixpath
 import re
 
-from vfiod_sim import sriov
+from vfiod_sim import mdev, sriov
 from vfiod_sim.driver_core import Core, Op
 from vfiod_sim.model import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul, streq_form
@@ -200,6 +200,18 @@ def _op_hugepages(c: Core, size: str, data: bytes) -> None:
     c.st.hugepages[size] = value
 
 
+def _classify_mdev(topo: Topology, parent: str, name: str, data: bytes) -> Op | None:
+    """`<parent dir>/mdev_supported_types/<type>/create` and `<parent dir>/<uuid>/remove`."""
+    holder, leaf = posixpath.split(parent)
+    if name == "create" and posixpath.basename(holder) == "mdev_supported_types":
+        owner = topo.mdev_dir_to_parent.get(posixpath.dirname(holder))
+        if owner is not None and leaf in {t.id for t in topo.mdev_parents[owner].types}:
+            return lambda c: mdev.store_create(c, owner, leaf, data)
+    if name == "remove" and holder in topo.mdev_dir_to_parent:
+        return lambda c: mdev.store_remove(c, leaf, data)
+    return None
+
+
 def classify(topo: Topology, rel: str, data: bytes) -> tuple[Op, str | None]:
     """The operation a write to `rel` performs, and the device whose lock it takes (if any)."""
     parent, name = posixpath.split(rel)
@@ -218,6 +230,9 @@ def classify(topo: Topology, rel: str, data: bytes) -> tuple[Op, str | None]:
         if name == "sriov_drivers_autoprobe" and topo.devices[addr].sriov_totalvfs:
             return (lambda c: sriov.store_autoprobe(c, addr, data)), addr
         raise oserror(errno.EACCES, f"/{rel} is read-only")
+    mdev_op = _classify_mdev(topo, parent, name, data)
+    if mdev_op is not None:
+        return mdev_op, None
     m = _DRIVER_ATTR_RE.fullmatch(rel)
     if m is not None:
         driver, attr = m[1], m[2]

@@ -1,4 +1,5 @@
 """The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35` and
+`mdev-samples` and
 `synthetic:N`. A machine is a function returning a `Profile`; `get_profile(name)` builds one by name.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vfiod_sim.machines.dgx_h100 import dgx_h100
+from vfiod_sim.machines.mdev_samples import mdev_samples
 from vfiod_sim.machines.no_iommu import no_iommu
 from vfiod_sim.machines.qemu_q35 import qemu_q35
 from vfiod_sim.machines.synthetic import synthetic
@@ -18,6 +20,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
     "dgx-h100": dgx_h100,
     "no-iommu": no_iommu,
     "qemu-q35": qemu_q35,
+    "mdev-samples": mdev_samples,
 }
 
 

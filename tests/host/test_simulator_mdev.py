@@ -1,0 +1,142 @@
+"""The simulated kernel's mediated devices (drivers/vfio/mdev and samples/vfio-mdev, Linux 6.1) on
+`mdev-samples`: the parents and types, available_instances shrinking and growing from a shared budget,
+create's and remove's errnos, each mdev in a group of its own with its node, remove waiting while the node
+is open, and a reboot taking every mdev away."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+
+from tests.conftest import SimFactory, SimHost
+from vfiod_sim import processes
+
+U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+U2 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
+
+
+def type_dir(sh: SimHost, parent: str, type_id: str) -> str:
+    return f"/sys/class/mdev_bus/{parent}/mdev_supported_types/{type_id}"
+
+
+def attr(sh: SimHost, path: str) -> str:
+    return sh.host.from_logical(path).read_text().strip()
+
+
+def available(sh: SimHost, parent: str, type_id: str) -> int:
+    return int(attr(sh, f"{type_dir(sh, parent, type_id)}/available_instances"))
+
+
+def create(sh: SimHost, parent: str, type_id: str, uuid: str) -> None:
+    path = sh.host.from_logical(f"{type_dir(sh, parent, type_id)}/create")
+    sh.kernel.write_attribute(path, uuid.encode() + b"\n")
+
+
+def remove(sh: SimHost, uuid: str) -> None:
+    sh.kernel.write_attribute(sh.host.from_logical(f"/sys/bus/mdev/devices/{uuid}/remove"), b"1\n")
+
+
+def errno_of(fn: object, *args: object) -> str:
+    with pytest.raises(OSError) as e:
+        fn(*args)  # type: ignore[operator]
+    assert e.value.errno is not None
+    return errno.errorcode[e.value.errno]
+
+
+def group_of(sh: SimHost, uuid: str) -> int:
+    return int(
+        os.path.basename(os.readlink(sh.host.from_logical(f"/sys/bus/mdev/devices/{uuid}/iommu_group")))
+    )
+
+
+def test_parents_and_types_as_the_samples_show_them(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    assert sorted(os.listdir(sh.host.from_logical("/sys/class/mdev_bus"))) == ["mbochs", "mtty"]
+    assert os.readlink(sh.host.from_logical("/sys/class/mdev_bus/mtty")).endswith("devices/virtual/mtty/mtty")
+    mtty2 = type_dir(sh, "mtty", "mtty-2")
+    assert (attr(sh, f"{mtty2}/name"), attr(sh, f"{mtty2}/device_api"), available(sh, "mtty", "mtty-2")) == (
+        "Dual port serial",
+        "vfio-pci",
+        12,
+    )
+    assert not sh.host.from_logical(f"{mtty2}/description").exists()  # mtty has none
+    large = type_dir(sh, "mbochs", "mbochs-large")
+    assert attr(sh, f"{large}/description") == "virtual display, 64 MB video memory"
+    assert available(sh, "mbochs", "mbochs-large") == 4 and available(sh, "mbochs", "mbochs-small") == 64
+
+
+def test_create_gives_an_mdev_its_own_group_and_node_and_remove_takes_them(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    create(sh, "mtty", "mtty-2", U1.upper())  # uuid_parse takes either case; sysfs shows lowercase
+    dev = sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}")
+    assert os.readlink(dev / "mdev_type").endswith("mdev_supported_types/mtty-2")
+    assert os.readlink(dev / "driver").endswith("bus/mdev/drivers/mtty")
+    group = group_of(sh, U1)
+    assert group not in sh.kernel.topology.groups  # a new group, not one of the PCI functions'
+    assert os.listdir(sh.host.from_logical(f"/sys/kernel/iommu_groups/{group}/devices")) == [U1]
+    assert sh.host.vfio_group_node(group).exists()
+    assert os.listdir(sh.host.from_logical(f"{type_dir(sh, 'mtty', 'mtty-2')}/devices")) == [U1]
+    assert (available(sh, "mtty", "mtty-2"), available(sh, "mtty", "mtty-1")) == (11, 22)  # shared ports
+    create(sh, "mtty", "mtty-1", U2)
+    assert group_of(sh, U2) == group + 1
+    remove(sh, U1)
+    assert not dev.exists() and not sh.host.vfio_group_node(group).exists()
+    assert (available(sh, "mtty", "mtty-2"), available(sh, "mtty", "mtty-1")) == (11, 23)
+
+
+def test_create_and_remove_errnos(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    assert errno_of(create, sh, "mtty", "mtty-1", "not-a-uuid-at-all-but-36-characters!") == "EINVAL"
+    assert errno_of(create, sh, "mtty", "mtty-1", U1[:-1]) == "EINVAL"
+    create(sh, "mtty", "mtty-1", U1)
+    assert errno_of(create, sh, "mbochs", "mbochs-small", U1) == "EEXIST"  # uuids are unique on the bus
+    assert errno_of(
+        sh.kernel.write_attribute, sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}/remove"), b"x"
+    ) == ("EINVAL")
+
+
+def test_mbochs_budget_runs_out_and_comes_back(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    uuids = [f"{U1[:-4]}{n:04x}" for n in range(5)]
+    for u in uuids[:4]:
+        create(sh, "mbochs", "mbochs-large", u)
+    assert available(sh, "mbochs", "mbochs-large") == 0 and available(sh, "mbochs", "mbochs-small") == 0
+    assert errno_of(create, sh, "mbochs", "mbochs-large", uuids[4]) == "ENOSPC"
+    remove(sh, uuids[0])
+    assert available(sh, "mbochs", "mbochs-medium") == 4
+    create(sh, "mbochs", "mbochs-large", uuids[4])
+
+
+def test_remove_waits_while_the_group_node_is_open(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    create(sh, "mtty", "mtty-2", U1)
+    node = f"/dev/vfio/{group_of(sh, U1)}"
+    pid = processes.add_process(sh.root, exe="/usr/bin/qemu-system-x86_64", uid=1000, fds=[node])
+    with pytest.raises(OSError) as e:
+        sh.host.group_status(group_of(sh, U1))
+    assert e.value.errno == errno.EBUSY
+    done = threading.Event()
+
+    def removing() -> None:
+        remove(sh, U1)
+        done.set()
+
+    threading.Thread(target=removing, daemon=True).start()
+    assert sh.kernel.wait_blocked(U1, 2.0)
+    assert not done.is_set() and sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+    processes.remove_process(sh.root, pid)
+    assert done.wait(2.0)
+    assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+
+
+def test_a_reboot_takes_every_mdev_away(sim: SimFactory) -> None:
+    sh = sim("mdev-samples")
+    create(sh, "mtty", "mtty-2", U1)
+    group = group_of(sh, U1)
+    sh.kernel.reboot()
+    assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+    assert not sh.host.vfio_group_node(group).exists()
+    assert available(sh, "mtty", "mtty-2") == 12

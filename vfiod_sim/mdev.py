@@ -1,0 +1,84 @@
+"""Mediated devices as drivers/vfio/mdev (Linux 6.1) and the kernel's sample drivers make them: a parent's
+types with their `available_instances` (what is left of the parent's budget, in whole instances), `create`
+taking a uuid, each mdev in an IOMMU group of its own with its group node, and `remove`, which waits while
+the mdev's VFIO device is open (vfio_unregister_group_dev waits for its users).
+
+docs/kernel-rules.md (Mediated devices) names the kernel function each rule imitates.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from vfiod_sim.driver_core import Blocked, Core
+from vfiod_sim.parsing import kstrtoul
+from vfiod_sim.state import KState, MdevState, Topology
+from vfiod_sim.tree import oserror
+
+UUID_STRING_LEN = 36
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def registered(topo: Topology, st: KState, parent: str) -> bool:
+    """mdev_register_parent runs in the parent module's init: the parent exists while it is loaded."""
+    return topo.mdev_parents[parent].module in st.modules
+
+
+def used(topo: Topology, st: KState, parent: str) -> int:
+    types = {t.id: t for t in topo.mdev_parents[parent].types}
+    return sum(types[m.type].cost for m in st.mdevs.values() if m.parent == parent)
+
+
+def available(topo: Topology, st: KState, parent: str, type_id: str) -> int:
+    """available_instances_show: mtty `avail_ports / nr_ports`, mbochs `avail_mbytes / type->mbytes`."""
+    spec = topo.mdev_parents[parent]
+    cost = next(t.cost for t in spec.types if t.id == type_id)
+    return max(0, spec.budget - used(topo, st, parent)) // cost
+
+
+def _new_group(c: Core) -> int:
+    """iommu_group_alloc: ida_alloc, the lowest id no group has. The profile's groups count as taken even
+    while their devices are away (a VF's group is fixed in the profile, where the kernel would give it the
+    next free id when it appears)."""
+    taken = set(c.topo.groups) | {m.group for m in c.st.mdevs.values()}
+    n = 0
+    while n in taken:
+        n += 1
+    return n
+
+
+def store_create(c: Core, parent: str, type_id: str, data: bytes) -> None:
+    """drivers/vfio/mdev/mdev_sysfs.c create_store (a uuid, with at most a newline after it) ->
+    mdev_device_create (-EEXIST for a uuid in use) -> the driver's probe (-ENOSPC past its budget)."""
+    if not registered(c.topo, c.st, parent):
+        raise oserror(errno.ENODEV, parent)
+    if not UUID_STRING_LEN <= len(data) <= UUID_STRING_LEN + 1:
+        raise oserror(errno.EINVAL)
+    text = data[:UUID_STRING_LEN].decode("ascii", "replace")
+    if _UUID_RE.fullmatch(text) is None:
+        raise oserror(errno.EINVAL)
+    uuid = text.lower()
+    if uuid in c.st.mdevs:
+        raise oserror(errno.EEXIST, f"mdev {uuid} exists")
+    if available(c.topo, c.st, parent, type_id) < 1:
+        raise oserror(errno.ENOSPC, f"{type_id}: no instance left")
+    c.st.mdevs[uuid] = MdevState(parent=parent, type=type_id, group=_new_group(c))
+    c.mdev_uevent("add", uuid)
+
+
+def store_remove(c: Core, uuid: str, data: bytes) -> None:
+    """mdev_sysfs.c remove_store: kstrtoul; non-zero removes the mdev, whose driver's remove waits while
+    its VFIO device is open (vfio_unregister_group_dev)."""
+    if uuid not in c.st.mdevs:
+        raise oserror(errno.ENODEV, uuid)
+    value = kstrtoul(data)
+    if value is None:
+        raise oserror(errno.EINVAL)
+    if not value:
+        return
+    holders = c.holders([f"/dev/vfio/{c.st.mdevs[uuid].group}"])
+    if holders:
+        raise Blocked(uuid, holders)
+    del c.st.mdevs[uuid]
+    c.mdev_uevent("remove", uuid)
