@@ -31,6 +31,8 @@ SIGNATURES = {
     "Recover": "sa{sv}",
     "ImportHypeman": "sa{sv}",
     "SetVirtualFunctions": "sua{sv}",
+    "ListProfiles": "a{sv}",
+    "ListVGPUs": "a{sv}",
 }
 LEAKS = ("Traceback", 'File "/', "site-packages", '.py", line')
 
@@ -56,6 +58,7 @@ variants = st.one_of(scalars, scalars.map(lambda v: Variant("v", v)))
 random_options = st.dictionaries(option_keys, variants, max_size=4)
 TYPED: dict[str, st.SearchStrategy[Variant]] = {
     "b": st.booleans().map(lambda v: Variant("b", v)),
+    "s": strings.map(lambda v: Variant("s", v)),
     "u": st.one_of(st.sampled_from([0, 1, 65534]), st.integers(0, 2**32 - 1)).map(lambda v: Variant("u", v)),
     "y": st.integers(0, 255).map(lambda v: Variant("y", v)),
     "a{ss}": st.dictionaries(strings, strings, max_size=3).map(lambda v: Variant("a{ss}", v)),

@@ -334,3 +334,31 @@ def test_set_virtual_functions(start_vfiod: StartVfiod, clients: Clients, polkit
     ok(detach(alice, "vm1"))
     assert ok(root.m("SetVirtualFunctions", "sua{sv}", "nvme-pf", 0, {})) == []
     assert device(root, "vf2")["state"] == "missing"
+
+
+def test_list_profiles_and_vgpus(start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock) -> None:
+    """mdev-samples: the sample types as Profile records, an mdev made behind vfiod's back as an unmanaged
+    VGPU record with the contract's types, and the options checked."""
+    running = start_vfiod(profile="mdev-samples")
+    polkit.allow(ACTION_INSPECT)
+    alice = clients.alice
+    profiles = {p["type_id"]: p for p in ok(alice.m("ListProfiles", "a{sv}", {}))}
+    assert profiles["mtty-2"] == {
+        "name": "Dual port serial",
+        "type_id": "mtty-2",
+        "framework": "mdev",
+        "framebuffer_mb": 0,
+        "description": "",
+        "device_api": "vfio-pci",
+        "available": 12,
+        "parents": ["mtty"],
+    }
+    only = ok(alice.m("ListProfiles", "a{sv}", {"parent": Variant("s", "mbochs")}))
+    assert {p["type_id"] for p in only} == {"mbochs-small", "mbochs-medium", "mbochs-large"}
+    uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    running.manager.host.create_mdev("mtty", "mtty-1", uuid)
+    (vgpu,) = ok(alice.m("ListVGPUs", "a{sv}", {}))
+    assert (vgpu["uuid"], vgpu["managed"], vgpu["owner_uid"], vgpu["id"]) == (uuid, False, 4294967295, "")
+    reply = alice.m("ListVGPUs", "a{sv}", {"instance": Variant("s", "bad instance")})
+    assert reply.short == "InvalidArgument"
+    assert alice.m("ListProfiles", "a{sv}", {"parent": Variant("u", 1)}).short == "InvalidArgument"

@@ -206,6 +206,20 @@ CASES = [
         (ACTION_ADMIN,),
     ),
     Case(
+        "ListProfiles",
+        nothing,
+        lambda w: w.clients.alice.m("ListProfiles", "a{sv}", {}),
+        (ACTION_INSPECT,),
+        profile="mdev-samples",
+    ),
+    Case(
+        "ListVGPUs",
+        nothing,
+        lambda w: w.clients.alice.m("ListVGPUs", "a{sv}", {}),
+        (ACTION_INSPECT,),
+        profile="mdev-samples",
+    ),
+    Case(
         "SetVirtualFunctions",
         nothing,
         lambda w: w.clients.alice.m("SetVirtualFunctions", "sua{sv}", SRIOV_PF, 2, {}),

@@ -22,8 +22,8 @@ def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     assert main(["check", *args, "--json"]) == 0
     out = capsys.readouterr().out
     doc: dict[str, Any] = json.loads(out)
-    # Exactly {"host", "devices"}, sorted keys, 2-space indent.
-    assert set(doc) == {"host", "devices"}
+    # Exactly {"host", "devices", "sharing"}, sorted keys, 2-space indent.
+    assert set(doc) == {"host", "devices", "sharing"}
     assert out == json.dumps(doc, sort_keys=True, indent=2) + "\n"
     return doc
 

@@ -97,7 +97,7 @@ def test_status_check_and_discovery(address: str, capsys: pytest.CaptureFixture[
     status = ctl_json(capsys, address, "status")
     assert status["iommu_enabled"] is True and status["gpu_mode"] == "passthrough"
     report = ctl_json(capsys, address, "check")
-    assert sorted(report) == ["devices", "host"]
+    assert sorted(report) == ["devices", "host", "sharing"]
     assert by_addr(report["devices"])[AUDIO]["current_driver"] == "snd_hda_intel"
     code, out, _ = ctl(capsys, address, "check")
     assert code == 0 and "Ready:" in out and GPU in out

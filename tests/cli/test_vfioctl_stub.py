@@ -198,13 +198,19 @@ def test_status_and_check_call_the_contract(stub: Stub, capsys: pytest.CaptureFi
     code, out, _ = ctl(capsys, stub.address, "status")
     assert code == 0 and "IOMMU enabled (9 IOMMU groups)" in out and "fix it" in out
     assert stub.last("GetHostStatus").signature == "a{sv}"
+    # the stub has no ListProfiles yet: a daemon older than vfioctl
     code, out, _ = ctl(capsys, stub.address, "check", "--json")
     assert code == 0
     assert json.loads(out) == {
         "host": {"iommu_enabled": True, "iommu_groups": 9, "problems": ["fix it"]},
         "devices": [],
+        "sharing": {"sriov": [], "profiles": []},
     }
     assert stub.last("ListAvailable").body == [{"all": True}]
+    profile = {"type_id": v("s", "mtty-2"), "name": v("s", "Dual port serial"), "parents": v("as", ["mtty"])}
+    stub.reply("ListProfiles", "aa{sv}", [profile])
+    code, out, _ = ctl(capsys, stub.address, "check")
+    assert code == 0 and "mdev parent mtty: mtty-2 (Dual port serial)" in out
 
 
 def test_list_available_sends_all_only_when_asked(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:

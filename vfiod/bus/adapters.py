@@ -145,6 +145,22 @@ async def recover(svc: Runner, caller: Caller, req: Request) -> Record:
     return variants.record(report.to_record())
 
 
+async def list_profiles(svc: Runner, caller: Caller, req: Request) -> list[Record]:
+    parent = req.options.get("parent")
+    return await svc.shared(
+        ("ListProfiles", parent),
+        lambda: variants.records([p.to_record() for p in svc.manager.list_profiles(parent)]),
+    )
+
+
+async def list_vgpus(svc: Runner, caller: Caller, req: Request) -> list[Record]:
+    instance = req.options.get("instance")
+    return await svc.shared(
+        ("ListVGPUs", instance),
+        lambda: variants.records([v.to_record() for v in svc.manager.list_vgpus(instance)]),
+    )
+
+
 async def set_virtual_functions(svc: Runner, caller: Caller, req: Request) -> list[str]:
     pf = req.devices[0].id if req.devices else req.args["pf"]
     count, autoprobe = req.args["count"], req.flag("autoprobe")
@@ -173,6 +189,8 @@ ADAPTERS: dict[str, Adapter] = {
     "unbind": unbind,
     "reconcile": reconcile,
     "recover": recover,
+    "list_profiles": list_profiles,
+    "list_vgpus": list_vgpus,
     "set_virtual_functions": set_virtual_functions,
     "import_hypeman": import_hypeman,
 }

@@ -98,6 +98,8 @@ METHODS: Final[tuple[Method, ...]] = (
     Method(
         "Recover", (("id_or_name", "s"),), (("report", "a{sv}"),), {"dry_run": "b"}, ACTION_ADMIN, "recover"
     ),
+    Method("ListProfiles", (), (("profiles", "aa{sv}"),), {"parent": "s"}, ACTION_INSPECT, "list_profiles"),
+    Method("ListVGPUs", (), (("vgpus", "aa{sv}"),), {"instance": "s"}, ACTION_INSPECT, "list_vgpus"),
     Method(
         "SetVirtualFunctions",
         (("pf", "s"), ("count", "u")),

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TextIO
 
 from vfiod.cli import report as report_text
-from vfiod.core.discovery import discover
+from vfiod.core.discovery import describe, discover
 from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import host_status
 from vfiod.core.pciids import PciIds, default_pci_ids
+from vfiod.host import mdev
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import PciSnapshot
@@ -92,8 +93,10 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
     devices = discover(host, names, all_devices=all_devices, critical=critical)
     status = host_status(host, names, devices=devices).to_record()
     records = [d.to_record() for d in devices]
+    pfs, offered = sharing(host, names, records, critical)
     if as_json:
-        out.write(json.dumps({"host": status, "devices": records}, sort_keys=True, indent=2) + "\n")
+        doc = {"host": status, "devices": records, "sharing": {"sriov": pfs, "profiles": offered}}
+        out.write(json.dumps(doc, sort_keys=True, indent=2) + "\n")
         return
     # A member that is not listed (its audio function, without --all) is shown with its driver too.
     snap = PciSnapshot(host)
@@ -101,5 +104,31 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
     drivers = {m: snap.function(PciAddress.parse(m)).driver or "" for m in sorted(members)}
     marks = report_text.marks(getattr(out, "encoding", None))
     out.write(
-        report_text.render_check(status, records, marks, all_devices=all_devices, member_drivers=drivers)
+        report_text.render_check(
+            status,
+            records,
+            marks,
+            all_devices=all_devices,
+            member_drivers=drivers,
+            sharing=report_text.render_sharing(pfs, offered),
+        )
     )
+
+
+def sharing(
+    host: Host, names: PciIds, records: list[dict[str, object]], critical: dict[PciAddress, str]
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """The SR-IOV physical functions (AvailableDevice records; every function is looked at, listed or
+    not) and the mediated-device types each parent offers (Profile-shaped records, one per parent)."""
+    listed = {str(r["pci_address"]): r for r in records}
+    snap = PciSnapshot(host)
+    pfs = []
+    for addr in host.pci_addresses():
+        if snap.function(addr).sriov_totalvfs:
+            pfs.append(listed.get(str(addr)) or describe(host, addr, names, critical=critical).to_record())
+    offered: list[dict[str, object]] = [
+        {"type_id": t.id, "name": t.name, "available": t.available, "parents": [p.name]}
+        for p in mdev.read_parents(host)
+        for t in p.types
+    ]
+    return pfs, offered

@@ -199,6 +199,36 @@ def _relations(d: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def render_sharing(sriov_pfs: Sequence[Mapping[str, Any]], profiles: Sequence[Mapping[str, Any]]) -> str:
+    """SR-IOV physical functions (AvailableDevice records) and mediated-device parents (from Profile
+    records): what the host could share, and the command that does it."""
+    lines = ["GPU sharing:"]
+    if not sriov_pfs and not profiles:
+        lines.append("  no SR-IOV physical function and no mediated-device parent on this host")
+    for d in sriov_pfs:
+        vfs = list(d.get("virtfns") or [])
+        lines.append(
+            f"  SR-IOV {field(d, 'pci_address')} ({device_label(d)}): {d.get('sriov_numvfs', 0)} of "
+            f"{d.get('sriov_totalvfs', 0)} VFs enabled{': ' + ', '.join(vfs) if vfs else ''}"
+        )
+    if sriov_pfs:
+        lines.append("    (vfioctl vfs PF COUNT sets the number of VFs)")
+    by_parent: dict[str, list[Mapping[str, Any]]] = {}
+    for p in profiles:
+        for parent in p.get("parents") or []:
+            by_parent.setdefault(str(parent), []).append(p)
+    for parent, types in sorted(by_parent.items()):
+        offered = ", ".join(
+            field(t, "type_id")
+            + (f" ({field(t, 'name')})" if field(t, "name") != field(t, "type_id") else "")
+            for t in types
+        )
+        lines.append(f"  mdev parent {parent}: {offered}")
+    if by_parent:
+        lines.append("    (vfioctl profiles shows what can be created now)")
+    return "\n".join(lines) + "\n"
+
+
 def render_check(
     status: Mapping[str, Any],
     devices: Sequence[Mapping[str, Any]],
@@ -206,8 +236,10 @@ def render_check(
     *,
     all_devices: bool = True,
     member_drivers: Mapping[str, str] | None = None,
+    sharing: str = "",
 ) -> str:
-    """The whole report: the host, the devices, and which GPUs can be passed through as they stand."""
+    """The whole report: the host, the devices, what could be shared, and which GPUs can be passed
+    through as they stand."""
     ready = [d for d in devices if d.get("passthrough_ready") and field(d, "type") == "gpu"]
     lines = [
         render_status(status, mark).rstrip("\n"),
@@ -215,6 +247,8 @@ def render_check(
         render_available(devices, mark, all_devices, member_drivers).rstrip("\n"),
         "",
     ]
+    if sharing:
+        lines += [sharing.rstrip("\n"), ""]
     if ready:
         addrs = ", ".join(field(d, "pci_address") for d in ready)
         lines.append(f"Ready: {len(ready)} GPU(s) can be passed through as they stand: {addrs}")

@@ -42,6 +42,7 @@ from vfiod.cli.vfioctl_commands import (
     cmd_list,
     cmd_list_available,
     cmd_monitor,
+    cmd_profiles,
     cmd_reconcile,
     cmd_recover,
     cmd_register,
@@ -50,13 +51,14 @@ from vfiod.cli.vfioctl_commands import (
     cmd_unbind,
     cmd_unregister,
     cmd_vfs,
+    cmd_vgpus,
 )
 
 DEFAULT_TIMEOUT = 120.0
 UINT32_MAX = 0xFFFFFFFF
 
 
-READ_ONLY = frozenset({"status", "check", "list-available", "list", "show", "monitor"})
+READ_ONLY = frozenset({"status", "check", "list-available", "list", "show", "monitor", "profiles", "vgpus"})
 
 # ----- argument parsing ------------------------------------------------------------------------------------
 
@@ -226,6 +228,18 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
         "Without a device, every stuck or driverless registered device.",
         ["vfioctl recover --dry-run", "vfioctl recover l4-gpu"],
     ),
+    "profiles": (
+        "list the vGPU profiles this host offers (ListProfiles)",
+        "Every mediated-device type of every parent, with its framebuffer size when known and how many "
+        "instances can be created now.",
+        ["vfioctl profiles", "vfioctl profiles --parent mtty --json"],
+    ),
+    "vgpus": (
+        "list the vGPUs on this host (ListVGPUs)",
+        "Every mediated device, whether vfiod created it or not (one it did not create is never touched), "
+        "with its instance and owner.",
+        ["vfioctl vgpus", "vfioctl vgpus --instance ml-training --json"],
+    ),
     "vfs": (
         "set the number of SR-IOV virtual functions of a physical function (SetVirtualFunctions; admin)",
         "PF is a PCI address or a registered device. The VFs stay driverless unless --autoprobe lets host "
@@ -342,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("recover", cmd_recover)
     p.add_argument("device", metavar="ID|NAME", nargs="?", help="default: every stuck or driverless device")
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p = add("profiles", cmd_profiles)
+    p.add_argument("--parent", metavar="PARENT", help="only this parent's types")
+    p = add("vgpus", cmd_vgpus)
+    p.add_argument("--instance", metavar="INSTANCE", help="only this instance's vGPUs")
     p = add("vfs", cmd_vfs)
     p.add_argument("pf", metavar="PF", help="the physical function: dddd:bb:ss.f or a registered id or name")
     p.add_argument("count", metavar="COUNT", type=_uint32, help="how many VFs it should have (0 disables)")

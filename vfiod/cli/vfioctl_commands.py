@@ -56,11 +56,23 @@ async def cmd_status(ctx: Context) -> int:
 async def cmd_check(ctx: Context) -> int:
     (status,) = await ctx.client.manager("GetHostStatus", {})
     (devices,) = await ctx.client.manager("ListAvailable", options(all=("b", True)))
-    status, devices = dict_of(status), list_of_dicts(devices)
+    try:
+        (profiles,) = await ctx.client.manager("ListProfiles", {})
+    except CallError as e:
+        if e.name != "org.freedesktop.DBus.Error.UnknownMethod":
+            raise
+        profiles = []  # a daemon older than this vfioctl (the package keeps it running across upgrades)
+    status, devices, profiles = dict_of(status), list_of_dicts(devices), list_of_dicts(profiles)
+    pfs = [d for d in devices if d.get("sriov_totalvfs")]
     if ctx.json:
-        ctx.write(render.to_json({"host": status, "devices": devices}))
+        ctx.write(
+            render.to_json(
+                {"host": status, "devices": devices, "sharing": {"sriov": pfs, "profiles": profiles}}
+            )
+        )
     else:
-        ctx.write(report.render_check(status, devices, ctx.marks))
+        sharing = report.render_sharing(pfs, profiles)
+        ctx.write(report.render_check(status, devices, ctx.marks, sharing=sharing))
     return EXIT_OK
 
 
@@ -247,6 +259,22 @@ async def cmd_recover(ctx: Context) -> int:
     (report,) = await ctx.client.manager("Recover", device, _report_options(ctx))
     dry = " (dry run: nothing changed)" if ctx.args.dry_run else ""
     return _write_report(ctx, f"Recover {device or 'every stuck or driverless device'}{dry}", report)
+
+
+async def cmd_profiles(ctx: Context) -> int:
+    opts = options(parent=("s", ctx.args.parent) if ctx.args.parent else None)
+    (profiles,) = await ctx.client.manager("ListProfiles", opts)
+    profiles = list_of_dicts(profiles)
+    ctx.write(render.to_json(profiles) if ctx.json else render.render_profiles(profiles))
+    return EXIT_OK
+
+
+async def cmd_vgpus(ctx: Context) -> int:
+    opts = options(instance=("s", ctx.args.instance) if ctx.args.instance else None)
+    (vgpus,) = await ctx.client.manager("ListVGPUs", opts)
+    vgpus = list_of_dicts(vgpus)
+    ctx.write(render.to_json(vgpus) if ctx.json else render.render_vgpus(vgpus))
+    return EXIT_OK
 
 
 async def cmd_vfs(ctx: Context) -> int:

@@ -53,6 +53,48 @@ def render_devices(devices: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(table(header, rows)) + "\n"
 
 
+# ----- profiles and vGPUs ---------------------------------------------------------------------------------
+
+NO_OWNER = 0xFFFFFFFF
+
+
+def render_profiles(profiles: Sequence[Mapping[str, Any]]) -> str:
+    if not profiles:
+        return "no vGPU profiles: no mediated-device parent is registered (see /sys/class/mdev_bus)\n"
+    header = ("TYPE", "NAME", "FRAMEWORK", "FRAMEBUFFER", "AVAILABLE", "PARENTS")
+    rows = [
+        (
+            field(p, "type_id"),
+            field(p, "name"),
+            field(p, "framework"),
+            f"{p['framebuffer_mb']} MB" if p.get("framebuffer_mb") else "-",
+            field(p, "available"),
+            ", ".join(p.get("parents") or []) or "-",
+        )
+        for p in profiles
+    ]
+    return "\n".join(table(header, rows)) + "\n"
+
+
+def render_vgpus(vgpus: Sequence[Mapping[str, Any]]) -> str:
+    if not vgpus:
+        return "no vGPUs\n"
+    header = ("UUID", "PROFILE", "PARENT", "INSTANCE", "OWNER", "STATE", "MANAGED")
+    rows = [
+        (
+            field(v, "uuid"),
+            field(v, "profile"),
+            field(v, "parent"),
+            field(v, "instance_id") or "-",
+            "-" if v.get("owner_uid", NO_OWNER) == NO_OWNER else str(v["owner_uid"]),
+            field(v, "state"),
+            "yes" if v.get("managed") else "no (not created by vfiod: never touched)",
+        )
+        for v in vgpus
+    ]
+    return "\n".join(table(header, rows)) + "\n"
+
+
 _DEVICE_KEYS = (
     "name",
     "id",

@@ -37,8 +37,9 @@ from vfiod.core.errors import (
     NotOwner,
 )
 from vfiod.core.locks import GroupLocks, InstanceLocks
+from vfiod.core.manager_sharing import SharingMethods
 from vfiod.core.ops import attach as attach_op
-from vfiod.core.ops import release, sriov
+from vfiod.core.ops import release
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
 from vfiod.core.records import Attachment, Device
@@ -48,7 +49,6 @@ from vfiod.core.startup import Startup
 from vfiod.core.system import ModuleLoader, UnitController
 from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host.host import Host
-from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
 
 log = logging.getLogger("vfiod.manager")
@@ -61,7 +61,7 @@ class ManagerConfig:
     register_allow: list[str] = field(default_factory=list)
 
 
-class Manager:
+class Manager(SharingMethods):
     def __init__(
         self,
         host: Host,
@@ -348,32 +348,6 @@ class Manager:
             row = release.unbind(self.deps, row)
         log.info("unbound %s", row.pci_address, extra=log_fields(row, action="unbind", uid=caller.uid))
         self._changed([row.id])
-
-    # ----- SR-IOV (admin) ------------------------------------------------------------------------------
-
-    def set_virtual_functions(
-        self, caller: Caller, pf: object, count: object, *, autoprobe: bool = False
-    ) -> list[str]:
-        """Give a physical function (a device id or name, or a PCI address) `count` VFs; their addresses."""
-        target = validation.device_or_address(pf)
-        row = None if isinstance(target, PciAddress) else self.resolve(target)
-        addr = row.pci_address if row is not None else target
-        assert isinstance(addr, PciAddress)
-        if not caller.is_admin({"pci_address": str(addr), **({"device": row.name} if row else {})}):
-            raise NotAuthorized(
-                "SetVirtualFunctions needs the admin authorization (org.hypeman.devices.admin)"
-            )
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= sriov.MAX_VFS:
-            raise InvalidArgument(f"the number of virtual functions must be 0-{sriov.MAX_VFS}, not {count!r}")
-        self._require_settled([row] if row is not None else [])
-        before = read_function(self.host, addr).virtfns
-        vfs = sriov.set_virtual_functions(
-            self.deps, addr, count, autoprobe=autoprobe, wait=self.verify_timeout
-        )
-        for vf in sorted({*before, *vfs}):  # registered VFs gone or back
-            self.refreshes.device(str(vf))
-        self._changed([""])
-        return [str(vf) for vf in vfs]
 
     # ----- start-up, reconcile, recover, import ---------------------------------------------------------
 

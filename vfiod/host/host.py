@@ -261,7 +261,30 @@ class Host:
             self.device_dir(pf) / "sriov_numvfs", str(int(count)), pf, self.deadlines.for_driver(driver)
         )
 
-    def _write(self, path: Path, value: str, addr: PciAddress | None, deadline: float) -> None:
+    @property
+    def mdev_bus_dir(self) -> Path:
+        return self.roots.sys / "class/mdev_bus"
+
+    @property
+    def mdev_devices_dir(self) -> Path:
+        return self.roots.sys / "bus/mdev/devices"
+
+    def create_mdev(self, parent: str, type_id: str, uuid: str) -> None:
+        """Write `uuid` to a parent's type's `create` (the names as listed under /sys/class/mdev_bus)."""
+        for part in (parent, type_id, uuid):
+            if not part or "/" in part or part in (".", ".."):
+                raise ValueError(f"{part!r} is not an mdev parent, type or uuid")
+        create = self.mdev_bus_dir / parent / "mdev_supported_types" / type_id / "create"
+        self._write(create, uuid, uuid, self.deadlines.default)
+
+    def remove_mdev(self, uuid: str) -> None:
+        """`remove` of an mdev: the kernel waits in it while the mdev's VFIO device is open."""
+        if not uuid or "/" in uuid or uuid in (".", ".."):
+            raise ValueError(f"{uuid!r} is not an mdev uuid")
+        self._write(self.mdev_devices_dir / uuid / "remove", "1", uuid, self.deadlines.default)
+
+    def _write(self, path: Path, value: str, addr: str | None, deadline: float) -> None:
+        """`addr`: the device the write locks in the kernel (a PCI address or an mdev's uuid)."""
         data = value.encode()
         logical = self.logical(path)
         self._refuse_behind_pending(logical, value, addr)
@@ -317,18 +340,18 @@ class Host:
         if state.err is not None:
             raise SysfsWriteError(logical, value, state.err)
 
-    def pending_writes(self, addr: PciAddress | None = None) -> list[str]:
+    def pending_writes(self, addr: str | None = None) -> list[str]:
         """Writes that missed their deadline and have not returned yet (optionally only for `addr`): the
         kernel holds that device's lock, so any further write to it would hang too."""
         return sorted(f"{p.path} <- {p.value!r}" for p in self.pending(addr))
 
-    def pending(self, addr: PciAddress | None = None) -> list[PendingWrite]:
+    def pending(self, addr: str | None = None) -> list[PendingWrite]:
         """The same writes, with when each started (oldest first)."""
         with self._pending_lock:
             found = [p for p in self._pending.values() if addr is None or p.pci_address == addr]
         return sorted(found, key=lambda p: p.since)
 
-    def _refuse_behind_pending(self, logical: str, value: str, addr: PciAddress | None) -> None:
+    def _refuse_behind_pending(self, logical: str, value: str, addr: str | None) -> None:
         """A write to a device with a write still in the kernel would only hang behind it (and pile up one
         more thread that lands it later, whatever has happened since); and the number of threads left
         inside the kernel is bounded. Such a write is refused, logged, and not tried."""

@@ -1,0 +1,176 @@
+"""What the host offers for sharing, as the contract's records: the vGPU profiles (ListProfiles: each mdev
+type, summed over the parents offering it) and the vGPUs (ListVGPUs: every mdev on the host, vfiod's
+own and the ones it did not create, plus the ones it created that the kernel no longer has).
+
+Read live from the kernel every time; the registry adds only what the kernel cannot tell (which vGPUs vfiod
+made, for which instance and uid, and the parents it has seen fail).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vfiod.core.deps import CoreDeps
+from vfiod.core.records import vfio_group_path
+from vfiod.core.registry import VgpuRow, format_timestamp
+from vfiod.host import mdev
+from vfiod.host.mdev import MdevParent, MdevType
+
+NO_OWNER = 0xFFFFFFFF
+QUARANTINE_FAILURES = 2  # create or verify failed this many times in a row on a parent
+_FRAMEBUFFER = re.compile(r"framebuffer=(\d+)M")  # NVIDIA's mdev description
+_MB = re.compile(r"(\d+) ?MB\b")  # e.g. mbochs: "virtual display, 64 MB video memory"
+_NVIDIA_SIZE = re.compile(r"-(\d+)[A-Z]+$")  # NVIDIA L40S-4Q: 4 GB of framebuffer
+
+
+def framebuffer_mb(name: str, description: str) -> int:
+    """The framebuffer a type gives, from its description or its name's size suffix; 0 when unknown."""
+    for pattern, scale in ((_FRAMEBUFFER, 1), (_NVIDIA_SIZE, 1024), (_MB, 1)):
+        found = pattern.search(description if pattern is not _NVIDIA_SIZE else name)
+        if found:
+            return int(found[1]) * scale
+    return 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    type_id: str
+    framework: str
+    framebuffer_mb: int
+    description: str
+    device_api: str
+    available: int
+    parents: tuple[str, ...]
+
+    def to_record(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "type_id": self.type_id,
+            "framework": self.framework,
+            "framebuffer_mb": self.framebuffer_mb,
+            "description": self.description,
+            "device_api": self.device_api,
+            "available": self.available,
+            "parents": list(self.parents),
+        }
+
+
+@dataclass(frozen=True)
+class Vgpu:
+    id: str
+    uuid: str
+    framework: str
+    profile: str
+    type_id: str
+    parent: str
+    physical_gpu: str
+    instance_id: str
+    owner_uid: int
+    sysfs_path: str
+    vfio_group_path: str
+    state: str
+    managed: bool
+    created_at: str
+
+    def to_record(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def quarantined(deps: CoreDeps) -> dict[str, str]:
+    """Parent -> why placement skips it (its create or verify failed QUARANTINE_FAILURES times in a row)."""
+    return {
+        h.parent: f"{h.failures} failures in a row since {format_timestamp(h.since)}: {h.last_failure}"
+        for h in deps.registry.all_parent_health()
+        if h.failures >= QUARANTINE_FAILURES
+    }
+
+
+def parents(deps: CoreDeps, only: str | None = None) -> list[MdevParent]:
+    found = mdev.read_parents(deps.host)
+    return [p for p in found if only is None or p.name == only]
+
+
+def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
+    """Every type offered (only `parent`'s when given), by type id, with what can be created now on the
+    parents that are not quarantined."""
+    skip = quarantined(deps)
+    by_type: dict[str, list[MdevType]] = {}
+    for p in parents(deps, parent):
+        for t in p.types:
+            by_type.setdefault(t.id, []).append(t)
+    out = []
+    for type_id, offers in sorted(by_type.items()):
+        first = offers[0]
+        out.append(
+            Profile(
+                name=first.name,
+                type_id=type_id,
+                framework="mdev",
+                framebuffer_mb=framebuffer_mb(first.name, first.description),
+                description=first.description,
+                device_api=first.device_api,
+                available=sum(t.available for t in offers if t.parent not in skip),
+                parents=tuple(sorted(t.parent for t in offers)),
+            )
+        )
+    return out
+
+
+def physical_gpu(parent: MdevParent | None) -> str:
+    if parent is None or parent.pci_address is None:
+        return ""
+    return str(parent.physfn or parent.pci_address)
+
+
+def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
+    """Every mdev on the host and every vGPU vfiod made (only `instance`'s when given)."""
+    host = deps.host
+    known = {r.uuid: r for r in deps.registry.list_vgpus()}
+    by_name = {p.name: p for p in mdev.read_parents(host)}
+    out: list[Vgpu] = []
+    live = mdev.read_mdevs(host)
+    for m in live:
+        row = known.get(m.uuid)
+        types = {t.id: t for t in by_name[m.parent].types} if m.parent in by_name else {}
+        profile = types[m.type_id].name if m.type_id in types else m.type_id
+        group = m.iommu_group if m.iommu_group is not None else -1
+        out.append(_vgpu(deps, row, m.uuid, profile, m.type_id, m.parent, by_name, group, "vfio"))
+    seen = {m.uuid for m in live}
+    for row in known.values():
+        if row.uuid not in seen:
+            out.append(
+                _vgpu(deps, row, row.uuid, row.profile, row.type_id, row.parent, by_name, -1, "missing")
+            )
+    return [v for v in out if instance is None or v.instance_id == instance]
+
+
+def _vgpu(
+    deps: CoreDeps,
+    row: VgpuRow | None,
+    uuid: str,
+    profile: str,
+    type_id: str,
+    parent: str,
+    by_name: dict[str, MdevParent],
+    group: int,
+    unmanaged_state: str,
+) -> Vgpu:
+    att = deps.registry.attachment_of_device(row.id) if row is not None else None
+    return Vgpu(
+        id=row.id if row is not None else "",
+        uuid=uuid,
+        framework="mdev",
+        profile=profile,
+        type_id=type_id,
+        parent=parent,
+        physical_gpu=row.physical_gpu if row is not None else physical_gpu(by_name.get(parent)),
+        instance_id=att.instance_id if att is not None else "",
+        owner_uid=att.owner_uid if att is not None else NO_OWNER,
+        sysfs_path=f"/sys/bus/mdev/devices/{uuid}/",
+        vfio_group_path=vfio_group_path(deps.host, group),
+        state=row.state if row is not None and unmanaged_state != "missing" else unmanaged_state,
+        managed=row is not None and row.managed,
+        created_at=format_timestamp(row.created_at) if row is not None else "",
+    )
