@@ -33,13 +33,27 @@ SIGNATURES = {
     "SetVirtualFunctions": "sua{sv}",
     "ListProfiles": "a{sv}",
     "ListVGPUs": "a{sv}",
+    "AttachVGPU": "ssa{sv}",
 }
 LEAKS = ("Traceback", 'File "/', "site-packages", '.py", line')
 
 text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=40)
 # Mostly values that mean something here (so calls reach the manager), sometimes anything.
 meaningful = st.sampled_from(
-    ["gpu", "pci-0000-a2-00-1", GPU, "0000:a2:00.1", "0000:00:02.0", "0000:ff:1f.7", "vm1", "vm2", "", "/tmp"]
+    [
+        "gpu",
+        "pci-0000-a2-00-1",
+        GPU,
+        "0000:a2:00.1",
+        "0000:00:02.0",
+        "0000:ff:1f.7",
+        "vm1",
+        "vm2",
+        "",
+        "/tmp",
+        "mtty-2",
+        "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+    ]
 )
 strings = st.one_of(meaningful, meaningful, meaningful, meaningful, text, st.just("a" * 300))
 option_keys = st.one_of(st.sampled_from(sorted({k for opts in OPTIONS.values() for k in opts})), text)

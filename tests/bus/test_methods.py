@@ -362,3 +362,36 @@ def test_list_profiles_and_vgpus(start_vfiod: StartVfiod, clients: Clients, polk
     reply = alice.m("ListVGPUs", "a{sv}", {"instance": Variant("s", "bad instance")})
     assert reply.short == "InvalidArgument"
     assert alice.m("ListProfiles", "a{sv}", {"parent": Variant("u", 1)}).short == "InvalidArgument"
+
+
+def test_attach_vgpu_and_detach(start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock) -> None:
+    """mdev-samples through the bus: AttachVGPU's Attachment record with the QEMU and cloud-hypervisor
+    forms, the vGPU as a Device record of type vgpu, its contract errors, and Detach removing it."""
+    running = start_vfiod(profile="mdev-samples")
+    polkit.allow(ACTION_INSPECT, ACTION_ATTACH)
+    alice = clients.alice
+    uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    att, warnings = ok(alice.m("AttachVGPU", "ssa{sv}", "vm1", "mtty-2", {"uuid": Variant("s", uuid)}))
+    path = f"/sys/bus/mdev/devices/{uuid}/"
+    assert att["device_config"] == {"path": path, "sysfsdev": path.rstrip("/"), "uuid": uuid}
+    assert att["pci_address"] == "" and att["vfio_group_path"].startswith("/dev/vfio/")
+    assert isinstance(warnings, list)
+    rec = device(alice, att["id"])
+    assert (rec["type"], rec["pci_address"], rec["sysfs_path"], rec["attached_to"]) == (
+        "vgpu",
+        "",
+        path,
+        "vm1",
+    )
+    assert rec["owner_uid"] == alice.uid and rec["state"] == "attached"
+    assert att["id"] in {d["id"] for d in devices(alice)}
+    assert alice.m("AttachVGPU", "ssa{sv}", "vm2", "no-such", {}).short == "ProfileNotFound"
+    for n in range(4):
+        ok(alice.m("AttachVGPU", "ssa{sv}", f"big{n}", "mbochs-large", {}))
+    full = alice.m("AttachVGPU", "ssa{sv}", "big9", "mbochs-large", {})
+    assert full.short == "NoCapacity" and "mbochs: none left" in full.text
+    refused = alice.m("Attach", "sasa{sv}", "vm1", [att["id"]], {})
+    assert refused.short == "InvalidArgument" and "is a vGPU" in refused.text
+    ok(detach(alice, "vm1", rec["name"]))
+    assert running.manager.host.list_dir(running.manager.host.mdev_devices_dir).count(uuid) == 0
+    assert alice.m("GetDevice", "sa{sv}", att["id"], {}).short == "NotFound"

@@ -220,6 +220,22 @@ CASES = [
         profile="mdev-samples",
     ),
     Case(
+        "AttachVGPU",
+        nothing,
+        lambda w: w.clients.alice.m("AttachVGPU", "ssa{sv}", "vm1", "mtty-2", {}),
+        (ACTION_ATTACH,),
+        profile="mdev-samples",
+    ),
+    Case(
+        "AttachVGPU-owner_uid",
+        nothing,
+        lambda w: w.clients.alice.m(
+            "AttachVGPU", "ssa{sv}", "vm1", "mtty-2", {"owner_uid": Variant("u", w.clients.bob.uid)}
+        ),
+        (ACTION_ATTACH, ACTION_ADMIN),
+        profile="mdev-samples",
+    ),
+    Case(
         "SetVirtualFunctions",
         nothing,
         lambda w: w.clients.alice.m("SetVirtualFunctions", "sua{sv}", SRIOV_PF, 2, {}),

@@ -250,6 +250,29 @@ def test_register_show_unregister(stub: Stub, capsys: pytest.CaptureFixture[str]
     assert stub.last("UnregisterDevice").body == ["l4-gpu", {}]
 
 
+def test_attach_vgpu_prints_both_vmm_forms(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:
+    uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    path = f"/sys/bus/mdev/devices/{uuid}/"
+    config = {"path": v("s", path), "sysfsdev": v("s", path.rstrip("/")), "uuid": v("s", uuid)}
+    record = {
+        "id": v("s", "k" * 24),
+        "pci_address": v("s", ""),
+        "vfio_group_path": v("s", "/dev/vfio/15"),
+        "device_config": v("a{sv}", config),
+    }
+    stub.reply("AttachVGPU", "a{sv}as", record, [])
+    code, out, _ = ctl(capsys, stub.address, "attach-vgpu", "vm1", "Dual port serial", "--uuid", uuid)
+    assert code == 0
+    call = stub.last("AttachVGPU")
+    assert call.signature == "ssa{sv}" and call.body == ["vm1", "Dual port serial", {"uuid": uuid}]
+    assert f"--device path={path}\n" in out  # only what cloud-hypervisor takes
+    assert f"-device vfio-pci,sysfsdev={path.rstrip('/')}" in out and "/dev/vfio/15" in out
+    code, out, _ = ctl(capsys, stub.address, "attach-vgpu", "vm1", "mtty-2", "--json")
+    doc = json.loads(out)
+    assert doc["cloud_hypervisor_args"] == ["--device", f"path={path}"]
+    assert doc["qemu_args"] == ["-device", f"vfio-pci,sysfsdev={path.rstrip('/')}"]
+
+
 def test_attach_prints_attachments_device_lines_and_warnings(
     stub: Stub, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,6 +373,8 @@ EXPECTED_STATUS = {
     "IOMMUGroupConflict": 5,
     "HostCritical": 5,
     "SriovEnabled": 5,
+    "NoCapacity": 5,
+    "ProfileNotFound": 3,
     "NameExists": 5,
     "AlreadyExists": 5,
     "AlreadyBound": 5,

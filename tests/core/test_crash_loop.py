@@ -1,7 +1,8 @@
 """The crash loop: a child process running the manager is SIGKILLed at every journal point of Attach, Detach,
-Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`, and of SetVirtualFunctions (2 VFs to 3) on
-`dgx-h100`; the restarted manager must leave the registry and the simulated kernel in agreement, and a
-second restart must change nothing (no intent is replayed over what came after it).
+Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`, of SetVirtualFunctions (2 VFs to 3) on
+`dgx-h100`, and of AttachVGPU and a vGPU's Detach on `mdev-samples`; the restarted manager must leave the
+registry and the simulated kernel in agreement, and a second restart must change nothing (no intent is
+replayed over what came after it).
 
 The points are not listed by hand: a first run of each operation with `VFIOD_TEST_TRACE_POINTS` records
 every point it passes, and each of them is then killed in a fresh world. Every disagreement found is a
@@ -45,7 +46,8 @@ def setup(world: World, action: str) -> None:
     build(world.sim_root, world.profile)
     m = open_manager(world.sim_root, world.state)
     m.startup()
-    m.register(HM, GPUS[world.profile], "gpu")
+    if world.profile in GPUS:
+        m.register(HM, GPUS[world.profile], "gpu")
     if action == "detach":
         m.attach(HM, "vm1", ["gpu"], include_group=True)
     elif action == "unbind":
@@ -59,6 +61,8 @@ def setup(world: World, action: str) -> None:
             m.detach(HM, "vm1")
         faults.clear(world.sim_root, "nv")
         assert m.get_device("gpu").state == "stuck"
+    elif action == "detach-vgpu":
+        m.attach_vgpu(HM, "vm1", "mtty-2")
     elif action == "sriov":
         m.set_virtual_functions(ADMIN, SRIOV_PF, 2)
         m.register(ADMIN, SRIOV_VF, "vf1")
@@ -77,6 +81,10 @@ def perform(m: Manager, action: str) -> None:
         m.unbind(ADMIN, "gpu")
     elif action == "sriov":
         m.set_virtual_functions(ADMIN, SRIOV_PF, 3)
+    elif action == "attach-vgpu":
+        m.attach_vgpu(HM, "vm1", "mtty-2")
+    elif action == "detach-vgpu":
+        m.detach(HM, "vm1")
     else:
         m.recover(ADMIN)
 
@@ -185,4 +193,37 @@ def test_crash_loop_sriov(tmp_path: Path) -> None:
             found.append(f"{point}: the second restart replayed something: {report.findings}")
         m.registry.close()
     print(f"crash loop dgx-h100 sriov: {len(points)} points killed, {len(found)} violations")
+    assert found == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["attach-vgpu", "detach-vgpu"])
+def test_crash_loop_vgpu(tmp_path: Path, action: str) -> None:
+    """Killed anywhere in an AttachVGPU or a vGPU's Detach, the restart leaves no mdev and no vGPU behind
+    (the attach rolled back, the release completed), the nodes with root, and AttachVGPU works again."""
+    points = points_of(tmp_path, "mdev-samples", action)
+    assert points, "the operation passed no journal point"
+    found: list[str] = []
+    for n, point in enumerate(points):
+        world = World("mdev-samples", tmp_path / f"sim{n}", tmp_path / f"state{n}")
+        setup(world, action)
+        status = run_child(world, action, {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
+        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        m = open_manager(world.sim_root, world.state)
+        m.startup()
+        left = m.host.list_dir(m.host.mdev_devices_dir)
+        if left or m.registry.list_vgpus() or m.registry.all_attachments():
+            found.append(f"{point}: left mdevs {left}, vGPUs {m.registry.list_vgpus()}")
+        found += [f"{point}: {v}" for v in violations(m, world.sim_root)]
+        try:
+            m.attach_vgpu(HM, "vm2", "mtty-2")
+        except VfiodError as e:
+            found.append(f"{point}: AttachVGPU failed after the restart: {e.message}")
+        m.registry.close()
+        m = open_manager(world.sim_root, world.state)
+        report = m.startup()
+        if report.counters.get("operations_recovered") or len(m.list_vgpus("vm2")) != 1:
+            found.append(f"{point}: the second restart replayed something: {report.findings}")
+        m.registry.close()
+    print(f"crash loop mdev-samples {action}: {len(points)} points killed, {len(found)} violations")
     assert found == []

@@ -161,6 +161,22 @@ async def list_vgpus(svc: Runner, caller: Caller, req: Request) -> list[Record]:
     )
 
 
+async def attach_vgpu(svc: Runner, caller: Caller, req: Request) -> tuple[Record, list[str]]:
+    attachment, warnings = await _changed(
+        svc,
+        lambda: svc.manager.attach_vgpu(
+            caller,
+            req.args["instance_id"],
+            req.args["profile"],
+            parent=req.options.get("parent"),
+            uuid=req.options.get("uuid"),
+            owner_uid=req.options.get("owner_uid"),
+            caller_pid=caller.pid,
+        ),
+    )
+    return variants.record(attachment.to_record()), list(warnings)
+
+
 async def set_virtual_functions(svc: Runner, caller: Caller, req: Request) -> list[str]:
     pf = req.devices[0].id if req.devices else req.args["pf"]
     count, autoprobe = req.args["count"], req.flag("autoprobe")
@@ -191,6 +207,7 @@ ADAPTERS: dict[str, Adapter] = {
     "recover": recover,
     "list_profiles": list_profiles,
     "list_vgpus": list_vgpus,
+    "attach_vgpu": attach_vgpu,
     "set_virtual_functions": set_virtual_functions,
     "import_hypeman": import_hypeman,
 }

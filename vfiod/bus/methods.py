@@ -101,6 +101,15 @@ METHODS: Final[tuple[Method, ...]] = (
     Method("ListProfiles", (), (("profiles", "aa{sv}"),), {"parent": "s"}, ACTION_INSPECT, "list_profiles"),
     Method("ListVGPUs", (), (("vgpus", "aa{sv}"),), {"instance": "s"}, ACTION_INSPECT, "list_vgpus"),
     Method(
+        "AttachVGPU",
+        (("instance_id", "s"), ("profile", "s")),
+        (("attachment", "a{sv}"), ("warnings", "as")),
+        {"parent": "s", "uuid": "s", "owner_uid": "u"},
+        ACTION_ATTACH,
+        "attach_vgpu",
+        frozenset({"owner_uid"}),
+    ),
+    Method(
         "SetVirtualFunctions",
         (("pf", "s"), ("count", "u")),
         (("vfs", "as"),),

@@ -35,6 +35,7 @@ from vfiod.cli.vfioctl_commands import (
     Command,
     Context,
     cmd_attach,
+    cmd_attach_vgpu,
     cmd_bind,
     cmd_check,
     cmd_detach,
@@ -240,6 +241,14 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
         "with its instance and owner.",
         ["vfioctl vgpus", "vfioctl vgpus --instance ml-training --json"],
     ),
+    "attach-vgpu": (
+        "create a vGPU of a profile for an instance and hand it over (AttachVGPU)",
+        "Picks the parent with the most instances of the profile left, creates the mediated device, gives "
+        "its group node to you (or --owner-uid, admin) and prints the cloud-hypervisor and QEMU arguments. "
+        "Repeating it for the same instance and profile returns the same vGPU; `vfioctl detach INSTANCE` "
+        "removes it.",
+        ["vfioctl attach-vgpu ml-training 'NVIDIA L40S-4Q'", "vfioctl attach-vgpu vm1 mtty-2 --json"],
+    ),
     "vfs": (
         "set the number of SR-IOV virtual functions of a physical function (SetVirtualFunctions; admin)",
         "PF is a PCI address or a registered device. The VFs stay driverless unless --autoprobe lets host "
@@ -360,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", metavar="PARENT", help="only this parent's types")
     p = add("vgpus", cmd_vgpus)
     p.add_argument("--instance", metavar="INSTANCE", help="only this instance's vGPUs")
+    p = add("attach-vgpu", cmd_attach_vgpu)
+    p.add_argument("instance", metavar="INSTANCE")
+    p.add_argument("profile", metavar="PROFILE", help="a type id or name, as `vfioctl profiles` shows them")
+    p.add_argument("--parent", metavar="PARENT", help="only this parent (or the parents on this PCI GPU)")
+    p.add_argument("--uuid", metavar="UUID", help="the mdev uuid to create (default: a new one)")
+    p.add_argument("--owner-uid", metavar="UID", type=_uint32, help="give the group node to UID (admin)")
     p = add("vfs", cmd_vfs)
     p.add_argument("pf", metavar="PF", help="the physical function: dddd:bb:ss.f or a registered id or name")
     p.add_argument("count", metavar="COUNT", type=_uint32, help="how many VFs it should have (0 disables)")

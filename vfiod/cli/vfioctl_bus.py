@@ -50,6 +50,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "InvalidPCIAddress": EXIT_USAGE,
     "NotFound": EXIT_NOT_FOUND,
     "DeviceNotFound": EXIT_NOT_FOUND,
+    "ProfileNotFound": EXIT_NOT_FOUND,
     "NotAuthorized": EXIT_NOT_AUTHORIZED,
     "NotOwner": EXIT_NOT_AUTHORIZED,
     "InUse": EXIT_CONFLICT,
@@ -57,6 +58,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "IOMMUGroupConflict": EXIT_CONFLICT,
     "HostCritical": EXIT_CONFLICT,
     "SriovEnabled": EXIT_CONFLICT,
+    "NoCapacity": EXIT_CONFLICT,
     "NameExists": EXIT_CONFLICT,
     "AlreadyExists": EXIT_CONFLICT,
     "AlreadyBound": EXIT_CONFLICT,
@@ -90,12 +92,12 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "success"),
     (EXIT_FAILED, "Failed, or any other error"),
     (EXIT_USAGE, "usage error, InvalidArgument, InvalidName, InvalidPCIAddress"),
-    (EXIT_NOT_FOUND, "NotFound, DeviceNotFound"),
+    (EXIT_NOT_FOUND, "NotFound, DeviceNotFound, ProfileNotFound"),
     (EXIT_NOT_AUTHORIZED, "NotAuthorized, NotOwner (or the bus policy denied the call)"),
     (
         EXIT_CONFLICT,
-        "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, SriovEnabled, NameExists, AlreadyExists, "
-        "AlreadyBound, NotBound, Busy, Recovering",
+        "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, SriovEnabled, NoCapacity, NameExists, "
+        "AlreadyExists, AlreadyBound, NotBound, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),

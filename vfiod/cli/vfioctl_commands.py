@@ -147,6 +147,23 @@ async def cmd_attach(ctx: Context) -> int:
     return EXIT_OK
 
 
+async def cmd_attach_vgpu(ctx: Context) -> int:
+    a = ctx.args
+    opts = options(
+        parent=("s", a.parent) if a.parent else None,
+        uuid=("s", a.uuid) if a.uuid else None,
+        owner_uid=("u", a.owner_uid) if a.owner_uid is not None else None,
+    )
+    attachment, warnings = await ctx.client.manager("AttachVGPU", a.instance, a.profile, opts)
+    record = dict_of(attachment)
+    warns = [str(w) for w in warnings or []]
+    if ctx.json:
+        ctx.write(render.to_json(render.vgpu_document(a.instance, record, warns)))
+    else:
+        ctx.write(render.render_vgpu_attach(a.instance, record, warns))
+    return EXIT_OK
+
+
 async def _devices_of(ctx: Context, instance: str, wanted: Sequence[str]) -> list[dict[str, Any]]:
     """Best effort: the registered devices attached to `instance` (only `wanted` ones, by id or name)."""
     try:

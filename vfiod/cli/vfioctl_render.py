@@ -138,11 +138,15 @@ def _config_value(value: object) -> str:
     return str(value)
 
 
+# device_config keys for QEMU (`-device vfio-pci,sysfsdev=`) and for the record, not for cloud-hypervisor
+QEMU_ONLY = frozenset({"sysfsdev", "uuid"})
+
+
 def device_argument(attachment: Mapping[str, Any]) -> str:
     """cloud-hypervisor's `--device` value for one attachment: `path=...` first, then any other
     DeviceConfig keys (e.g. `x_nv_gpudirect_clique=0`) in key order."""
     config = attachment.get("device_config")
-    config = dict(config) if isinstance(config, Mapping) else {}
+    config = {k: v for k, v in (config.items() if isinstance(config, Mapping) else ()) if k not in QEMU_ONLY}
     path = config.pop("path", None) or attachment.get("sysfs_path") or ""
     parts = [f"path={path}", *(f"{k}={_config_value(v)}" for k, v in sorted(config.items()))]
     return ",".join(parts)
@@ -183,6 +187,37 @@ def render_attach(instance: str, attachments: Sequence[Mapping[str, Any]], warni
     lines += table(header, rows, "  ")
     lines += ["", "cloud-hypervisor:"]
     lines += [f"  --device {device_argument(a)}" for a in attachments]
+    if warnings:
+        lines += ["", "Warnings (what the VMM still needs):"]
+        lines += [f"  ! {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def vgpu_document(instance: str, attachment: Mapping[str, Any], warnings: Sequence[str]) -> dict[str, Any]:
+    config = attachment.get("device_config")
+    sysfsdev = config.get("sysfsdev", "") if isinstance(config, Mapping) else ""
+    return {
+        "instance": instance,
+        "attachment": dict(attachment),
+        "warnings": list(warnings),
+        "cloud_hypervisor_args": cloud_hypervisor_args([attachment]),
+        "qemu_args": ["-device", f"vfio-pci,sysfsdev={sysfsdev}"],
+    }
+
+
+def render_vgpu_attach(instance: str, attachment: Mapping[str, Any], warnings: Sequence[str]) -> str:
+    doc = vgpu_document(instance, attachment, warnings)
+    config = attachment.get("device_config")
+    uuid = config.get("uuid", "") if isinstance(config, Mapping) else ""
+    lines = [
+        f"vGPU {uuid} for {instance}: group node {field(attachment, 'vfio_group_path') or '-'}, device id "
+        f"{field(attachment, 'id') or '-'}",
+        "",
+        "cloud-hypervisor:",
+        f"  --device {device_argument(attachment)}",
+        "QEMU:",
+        f"  {' '.join(doc['qemu_args'])}",
+    ]
     if warnings:
         lines += ["", "Warnings (what the VMM still needs):"]
         lines += [f"  ! {w}" for w in warnings]

@@ -80,6 +80,19 @@ class SriovEnabled(VfiodError):
     name = "SriovEnabled"
 
 
+class ProfileNotFound(VfiodError):
+    """No parent on this host offers a vGPU profile by that name or type id."""
+
+    name = "ProfileNotFound"
+
+
+class NoCapacity(VfiodError):
+    """No usable parent can create that profile now; the message says what is used and what is
+    quarantined."""
+
+    name = "NoCapacity"
+
+
 class DeviceBusy(VfiodError):
     """Processes hold the device; `holders` names them (pid, executable) so the caller can act."""
 
@@ -137,6 +150,8 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     IOMMUGroupConflict,
     HostCritical,
     SriovEnabled,
+    ProfileNotFound,
+    NoCapacity,
     DeviceBusy,
     VFIONotAvailable,
     NativeDriverNotRestored,

@@ -254,17 +254,33 @@ def require_not_held(host: Host, addrs: Iterable[PciAddress], what: str) -> None
             [(h.pid, h.exe) for h in holders],
         )
     for group in sorted({g for a in addrs if (g := host.iommu_group(a)) is not None}):
-        if not _group_open_elsewhere(host, group):
-            continue
-        suspects = _holders(host, {VFIO_DEVICE_FILE}, lambda _info: False)
-        named = "; ".join(f"pid {h.pid} ({h.exe or 'unknown executable'})" for h in suspects)
+        _refuse_if_open(host, group, f"cannot {what} {', '.join(addrs)}")
+
+
+def _refuse_if_open(host: Host, group: int, subject: str) -> None:
+    """DeviceBusy if the kernel says the group node is open (a device file kept after the group fd)."""
+    if not _group_open_elsewhere(host, group):
+        return
+    suspects = _holders(host, {VFIO_DEVICE_FILE}, lambda _info: False)
+    named = "; ".join(f"pid {h.pid} ({h.exe or 'unknown executable'})" for h in suspects)
+    raise DeviceBusy(
+        f"{subject}: /dev/vfio/{group} is held open in the kernel by a VFIO device file (or a mapping of "
+        "one) that a VMM kept after closing the group; "
+        + (f"processes holding VFIO device files: {named}" if named else "no process shows one in /proc")
+        + ". Stop that VMM first",
+        [(h.pid, h.exe) for h in suspects],
+    )
+
+
+def require_group_free(host: Host, group: int, what: str) -> None:
+    """DeviceBusy while a process holds /dev/vfio/<group> (a vGPU's group, which has no PCI function):
+    /proc names the node's openers, and opening it tells whether a kept device file holds it."""
+    holders = _holders(host, {f"/dev/vfio/{group}"}, lambda _info: False)
+    if holders:
         raise DeviceBusy(
-            f"cannot {what} {', '.join(addrs)}: /dev/vfio/{group} is held open in the kernel by a VFIO "
-            "device file (or a mapping of one) that a VMM kept after closing the group; "
-            + (f"processes holding VFIO device files: {named}" if named else "no process shows one in /proc")
-            + ". Stop that VMM first",
-            [(h.pid, h.exe) for h in suspects],
+            f"cannot {what}: " + "; ".join(h.describe() for h in holders), [(h.pid, h.exe) for h in holders]
         )
+    _refuse_if_open(host, group, f"cannot {what}")
 
 
 def _group_open_elsewhere(host: Host, group: int) -> bool:

@@ -83,6 +83,7 @@ class Manager(SharingMethods):
         self.hold = PersistenceHold(registry, units, self.boot_id, self.config.units_by_vendor)
         self.locks = GroupLocks()
         self.instances = InstanceLocks()
+        self.placement = threading.Lock()  # vGPU placement and creation, one at a time
         self.deps = CoreDeps(
             host=host,
             registry=registry,
@@ -133,7 +134,7 @@ class Manager(SharingMethods):
         return reads.device(self.deps, row)
 
     def get_device(self, id_or_name: object) -> Device:
-        return self.device(self.resolve(id_or_name))
+        return reads.get_device(self.deps, id_or_name)
 
     def list_devices(self, tags: Mapping[str, str] | None = None) -> list[Device]:
         return reads.list_devices(self.deps, tags)
@@ -260,6 +261,11 @@ class Manager(SharingMethods):
     def _detach_instance(
         self, caller: Caller, instance: str, devices: Sequence[object], keep_bound: bool
     ) -> None:
+        vgpus, devices = self._vgpus_of(instance, devices)
+        if vgpus:
+            self._release_vgpus(caller, instance, vgpus, keep_bound)
+            if not devices:
+                return  # only vGPUs were named
         groups = self._detach_groups(instance, devices)
         if not groups:
             return  # unknown or already detached: success, so a client that timed out can retry
@@ -293,7 +299,7 @@ class Manager(SharingMethods):
             )
 
     def _detach_groups(self, instance: str, devices: Sequence[object]) -> set[int]:
-        atts = self.registry.attachments_of_instance(instance)
+        atts = [a for a in self.registry.attachments_of_instance(instance) if not self.is_vgpu(a.device_id)]
         if not devices:
             return {a.iommu_group for a in atts}
         wanted = {self.resolve(d).id for d in devices}

@@ -1,18 +1,24 @@
-"""The Manager's GPU-sharing methods: SR-IOV virtual functions (SetVirtualFunctions) and the vGPU
-profiles and vGPUs the host offers (ListProfiles, ListVGPUs). A mixin of `Manager`, which owns what they
-use (the core's dependencies, the locks, the change listeners, start-up's recovering devices)."""
+"""The Manager's GPU-sharing methods: SR-IOV virtual functions (SetVirtualFunctions), the vGPU profiles
+and vGPUs the host offers (ListProfiles, ListVGPUs), AttachVGPU, and the vGPU part of Detach. A mixin of
+`Manager`, which owns what they use (the core's dependencies, the locks, the change listeners, start-up's
+recovering devices)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import threading
+from collections.abc import Iterable, Sequence
 
 from vfiod.core import profiles, validation
 from vfiod.core.context import Caller
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import InvalidArgument, NotAuthorized
-from vfiod.core.ops import sriov
+from vfiod.core.locks import InstanceLocks
+from vfiod.core.ops import sriov, vgpu
+from vfiod.core.records import Attachment
 from vfiod.core.refresh import Refreshes
-from vfiod.core.registry import DeviceRow, Registry
+from vfiod.core.registry import AttachmentRow, DeviceRow, Registry, VgpuRow
+from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
@@ -24,6 +30,8 @@ class SharingMethods:
     deps: CoreDeps
     refreshes: Refreshes
     verify_timeout: float
+    instances: InstanceLocks
+    placement: threading.Lock
 
     def resolve(self, id_or_name: object) -> DeviceRow:
         raise NotImplementedError
@@ -32,6 +40,9 @@ class SharingMethods:
         raise NotImplementedError
 
     def _require_settled(self, rows: Iterable[DeviceRow]) -> None:
+        raise NotImplementedError
+
+    def _require_owner(self, caller: Caller, instance: str, atts: Sequence[AttachmentRow]) -> None:
         raise NotImplementedError
 
     # ----- SR-IOV (admin) ------------------------------------------------------------------------------
@@ -69,3 +80,81 @@ class SharingMethods:
 
     def list_vgpus(self, instance: object = None) -> list[profiles.Vgpu]:
         return profiles.list_vgpus(self.deps, None if instance is None else validation.instance_id(instance))
+
+    # ----- vGPUs (attach) ------------------------------------------------------------------------------
+
+    def attach_vgpu(
+        self,
+        caller: Caller,
+        instance_id: object,
+        profile: object,
+        *,
+        parent: object = None,
+        uuid: object = None,
+        owner_uid: int | None = None,
+        caller_pid: int | None = None,
+    ) -> tuple[Attachment, list[str]]:
+        """Create a vGPU of `profile` for the instance and hand it over (see ops/vgpu)."""
+        instance = validation.instance_id(instance_id)
+        wanted = _profile(profile)
+        pin = None if parent in (None, "") else _name("parent", parent)
+        chosen = None if uuid in (None, "") else _uuid(uuid)
+        owner = caller.uid if owner_uid is None else owner_uid
+        if owner != caller.uid and not caller.is_admin({"instance": instance}):
+            raise NotAuthorized("attaching for another uid (owner_uid) needs the admin authorization")
+        with self.instances.hold(instance), self.placement:
+            done = vgpu.already_attached(self.deps, instance, owner, wanted, chosen)
+            if done is None:
+                done = vgpu.attach_vgpu(
+                    self.deps, instance, owner, wanted, pin=pin, uuid=chosen, wait=self.verify_timeout
+                )
+        self._changed([""])
+        return done, attach_warnings(self.host, caller_pid)
+
+    def is_vgpu(self, device_id: str) -> bool:
+        return self.registry.get_vgpu(device_id) is not None
+
+    def _vgpus_of(self, instance: str, devices: Sequence[object]) -> tuple[list[VgpuRow], list[object]]:
+        """The instance's vGPUs that a Detach of `devices` (all when empty) releases, and the devices named
+        that are not vGPUs."""
+        mine = [
+            r
+            for a in self.registry.attachments_of_instance(instance)
+            if (r := self.registry.get_vgpu(a.device_id))
+        ]
+        if not devices:
+            return mine, []
+        named = {k: r for r in mine for k in (r.id, r.name, r.uuid)}
+        return [named[d] for d in devices if isinstance(d, str) and d in named], [
+            d for d in devices if not (isinstance(d, str) and d in named)
+        ]
+
+    def _release_vgpus(
+        self, caller: Caller, instance: str, rows: Sequence[VgpuRow], keep_bound: bool
+    ) -> None:
+        atts = [a for r in rows if (a := self.registry.attachment_of_device(r.id)) is not None]
+        self._require_owner(caller, instance, atts)
+        with self.placement:
+            vgpu.release(self.deps, instance, rows, keep_bound)
+        self._changed([""])
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _profile(value: object) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or "/" in value or not value.isprintable():
+        raise InvalidArgument(f"a profile is a type id or name (ListProfiles), not {value!r:.80}")
+    return value
+
+
+def _name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or "/" in value or not value.isprintable():
+        raise InvalidArgument(f"{what} must be a parent's device name or a PCI address, not {value!r:.80}")
+    return value
+
+
+def _uuid(value: object) -> str:
+    if not isinstance(value, str) or _UUID.fullmatch(value) is None:
+        raise InvalidArgument(f"uuid must be of the form 8-4-4-4-12 hex digits, not {value!r:.80}")
+    return value.lower()

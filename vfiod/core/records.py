@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vfiod.core.registry import AttachmentRow, DeviceRow, format_timestamp
+from vfiod.core.registry import AttachmentRow, DeviceRow, VgpuRow, format_timestamp
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
@@ -108,24 +108,69 @@ def device_from_row(host: Host, row: DeviceRow, attachment: AttachmentRow | None
     )
 
 
+def mdev_sysfs_path(uuid: str) -> str:
+    """A mediated device's directory: cloud-hypervisor's `--device path=`, and without the trailing slash
+    QEMU's `-device vfio-pci,sysfsdev=`."""
+    return f"/sys/bus/mdev/devices/{uuid}/"
+
+
+def device_from_vgpu(host: Host, row: VgpuRow, attachment: AttachmentRow | None) -> Device:
+    """A vGPU as the Device record the contract gives it: type `vgpu`, no PCI address, its mdev's
+    directory, group and driver read live (an mdev the kernel no longer has shows none)."""
+    live = host.link_name(host.mdev_devices_dir / row.uuid / "iommu_group")
+    group = int(live) if live is not None and live.isdigit() else row.iommu_group
+    present = live is not None
+    return Device(
+        id=row.id,
+        name=row.name,
+        type=row.type,
+        pci_address="",
+        vendor_id=row.vendor_id,
+        device_id=row.device_id,
+        subsystem_vendor_id="",
+        subsystem_device_id="",
+        vendor_name="",
+        device_name=row.profile,
+        iommu_group=group,
+        bound_to_vfio=present,
+        driver=(host.link_name(host.mdev_devices_dir / row.uuid / "driver") or "") if present else "",
+        native_driver="",
+        state=row.state,
+        attached_to=attachment.instance_id if attachment else "",
+        owner_uid=attachment.owner_uid if attachment else None,
+        created_at=format_timestamp(row.created_at),
+        sysfs_path=mdev_sysfs_path(row.uuid),
+        vfio_group_path=vfio_group_path(host, group) if present else "",
+        tags=dict(row.tags),
+    )
+
+
 @dataclass(frozen=True)
 class Attachment:
     id: str
-    pci_address: str
+    pci_address: str  # "" for a vGPU (an mdev)
     role: str
     iommu_group: int
     vfio_group_path: str
     gpudirect_clique: int | None = None
+    mdev_uuid: str = ""  # a vGPU's uuid
+
+    @property
+    def sysfs_path(self) -> str:
+        return mdev_sysfs_path(self.mdev_uuid) if self.mdev_uuid else sysfs_path(self.pci_address)
 
     def to_record(self) -> dict[str, object]:
-        config: dict[str, object] = {"path": sysfs_path(self.pci_address)}
+        config: dict[str, object] = {"path": self.sysfs_path}
+        if self.mdev_uuid:
+            config["sysfsdev"] = self.sysfs_path.rstrip("/")
+            config["uuid"] = self.mdev_uuid
         if self.gpudirect_clique is not None:
             config["x_nv_gpudirect_clique"] = self.gpudirect_clique
         return {
             "id": self.id,
             "pci_address": self.pci_address,
             "role": self.role,
-            "sysfs_path": sysfs_path(self.pci_address),
+            "sysfs_path": self.sysfs_path,
             "vfio_group_path": self.vfio_group_path,
             "iommu_group": self.iommu_group,
             "device_config": config,

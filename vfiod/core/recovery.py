@@ -8,7 +8,8 @@
    group node is held is left alone and marked `stuck`. An intent older than its device's generation
    (`settled_through`: the device was settled after it was written) describes nothing current: it is closed,
    never replayed over what came after it. An interrupted SetVirtualFunctions is finished once the old VFs
-   are gone, and otherwise closed (`ops/sriov`).
+   are gone, and otherwise closed (`ops/sriov`); an interrupted AttachVGPU is rolled back and a vGPU's
+   interrupted release completed (`ops/vgpu`).
 3. Group nodes: one owned by a uid that no attachment of this boot names goes back to root 0600.
 4. Persistence units a dead vfiod left stopped are started again.
 5. Every registered device is re-read: gone → `missing`; back with the same identity → its real state; a
@@ -31,7 +32,7 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import group_of, identity_of, settled_state
 from vfiod.core.errors import VfiodError
-from vfiod.core.ops import release, sriov
+from vfiod.core.ops import release, sriov, vgpu
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.pcifunction import read_function
@@ -161,6 +162,9 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
     op_id, intents = operation
     if sriov.is_sriov(intents):
         sriov.finish_interrupted(deps, intents, report, deps.binder().verify_timeout)
+        return
+    if vgpu.is_vgpu(intents):
+        vgpu.finish_interrupted(deps, intents, report)
         return
     groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
     with deps.locks.hold(groups):

@@ -53,7 +53,8 @@ def violations(m: Manager, sim_root: Path) -> list[str]:
         out.append(f"{len(m.registry.open_intents())} intents open after the devices settled")
     holds = m.registry.all_holds()
     active = processes.unit_active(sim_root, PERSISTENCED)
-    if holds or not active:
+    has_unit = any(p.cgroup_unit == PERSISTENCED for p in Simulation.open(sim_root).kernel.profile.processes)
+    if holds or (has_unit and not active):
         out.append(f"persistence holds {[(h.unit, h.holders) for h in holds]} with the unit active={active}")
     return out
 

@@ -59,17 +59,31 @@ class VgpuTable(DeviceTable):
         rows = self._query(f"{_SELECT} WHERE devices.id = ?", (device_id,))
         return codec.vgpu_from_sql(rows[0]) if rows else None
 
+    def find_vgpu(self, id_or_name: str) -> VgpuRow | None:
+        """A vGPU by its device id or its name."""
+        rows = self._query(f"{_SELECT} WHERE devices.id = ? OR devices.name = ?", (id_or_name, id_or_name))
+        return codec.vgpu_from_sql(rows[0]) if rows else None
+
     def list_vgpus(self, parent: str | None = None) -> list[VgpuRow]:
         """Every vGPU (only `parent`'s when given), oldest first."""
         condition, params = ("vgpus.parent = ?", (parent,)) if parent is not None else ("1", ())
         rows = self._query(f"{_SELECT} WHERE {condition} ORDER BY devices.created_at, devices.id", params)
         return [codec.vgpu_from_sql(r) for r in rows]
 
-    def set_vgpu_state(self, device_id: str, state: str, iommu_group: int | None = None) -> VgpuRow:
-        """Moves a vGPU to `state` (and records its group once it has one). NotFound for an unknown one."""
+    def set_vgpu_state(
+        self,
+        device_id: str,
+        state: str,
+        iommu_group: int | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> VgpuRow:
+        """Moves a vGPU to `state` (and records its group once it has one, and new tags when given).
+        NotFound for an unknown one."""
         changes: dict[str, object] = {"state": state}
         if iommu_group is not None:
             changes["iommu_group"] = iommu_group
+        if tags is not None:
+            changes["tags"] = tags
         values = codec.encode(DEVICE_COLUMNS, changes)
         with self.transaction():
             if self.get_vgpu(device_id) is None:

@@ -1,0 +1,397 @@
+"""AttachVGPU and the release of vGPUs in Detach: creating a mediated device for an instance on the least
+loaded parent that offers the profile, handing its group node to the owner, and destroying it again; and
+finishing either at start-up when a crash interrupted it.
+
+Claim first: the parent, the uuid and the type are journaled (a `claim` intent) and the vGPU is stored as
+`creating` before the uuid is written to `create`; the grant is journaled before the node changes owner.
+Start-up rolls an interrupted AttachVGPU back (the node back, the mdev removed, the vGPU forgotten) and
+completes an interrupted release. An mdev whose group node a process holds is never removed: its release
+answers DeviceBusy, and start-up leaves it `stuck` for an admin. mdevs vfiod did not create are never
+touched (they have no vGPU row).
+
+Placement here is the mechanism: the parents offering the profile, minus quarantined ones, the one with the
+most instances of it left first, ties by name. The NVIDIA policy (framebuffer, physical GPUs) builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+
+from vfiod.core import access, guard, validation
+from vfiod.core.context import Report
+from vfiod.core.deps import CoreDeps
+from vfiod.core.errors import (
+    AlreadyExists,
+    DeviceBusy,
+    Failed,
+    InvalidArgument,
+    NoCapacity,
+    ProfileNotFound,
+    Timeout,
+    VfiodError,
+)
+from vfiod.core.journal import Operation
+from vfiod.core.profiles import physical_gpu, quarantined
+from vfiod.core.records import Attachment, vfio_group_path
+from vfiod.core.registry import AttachmentRow, IntentRow, VgpuRow
+from vfiod.host import mdev
+from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
+from vfiod.host.mdev import MdevParent, MdevType
+
+log = logging.getLogger("vfiod.manager")
+
+ATTACH = "attach-vgpu"
+RELEASE = "detach-vgpu"
+KEPT_FOR = "vfiod.kept-for-uid"  # tag of a vGPU kept with keep_bound: whose it stays
+POLL_INTERVAL = 0.02
+
+
+def attachment(deps: CoreDeps, row: VgpuRow, att: AttachmentRow) -> Attachment:
+    return Attachment(
+        id=row.id,
+        pci_address="",
+        role=att.role,
+        iommu_group=att.iommu_group,
+        vfio_group_path=vfio_group_path(deps.host, att.iommu_group),
+        mdev_uuid=row.uuid,
+    )
+
+
+def _matches(row: VgpuRow, profile: str) -> bool:
+    return profile in (row.type_id, row.profile)
+
+
+def already_attached(
+    deps: CoreDeps, instance: str, owner: int, profile: str, uuid: str | None
+) -> Attachment | None:
+    """Idempotent repeat: this instance and owner already have a vGPU of this profile (with this uuid,
+    when one is asked for) that the kernel still has."""
+    for att in deps.registry.attachments_of_instance(instance):
+        row = deps.registry.get_vgpu(att.device_id)
+        if row is None or att.owner_uid != owner or not _matches(row, profile):
+            continue
+        if uuid is not None and row.uuid != uuid:
+            continue
+        if att.boot_id == deps.boot_id and mdev.read_mdev(deps.host, row.uuid) is not None:
+            return attachment(deps, row, att)
+    return None
+
+
+def offers(deps: CoreDeps, profile: str, pin: str | None) -> list[tuple[MdevParent, MdevType]]:
+    """Every (parent, type) offering the profile (by type id or name), only on `pin` (a parent or a
+    physical GPU) when given."""
+    found = [(p, t) for p in mdev.read_parents(deps.host) for t in p.types if profile in (t.id, t.name)]
+    if not found:
+        raise ProfileNotFound(
+            f"no parent on this host offers a vGPU profile {profile!r} (ListProfiles shows what it offers)"
+        )
+    if pin is not None:
+        found = [(p, t) for p, t in found if pin in (p.name, str(p.pci_address or ""), physical_gpu(p))]
+        if not found:
+            raise InvalidArgument(f"parent {pin!r} does not offer the profile {profile!r}")
+    return found
+
+
+def place(
+    deps: CoreDeps, profile: str, found: Sequence[tuple[MdevParent, MdevType]]
+) -> tuple[MdevParent, MdevType]:
+    """The usable parent with the most instances of the type left; NoCapacity naming what is used."""
+    skip = quarantined(deps)
+    usable = [(p, t) for p, t in found if p.name not in skip and t.available > 0]
+    if not usable:
+        used = "; ".join(f"{p.name}: none left" for p, t in found if p.name not in skip)
+        held = "; ".join(f"{name} quarantined ({why})" for name, why in sorted(skip.items()))
+        raise NoCapacity(
+            f"no parent can create {profile!r} now"
+            + (f" ({used})" if used else "")
+            + (f"; {held}" if held else "")
+            + "; Detach a vGPU of this profile (ListVGPUs shows them) or ask an admin to Recover a parent"
+        )
+    return min(usable, key=lambda pt: (-pt[1].available, pt[0].name))
+
+
+def attach_vgpu(
+    deps: CoreDeps,
+    instance: str,
+    owner: int,
+    profile: str,
+    *,
+    pin: str | None,
+    uuid: str | None,
+    wait: float,
+) -> Attachment:
+    """Create a vGPU of `profile` for `instance`, verify it, hand its node to `owner` and record it. All or
+    nothing: a failure leaves nothing created. Runs under the instance lock and the manager's placement
+    lock."""
+    kept = _kept(deps, owner, profile, uuid)
+    if kept is not None:
+        return _attach_existing(deps, kept, instance, owner)
+    parent, typ = place(deps, profile, offers(deps, profile, pin))
+    uuid = uuid or str(uuidlib.uuid4())
+    if mdev.read_mdev(deps.host, uuid) is not None or any(r.uuid == uuid for r in deps.registry.list_vgpus()):
+        raise AlreadyExists(f"a mediated device with uuid {uuid} exists already")
+    row = VgpuRow(
+        id=validation.new_device_id(),
+        name=f"vgpu-{uuid}",
+        uuid=uuid,
+        framework="mdev",
+        type_id=typ.id,
+        profile=typ.name,
+        parent=parent.name,
+        physical_gpu=physical_gpu(parent),
+        vendor_id=_parent_id(deps, parent, "vendor"),
+        device_id=_parent_id(deps, parent, "device"),
+        state="creating",
+        managed=True,
+    )
+    op = Operation(deps.registry, deps.boot_id, ATTACH)
+    deps.registry.journal_claim(
+        action=ATTACH,
+        boot_id=deps.boot_id,
+        operation=op.id,
+        device_id=row.id,
+        parent=parent.name,
+        uuid=uuid,
+        type_id=typ.id,
+    )
+    try:
+        deps.registry.add_vgpu(row)
+        op.checkpoint("create")
+        _write(deps, parent.name, lambda: deps.host.create_mdev(parent.name, typ.id, uuid), what="create")
+        op.checkpoint("verify")
+        group = _verify(deps, uuid, wait)
+        result = _hand_over(deps, op, row, group, instance, owner)
+    except Exception as e:
+        _roll_back(deps, op, row, e)
+        raise
+    log.info(
+        "created vGPU %s (%s on %s) for %s, uid %d",
+        uuid,
+        typ.id,
+        parent.name,
+        instance,
+        owner,
+        extra={"ACTION": "attach-vgpu", "INSTANCE_ID": instance, "MDEV_UUID": uuid, "OWNER_UID": owner},
+    )
+    return result
+
+
+def _parent_id(deps: CoreDeps, parent: MdevParent, what: str) -> str:
+    if parent.pci_address is None:
+        return ""
+    raw = deps.host.attr(parent.pci_address, what) or ""
+    return raw.lower().removeprefix("0x")
+
+
+def _kept(deps: CoreDeps, owner: int, profile: str, uuid: str | None) -> VgpuRow | None:
+    """A vGPU this owner kept (Detach with keep_bound) of the profile, unattached and still there."""
+    for row in deps.registry.list_vgpus():
+        if row.tags.get(KEPT_FOR) != str(owner) or row.state != "vfio" or not _matches(row, profile):
+            continue
+        if uuid is not None and row.uuid != uuid:
+            continue
+        if deps.registry.attachment_of_device(row.id) is None and mdev.read_mdev(deps.host, row.uuid):
+            return row
+    return None
+
+
+def _attach_existing(deps: CoreDeps, row: VgpuRow, instance: str, owner: int) -> Attachment:
+    found = mdev.read_mdev(deps.host, row.uuid)
+    if found is None or found.iommu_group is None:
+        raise Failed(f"the kept vGPU {row.uuid} has no IOMMU group any more")
+    op = Operation(deps.registry, deps.boot_id, ATTACH)
+    try:
+        return _hand_over(deps, op, row, found.iommu_group, instance, owner)
+    except Exception:
+        op.finish()
+        raise
+
+
+def _write(deps: CoreDeps, parent: str, write: Callable[[], None], *, what: str) -> None:
+    try:
+        write()
+    except SysfsBusy as e:
+        raise Timeout(f"{e}; nothing was written") from e
+    except SysfsTimeout as e:
+        raise Timeout(f"{e}; the kernel is still working on it") from e
+    except SysfsWriteError as e:
+        if what == "create" and e.errname in ("ENOSPC", "EUSERS"):
+            raise NoCapacity(f"{parent} refused another instance: {e}") from e
+        raise Failed(f"{what} on {parent} failed: {e}") from e
+
+
+def _verify(deps: CoreDeps, uuid: str, wait: float) -> int:
+    """The mdev exists, has its IOMMU group and /dev/vfio/<n>; its group."""
+    end = time.monotonic() + wait
+    while True:
+        found = mdev.read_mdev(deps.host, uuid)
+        group = found.iommu_group if found is not None else None
+        if group is not None and deps.host.vfio_group_node(group).exists():
+            return group
+        if time.monotonic() >= end:
+            state = "is not on the mdev bus" if found is None else "has no IOMMU group or group node"
+            raise Failed(f"the mdev {uuid} {state} {wait:g} s after it was created")
+        time.sleep(POLL_INTERVAL)
+
+
+def _hand_over(
+    deps: CoreDeps, op: Operation, row: VgpuRow, group: int, instance: str, owner: int
+) -> Attachment:
+    prev = access.previous_owner(deps.host, group, set())
+    op.grant(group, prev)
+    op.checkpoint("grant")
+    access.grant(deps.host, group, owner)
+    op.checkpoint("record")
+    with deps.registry.transaction():
+        tags = {k: v for k, v in row.tags.items() if k != KEPT_FOR}
+        stored = deps.registry.set_vgpu_state(row.id, "attached", iommu_group=group, tags=tags)
+        att = deps.registry.add_attachment(
+            AttachmentRow(
+                device_id=row.id,
+                instance_id=instance,
+                owner_uid=owner,
+                iommu_group=group,
+                boot_id=deps.boot_id,
+                node_prev=prev,
+            )
+        )
+        deps.registry.clear_parent_failures(row.parent)
+        op.finish()
+    deps.changed([""])
+    return attachment(deps, stored, att)
+
+
+def _roll_back(deps: CoreDeps, op: Operation, row: VgpuRow, error: Exception) -> None:
+    """Undo a failed AttachVGPU: the node back, the mdev removed, the vGPU forgotten; a failure of the
+    parent itself counts toward its quarantine."""
+    problems = _destroy(deps, row, None)
+    if isinstance(error, Failed) and not isinstance(error, NoCapacity):
+        deps.registry.record_parent_failure(row.parent, str(error))
+    if problems:
+        log.warning(
+            "rolling back vGPU %s left it behind: %s",
+            row.uuid,
+            "; ".join(problems),
+            extra={"ACTION": "attach-vgpu", "MDEV_UUID": row.uuid},
+        )
+        deps.registry.set_vgpu_state(row.id, "stuck")
+        return
+    op.finish()
+
+
+def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[str]:
+    """Give the node back, remove the mdev (unless held) and forget the vGPU; what could not be done."""
+    problems: list[str] = []
+    found = mdev.read_mdev(deps.host, row.uuid)
+    group = found.iommu_group if found is not None else None
+    if att is not None and att.node_prev is not None:
+        try:
+            access.revoke(deps.host, att.iommu_group, att.node_prev)
+        except VfiodError as e:
+            problems.append(e.message)
+    if found is not None and group is not None:
+        try:
+            guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}")
+            _write(deps, row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
+            _wait_gone(deps, row.uuid)
+        except VfiodError as e:
+            problems.append(e.message)
+    if not problems:
+        with deps.registry.transaction():
+            if deps.registry.attachment_of_device(row.id) is not None:
+                deps.registry.remove_attachment(row.id)
+            if deps.registry.get_vgpu(row.id) is not None:
+                deps.registry.remove_vgpu(row.id)
+    return problems
+
+
+def _wait_gone(deps: CoreDeps, uuid: str, wait: float = 5.0) -> None:
+    end = time.monotonic() + wait
+    while mdev.read_mdev(deps.host, uuid) is not None:
+        if time.monotonic() >= end:
+            raise Failed(f"the mdev {uuid} is still there {wait:g} s after its remove")
+        time.sleep(POLL_INTERVAL)
+
+
+def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: bool) -> None:
+    """Detach's part for vGPUs: refuse while a node is held (nothing changed), then for each the node
+    back and the mdev removed and forgotten, or with `keep_bound` kept unattached for the same owner."""
+    atts = {r.id: deps.registry.attachment_of_device(r.id) for r in rows}
+    for row in rows:
+        att = atts[row.id]
+        if att is not None and mdev.read_mdev(deps.host, row.uuid) is not None:
+            guard.require_group_free(deps.host, att.iommu_group, f"detach the vGPU {row.uuid}")
+    for row in rows:
+        att = atts[row.id]
+        op = Operation(deps.registry, deps.boot_id, RELEASE)
+        deps.registry.journal_claim(
+            action=RELEASE,
+            boot_id=deps.boot_id,
+            operation=op.id,
+            device_id=row.id,
+            parent=row.parent,
+            uuid=row.uuid,
+            type_id=row.type_id,
+        )
+        op.checkpoint("release")
+        if keep_bound and att is not None:
+            access.revoke(deps.host, att.iommu_group, att.node_prev or access.KERNEL_DEFAULT)
+            with deps.registry.transaction():
+                deps.registry.remove_attachment(row.id)
+                tags = {**row.tags, KEPT_FOR: str(att.owner_uid)}
+                deps.registry.set_vgpu_state(row.id, "vfio", tags=tags)
+                op.finish()
+            continue
+        problems = _destroy(deps, row, att)
+        if problems:
+            raise DeviceBusy(f"the vGPU {row.uuid} of {instance!r} was not released: {'; '.join(problems)}")
+        op.finish()
+        log.info(
+            "removed vGPU %s of %s",
+            row.uuid,
+            instance,
+            extra={"ACTION": "detach-vgpu", "INSTANCE_ID": instance, "MDEV_UUID": row.uuid},
+        )
+
+
+# ----- start-up ---------------------------------------------------------------------------------------------
+
+
+def is_vgpu(intents: Sequence[IntentRow]) -> bool:
+    return any(i.kind == "claim" for i in intents)
+
+
+def finish_interrupted(deps: CoreDeps, intents: Sequence[IntentRow], report: Report) -> None:
+    """Start-up: an interrupted AttachVGPU is rolled back, an interrupted release completed; either way
+    the node goes back, the mdev is removed (unless held: then the vGPU is left `stuck`) and forgotten."""
+    claim = next(i for i in intents if i.kind == "claim")
+    report.count("operations_recovered")
+    for grant in (i for i in intents if i.kind == "grant"):
+        assert grant.node_prev is not None  # the schema: a grant intent always records it
+        try:
+            access.revoke(deps.host, grant.iommu_group, grant.node_prev)
+        except VfiodError as e:
+            report.findings.append(f"could not give /dev/vfio/{grant.iommu_group} back: {e.message}")
+    row = deps.registry.get_vgpu(claim.device_id)
+    done = "rolled back" if claim.action == ATTACH else "completed"
+    if row is None:  # killed before the vGPU was stored: nothing was created
+        exists = mdev.read_mdev(deps.host, claim.vgpu_uuid) is not None
+        report.findings.append(
+            f"vGPU {claim.vgpu_uuid}: an interrupted {claim.action} had "
+            + ("created an mdev that vfiod did not record; it is left alone" if exists else "created nothing")
+        )
+    else:
+        problems = _destroy(deps, row, deps.registry.attachment_of_device(row.id))
+        if problems:
+            deps.registry.set_vgpu_state(row.id, "stuck")
+            report.count("stuck")
+            report.findings.append(
+                f"vGPU {row.uuid}: an interrupted {claim.action} could not be {done}: " + "; ".join(problems)
+            )
+        else:
+            report.findings.append(f"vGPU {row.uuid}: an interrupted {claim.action} was {done}")
+    for intent in intents:
+        deps.registry.clear_intent(intent.id)
