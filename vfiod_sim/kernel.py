@@ -159,7 +159,7 @@ class SimulatedKernel:
             st = self.tx.load()
             mdevs = [u for u, m in st.mdevs.items() if m.group == group]
             if mdevs:  # an mdev's group: an emulated IOMMU, always viable; one opener as for any group
-                if processes.holders(self.root, [logical]):
+                if processes.holders(self.root, [logical]) or processes.vfio_device_holders(self.root, mdevs):
                     raise oserror(errno.EBUSY, f"{logical} is already open")
                 return VFIO_GROUP_FLAGS_VIABLE
             members = [a for a in self.topology.groups.get(group, []) if st.devices[a].present]

@@ -124,7 +124,7 @@ class Renderer:
         put_link(t, f"{p}/mdev_type", f"{self.topo.mdev_parent_dir(m.parent)}/mdev_supported_types/{m.type}")
         put_link(t, f"{p}/driver", f"sys/bus/mdev/drivers/{module}")
         t[f"{p}/remove"] = file_entry(b"", 0o200)
-        t[f"{p}/uevent"] = file_entry(f"DRIVER={module}\nMDEV_TYPE={m.type}\n", 0o644)
+        t[f"{p}/uevent"] = file_entry(f"DRIVER={module}\n", 0o644)
         put_link(t, f"sys/bus/mdev/devices/{uuid}", p)
         base = f"sys/kernel/iommu_groups/{m.group}"
         t[base] = DIR

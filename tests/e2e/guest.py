@@ -5,6 +5,9 @@ that a new kernel or a different package list builds anew and anything else is r
 
     kernel/<package>/root/          `dpkg -x` of the current bookworm kernel package + `depmod -b`
     kernel/<package>/initramfs-<key>.cpio.gz   static busybox, the modules to mount the root, guest/init.sh
+    kernel/<package>/root/lib/modules/<kver>/extra/{mtty,mbochs}.ko   the kernel's sample mdev drivers,
+                                    built out of tree from the matching linux-source (see ensure_mdev_samples)
+    mdevctl-<version>/              `dpkg -x` of Debian's mdevctl (run from here in the guest)
     rootfs-<key>/                   `mmdebstrap --variant=minbase bookworm` with ROOT_PACKAGES
     nvme-<key>.img                  a small ext4 image the guest mounts from an emulated NVMe disk
     runs/<name>-<stamp>/            one boot's `out` share: the source snapshot, run.sh, results, logs
@@ -73,7 +76,12 @@ HOST_TOOLS = {
     "apt-cache": "apt",
     "dpkg": "dpkg",
     "timeout": "coreutils",
+    "make": "make",
+    "gcc-12": "gcc-12",
+    "xz": "xz-utils",
 }
+MDEV_SAMPLES = ("mtty", "mbochs")
+MDEV_SAMPLES_FORMAT = 1
 
 # Guest console lines are kept; QEMU's own chatter goes to qemu.log next to them.
 DEFAULT_MEMORY_MB = 1536
@@ -223,6 +231,85 @@ def module_chain(kernel: Kernel, module: str) -> list[Path]:
         if len(words) >= 2 and words[0] == "insmod":
             chain.append(Path(words[1]))
     return chain
+
+
+def ensure_mdev_samples(kernel: Kernel) -> None:
+    """The kernel's sample mdev drivers (samples/vfio-mdev: mtty, mbochs), which Debian does not build,
+    built once out of tree against this kernel's headers from the same version's linux-source, installed
+    under the cached kernel's `extra/` and depmod'ed. Nothing is installed into the host."""
+    marker = kernel.dir / f".mdev-samples-{MDEV_SAMPLES_FORMAT}"
+    if marker.is_file():
+        return
+    with _locked(kernel.dir.parent / f".{kernel.package}.mdev.lock"):
+        if not marker.is_file():
+            _build_mdev_samples(kernel, marker)
+
+
+def _build_mdev_samples(kernel: Kernel, marker: Path) -> None:
+    work = kernel.dir / "mdev-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    headers = f"linux-headers-{kernel.kver}"
+    version = _run(["apt-cache", "show", "--no-all-versions", headers], timeout=120)
+    version = next(line.split()[1] for line in version.splitlines() if line.startswith("Version:"))
+    depends = _run(["apt-cache", "depends", headers], timeout=120)
+    common = next(w for line in depends.splitlines() for w in line.split() if w.endswith("-common"))
+    series = kernel.kver.split(".")[0] + "." + kernel.kver.split(".")[1]  # 6.1
+    packages = [f"{headers}={version}", f"{common}={version}", f"linux-source-{series}={version}"]
+    packages += [f"linux-kbuild-{series}", "linux-compiler-gcc-12-x86"]
+    _run(["apt-get", "download", *packages], cwd=work, timeout=900)
+    for deb in sorted(work.glob("*.deb")):
+        _run(["dpkg", "-x", deb, work / "x"], timeout=600)
+        deb.unlink()
+    tree = work / "x" / "usr" / "src"
+    tarball = tree / f"linux-source-{series}.tar.xz"
+    samples = f"linux-source-{series}/samples/vfio-mdev"
+    _run(["tar", "-xJf", tarball, "-C", work, "--wildcards", f"{samples}/*"], timeout=600)
+    tarball.unlink()
+    # The headers' Makefile includes the common headers by their installed path: point it at the copy.
+    makefile = tree / headers / "Makefile"
+    makefile.write_text(
+        makefile.read_text(encoding="utf-8").replace(f"/usr/src/{common}/", f"{tree / common}/"),
+        encoding="utf-8",
+    )
+    build = work / "build"
+    build.mkdir()
+    for name in MDEV_SAMPLES:
+        shutil.copy(work / samples / f"{name}.c", build / f"{name}.c")
+    (build / "Kbuild").write_text(f"obj-m := {' '.join(f'{n}.o' for n in MDEV_SAMPLES)}\n", encoding="utf-8")
+    _run(["make", "-C", tree / headers, f"M={build}", "modules"], timeout=600)
+    extra = kernel.modules / "extra"
+    extra.mkdir(exist_ok=True)
+    for name in MDEV_SAMPLES:
+        shutil.copy(build / f"{name}.ko", extra / f"{name}.ko")
+    _run(["depmod", "-b", kernel.root, kernel.kver], timeout=300)
+    shutil.rmtree(work)
+    marker.write_text(f"{version}\n", encoding="utf-8")
+
+
+def ensure_mdevctl(cache: Path) -> Path:
+    """Debian's mdevctl, unpacked (not installed: its udev dependency would change the guests), for the
+    guest to compare its view of the mdevs with vfiod's. Returns the binary."""
+    version = _run(["apt-cache", "show", "--no-all-versions", "mdevctl"], timeout=120)
+    version = next(line.split()[1] for line in version.splitlines() if line.startswith("Version:"))
+    dest = cache / f"mdevctl-{version}"
+    binary = dest / "usr" / "bin" / "mdevctl"
+    if binary.is_file():
+        return binary
+    with _locked(cache / ".mdevctl.lock"):
+        if not binary.is_file():
+            work = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            _run(["apt-get", "download", f"mdevctl={version}"], cwd=work, timeout=600)
+            (deb,) = work.glob("*.deb")
+            _run(["dpkg", "-x", deb, work], timeout=600)
+            deb.unlink()
+            if not (work / binary.relative_to(dest)).is_file():
+                raise SetupError(f"mdevctl {version} has no {binary.relative_to(dest)}")
+            shutil.rmtree(dest, ignore_errors=True)
+            work.rename(dest)
+    return binary
 
 
 # ----- initramfs ---------------------------------------------------------------------------------------
@@ -433,6 +520,7 @@ class Images:
     initramfs: Path
     rootfs: Path
     nvme: Path
+    mdevctl: Path
 
 
 def prepare(cache: Path | None = None) -> Images:
@@ -445,12 +533,14 @@ def prepare(cache: Path | None = None) -> Images:
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel(cache)
+    ensure_mdev_samples(kernel)
     return Images(
         cache=cache,
         kernel=kernel,
         initramfs=ensure_initramfs(kernel),
         rootfs=ensure_rootfs(cache),
         nvme=ensure_nvme_image(cache),
+        mdevctl=ensure_mdevctl(cache),
     )
 
 

@@ -698,6 +698,167 @@ def sc_sriov_vf_attached(g: Guest) -> None:
     registry_matches_kernel(g)
 
 
+MDEV_BUS = Path("/sys/bus/mdev/devices")
+MTTY_IDS = ("4348", "3253")  # samples/vfio-mdev/mtty.c: the emulated serial card's vendor and device
+
+
+def _mdevs() -> list[str]:
+    return sorted(os.listdir(MDEV_BUS)) if MDEV_BUS.is_dir() else []
+
+
+def _attach_vgpu(g: Guest, user: str, instance: str, profile: str) -> Reply:
+    return g.call(user, "AttachVGPU", "ssa{sv}", instance, profile, "0")
+
+
+def _vgpus(g: Guest) -> list[dict[str, Any]]:
+    return list(g.expect_ok("root", "ListVGPUs", "a{sv}", "0")[0])
+
+
+def sc_mdev_profiles(g: Guest) -> None:
+    """The sample drivers built out of tree (mtty, mbochs) loaded: hypeman's ListProfiles shows their types
+    as the kernel offers them (mtty's virtual parent, no description; mbochs' video memory as
+    framebuffer_mb), with what can be created now."""
+    for module in ("mtty", "mbochs"):
+        must(["modprobe", module])
+    profiles = {p["type_id"]: p for p in g.expect_ok(HYPEMAN, "ListProfiles", "a{sv}", "0")[0]}
+    want = {"mtty-1", "mtty-2", "mbochs-small", "mbochs-medium", "mbochs-large"}
+    check(set(profiles) == want, f"profiles: {sorted(profiles)}")
+    mtty2, large = profiles["mtty-2"], profiles["mbochs-large"]
+    shown = (mtty2["name"], mtty2["available"], mtty2["parents"], mtty2["description"], mtty2["framework"])
+    check(shown == ("Dual port serial", 12, ["mtty"], "", "mdev"), f"mtty-2: {mtty2}")
+    check((large["framebuffer_mb"], large["available"]) == (64, 4), f"mbochs-large: {large}")
+    only = g.expect_ok(HYPEMAN, "ListProfiles", "a{sv}", "1", "parent", "s", "mtty")[0]
+    check({p["type_id"] for p in only} == {"mtty-1", "mtty-2"}, f"parent mtty: {only}")
+
+
+def sc_mdev_attach_used(g: Guest) -> None:
+    """AttachVGPU of mtty-2 as hypeman: an mdev whose group node is hypeman's; the unprivileged VMM opens
+    the container and the group, gets the device by its uuid and reads 4348:3253 from its config space; the
+    same call again gives the same vGPU; Detach while the VMM holds it is DeviceBusy naming it, after it
+    exits the mdev and its node are gone. A stranger is refused."""
+    import pwd
+
+    g.expect_error(STRANGER, "NotAuthorized", "AttachVGPU", "ssa{sv}", "vm-x", "mtty-2", "0")
+    reply = _attach_vgpu(g, HYPEMAN, "vm-mdev", "mtty-2")
+    check(reply.ok, f"AttachVGPU failed: {reply.describe()}")
+    att = reply.data[0]
+    uuid, node = att["device_config"]["uuid"], att["vfio_group_path"]
+    check(att["device_config"]["sysfsdev"] == f"/sys/bus/mdev/devices/{uuid}", f"record: {att}")
+    check(_mdevs() == [uuid], f"the mdev bus has {_mdevs()}")
+    check(os.readlink(MDEV_BUS / uuid / "mdev_type").endswith("/mtty-2"), "the mdev is not of type mtty-2")
+    st = os.stat(node)
+    check(st.st_uid == pwd.getpwnam(HYPEMAN).pw_uid and st.st_mode & 0o777 == 0o600, f"{node}: {st}")
+    res = g.vmm(HYPEMAN, node, uuid)
+    check(res.get("ok") is True and (res.get("vendor_id"), res.get("device_id")) == MTTY_IDS, f"VMM: {res}")
+    again = _attach_vgpu(g, HYPEMAN, "vm-mdev", "Dual port serial")
+    check(
+        again.ok and again.data[0]["device_config"]["uuid"] == uuid, f"not the same vGPU: {again.describe()}"
+    )
+    (v,) = _vgpus(g)
+    check(
+        (v["uuid"], v["managed"], v["instance_id"], v["state"]) == (uuid, True, "vm-mdev", "attached"), f"{v}"
+    )
+    with g.holding_vmm(HYPEMAN, node, uuid) as pid:
+        reply = g.detach(HYPEMAN, "vm-mdev")
+        check(not reply.ok and reply.error == "DeviceBusy", f"expected DeviceBusy: {reply.describe()}")
+        check(str(pid) in reply.message, f"DeviceBusy should name pid {pid}: {reply.message}")
+        check(_mdevs() == [uuid], "the mdev went away while held")
+    reply = g.detach(HYPEMAN, "vm-mdev")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    check(_mdevs() == [] and not os.path.exists(node), f"left behind: {_mdevs()}, {node}")
+    check(_vgpus(g) == [], f"ListVGPUs after Detach: {_vgpus(g)}")
+
+
+def sc_mdev_capacity(g: Guest) -> None:
+    """mbochs' 256 MB: four mbochs-large vGPUs, the fifth is NoCapacity and creates nothing; one detached,
+    the next fits."""
+    for n in range(4):
+        reply = _attach_vgpu(g, HYPEMAN, f"vm-big{n}", "mbochs-large")
+        check(reply.ok, f"AttachVGPU {n} failed: {reply.describe()}")
+    before = _mdevs()
+    reply = _attach_vgpu(g, HYPEMAN, "vm-big4", "mbochs-large")
+    check(not reply.ok and reply.error == "NoCapacity", f"expected NoCapacity: {reply.describe()}")
+    check(_mdevs() == before and len(before) == 4, f"the refusal changed the bus: {_mdevs()}")
+    check(g.detach(HYPEMAN, "vm-big0").ok, "Detach of vm-big0 failed")
+    reply = _attach_vgpu(g, HYPEMAN, "vm-big4", "mbochs-large")
+    check(reply.ok, f"AttachVGPU after a Detach failed: {reply.describe()}")
+    for n in range(1, 5):
+        check(g.detach(HYPEMAN, f"vm-big{n}").ok, f"Detach of vm-big{n} failed")
+    check(_mdevs() == [], f"left behind: {_mdevs()}")
+
+
+def _mdevctl_pairs(doc: Any) -> set[tuple[str, str]]:
+    """(uuid, type) of every device `mdevctl list --dumpjson` shows ([{parent: [{uuid: {mdev_type}}]}])."""
+    out: set[tuple[str, str]] = set()
+    for by_parent in doc if isinstance(doc, list) else [doc]:
+        for devices in by_parent.values():
+            for entry in devices:
+                for uuid, conf in entry.items():
+                    out.add((uuid, conf.get("mdev_type", "")))
+    return out
+
+
+def sc_mdev_mdevctl(g: Guest) -> None:
+    """Debian's mdevctl sees what vfiod sees: `mdevctl list --dumpjson` names the same mdevs and types as
+    ListVGPUs; an mdev made outside vfiod is listed as not managed, and Detach leaves it alone."""
+    mdevctl = sorted(glob.glob("/mnt/hostroot/mdevctl-*/usr/bin/mdevctl"))
+    check(len(mdevctl) == 1, f"mdevctl binaries: {mdevctl}")
+    for sub in ("callouts", "notifiers"):  # what the package would have made
+        os.makedirs(f"/etc/mdevctl.d/scripts.d/{sub}", exist_ok=True)
+        os.makedirs(f"/usr/lib/mdevctl/scripts.d/{sub}", exist_ok=True)
+    outsider = "83b8f4f2-509f-382f-3c1e-e6bfe0fa0fff"
+    Path("/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-1/create").write_text(outsider)
+    reply = _attach_vgpu(g, HYPEMAN, "vm-ctl", "mtty-1")
+    check(reply.ok, f"AttachVGPU failed: {reply.describe()}")
+    mine = reply.data[0]["device_config"]["uuid"]
+    listed = json.loads(must([mdevctl[0], "list", "--dumpjson"]) or "{}")
+    ours = {(v["uuid"], v["type_id"]) for v in _vgpus(g)}
+    check(_mdevctl_pairs(listed) == ours == {(mine, "mtty-1"), (outsider, "mtty-1")}, f"{listed} vs {ours}")
+    managed = {v["uuid"]: v["managed"] for v in _vgpus(g)}
+    check(managed == {mine: True, outsider: False}, f"managed: {managed}")
+    check(g.detach(HYPEMAN, "vm-ctl").ok, "Detach failed")
+    check(_mdevs() == [outsider], f"after Detach: {_mdevs()}")
+    (MDEV_BUS / outsider / "remove").write_text("1")
+
+
+def sc_mdev_crash(g: Guest) -> None:
+    """vfiod is SIGKILLed after writing the uuid to `create` and before verifying and handing it over (test
+    hook); the next call activates it again, and start-up removes the mdev and forgets it: nothing leaked,
+    the registry agrees with the kernel, and AttachVGPU works again."""
+    for pid in g.vfiod_pids():
+        os.kill(pid, signal.SIGTERM)
+    check(wait_for(lambda: not g.vfiod_pids(), 30), "the activated vfiod did not stop on SIGTERM")
+    env = dict(os.environ, VFIOD_TEST_HOOKS="1", VFIOD_TEST_CRASH_AT="attach-vgpu:verify#1")
+    log = open(g.bus_log, "ab")  # noqa: SIM115 - handed to the daemon
+    daemon = subprocess.Popen(["/usr/sbin/vfiod", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+
+    def owned() -> bool:
+        return sh(["busctl", "--system", "--timeout=5", "status", BUS_NAME], timeout=15).returncode == 0
+
+    check(wait_for(owned, 60), "the hand-started vfiod did not take its name")
+    before = set(_mdevs())
+    reply = _attach_vgpu(g, HYPEMAN, "vm-crash", "mtty-2")
+    check(not reply.ok, f"AttachVGPU should not return: the daemon was to die ({reply.describe()})")
+    try:
+        status = daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired as e:
+        daemon.kill()
+        raise ScenarioFailed("vfiod did not die at the crash point") from e
+    check(status == -signal.SIGKILL, f"vfiod ended with {status}, not SIGKILL")
+    leaked = sorted(set(_mdevs()) - before)
+    check(len(leaked) == 1, f"the crash point is after create: one new mdev should exist, found {leaked}")
+    g.say(f"vfiod died by SIGKILL with mdev {leaked[0]} created and not handed over")
+    g.expect_ok("root", "ListVGPUs", "a{sv}", "0")  # activates vfiod; start-up recovers in the background
+    check(wait_for(lambda: set(_mdevs()) == before, 60), f"start-up left {sorted(set(_mdevs()) - before)}")
+    check(all(v["uuid"] != leaked[0] for v in _vgpus(g)), f"ListVGPUs after recovery: {_vgpus(g)}")
+    registry_matches_kernel(g)
+    reply = _attach_vgpu(g, HYPEMAN, "vm-crash", "mtty-2")
+    check(reply.ok, f"AttachVGPU after recovery failed: {reply.describe()}")
+    check(g.detach(HYPEMAN, "vm-crash").ok, "Detach after recovery failed")
+    check(set(_mdevs()) == before, f"Detach after recovery left {sorted(set(_mdevs()) - before)}")
+
+
 def _overrides(*addrs: str) -> dict[str, str]:
     return {a: Path(f"/sys/bus/pci/devices/{a}/driver_override").read_text().strip() for a in addrs}
 
@@ -707,6 +868,12 @@ def registry_matches_kernel(g: Guest) -> None:
     device in state `host` is on its native driver, not on vfio."""
     devices = g.expect_ok("root", "ListDevices", "a{sv}", "0")[0]
     for d in devices:
+        if d["type"] == "vgpu":  # an mdev: its directory and driver, not a PCI function's
+            mdev = Path(d["sysfs_path"])
+            live = os.path.basename(os.readlink(mdev / "driver")) if (mdev / "driver").exists() else ""
+            check(d["driver"] == live, f"{d['name']}: registry says driver {d['driver']!r}, kernel {live!r}")
+            check(d["state"] not in ("creating", "destroying", "stuck"), f"{d['name']} is left {d['state']}")
+            continue
         addr = d["pci_address"]
         kernel = g.driver(addr) or ""
         check(d["driver"] == kernel, f"{d['name']}: registry says driver {d['driver']!r}, kernel {kernel!r}")
@@ -790,6 +957,11 @@ FAST_INIT: dict[str, Scenario] = {
     "sriov-pf-refused": sc_sriov_pf_refused,
     "sriov-vf-counts": sc_sriov_vf_counts,
     "sriov-vf-attached": sc_sriov_vf_attached,
+    "mdev-profiles": sc_mdev_profiles,
+    "mdev-attach-used": sc_mdev_attach_used,
+    "mdev-capacity": sc_mdev_capacity,
+    "mdev-mdevctl": sc_mdev_mdevctl,
+    "mdev-crash": sc_mdev_crash,
     "crash-mid-attach": sc_crash_mid_attach,
 }
 
@@ -810,6 +982,11 @@ DEPENDS: dict[str, str] = {
     "sriov-pf-refused": "bus-activation",
     "sriov-vf-counts": "bus-activation",
     "sriov-vf-attached": "sriov-vf-counts",
+    "mdev-profiles": "bus-activation",
+    "mdev-attach-used": "mdev-profiles",
+    "mdev-capacity": "mdev-profiles",
+    "mdev-mdevctl": "mdev-profiles",
+    "mdev-crash": "mdev-profiles",
     "crash-mid-attach": "bridge-group",
 }
 

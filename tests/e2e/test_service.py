@@ -25,9 +25,10 @@ def service_run(images: guest.Images, deb: Path) -> guest.GuestRun:
 
 
 SRIOV_VF = ("sriov-vf-counts", "sriov-vf-attached")
+MDEV = ("mdev-profiles", "mdev-attach-used", "mdev-capacity", "mdev-mdevctl", "mdev-crash")
 
 
-@pytest.mark.parametrize("name", [n for n in service.FAST_INIT if n not in SRIOV_VF])
+@pytest.mark.parametrize("name", [n for n in service.FAST_INIT if n not in SRIOV_VF + MDEV])
 def test_fast_init(service_run: guest.GuestRun, name: str) -> None:
     _report(service_run, name)
 
@@ -40,6 +41,31 @@ def test_sriov_vf_counts(service_run: guest.GuestRun) -> None:
 def test_sriov_vf_attached(service_run: guest.GuestRun) -> None:
     """A VF attached by hypeman and used as its node's owner (see service.sc_sriov_vf_attached)."""
     _report(service_run, "sriov-vf-attached")
+
+
+def test_mdev_profiles(service_run: guest.GuestRun) -> None:
+    """The sample mdev drivers' types through ListProfiles (see service.sc_mdev_profiles)."""
+    _report(service_run, "mdev-profiles")
+
+
+def test_mdev_attach_used(service_run: guest.GuestRun) -> None:
+    """AttachVGPU of mtty-2 used by an unprivileged VMM; Detach refused while held (sc_mdev_attach_used)."""
+    _report(service_run, "mdev-attach-used")
+
+
+def test_mdev_capacity(service_run: guest.GuestRun) -> None:
+    """mbochs until NoCapacity, free one, create again (see service.sc_mdev_capacity)."""
+    _report(service_run, "mdev-capacity")
+
+
+def test_mdev_mdevctl(service_run: guest.GuestRun) -> None:
+    """mdevctl list --dumpjson agrees with ListVGPUs (see service.sc_mdev_mdevctl)."""
+    _report(service_run, "mdev-mdevctl")
+
+
+def test_mdev_crash(service_run: guest.GuestRun) -> None:
+    """SIGKILL between create and hand-over: nothing leaked after the restart (see service.sc_mdev_crash)."""
+    _report(service_run, "mdev-crash")
 
 
 def _report(service_run: guest.GuestRun, name: str) -> None:
