@@ -193,3 +193,17 @@ def test_start_up_rolls_back_or_completes(env: MakeEnv, point: str) -> None:
     assert any(f"vGPU {U1}: an interrupted" in f for f in report.findings), report.findings
     assert os.path.exists(e.host.mdev_bus_dir / "mtty")
     m.attach_vgpu(HM, "vm1", "mtty-2")  # works afterwards
+
+
+def test_reconcile_releases_a_dead_instances_vgpu_unless_held(env: MakeEnv) -> None:
+    e = env("mdev-samples")
+    m = e.manager
+    att, _ = m.attach_vgpu(HM, "gone", "mtty-2", uuid=U1)
+    pid = processes.add_process(
+        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=[f"/dev/vfio/{att.iommu_group}"]
+    )
+    report = m.reconcile(HM, ["alive"])
+    assert report.counters["held"] == 1 and mdevs(e) == [U1]
+    processes.remove_process(e.root, pid)
+    report = m.reconcile(HM, ["alive"])
+    assert report.counters["released"] == 1 and mdevs(e) == [] and m.list_vgpus() == []

@@ -272,10 +272,25 @@ def _refuse_if_open(host: Host, group: int, subject: str) -> None:
     )
 
 
-def require_group_free(host: Host, group: int, what: str) -> None:
-    """DeviceBusy while a process holds /dev/vfio/<group> (a vGPU's group, which has no PCI function):
-    /proc names the node's openers, and opening it tells whether a kept device file holds it."""
-    holders = _holders(host, {f"/dev/vfio/{group}"}, lambda _info: False)
+def mdev_paths(host: Host, uuid: str, group: int) -> set[str]:
+    """The nodes through which a VMM uses an mdev: its group node and, on kernels with VFIO cdevs, its
+    `/dev/vfio/devices/vfioN` (the mdev's `vfio-dev/`)."""
+    paths = {f"/dev/vfio/{group}"}
+    for name in host.list_dir(host.mdev_devices_dir / uuid / "vfio-dev"):
+        paths.add(f"/dev/vfio/devices/{name}")
+    return paths
+
+
+def group_holders(host: Host, group: int, uuid: str = "") -> list[Holder]:
+    """The processes /proc shows holding a vGPU's nodes (its group has no PCI function)."""
+    paths = mdev_paths(host, uuid, group) if uuid else {f"/dev/vfio/{group}"}
+    return _holders(host, paths, lambda _info: False)
+
+
+def require_group_free(host: Host, group: int, what: str, uuid: str = "") -> None:
+    """DeviceBusy while a process holds a vGPU's group node or cdev: /proc names their openers, and opening
+    the group node tells whether a kept device file holds it."""
+    holders = group_holders(host, group, uuid)
     if holders:
         raise DeviceBusy(
             f"cannot {what}: " + "; ".join(h.describe() for h in holders), [(h.pid, h.exe) for h in holders]

@@ -40,11 +40,13 @@ def reconcile(
     for instance, atts in sorted(by_instance.items()):
         report.count("attachments", len(atts))
         rows = [r for r in (deps.registry.get_device(a.device_id) for a in atts) if r is not None]
+        vgpus = [(a, v) for a in atts if (v := deps.registry.get_vgpu(a.device_id)) is not None]
         usable = _inspect(deps, instance, atts, rows, report)
         if instance in live:
             report.count("kept", len(atts))
             continue
         holders = guard.vfio_holders(deps.host, usable)
+        holders += [h for a, v in vgpus for h in guard.group_holders(deps.host, a.iommu_group, v.uuid)]
         if holders:
             report.count("held", len(atts))
             report.findings.append(
@@ -53,7 +55,7 @@ def reconcile(
                 + "): kept"
             )
             continue
-        addresses = ", ".join(str(r.pci_address) for r in rows)
+        addresses = ", ".join([str(r.pci_address) for r in rows] + [f"vGPU {v.uuid}" for _, v in vgpus])
         if dry_run:
             report.count("released", len(atts))
             report.findings.append(f"would release {addresses} of instance {instance!r}")

@@ -294,7 +294,7 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
             problems.append(e.message)
     if found is not None and group is not None:
         try:
-            guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}")
+            guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}", row.uuid)
             _write(deps, row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
             _wait_gone(deps, row.uuid)
         except VfiodError as e:
@@ -323,7 +323,7 @@ def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: 
     for row in rows:
         att = atts[row.id]
         if att is not None and mdev.read_mdev(deps.host, row.uuid) is not None:
-            guard.require_group_free(deps.host, att.iommu_group, f"detach the vGPU {row.uuid}")
+            guard.require_group_free(deps.host, att.iommu_group, f"detach the vGPU {row.uuid}", row.uuid)
     for row in rows:
         att = atts[row.id]
         op = Operation(deps.registry, deps.boot_id, RELEASE)
