@@ -18,13 +18,18 @@ from vfiod.core.errors import (
     NotAuthorized,
     ProfileNotFound,
 )
-from vfiod.core.journal import Operation
 from vfiod.core.ops import vgpu
 from vfiod.host.backend import NodeOwner
 from vfiod_sim import faults, processes
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 ROOT_0600 = NodeOwner(uid=0, gid=0, mode=0o600)
+
+
+def vmm_holding(e: Env, group: int) -> int:
+    return processes.add_process(
+        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=[f"/dev/vfio/{group}"]
+    )
 
 
 def mdevs(e: Env) -> list[str]:
@@ -96,9 +101,7 @@ def test_detach_refused_while_held_then_removes(env: MakeEnv) -> None:
     e = env("mdev-samples")
     m = e.manager
     att, _ = m.attach_vgpu(HM, "vm1", "mtty-2", uuid=U1)
-    pid = processes.add_process(
-        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=[f"/dev/vfio/{att.iommu_group}"]
-    )
+    pid = vmm_holding(e, att.iommu_group)
     mark = len(e.writes)
     with pytest.raises(DeviceBusy, match="qemu-system-x86_64"):
         m.detach(HM, "vm1")
@@ -152,36 +155,14 @@ def test_start_up_rolls_back_or_completes(env: MakeEnv, point: str) -> None:
     """What a crash leaves, rebuilt by hand: the claim (and grant) intents and the kernel's state then."""
     e = env("mdev-samples")
     m = e.manager
-    if point == "release":
-        att, _ = m.attach_vgpu(HM, "vm1", "mtty-2", uuid=U1)
-        row = m.registry.get_vgpu(att.id)
-        assert row is not None
-        op = Operation(m.registry, m.boot_id, vgpu.RELEASE)
-        m.registry.journal_claim(
-            action=vgpu.RELEASE,
-            boot_id=m.boot_id,
-            operation=op.id,
-            device_id=row.id,
-            parent="mtty",
-            uuid=U1,
-            type_id="mtty-2",
-        )
-    else:
-        att, _ = m.attach_vgpu(HM, "vm1", "mtty-2", uuid=U1)
-        row = m.registry.get_vgpu(att.id)
-        assert row is not None
+    att, _ = m.attach_vgpu(HM, "vm1", "mtty-2", uuid=U1)
+    row = m.registry.get_vgpu(att.id)
+    assert row is not None
+    if point != "release":
         m.registry.remove_attachment(row.id)  # as before the attachment was recorded
         m.registry.set_vgpu_state(row.id, "creating")
-        op = Operation(m.registry, m.boot_id, vgpu.ATTACH)
-        m.registry.journal_claim(
-            action=vgpu.ATTACH,
-            boot_id=m.boot_id,
-            operation=op.id,
-            device_id=row.id,
-            parent="mtty",
-            uuid=U1,
-            type_id="mtty-2",
-        )
+    op = vgpu.claim(m.deps, vgpu.RELEASE if point == "release" else vgpu.ATTACH, row)
+    if point != "release":
         if point == "granted":
             op.grant(att.iommu_group, ROOT_0600)
         else:
@@ -199,9 +180,7 @@ def test_reconcile_releases_a_dead_instances_vgpu_unless_held(env: MakeEnv) -> N
     e = env("mdev-samples")
     m = e.manager
     att, _ = m.attach_vgpu(HM, "gone", "mtty-2", uuid=U1)
-    pid = processes.add_process(
-        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=[f"/dev/vfio/{att.iommu_group}"]
-    )
+    pid = vmm_holding(e, att.iommu_group)
     report = m.reconcile(HM, ["alive"])
     assert report.counters["held"] == 1 and mdevs(e) == [U1]
     processes.remove_process(e.root, pid)

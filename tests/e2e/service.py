@@ -825,27 +825,11 @@ def sc_mdev_crash(g: Guest) -> None:
     """vfiod is SIGKILLed after writing the uuid to `create` and before verifying and handing it over (test
     hook); the next call activates it again, and start-up removes the mdev and forgets it: nothing leaked,
     the registry agrees with the kernel, and AttachVGPU works again."""
-    for pid in g.vfiod_pids():
-        os.kill(pid, signal.SIGTERM)
-    check(wait_for(lambda: not g.vfiod_pids(), 30), "the activated vfiod did not stop on SIGTERM")
-    env = dict(os.environ, VFIOD_TEST_HOOKS="1", VFIOD_TEST_CRASH_AT="attach-vgpu:verify#1")
-    log = open(g.bus_log, "ab")  # noqa: SIM115 - handed to the daemon
-    daemon = subprocess.Popen(["/usr/sbin/vfiod", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-
-    def owned() -> bool:
-        return sh(["busctl", "--system", "--timeout=5", "status", BUS_NAME], timeout=15).returncode == 0
-
-    check(wait_for(owned, 60), "the hand-started vfiod did not take its name")
+    daemon = start_crashing_vfiod(g, "attach-vgpu:verify#1")
     before = set(_mdevs())
     reply = _attach_vgpu(g, HYPEMAN, "vm-crash", "mtty-2")
     check(not reply.ok, f"AttachVGPU should not return: the daemon was to die ({reply.describe()})")
-    try:
-        status = daemon.wait(timeout=30)
-    except subprocess.TimeoutExpired as e:
-        daemon.kill()
-        raise ScenarioFailed("vfiod did not die at the crash point") from e
-    check(status == -signal.SIGKILL, f"vfiod ended with {status}, not SIGKILL")
+    expect_killed(daemon)
     leaked = sorted(set(_mdevs()) - before)
     check(len(leaked) == 1, f"the crash point is after create: one new mdev should exist, found {leaked}")
     g.say(f"vfiod died by SIGKILL with mdev {leaked[0]} created and not handed over")
@@ -885,14 +869,13 @@ def registry_matches_kernel(g: Guest) -> None:
         check(d["state"] not in ("binding", "releasing", "stuck"), f"{d['name']} is left {d['state']}")
 
 
-def sc_crash_mid_attach(g: Guest) -> None:
-    """vfiod is SIGKILLed between unbind and bind (test hook, only with VFIOD_TEST_HOOKS=1) in an Attach of
-    the bridge group; the next call activates it again, and start-up recovery puts every function back
-    on its driver, with the registry agreeing with the kernel."""
+def start_crashing_vfiod(g: Guest, point: str) -> subprocess.Popen[bytes]:
+    """Stop the bus-activated vfiod and start one by hand that SIGKILLs itself at `point` (test hook, only
+    with VFIOD_TEST_HOOKS=1); returns once it owns its name."""
     for pid in g.vfiod_pids():
         os.kill(pid, signal.SIGTERM)
     check(wait_for(lambda: not g.vfiod_pids(), 30), "the activated vfiod did not stop on SIGTERM")
-    env = dict(os.environ, VFIOD_TEST_HOOKS="1", VFIOD_TEST_CRASH_AT="attach:probe#1")
+    env = dict(os.environ, VFIOD_TEST_HOOKS="1", VFIOD_TEST_CRASH_AT=point)
     log = open(g.bus_log, "ab")  # noqa: SIM115 - handed to the daemon
     daemon = subprocess.Popen(["/usr/sbin/vfiod", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
@@ -901,15 +884,27 @@ def sc_crash_mid_attach(g: Guest) -> None:
         return sh(["busctl", "--system", "--timeout=5", "status", BUS_NAME], timeout=15).returncode == 0
 
     check(wait_for(owned, 60), "the hand-started vfiod did not take its name")
-    g.show_drivers("before", BR_E1000, BR_EDU)
-    reply = g.attach(HYPEMAN, "vm-crash", ["br-e1000", "br-edu"])
-    check(not reply.ok, f"Attach should not return: the daemon was to die mid-way ({reply.describe()})")
+    return daemon
+
+
+def expect_killed(daemon: subprocess.Popen[bytes]) -> None:
     try:
         status = daemon.wait(timeout=30)
     except subprocess.TimeoutExpired as e:
         daemon.kill()
         raise ScenarioFailed("vfiod did not die at the crash point") from e
     check(status == -signal.SIGKILL, f"vfiod ended with {status}, not SIGKILL")
+
+
+def sc_crash_mid_attach(g: Guest) -> None:
+    """vfiod is SIGKILLed between unbind and bind (test hook, only with VFIOD_TEST_HOOKS=1) in an Attach of
+    the bridge group; the next call activates it again, and start-up recovery puts every function back
+    on its driver, with the registry agreeing with the kernel."""
+    daemon = start_crashing_vfiod(g, "attach:probe#1")
+    g.show_drivers("before", BR_E1000, BR_EDU)
+    reply = g.attach(HYPEMAN, "vm-crash", ["br-e1000", "br-edu"])
+    check(not reply.ok, f"Attach should not return: the daemon was to die mid-way ({reply.describe()})")
+    expect_killed(daemon)
     g.say(
         f"vfiod died by SIGKILL; kernel now: {g.drivers(BR_E1000, BR_EDU)} overrides {_overrides(BR_E1000)}"
     )

@@ -147,16 +147,7 @@ def attach_vgpu(
         state="creating",
         managed=True,
     )
-    op = Operation(deps.registry, deps.boot_id, ATTACH)
-    deps.registry.journal_claim(
-        action=ATTACH,
-        boot_id=deps.boot_id,
-        operation=op.id,
-        device_id=row.id,
-        parent=parent.name,
-        uuid=uuid,
-        type_id=typ.id,
-    )
+    op = claim(deps, ATTACH, row)
     try:
         deps.registry.add_vgpu(row)
         op.checkpoint("create")
@@ -177,6 +168,21 @@ def attach_vgpu(
         extra={"ACTION": "attach-vgpu", "INSTANCE_ID": instance, "MDEV_UUID": uuid, "OWNER_UID": owner},
     )
     return result
+
+
+def claim(deps: CoreDeps, action: str, row: VgpuRow) -> Operation:
+    """A new operation on `row`, its claim (parent, uuid, type) journaled before anything else."""
+    op = Operation(deps.registry, deps.boot_id, action)
+    deps.registry.journal_claim(
+        action=action,
+        boot_id=deps.boot_id,
+        operation=op.id,
+        device_id=row.id,
+        parent=row.parent,
+        uuid=row.uuid,
+        type_id=row.type_id,
+    )
+    return op
 
 
 def _parent_id(deps: CoreDeps, parent: MdevParent, what: str) -> str:
@@ -292,9 +298,10 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
             access.revoke(deps.host, att.iommu_group, att.node_prev)
         except VfiodError as e:
             problems.append(e.message)
-    if found is not None and group is not None:
+    if found is not None:
         try:
-            guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}", row.uuid)
+            if group is not None:
+                guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}", row.uuid)
             _write(deps, row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
             _wait_gone(deps, row.uuid)
         except VfiodError as e:
@@ -326,16 +333,7 @@ def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: 
             guard.require_group_free(deps.host, att.iommu_group, f"detach the vGPU {row.uuid}", row.uuid)
     for row in rows:
         att = atts[row.id]
-        op = Operation(deps.registry, deps.boot_id, RELEASE)
-        deps.registry.journal_claim(
-            action=RELEASE,
-            boot_id=deps.boot_id,
-            operation=op.id,
-            device_id=row.id,
-            parent=row.parent,
-            uuid=row.uuid,
-            type_id=row.type_id,
-        )
+        op = claim(deps, RELEASE, row)
         op.checkpoint("release")
         if keep_bound and att is not None:
             access.revoke(deps.host, att.iommu_group, att.node_prev or access.KERNEL_DEFAULT)
