@@ -121,6 +121,7 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("mdev", depends=("vfio",)),
         ModuleSpec("mtty", depends=("mdev", "vfio")),  # samples/vfio-mdev, built out of tree
         ModuleSpec("mbochs", depends=("mdev", "vfio")),
+        ModuleSpec("nvidia_vgpu_vfio", depends=("nvidia", "mdev", "vfio")),  # NVIDIA's vGPU manager (vGPU 16)
     )
 }
 

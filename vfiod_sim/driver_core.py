@@ -214,7 +214,7 @@ class Core:
             if spec.fbdev:
                 m["fb"] = self.alloc("fb")
         elif spec.kind == "gpu-nvidia":
-            if cls >> 16 == 0x03:
+            if cls >> 16 == 0x03 and self.topo.devices[addr].physfn is None:  # a VF has no /dev/nvidiaN
                 m["nvidia"] = self.alloc("nvidia")
                 if "nvidia_drm" in self.st.modules:
                     m["drm"] = self.alloc("drm")

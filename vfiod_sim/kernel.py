@@ -213,6 +213,9 @@ class SimulatedKernel:
         for module in prof.modules:
             if module.loaded:
                 core.load_module(module.name)
+        for addr in topo.order:  # a boot script enabling VFs (sriov-manage -e ALL): probed as they come
+            if topo.devices[addr].numvfs_at_boot and st.devices[addr].present:
+                core.sriov_enable(addr, topo.devices[addr].numvfs_at_boot)
         return st, core
 
     def boot(self, *, first: bool = False) -> None:

@@ -21,20 +21,39 @@ _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 
 
 def registered(topo: Topology, st: KState, parent: str) -> bool:
-    """mdev_register_parent runs in the parent module's init: the parent exists while it is loaded."""
-    return topo.mdev_parents[parent].module in st.modules
+    """mdev_register_parent runs in the parent module's init (the samples), or when the parent's driver
+    takes it (NVIDIA's VFs, bound to `nvidia`): the parent exists while both hold."""
+    spec = topo.mdev_parents[parent]
+    if spec.module not in st.modules:
+        return False
+    if spec.pci_address is None:
+        return True
+    ds = st.devices[spec.pci_address]
+    return ds.present and (spec.requires_driver is None or ds.driver == spec.requires_driver)
 
 
-def used(topo: Topology, st: KState, parent: str) -> int:
-    types = {t.id: t for t in topo.mdev_parents[parent].types}
-    return sum(types[m.type].cost for m in st.mdevs.values() if m.parent == parent)
+def _cost(topo: Topology, parent: str, type_id: str) -> int:
+    return next(t.cost for t in topo.mdev_parents[parent].types if t.id == type_id)
 
 
 def available(topo: Topology, st: KState, parent: str, type_id: str) -> int:
-    """available_instances_show: mtty `avail_ports / nr_ports`, mbochs `avail_mbytes / type->mbytes`."""
+    """available_instances_show: mtty `avail_ports / nr_ports`, mbochs `avail_mbytes / type->mbytes`;
+    NVIDIA's VFs 1 or 0: one vGPU per VF, the physical GPU's framebuffer, and in homogeneous mode only the
+    size already on the GPU."""
     spec = topo.mdev_parents[parent]
-    cost = next(t.cost for t in spec.types if t.id == type_id)
-    return max(0, spec.budget - used(topo, st, parent)) // cost
+    cost = _cost(topo, parent, type_id)
+    mine = [m for m in st.mdevs.values() if m.parent == parent]
+    n = max(0, spec.budget - sum(_cost(topo, m.parent, m.type) for m in mine)) // cost
+    if spec.max_instances:
+        n = min(n, max(0, spec.max_instances - len(mine)))
+    if spec.pool is not None:
+        members = set(topo.mdev_pool_members(parent))
+        pooled = [m for m in st.mdevs.values() if m.parent in members]
+        sizes = {_cost(topo, m.parent, m.type) for m in pooled}
+        n = min(n, max(0, spec.pool_budget - sum(_cost(topo, m.parent, m.type) for m in pooled)) // cost)
+        if spec.homogeneous and sizes - {cost}:
+            n = 0
+    return n
 
 
 def _new_group(c: Core) -> int:
@@ -62,7 +81,8 @@ def store_create(c: Core, parent: str, type_id: str, data: bytes) -> None:
     if uuid in c.st.mdevs:
         raise oserror(errno.EEXIST, f"mdev {uuid} exists")
     if available(c.topo, c.st, parent, type_id) < 1:
-        raise oserror(errno.ENOSPC, f"{type_id}: no instance left")
+        code = getattr(errno, c.topo.mdev_parents[parent].full_errno)
+        raise oserror(code, f"{type_id}: no instance can be created on {parent} now")
     c.st.mdevs[uuid] = MdevState(parent=parent, type=type_id, group=_new_group(c))
     c.mdev_uevent("add", uuid)
 

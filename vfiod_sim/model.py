@@ -213,6 +213,7 @@ class DeviceSpec(Codec):
     # order) with `physfn`, and is on the bus only while the PF's sriov_numvfs covers it.
     sriov_totalvfs: int = 0
     physfn: str | None = None
+    numvfs_at_boot: int = 0  # VFs a boot script enables with autoprobe on (NVIDIA's sriov-manage -e ALL)
 
     @cached_property
     def identity(self) -> CardIdentity:
@@ -253,6 +254,15 @@ class MdevParentSpec(Codec):
     types: tuple[MdevTypeSpec, ...]
     pci_address: str | None = None
     virtual_class: str | None = None
+    # A PCI parent is registered only while bound to this driver (NVIDIA's VFs: `nvidia`).
+    requires_driver: str | None = None
+    max_instances: int = 0  # at most this many mdevs on the parent (NVIDIA: one per VF); 0 = the budget's
+    # Parents sharing a physical GPU draw from its `pool_budget` (framebuffer MiB); `homogeneous`: once an
+    # mdev exists on the GPU, only types of its size can be created on any of them (NVIDIA's default).
+    pool: str | None = None
+    pool_budget: int = 0
+    homogeneous: bool = False
+    full_errno: str = "ENOSPC"  # what create answers past the capacity (the samples' probe; NVIDIA: EIO)
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -368,6 +378,8 @@ class Profile(Codec):
             vfs = [v for v in self.devices if v.physfn == d.address]
             if len(vfs) > d.sriov_totalvfs:
                 raise ValueError(f"{d.address} lists {len(vfs)} VFs but supports {d.sriov_totalvfs}")
+            if d.numvfs_at_boot > len(vfs):
+                raise ValueError(f"{d.address} enables {d.numvfs_at_boot} VFs at boot but lists {len(vfs)}")
         modules = {m.name for m in self.modules}
         for m in self.modules:
             for dep in m.depends:

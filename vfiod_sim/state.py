@@ -71,6 +71,17 @@ class Topology:
         return {p.name: p for p in self.profile.mdev_parents}
 
     @cached_property
+    def mdev_parent_of_addr(self) -> dict[str, str]:
+        return {p.pci_address: n for n, p in self.mdev_parents.items() if p.pci_address is not None}
+
+    def mdev_pool_members(self, parent: str) -> list[str]:
+        """The parents sharing `parent`'s physical GPU (itself alone when it has no pool)."""
+        pool = self.mdev_parents[parent].pool
+        if pool is None:
+            return [parent]
+        return [n for n, p in self.mdev_parents.items() if p.pool == pool]
+
+    @cached_property
     def mdev_dir_to_parent(self) -> dict[str, str]:
         return {self.mdev_parent_dir(n): n for n in self.mdev_parents}
 
@@ -155,6 +166,8 @@ def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
     for a in topo.order:
         if old.devices[a] != new.devices[a] or old.cards.get(a) != new.cards.get(a):
             keys.add(f"dev:{a}")
+            if a in topo.mdev_parent_of_addr:  # a PCI parent comes and goes with its device and driver
+                keys.add(f"mdevp:{topo.mdev_parent_of_addr[a]}")
             g = topo.group_of(a)
             if g is not None:
                 keys.add(f"grp:{g}")
@@ -162,7 +175,8 @@ def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
         for uuid in set(old.mdevs) | set(new.mdevs):
             if old.mdevs.get(uuid) != new.mdevs.get(uuid):
                 keys.add(f"mdev:{uuid}")
-                keys |= {f"mdevp:{m.parent}" for m in (old.mdevs.get(uuid), new.mdevs.get(uuid)) if m}
+                for m in (old.mdevs.get(uuid), new.mdevs.get(uuid)):  # its siblings' capacity changes too
+                    keys |= {f"mdevp:{p}" for p in (topo.mdev_pool_members(m.parent) if m else ())}
     if old.drivers != new.drivers:
         keys |= {f"drv:{d}" for d in set(old.drivers) ^ set(new.drivers)}
     if old.modules != new.modules:

@@ -389,7 +389,7 @@ def test_attach_vgpu_and_detach(start_vfiod: StartVfiod, clients: Clients, polki
     for n in range(4):
         ok(alice.m("AttachVGPU", "ssa{sv}", f"big{n}", "mbochs-large", {}))
     full = alice.m("AttachVGPU", "ssa{sv}", "big9", "mbochs-large", {})
-    assert full.short == "NoCapacity" and "mbochs: none left" in full.text
+    assert full.short == "NoCapacity" and "on mbochs: none left" in full.text
     refused = alice.m("Attach", "sasa{sv}", "vm1", [att["id"]], {})
     assert refused.short == "InvalidArgument" and "is a vGPU" in refused.text
     ok(detach(alice, "vm1", rec["name"]))

@@ -89,7 +89,7 @@ def test_refusals_create_nothing(env: MakeEnv) -> None:
     for n in range(4):
         m.attach_vgpu(HM, f"vm{n}", "mbochs-large")
     mark = len(e.writes)
-    with pytest.raises(NoCapacity, match="mbochs: none left"):
+    with pytest.raises(NoCapacity, match="on mbochs: none left"):
         m.attach_vgpu(HM, "vm9", "mbochs-large")
     assert e.writes[mark:] == [] and len(mdevs(e)) == 5
     assert len(m.registry.list_vgpus()) == 4 and m.registry.open_intents() == []

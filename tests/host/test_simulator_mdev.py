@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from tests.conftest import SimFactory, SimHost
+from vfiod.host.pciaddr import PciAddress
 from vfiod_sim import processes
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
@@ -151,3 +152,40 @@ def test_a_reboot_takes_every_mdev_away(sim: SimFactory) -> None:
     assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
     assert not sh.host.vfio_group_node(group).exists()
     assert available(sh, "mtty", "mtty-2") == 12
+
+
+# ----- NVIDIA's vGPU on SR-IOV VFs (a40-mdev): one vGPU per VF, the GPU's framebuffer, one size per GPU -----
+
+PF_A, PF_B = "0000:a2:00.0", "0000:b3:00.0"
+VF_A = [f"0000:a2:0{(4 + n) >> 3}.{(4 + n) & 7}" for n in range(32)]
+Q4, Q8, Q48 = "nvidia-559", "nvidia-560", "nvidia-563"
+
+
+def test_a40_vfs_are_bound_to_nvidia_and_are_vgpu_parents(sim: SimFactory) -> None:
+    sh = sim("a40-mdev")
+    assert sh.host.attr(PciAddress.parse(PF_A), "sriov_numvfs") == "32"
+    assert sh.host.driver(PciAddress.parse(VF_A[0])) == "nvidia"
+    assert len(os.listdir(sh.host.from_logical("/sys/class/mdev_bus"))) == 64  # every VF, never the PF
+    q4 = type_dir(sh, VF_A[0], Q4)
+    assert attr(sh, f"{q4}/name") == "NVIDIA A40-4Q"
+    assert "framebuffer=4096M" in attr(sh, f"{q4}/description") and available(sh, VF_A[0], Q4) == 1
+
+
+def test_a40_one_vgpu_per_vf_and_one_size_per_gpu(sim: SimFactory) -> None:
+    sh = sim("a40-mdev")
+    create(sh, VF_A[0], Q4, U1)
+    assert available(sh, VF_A[0], Q4) == 0  # the VF is taken
+    assert (available(sh, VF_A[1], Q4), available(sh, VF_A[1], Q8)) == (1, 0)  # homogeneous: 4Q only
+    assert available(sh, "0000:b3:00.4", Q8) == 1  # the other GPU is untouched
+    assert errno_of(create, sh, VF_A[1], Q8, U2) == "EIO"  # NVIDIA's RM refuses: EIO
+    assert errno_of(create, sh, VF_A[0], Q4, U2) == "EIO"
+    remove(sh, U1)
+    assert available(sh, VF_A[1], Q8) == 1
+
+
+def test_a40_framebuffer_runs_out(sim: SimFactory) -> None:
+    sh = sim("a40-mdev")
+    for n in range(12):  # 12 x 4 GiB = 48 GiB
+        create(sh, VF_A[n], Q4, f"{U1[:-4]}{n:04x}")
+    assert available(sh, VF_A[12], Q4) == 0 and available(sh, VF_A[12], Q48) == 0
+    assert errno_of(create, sh, VF_A[12], Q4, U2) == "EIO"

@@ -206,10 +206,11 @@ def render_sharing(sriov_pfs: Sequence[Mapping[str, Any]], profiles: Sequence[Ma
     if not sriov_pfs and not profiles:
         lines.append("  no SR-IOV physical function and no mediated-device parent on this host")
     for d in sriov_pfs:
-        vfs = list(d.get("virtfns") or [])
+        vfs = [str(v) for v in d.get("virtfns") or []]
+        listed = ", ".join(vfs) if len(vfs) <= 4 else f"{vfs[0]} ... {vfs[-1]}"
         lines.append(
             f"  SR-IOV {field(d, 'pci_address')} ({device_label(d)}): {d.get('sriov_numvfs', 0)} of "
-            f"{d.get('sriov_totalvfs', 0)} VFs enabled{': ' + ', '.join(vfs) if vfs else ''}"
+            f"{d.get('sriov_totalvfs', 0)} VFs enabled{': ' + listed if vfs else ''}"
         )
     if sriov_pfs:
         lines.append("    (vfioctl vfs PF COUNT sets the number of VFs)")
@@ -217,13 +218,19 @@ def render_sharing(sriov_pfs: Sequence[Mapping[str, Any]], profiles: Sequence[Ma
     for p in profiles:
         for parent in p.get("parents") or []:
             by_parent.setdefault(str(parent), []).append(p)
+    by_offer: dict[str, list[str]] = {}  # parents offering the same types (a GPU's VFs) on one line
     for parent, types in sorted(by_parent.items()):
         offered = ", ".join(
             field(t, "type_id")
             + (f" ({field(t, 'name')})" if field(t, "name") != field(t, "type_id") else "")
             for t in types
         )
-        lines.append(f"  mdev parent {parent}: {offered}")
+        by_offer.setdefault(offered, []).append(parent)
+    for offered, names in by_offer.items():
+        who = (
+            f"parent {names[0]}" if len(names) == 1 else f"parents {names[0]} ... {names[-1]} ({len(names)})"
+        )
+        lines.append(f"  mdev {who}: {offered}")
     if by_parent:
         lines.append("    (vfioctl profiles shows what can be created now)")
     return "\n".join(lines) + "\n"

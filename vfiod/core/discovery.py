@@ -136,6 +136,11 @@ def _build(
             f"it is an SR-IOV physical function with {fn.sriov_numvfs} virtual functions enabled "
             f"({', '.join(str(v) for v in fn.virtfns)}); pass the VFs through, or disable them to pass the PF"
         )
+    if fn.physfn is not None and fn.mdev_types:
+        blockers.append(
+            "it is a vGPU parent (a virtual function offering mediated-device types): AttachVGPU shares it; "
+            "it is not passed through whole"
+        )
     if fn.mdev_children:
         blockers.append(
             f"it is the parent of mediated devices ({', '.join(fn.mdev_children)}); remove them to pass it"

@@ -8,10 +8,11 @@ made, for which instance and uid, and the parents it has seen fail).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from vfiod.core import placement
 from vfiod.core.deps import CoreDeps
+from vfiod.core.placement import framebuffer_mb
 from vfiod.core.records import vfio_group_path
 from vfiod.core.registry import VgpuRow, format_timestamp
 from vfiod.host import mdev
@@ -19,18 +20,6 @@ from vfiod.host.mdev import MdevParent, MdevType
 
 NO_OWNER = 0xFFFFFFFF
 QUARANTINE_FAILURES = 2  # create or verify failed this many times in a row on a parent
-_FRAMEBUFFER = re.compile(r"framebuffer=(\d+)M")  # NVIDIA's mdev description
-_MB = re.compile(r"(\d+) ?MB\b")  # e.g. mbochs: "virtual display, 64 MB video memory"
-_NVIDIA_SIZE = re.compile(r"-(\d+)[A-Z]+$")  # NVIDIA L40S-4Q: 4 GB of framebuffer
-
-
-def framebuffer_mb(name: str, description: str) -> int:
-    """The framebuffer a type gives, from its description or its name's size suffix; 0 when unknown."""
-    for pattern, scale in ((_FRAMEBUFFER, 1), (_NVIDIA_SIZE, 1024), (_MB, 1)):
-        found = pattern.search(description if pattern is not _NVIDIA_SIZE else name)
-        if found:
-            return int(found[1]) * scale
-    return 0
 
 
 @dataclass(frozen=True)
@@ -94,10 +83,12 @@ def parents(deps: CoreDeps, only: str | None = None) -> list[MdevParent]:
 
 def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
     """Every type offered (only `parent`'s when given), by type id, with what can be created now on the
-    parents that are not quarantined."""
+    parents that are not quarantined (per physical GPU, capped by what its framebuffer still holds)."""
     skip = quarantined(deps)
+    shown = parents(deps, parent)
+    on_gpu = placement.gpus(shown, mdev.read_mdevs(deps.host))
     by_type: dict[str, list[MdevType]] = {}
-    for p in parents(deps, parent):
+    for p in shown:
         for t in p.types:
             by_type.setdefault(t.id, []).append(t)
     out = []
@@ -111,7 +102,7 @@ def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
                 framebuffer_mb=framebuffer_mb(first.name, first.description),
                 description=first.description,
                 device_api=first.device_api,
-                available=sum(t.available for t in offers if t.parent not in skip),
+                available=sum(g.available(type_id, skip) for g in on_gpu),
                 parents=tuple(sorted(t.parent for t in offers)),
             )
         )

@@ -1,12 +1,13 @@
-"""The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35` and
-`mdev-samples` and
-`synthetic:N`. A machine is a function returning a `Profile`; `get_profile(name)` builds one by name.
+"""The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35`,
+`mdev-samples`, `a40-mdev` and `synthetic:N`. A machine is a function returning a `Profile`;
+`get_profile(name)` builds one by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from vfiod_sim.machines.a40_mdev import a40_mdev
 from vfiod_sim.machines.dgx_h100 import dgx_h100
 from vfiod_sim.machines.mdev_samples import mdev_samples
 from vfiod_sim.machines.no_iommu import no_iommu
@@ -21,6 +22,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
     "no-iommu": no_iommu,
     "qemu-q35": qemu_q35,
     "mdev-samples": mdev_samples,
+    "a40-mdev": a40_mdev,
 }
 
 

@@ -20,7 +20,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 
-from vfiod.core import access, guard, validation
+from vfiod.core import access, guard, placement, validation
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import (
@@ -98,19 +98,19 @@ def offers(deps: CoreDeps, profile: str, pin: str | None) -> list[tuple[MdevPare
 def place(
     deps: CoreDeps, profile: str, found: Sequence[tuple[MdevParent, MdevType]]
 ) -> tuple[MdevParent, MdevType]:
-    """The usable parent with the most instances of the type left; NoCapacity naming what is used."""
+    """The usable parent on the physical GPU with the most free framebuffer (placement.choose);
+    NoCapacity naming what is used and what is quarantined."""
     skip = quarantined(deps)
-    usable = [(p, t) for p, t in found if p.name not in skip and t.available > 0]
-    if not usable:
-        used = "; ".join(f"{p.name}: none left" for p, t in found if p.name not in skip)
+    chosen = placement.choose(found, mdev.read_parents(deps.host), mdev.read_mdevs(deps.host), skip)
+    if chosen is None:
+        gpus = sorted({placement.gpu_of(p) for p, _ in found})
         held = "; ".join(f"{name} quarantined ({why})" for name, why in sorted(skip.items()))
         raise NoCapacity(
-            f"no parent can create {profile!r} now"
-            + (f" ({used})" if used else "")
+            f"no parent can create {profile!r} now (on {', '.join(gpus)}: none left)"
             + (f"; {held}" if held else "")
             + "; Detach a vGPU of this profile (ListVGPUs shows them) or ask an admin to Recover a parent"
         )
-    return min(usable, key=lambda pt: (-pt[1].available, pt[0].name))
+    return chosen
 
 
 def attach_vgpu(

@@ -1,0 +1,79 @@
+"""Placement and capacity on `a40-mdev` (two A40s, 32 VFs each, one vGPU per VF, 48 GiB per GPU, one size per
+GPU): ListProfiles counts what the GPUs' framebuffer still holds, AttachVGPU takes the GPU with the most free
+framebuffer, concurrent AttachVGPUs never over-commit a GPU, and a pinned physical GPU is honoured."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+
+from tests.core.support.worlds import HM, MakeEnv
+from vfiod.core.errors import NoCapacity, VfiodError
+
+PF_A, PF_B = "0000:a2:00.0", "0000:b3:00.0"
+Q4, Q8 = "NVIDIA A40-4Q", "NVIDIA A40-8Q"
+
+
+def gpu_of_vgpu(parent: str) -> str:
+    return PF_A if parent.startswith("0000:a2:") else PF_B
+
+
+def test_profiles_count_what_the_framebuffer_holds(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    m = e.manager
+    got = {p.name: p for p in m.list_profiles()}
+    assert (got[Q4].available, got[Q4].framebuffer_mb, len(got[Q4].parents)) == (24, 4096, 64)  # 12 per GPU
+    assert got["NVIDIA A40-48Q"].available == 2
+    m.attach_vgpu(HM, "vm1", Q4)
+    got = {p.name: p for p in m.list_profiles()}
+    assert (got[Q4].available, got[Q8].available) == (23, 6)  # homogeneous: the used GPU takes only 4Q now
+
+
+def test_least_loaded_gpu_first_and_pins(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    m = e.manager
+    m.attach_vgpu(HM, "vm1", Q4)
+    m.attach_vgpu(HM, "vm2", Q4)
+    parents = {v.instance_id: v.parent for v in m.list_vgpus()}
+    assert {gpu_of_vgpu(parents["vm1"]), gpu_of_vgpu(parents["vm2"])} == {PF_A, PF_B}  # spread
+    m.detach(HM, "vm2")
+    other = PF_B if gpu_of_vgpu(parents["vm1"]) == PF_A else PF_A
+    m.attach_vgpu(HM, "vm3", Q8)  # only the other GPU can take an 8Q (one size per GPU)
+    assert gpu_of_vgpu({v.instance_id: v.parent for v in m.list_vgpus()}["vm3"]) == other
+    with pytest.raises(NoCapacity, match=other):  # pinned to the 8Q GPU, a 4Q does not fit
+        m.attach_vgpu(HM, "vm4", Q4, parent=other)
+    m.attach_vgpu(HM, "vm4", Q4, parent=gpu_of_vgpu(parents["vm1"]))
+
+
+def test_concurrent_attaches_never_over_commit(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    m = e.manager
+    results: dict[str, str] = {}
+
+    def one(n: int) -> None:
+        try:
+            m.attach_vgpu(HM, f"vm{n}", Q4)
+            results[f"vm{n}"] = "ok"
+        except VfiodError as err:
+            results[f"vm{n}"] = err.name
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Counter(results.values()) == {"ok": 24, "NoCapacity": 6}
+    per_gpu = Counter(gpu_of_vgpu(v.parent) for v in m.list_vgpus())
+    assert per_gpu == {PF_A: 12, PF_B: 12}
+    assert len({v.parent for v in m.list_vgpus()}) == 24  # one per VF
+    assert m.registry.open_intents() == []
+
+
+def test_a_vgpu_parent_vf_is_not_a_passthrough_candidate(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    listed = {d.pci_address: d for d in e.manager.list_available()}
+    vf = listed["0000:a2:00.4"]
+    assert not vf.passthrough_ready and any("vGPU parent" in b for b in vf.blockers)
+    assert len(vf.mdev_types) == 7
