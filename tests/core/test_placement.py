@@ -77,3 +77,16 @@ def test_a_vgpu_parent_vf_is_not_a_passthrough_candidate(env: MakeEnv) -> None:
     vf = listed["0000:a2:00.4"]
     assert not vf.passthrough_ready and any("vGPU parent" in b for b in vf.blockers)
     assert len(vf.mdev_types) == 7
+
+
+def test_a_gpu_with_a_quarantined_vf_comes_last(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    m = e.manager
+    for _ in range(2):
+        m.registry.record_parent_failure("0000:a2:00.4", "create failed: EIO")
+    m.attach_vgpu(HM, "vm1", Q4)
+    m.attach_vgpu(HM, "vm2", Q4)  # the other GPU has less free framebuffer now, and is still first
+    assert {gpu_of_vgpu(v.parent) for v in m.list_vgpus()} == {PF_B}
+    assert {p.name: p.available for p in m.list_profiles()}[
+        Q4
+    ] == 12 + 10  # A: 31 usable VFs, 12 fit; B: 10 more

@@ -5,8 +5,8 @@ type's capacity on a GPU is what its parents say (`available_instances`: NVIDIA'
 capped by the type's `max_instance` on that GPU (NVIDIA's description) less the vGPUs of it already there:
 summing VFs alone would count every free VF although the GPU's framebuffer runs out first. Placement takes
 the GPU with the most free framebuffer (its size, from `max_instance` times the type's framebuffer, less its
-vGPUs'), then the parent with the most instances left; ties by name, so it is stable. Quarantined parents
-are never chosen and count for nothing.
+vGPUs'), GPUs with a quarantined parent last, then the parent with the most instances left; ties by name,
+so it is stable. Quarantined parents are never chosen and count for nothing.
 """
 
 from __future__ import annotations
@@ -101,12 +101,12 @@ def choose(
     ]
     if not usable:
         return None
-    return min(
-        usable,
-        key=lambda pt: (
-            -by_name[gpu_of(pt[0])].framebuffer_free(),
-            gpu_of(pt[0]),
-            -pt[1].available,
-            pt[0].name,
-        ),
-    )
+
+    def tainted(gpu: Gpu) -> bool:  # a quarantined VF may mean a GPU that needs an SR-IOV cycle
+        return any(p.name in skipped for p in gpu.parents)
+
+    def key(pt: tuple[MdevParent, MdevType]) -> tuple[bool, int, str, int, str]:
+        gpu = by_name[gpu_of(pt[0])]
+        return (tainted(gpu), -gpu.framebuffer_free(), gpu.name, -pt[1].available, pt[0].name)
+
+    return min(usable, key=key)
