@@ -385,6 +385,12 @@ def test_attach_vgpu_and_detach(start_vfiod: StartVfiod, clients: Clients, polki
     )
     assert rec["owner_uid"] == alice.uid and rec["state"] == "attached"
     assert att["id"] in {d["id"] for d in devices(alice)}
+    managed = ok(clients.root.call("GetManagedObjects", "", [], interface=OBJECT_MANAGER_IFACE))
+    assert rec["object_path"] in managed  # a vGPU is a Device object too
+    state = clients.root.call(
+        "Get", "ss", [DEVICE_IFACE, "State"], path=rec["object_path"], interface=PROPERTIES_IFACE
+    )
+    assert ok(state) == "attached"
     assert alice.m("AttachVGPU", "ssa{sv}", "vm2", "no-such", {}).short == "ProfileNotFound"
     for n in range(4):
         ok(alice.m("AttachVGPU", "ssa{sv}", f"big{n}", "mbochs-large", {}))
