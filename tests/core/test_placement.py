@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import cast
 
 import pytest
 
@@ -90,3 +91,22 @@ def test_a_gpu_with_a_quarantined_vf_comes_last(env: MakeEnv) -> None:
     assert {p.name: p.available for p in m.list_profiles()}[
         Q4
     ] == 12 + 10  # A: 31 usable VFs, 12 fit; B: 10 more
+
+
+def test_host_status_counts_vgpu_slots(env: MakeEnv) -> None:
+    e = env("a40-mdev")
+    m = e.manager
+    status = m.host_status()
+    assert (status["gpu_mode"], status["vgpu_parents"], status["vgpu_slots_total"]) == ("vgpu", 64, 64)
+    assert (status["vgpu_slots_used"], status["vgpu_slots_allocatable"], status["quarantined"]) == (0, 64, [])
+    m.attach_vgpu(HM, "vm1", Q4)
+    for _ in range(2):
+        m.registry.record_parent_failure("0000:b3:00.4", "create failed: EIO")
+    status = m.host_status()
+    # the 4Q GPU takes 11 more 4Q; the other 31 more 1Q on its VFs that are not quarantined
+    assert (status["vgpu_slots_used"], status["vgpu_slots_allocatable"]) == (1, 11 + 31)
+    (quarantined,) = cast(list[str], status["quarantined"])
+    assert (
+        quarantined.startswith("0000:b3:00.4: 2 failures in a row since ")
+        and "create failed: EIO" in quarantined
+    )

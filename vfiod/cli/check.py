@@ -21,6 +21,7 @@ from vfiod.core.discovery import describe, discover
 from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import host_status
 from vfiod.core.pciids import PciIds, default_pci_ids
+from vfiod.core.profiles import vgpu_status
 from vfiod.host import mdev
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
@@ -92,6 +93,10 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
     critical = host_critical(host)
     devices = discover(host, names, all_devices=all_devices, critical=critical)
     status = host_status(host, names, devices=devices).to_record()
+    vgpus = vgpu_status(host, {})  # the daemon's quarantine is in its registry, not read here
+    if vgpus["vgpu_parents"]:
+        status["gpu_mode"] = "vgpu"
+    status.update(vgpus)
     records = [d.to_record() for d in devices]
     pfs, offered = sharing(host, names, records, critical)
     if as_json:

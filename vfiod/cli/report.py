@@ -76,6 +76,11 @@ _STATUS_KEYS = (
     "gpu_mode",
     "gpu_slots_total",
     "gpu_slots_used",
+    "vgpu_parents",
+    "vgpu_slots_total",
+    "vgpu_slots_used",
+    "vgpu_slots_allocatable",
+    "quarantined",
     "problems",
     "notes",
     "claims",
@@ -105,7 +110,17 @@ def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
     slots = (
         f"{int_field(status, 'gpu_slots_total', 0)} slot(s), {int_field(status, 'gpu_slots_used', 0)} used"
     )
-    check(mode == "passthrough", f"GPU passthrough: {slots}" if mode == "passthrough" else f"GPU mode {mode}")
+    if mode == "vgpu":
+        parents, total = int_field(status, "vgpu_parents", 0), int_field(status, "vgpu_slots_total", 0)
+        used, free = int_field(status, "vgpu_slots_used", 0), int_field(status, "vgpu_slots_allocatable", 0)
+        check(free > 0, f"vGPU: {parents} parent(s), {total} slot(s), {used} used, {free} can be created now")
+        for q in status.get("quarantined") or []:
+            lines.append(f"  {no} quarantined: {q}")
+    else:
+        check(
+            mode == "passthrough",
+            f"GPU passthrough: {slots}" if mode == "passthrough" else f"GPU mode {mode}",
+        )
     problems = [str(p) for p in status.get("problems") or []]
     if problems:
         lines += ["", "Problems"]

@@ -8,6 +8,7 @@ made, for which instance and uid, and the parents it has seen fail).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vfiod.core import placement
@@ -16,6 +17,7 @@ from vfiod.core.placement import framebuffer_mb
 from vfiod.core.records import vfio_group_path
 from vfiod.core.registry import VgpuRow, format_timestamp
 from vfiod.host import mdev
+from vfiod.host.host import Host
 from vfiod.host.mdev import MdevParent, MdevType
 
 NO_OWNER = 0xFFFFFFFF
@@ -107,6 +109,28 @@ def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
             )
         )
     return out
+
+
+def vgpu_status(host: Host, skip: Mapping[str, str]) -> dict[str, object]:
+    """GetHostStatus's vGPU keys (`skip`: the quarantined parents and why). A parent's slots are its vGPUs
+    plus the most of any one type it could still create (an NVIDIA VF: 1); allocatable is what can be
+    created now, per physical GPU the most of any one type on parents not in `skip` (a GPU holding one size
+    offers only that size)."""
+    found = mdev.read_parents(host)
+    live = mdev.read_mdevs(host)
+    used = {p.name: sum(1 for m in live if m.parent == p.name) for p in found}
+    total = sum(used[p.name] + max((t.available for t in p.types), default=0) for p in found)
+    allocatable = 0
+    for gpu in placement.gpus(found, live):
+        type_ids = {t.id for p in gpu.parents for t in p.types}
+        allocatable += max((gpu.available(t, skip) for t in type_ids), default=0)
+    return {
+        "vgpu_parents": len(found),
+        "vgpu_slots_total": total,
+        "vgpu_slots_used": sum(used.values()),
+        "vgpu_slots_allocatable": allocatable,
+        "quarantined": [f"{name}: {why}" for name, why in sorted(skip.items())],
+    }
 
 
 def physical_gpu(parent: MdevParent | None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from vfiod.core import discovery, validation
+from vfiod.core import discovery, profiles, validation
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import InvalidArgument, NotFound
 from vfiod.core.hoststatus import host_status
@@ -25,7 +25,12 @@ def host_status_record(deps: CoreDeps) -> dict[str, object]:
         for row in deps.registry.list_devices()
         if deps.registry.attachment_of_device(row.id) is not None
     ]
-    return host_status(deps.host, deps.pci_ids, attached=attached).to_record()
+    record = host_status(deps.host, deps.pci_ids, attached=attached).to_record()
+    vgpus = profiles.vgpu_status(deps.host, profiles.quarantined(deps))
+    if vgpus["vgpu_parents"]:
+        record["gpu_mode"] = "vgpu"  # vGPU parents exist: hypeman shares GPUs here
+    record.update(vgpus)
+    return record
 
 
 def resolve(deps: CoreDeps, id_or_name: object) -> DeviceRow:
