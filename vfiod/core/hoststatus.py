@@ -140,7 +140,8 @@ def host_status(
     if devices is None:
         devices = discover(host, pci_ids)
     gpus = [d for d in devices if d.type == "gpu"]
-    slots = [d for d in gpus if not d.host_critical]
+    # A VF offering vGPU types is a vGPU slot (AttachVGPU), not a passthrough slot.
+    slots = [d for d in gpus if not d.host_critical and not (d.physfn and d.mdev_types)]
     used = {a.lower() for a in attached}
 
     problems: list[str] = []
