@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vfiod.core import kernel_io
 from vfiod.core.errors import (
     DeviceBusy,
     Failed,
     IOMMUGroupConflict,
     NativeDriverNotRestored,
-    Timeout,
     VfiodError,
 )
 from vfiod.core.guard import GroupPlan, require_not_held, vfio_holders
 from vfiod.core.system import ModuleLoader
 from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
-from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import VFIO_PCI, DriverName, PciAddress
 from vfiod.host.pcifunction import read_function
@@ -264,25 +262,17 @@ class Binder:
         self.observer.before(step)
         ok = False
         try:
-            write()
-            ok = True
-        except SysfsBusy as e:
-            raise Timeout(f"{e}; nothing was written", stuck=(addr,)) from e
-        except SysfsTimeout as e:
-            raise Timeout(
-                f"{e}; {addr} is stuck until the kernel finishes (Recover can return it once it does)",
+            kernel_io.write(
+                write,
+                still=f"{addr} is stuck until the kernel finishes (Recover can return it once it does)",
+                failed=kernel_io.refused(f"{action} of {addr} failed"),
                 stuck=(addr,),
-            ) from e
-        except SysfsWriteError as e:
-            raise Failed(f"{action} of {addr} failed: {e}") from e
+            )
+            ok = True
         finally:
             self.observer.after(step, ok)
 
     def _wait(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
-        end = time.monotonic() + (self.verify_timeout if timeout is None else timeout)
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= end:
-                return False
-            time.sleep(self.poll_interval)
+        return kernel_io.wait_until(
+            predicate, self.verify_timeout if timeout is None else timeout, self.poll_interval
+        )

@@ -1,7 +1,7 @@
 """What every core operation works with, shared by the manager and the operations it delegates to: the
 host, the registry, the persistence hold, this boot's id, the group locks, the PCI name database, a way to
-make a binder for an operation, and the change notifier. Frozen: an operation never swaps a dependency
-under another one.
+make a binder for an operation, the change notifier, and how long to wait for the kernel to show a write.
+Frozen: an operation never swaps a dependency under another one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class CoreDeps:
     pci_ids: PciIds
     binder_factory: Callable[[Operation | None], Binder]
     changed: Callable[[Iterable[str]], None]  # device ids whose client-visible state changed ("" = the set)
+    verify_timeout: float  # how long the kernel may take to show the result of a write
 
     def binder(self, op: Operation | None = None) -> Binder:
         return self.binder_factory(op)

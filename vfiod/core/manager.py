@@ -78,7 +78,6 @@ class Manager(SharingMethods):
         self.config = config or ManagerConfig()
         self.boot_id = host.boot_id() or "unknown-boot"
         self.modules = modules
-        self.verify_timeout = verify_timeout
         self.units = units
         self.hold = PersistenceHold(registry, units, self.boot_id, self.config.units_by_vendor)
         self.locks = GroupLocks()
@@ -93,6 +92,7 @@ class Manager(SharingMethods):
             pci_ids=pci_ids or default_pci_ids(),
             binder_factory=lambda op: Binder(host, modules, op, verify_timeout=verify_timeout),
             changed=self._changed,
+            verify_timeout=verify_timeout,
         )
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()  # guards the listeners

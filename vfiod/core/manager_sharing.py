@@ -5,7 +5,6 @@ recovering devices)."""
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -20,6 +19,7 @@ from vfiod.core.refresh import Refreshes
 from vfiod.core.registry import AttachmentRow, DeviceRow, Registry, VgpuRow
 from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host.host import Host
+from vfiod.host.mdev import UUID_RE
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
 
@@ -29,7 +29,6 @@ class SharingMethods:
     registry: Registry
     deps: CoreDeps
     refreshes: Refreshes
-    verify_timeout: float
     instances: InstanceLocks
     placement: threading.Lock
 
@@ -64,7 +63,7 @@ class SharingMethods:
         self._require_settled([row] if row is not None else [])
         before = read_function(self.host, addr).virtfns
         vfs = sriov.set_virtual_functions(
-            self.deps, addr, count, autoprobe=autoprobe, wait=self.verify_timeout
+            self.deps, addr, count, autoprobe=autoprobe, wait=self.deps.verify_timeout
         )
         for vf in sorted({*before, *vfs}):  # registered VFs gone or back
             self.refreshes.device(str(vf))
@@ -74,9 +73,7 @@ class SharingMethods:
     # ----- profiles and vGPUs (inspect) ------------------------------------------------------------------
 
     def list_profiles(self, parent: object = None) -> list[profiles.Profile]:
-        if parent is not None and (not isinstance(parent, str) or "/" in parent or not parent):
-            raise InvalidArgument(f"parent must be an mdev parent's device name, not {parent!r}")
-        return profiles.list_profiles(self.deps, parent)
+        return profiles.list_profiles(self.deps, None if parent is None else _text("parent", parent))
 
     def list_vgpus(self, instance: object = None) -> list[profiles.Vgpu]:
         return profiles.list_vgpus(self.deps, None if instance is None else validation.instance_id(instance))
@@ -96,8 +93,8 @@ class SharingMethods:
     ) -> tuple[Attachment, list[str]]:
         """Create a vGPU of `profile` for the instance and hand it over (see ops/vgpu)."""
         instance = validation.instance_id(instance_id)
-        wanted = _profile(profile)
-        pin = None if parent in (None, "") else _name("parent", parent)
+        wanted = _text("profile", profile)
+        pin = None if parent in (None, "") else _text("parent", parent)
         chosen = None if uuid in (None, "") else _uuid(uuid)
         owner = caller.uid if owner_uid is None else owner_uid
         if owner != caller.uid and not caller.is_admin({"instance": instance}):
@@ -106,7 +103,7 @@ class SharingMethods:
             done = vgpu.already_attached(self.deps, instance, owner, wanted, chosen)
             if done is None:
                 done = vgpu.attach_vgpu(
-                    self.deps, instance, owner, wanted, pin=pin, uuid=chosen, wait=self.verify_timeout
+                    self.deps, instance, owner, wanted, pin=pin, uuid=chosen, wait=self.deps.verify_timeout
                 )
         self._changed([""])
         return done, attach_warnings(self.host, caller_pid)
@@ -139,22 +136,21 @@ class SharingMethods:
         self._changed([""])
 
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
-def _profile(value: object) -> str:
+def _text(what: str, value: object) -> str:
+    """A profile (type id or name) or a parent (device name or PCI address): printable, no '/'."""
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or "/" in value or not value.isprintable():
-        raise InvalidArgument(f"a profile is a type id or name (ListProfiles), not {value!r:.80}")
+        raise InvalidArgument(f"{what} must be {_SHAPES[what]}, not {value!r:.80}")
     return value
 
 
-def _name(what: str, value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 128 or "/" in value or not value.isprintable():
-        raise InvalidArgument(f"{what} must be a parent's device name or a PCI address, not {value!r:.80}")
-    return value
+_SHAPES = {
+    "profile": "a type id or name, as ListProfiles shows them",
+    "parent": "a parent's device name or a PCI address",
+}
 
 
 def _uuid(value: object) -> str:
-    if not isinstance(value, str) or _UUID.fullmatch(value) is None:
+    text = value.lower() if isinstance(value, str) else ""
+    if UUID_RE.fullmatch(text) is None:
         raise InvalidArgument(f"uuid must be of the form 8-4-4-4-12 hex digits, not {value!r:.80}")
-    return value.lower()
+    return text

@@ -42,9 +42,16 @@ def max_instance(t: MdevType) -> int:
     return int(found[1]) if found else 0
 
 
+def physical_gpu(parent: MdevParent | None) -> str:
+    """A PCI parent's physical GPU (a VF's PF, or the parent itself); "" for a parent that is not PCI."""
+    if parent is None or parent.pci_address is None:
+        return ""
+    return str(parent.physfn or parent.pci_address)
+
+
 def gpu_of(parent: MdevParent) -> str:
-    """The physical GPU a parent belongs to: a VF's PF, a PCI parent itself, a virtual parent alone."""
-    return str(parent.physfn or parent.pci_address or parent.name)
+    """What placement groups a parent by: its physical GPU, or a virtual parent on its own."""
+    return physical_gpu(parent) or parent.name
 
 
 @dataclass(frozen=True)

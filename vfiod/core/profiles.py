@@ -133,12 +133,6 @@ def vgpu_status(host: Host, skip: Mapping[str, str]) -> dict[str, object]:
     }
 
 
-def physical_gpu(parent: MdevParent | None) -> str:
-    if parent is None or parent.pci_address is None:
-        return ""
-    return str(parent.physfn or parent.pci_address)
-
-
 def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
     """Every mdev on the host and every vGPU vfiod made (only `instance`'s when given)."""
     host = deps.host
@@ -180,7 +174,7 @@ def _vgpu(
         profile=profile,
         type_id=type_id,
         parent=parent,
-        physical_gpu=row.physical_gpu if row is not None else physical_gpu(by_name.get(parent)),
+        physical_gpu=row.physical_gpu if row is not None else placement.physical_gpu(by_name.get(parent)),
         instance_id=att.instance_id if att is not None else "",
         owner_uid=att.owner_uid if att is not None else NO_OWNER,
         sysfs_path=f"/sys/bus/mdev/devices/{uuid}/",

@@ -161,7 +161,7 @@ def _open_operations(deps: CoreDeps, report: Report) -> list[Operation]:
 def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> None:
     op_id, intents = operation
     if sriov.is_sriov(intents):
-        sriov.finish_interrupted(deps, intents, report, deps.binder().verify_timeout)
+        sriov.finish_interrupted(deps, intents, report, deps.verify_timeout)
         return
     if vgpu.is_vgpu(intents):
         vgpu.finish_interrupted(deps, intents, report)

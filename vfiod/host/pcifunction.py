@@ -14,12 +14,12 @@ Also the one parser of sysfs hex ids (`parse_hex`) and the one normaliser of mod
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from vfiod.host.host import Host
+from vfiod.host.mdev import UUID_RE
 from vfiod.host.pciaddr import DriverName, PciAddress
 
 # Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
@@ -34,7 +34,6 @@ _BRIDGE_HEADER_CLASSES = frozenset({"0604", "0607", "0609"})
 _HEADER_TYPE_OFFSET = 0x0E
 # Display controllers (0300 VGA, 0301 XGA, 0302 3D, 0380 other): what vfiod calls a GPU.
 DISPLAY_BASE_CLASS = "03"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def parse_hex(raw: str | None) -> str:
@@ -200,7 +199,7 @@ class PciFunction:
         return tuple(
             n
             for n in sorted(names)
-            if _UUID.fullmatch(n) and self._host.link_name(self.dir / n / "mdev_type") is not None
+            if UUID_RE.fullmatch(n) and self._host.link_name(self.dir / n / "mdev_type") is not None
         )
 
     # ----- the rules judged on a function ------------------------------------------------------------

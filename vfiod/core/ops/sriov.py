@@ -17,18 +17,17 @@ count means nothing had changed yet.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 
-from vfiod.core import guard
+from vfiod.core import guard, kernel_io
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import require_no_pending
-from vfiod.core.errors import DeviceNotFound, Failed, HostCritical, InUse, InvalidArgument, Timeout
+from vfiod.core.errors import DeviceNotFound, Failed, HostCritical, InUse, InvalidArgument, VfiodError
 from vfiod.core.hostcritical import host_critical
 from vfiod.core.journal import Operation
 from vfiod.core.registry import IntentRow
-from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
+from vfiod.host.errors import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.pcifunction import PciFunction, read_function
 
@@ -38,7 +37,6 @@ NUMVFS = "sriov_numvfs"
 AUTOPROBE = "sriov_drivers_autoprobe"
 ATTRIBUTES = frozenset({NUMVFS, AUTOPROBE})
 MAX_VFS = 0xFFFF  # sriov_numvfs_store parses a u16
-POLL_INTERVAL = 0.02
 
 
 def set_virtual_functions(
@@ -147,18 +145,13 @@ def _flag(on: bool) -> str:
     return "1" if on else "0"
 
 
-def _write(op: Operation, pf: PciAddress, point: str, write: Callable[[], None]) -> None:
+def _write(op: Operation, pf: PciAddress, point: str, act: Callable[[], None]) -> None:
     op.checkpoint(point)
-    try:
-        write()
-    except SysfsBusy as e:
-        raise Timeout(f"{e}; nothing was written") from e
-    except SysfsTimeout as e:
-        raise Timeout(
-            f"{e}; {pf}'s driver is still working on it, and every write to {pf} is refused until it is done"
-        ) from e
-    except SysfsWriteError as e:
-        raise Failed(f"{_what(e)}: {e}") from e
+    kernel_io.write(
+        act,
+        still=f"{pf}'s driver is still working on it, and every write to {pf} is refused until it is done",
+        failed=lambda e: Failed(f"{_what(e)}: {e}"),
+    )
 
 
 def _what(e: SysfsWriteError) -> str:
@@ -172,19 +165,20 @@ def _what(e: SysfsWriteError) -> str:
 def wait_for_vfs(deps: CoreDeps, pf: PciAddress, count: int, wait: float) -> list[PciAddress]:
     """The PF's VFs once `count` of them are on the bus, each with its IOMMU group when the PF has one
     (the kernel adds them inside the write; this only covers a kernel or simulator that is slower)."""
-    end = time.monotonic() + wait
-    while True:
+
+    def ready() -> bool:
         fn = read_function(deps.host, pf)
-        vfs = list(fn.virtfns)
+        vfs = fn.virtfns
         grouped = fn.iommu_group is None or all(deps.host.iommu_group(vf) is not None for vf in vfs)
-        if len(vfs) == count and grouped and all(deps.host.device_exists(vf) for vf in vfs):
-            return vfs
-        if time.monotonic() >= end:
-            raise Failed(
-                f"{pf} reports {fn.sriov_numvfs or 0} virtual functions but {len(vfs)} of {count} are on the "
-                f"bus with their IOMMU group after {wait:g} s"
-            )
-        time.sleep(POLL_INTERVAL)
+        return len(vfs) == count and grouped and all(deps.host.device_exists(vf) for vf in vfs)
+
+    if not kernel_io.wait_until(ready, wait):
+        fn = read_function(deps.host, pf)
+        raise Failed(
+            f"{pf} reports {fn.sriov_numvfs or 0} virtual functions but {len(fn.virtfns)} of {count} are on "
+            f"the bus with their IOMMU group after {wait:g} s"
+        )
+    return list(read_function(deps.host, pf).virtfns)
 
 
 # ----- start-up -------------------------------------------------------------------------------------------
@@ -226,10 +220,15 @@ def _finish(
 ) -> str:
     try:
         if autoprobe is not None:
-            deps.host.set_sriov_autoprobe(pf, autoprobe.value == "1")
-        deps.host.set_sriov_numvfs(pf, count, driver)
+            _start_up_write(lambda: deps.host.set_sriov_autoprobe(pf, autoprobe.value == "1"))
+        _start_up_write(lambda: deps.host.set_sriov_numvfs(pf, count, driver))
         vfs = wait_for_vfs(deps, pf, count, wait)
-    except (SysfsBusy, SysfsTimeout, SysfsWriteError, Failed) as e:
-        report_text = e.message if isinstance(e, Failed) else str(e)
-        return f"could not be finished: {report_text} (it has no VFs now)"
+    except VfiodError as e:
+        return f"could not be finished: {e.message} (it has no VFs now)"
     return f"was finished: {', '.join(vfs)}"
+
+
+def _start_up_write(act: Callable[[], None]) -> None:
+    kernel_io.write(
+        act, still="the driver is still working on it", failed=kernel_io.refused("the kernel refused")
+    )

@@ -16,11 +16,10 @@ most instances of it left first, ties by name. The NVIDIA policy (framebuffer, p
 from __future__ import annotations
 
 import logging
-import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 
-from vfiod.core import access, guard, placement, validation
+from vfiod.core import access, guard, kernel_io, placement, validation
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import (
@@ -30,15 +29,15 @@ from vfiod.core.errors import (
     InvalidArgument,
     NoCapacity,
     ProfileNotFound,
-    Timeout,
     VfiodError,
 )
 from vfiod.core.journal import Operation
-from vfiod.core.profiles import physical_gpu, quarantined
+from vfiod.core.placement import physical_gpu
+from vfiod.core.profiles import quarantined
 from vfiod.core.records import Attachment, vfio_group_path
 from vfiod.core.registry import AttachmentRow, IntentRow, VgpuRow
 from vfiod.host import mdev
-from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
+from vfiod.host.errors import SysfsWriteError
 from vfiod.host.mdev import MdevParent, MdevType
 
 log = logging.getLogger("vfiod.manager")
@@ -46,7 +45,6 @@ log = logging.getLogger("vfiod.manager")
 ATTACH = "attach-vgpu"
 RELEASE = "detach-vgpu"
 KEPT_FOR = "vfiod.kept-for-uid"  # tag of a vGPU kept with keep_bound: whose it stays
-POLL_INTERVAL = 0.02
 
 
 def attachment(deps: CoreDeps, row: VgpuRow, att: AttachmentRow) -> Attachment:
@@ -151,7 +149,7 @@ def attach_vgpu(
     try:
         deps.registry.add_vgpu(row)
         op.checkpoint("create")
-        _write(deps, parent.name, lambda: deps.host.create_mdev(parent.name, typ.id, uuid), what="create")
+        _write(parent.name, lambda: deps.host.create_mdev(parent.name, typ.id, uuid), what="create")
         op.checkpoint("verify")
         group = _verify(deps, uuid, wait)
         result = _hand_over(deps, op, row, group, instance, owner)
@@ -216,31 +214,29 @@ def _attach_existing(deps: CoreDeps, row: VgpuRow, instance: str, owner: int) ->
         raise
 
 
-def _write(deps: CoreDeps, parent: str, write: Callable[[], None], *, what: str) -> None:
-    try:
-        write()
-    except SysfsBusy as e:
-        raise Timeout(f"{e}; nothing was written") from e
-    except SysfsTimeout as e:
-        raise Timeout(f"{e}; the kernel is still working on it") from e
-    except SysfsWriteError as e:
+def _write(parent: str, act: Callable[[], None], *, what: str) -> None:
+    def failed(e: SysfsWriteError) -> VfiodError:
         if what == "create" and e.errname in ("ENOSPC", "EUSERS"):
-            raise NoCapacity(f"{parent} refused another instance: {e}") from e
-        raise Failed(f"{what} on {parent} failed: {e}") from e
+            return NoCapacity(f"{parent} refused another instance: {e}")
+        return Failed(f"{what} on {parent} failed: {e}")
+
+    kernel_io.write(act, still="the kernel is still working on it", failed=failed)
 
 
 def _verify(deps: CoreDeps, uuid: str, wait: float) -> int:
     """The mdev exists, has its IOMMU group and /dev/vfio/<n>; its group."""
-    end = time.monotonic() + wait
-    while True:
+
+    def group() -> int | None:
         found = mdev.read_mdev(deps.host, uuid)
-        group = found.iommu_group if found is not None else None
-        if group is not None and deps.host.vfio_group_node(group).exists():
-            return group
-        if time.monotonic() >= end:
-            state = "is not on the mdev bus" if found is None else "has no IOMMU group or group node"
-            raise Failed(f"the mdev {uuid} {state} {wait:g} s after it was created")
-        time.sleep(POLL_INTERVAL)
+        n = found.iommu_group if found is not None else None
+        return n if n is not None and deps.host.vfio_group_node(n).exists() else None
+
+    if not kernel_io.wait_until(lambda: group() is not None, wait):
+        state = "is not on the mdev bus" if mdev.read_mdev(deps.host, uuid) is None else "has no group node"
+        raise Failed(f"the mdev {uuid} {state} {wait:g} s after it was created")
+    found = group()
+    assert found is not None  # it held a moment ago and nothing of vfiod's removes it meanwhile
+    return found
 
 
 def _hand_over(
@@ -302,7 +298,7 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
         try:
             if group is not None:
                 guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}", row.uuid)
-            _write(deps, row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
+            _write(row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
             _wait_gone(deps, row.uuid)
         except VfiodError as e:
             problems.append(e.message)
@@ -316,11 +312,8 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
 
 
 def _wait_gone(deps: CoreDeps, uuid: str, wait: float = 5.0) -> None:
-    end = time.monotonic() + wait
-    while mdev.read_mdev(deps.host, uuid) is not None:
-        if time.monotonic() >= end:
-            raise Failed(f"the mdev {uuid} is still there {wait:g} s after its remove")
-        time.sleep(POLL_INTERVAL)
+    if not kernel_io.wait_until(lambda: mdev.read_mdev(deps.host, uuid) is None, wait):
+        raise Failed(f"the mdev {uuid} is still there {wait:g} s after its remove")
 
 
 def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: bool) -> None:

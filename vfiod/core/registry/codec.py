@@ -8,7 +8,6 @@ sets are byte-equal in the file.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -27,10 +26,10 @@ from vfiod.core.registry.rows import (
 )
 from vfiod.core.validation import is_device_id
 from vfiod.host.backend import NodeOwner
+from vfiod.host.mdev import UUID_RE
 from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
 
 _TIMESTAMP_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 Encoder = Callable[[str, object], object]
 
@@ -127,7 +126,7 @@ def device_name(column: str, value: object) -> str:
 
 
 def uuid(column: str, value: object) -> str:
-    if not isinstance(value, str) or not _UUID.fullmatch(value):
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
         raise ValueError(f"{column} must be a lower-case UUID, not {value!r}")
     return value
 
