@@ -1,7 +1,8 @@
 """The simulated kernel's mediated devices (drivers/vfio/mdev and samples/vfio-mdev, Linux 6.1) on
 `mdev-samples`: the parents and types, available_instances shrinking and growing from a shared budget,
-create's and remove's errnos, each mdev in a group of its own with its node, remove waiting while the node
-is open, and a reboot taking every mdev away."""
+create's and remove's errnos, each mdev in a group of its own with its node, remove waiting while a VFIO
+device file of it is open, and a reboot taking every mdev away; and NVIDIA's vGPU on the VFs of
+`a40-mdev`."""
 
 from __future__ import annotations
 

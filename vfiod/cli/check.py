@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--simulate",
         metavar="PROFILE",
-        help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, synthetic:N)",
+        help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, mdev-samples, a40-mdev, "
+        "synthetic:N)",
     )
     where.add_argument(
         "--sysfs-root",

@@ -243,7 +243,7 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
     ),
     "attach-vgpu": (
         "create a vGPU of a profile for an instance and hand it over (AttachVGPU)",
-        "Picks the parent with the most instances of the profile left, creates the mediated device, gives "
+        "Picks the physical GPU with the most free framebuffer, creates the mediated device, gives "
         "its group node to you (or --owner-uid, admin) and prints the cloud-hypervisor and QEMU arguments. "
         "Repeating it for the same instance and profile returns the same vGPU; `vfioctl detach INSTANCE` "
         "removes it.",

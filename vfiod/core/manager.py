@@ -3,7 +3,8 @@ operations. It owns what spans calls: the group and instance locks, the devices 
 a restart, the change listeners and the deferred refreshes; it makes the admin decisions that need to know
 whose device or attachment something is (through `Caller.is_admin`), validates what the bus layer passes
 through, takes the locks, and delegates to `registration`, `ops.attach`, `ops.release`, `reconcile` and
-`recovery`, which all work on one `CoreDeps`.
+`recovery`, which all work on one `CoreDeps`. The GPU-sharing methods (SR-IOV, profiles, vGPUs) are its
+mixin `SharingMethods` (manager_sharing.py).
 
 Every method is blocking and thread-safe: the bus layer runs it in a worker thread. Locks: the instance
 lock, then one per IOMMU group (sorted); the persistence hold and the registry have their own.

@@ -1,5 +1,5 @@
-"""AttachVGPU and the release of vGPUs in Detach: creating a mediated device for an instance on the least
-loaded parent that offers the profile, handing its group node to the owner, and destroying it again; and
+"""AttachVGPU and the release of vGPUs in Detach: creating a mediated device for an instance on a parent
+that offers the profile, handing its group node to the owner, and destroying it again; and
 finishing either at start-up when a crash interrupted it.
 
 Claim first: the parent, the uuid and the type are journaled (a `claim` intent) and the vGPU is stored as
@@ -9,8 +9,8 @@ completes an interrupted release. An mdev whose group node a process holds is ne
 answers DeviceBusy, and start-up leaves it `stuck` for an admin. mdevs vfiod did not create are never
 touched (they have no vGPU row).
 
-Placement here is the mechanism: the parents offering the profile, minus quarantined ones, the one with the
-most instances of it left first, ties by name. The NVIDIA policy (framebuffer, physical GPUs) builds on it.
+Placement is `core/placement.py`: the physical GPU with the most free framebuffer that can take the profile,
+then its parent with the most instances left, never a quarantined one.
 """
 
 from __future__ import annotations
