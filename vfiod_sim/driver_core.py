@@ -163,6 +163,9 @@ class Core:
         # vfio_pci_core_register_device: "Cannot bind to PF with SR-IOV enabled"
         if spec.kind == "vfio" and ds.numvfs:
             return errno.EBUSY
+        # NVIDIA's vendor-VFIO VFs: vfio-pci's probe of one fails with -EINVAL
+        if spec.kind == "vfio" and addr in self.topo.vendor_gpu_of:
+            return errno.EINVAL
         if spec.kind == "pcieport" and not dev.pcie_port:
             return errno.ENODEV  # pcie_portdrv_probe: not a root/switch port
         self.attach(addr, driver)
@@ -214,6 +217,9 @@ class Core:
             if spec.fbdev:
                 m["fb"] = self.alloc("fb")
         elif spec.kind == "gpu-nvidia":
+            gpu = self.topo.vendor_gpu_of.get(addr)
+            if gpu is not None and gpu.module in self.st.modules and addr not in self.st.vfio_unregistered:
+                m["vfio"] = self.alloc("vfio")  # nvidia.ko registers the VF with vfio-pci-core
             if cls >> 16 == 0x03 and self.topo.devices[addr].physfn is None:  # a VF has no /dev/nvidiaN
                 m["nvidia"] = self.alloc("nvidia")
                 if "nvidia_drm" in self.st.modules:
@@ -277,6 +283,11 @@ class Core:
         spec = self.topo.drivers[ds.driver]
         if ds.numvfs and spec.sriov_configure and not spec.sriov_kept_on_remove:
             self.sriov_disable(addr)  # the PF driver's remove: pci_disable_sriov
+        if ds.driver == "nvidia" and addr in self.topo.vendor_gpu_of:
+            # the vGPU goes, and the VF's vfio-pci-core registration is broken until an SR-IOV cycle
+            self.st.vgpu_types.pop(addr, None)
+            if addr not in self.st.vfio_unregistered:
+                self.st.vfio_unregistered.append(addr)
         ds.driver = None
         self.free_minors(ds)
         if self.st.fbcon_bound and not any("fb" in d.minors for d in self.st.devices.values()):
@@ -336,6 +347,8 @@ class Core:
             return
         self.detach(addr, force=force)
         self.st.devices[addr] = DevState(present=False)
+        if addr in self.st.vfio_unregistered:  # a VF that comes back is a new pci_dev, registered afresh
+            self.st.vfio_unregistered.remove(addr)
         self.uevent("remove", addr, None)
 
     def sriov_enable(self, pf: str, count: int) -> None:

@@ -172,6 +172,7 @@ class SimulatedKernel:
             viable = all(
                 st.devices[a].driver is None
                 or self.topology.drivers[str(st.devices[a].driver)].driver_managed_dma
+                or "vfio" in st.devices[a].minors  # nvidia.ko as the VFIO driver of a vendor-VFIO VF
                 for a in members
             )
         return VFIO_GROUP_FLAGS_VIABLE if viable else 0

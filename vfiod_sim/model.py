@@ -266,6 +266,30 @@ class MdevParentSpec(Codec):
 
 
 @dataclass(frozen=True, config=CONFIG)
+class VendorTypeSpec(Codec):
+    """A vGPU type of NVIDIA's vendor-VFIO framework: its decimal id (as `creatable_vgpu_types` lists it
+    and `current_vgpu_type` takes it), its name and the framebuffer one instance takes (MiB)."""
+
+    id: int
+    name: str
+    framebuffer_mb: int
+
+
+@dataclass(frozen=True, config=CONFIG)
+class VendorVgpuSpec(Codec):
+    """A physical GPU whose SR-IOV VFs host vGPUs in NVIDIA's vendor-specific VFIO framework (vGPU 17+ on
+    Linux 6.8+): while `module` is loaded, each VF bound to `nvidia` is a VFIO device of nvidia.ko with an
+    `nvidia/` directory. One vGPU per VF; the GPU's `framebuffer_mb` is shared; `heterogeneous` is NVIDIA's
+    mixed-size mode (off by default: once a vGPU exists only types of its size can be created)."""
+
+    pf: str
+    framebuffer_mb: int
+    types: tuple[VendorTypeSpec, ...]
+    module: str = "nvidia_vgpu_vfio"
+    heterogeneous: bool = False
+
+
+@dataclass(frozen=True, config=CONFIG)
 class Mount(Codec):
     """A line of /proc/self/mountinfo (or of /proc/swaps when `fstype` is "swap"). A `/dev/<block>`
     source gets the block device's major:minor from the simulated tree; anything else is anonymous."""
@@ -320,6 +344,7 @@ class Profile(Codec):
     # /sys/class/vtconsole/vtconN/name in N order: one fbcon and one dummycon entry (see FBCON)
     vtconsoles: tuple[str, ...] = VTCONSOLES_DUMMY_AT_BOOT
     mdev_parents: tuple[MdevParentSpec, ...] = ()
+    vendor_vgpus: tuple[VendorVgpuSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # free-form notes carried with the scenario
 
     @property
@@ -404,6 +429,11 @@ class Profile(Codec):
                 raise ValueError(f"mdev parent {parent.name}: no device {parent.pci_address}")
             if parent.module not in modules:
                 raise ValueError(f"mdev parent {parent.name} comes from module {parent.module}, not listed")
+        for gpu in self.vendor_vgpus:
+            if gpu.pf not in seen or not self.device(gpu.pf).sriov_totalvfs:
+                raise ValueError(f"vendor-VFIO GPU {gpu.pf}: not an SR-IOV PF of the profile")
+            if gpu.module not in modules:
+                raise ValueError(f"vendor-VFIO GPU {gpu.pf} needs module {gpu.module}, not listed")
         kinds = sorted(self.vtconsole(i) for i in range(len(self.vtconsoles)))
         if [k for k, _ in kinds] != [DUMMYCON, FBCON]:
             raise ValueError(

@@ -59,3 +59,16 @@ def streq_form(s: bytes) -> bytes:
     """What sysfs_streq compares: the bytes before the first NUL, less one trailing newline."""
     s = s.split(b"\0", 1)[0]
     return s[:-1] if s.endswith(b"\n") else s
+
+
+def kstrtol10(data: bytes) -> int | None:
+    """lib/kstrtox.c kstrtol(buf, 10): an optional sign and decimal digits, one trailing newline allowed;
+    None for anything else (the kernel's -EINVAL) or past a long (-ERANGE)."""
+    s = data.split(b"\0", 1)[0]
+    if s.endswith(b"\n"):
+        s = s[:-1]
+    text = s.decode("ascii", "replace")
+    if re.fullmatch(r"[+-]?[0-9]+", text) is None:
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None

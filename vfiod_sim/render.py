@@ -9,7 +9,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 
-from vfiod_sim import mdev
+from vfiod_sim import mdev, vendor_vgpu
 from vfiod_sim.model import FBCON, CardIdentity
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import DIR, Tree, file_entry, put_link
@@ -211,6 +211,18 @@ class Renderer:
             put_link(t, f"sys/bus/pci/drivers/{ds.driver}/{addr}", p)
         self.sriov(t, addr, ds, p)
         self.side_effects(t, addr, ds, p)
+        if vendor_vgpu.registered(topo, self.st, addr):
+            self.vendor_vgpu(t, addr, p)
+
+    def vendor_vgpu(self, t: Tree, vf: str, p: str) -> None:
+        """A vendor-VFIO VF's `nvidia/` directory (NVIDIA's R570/R580 listing; `gpu_instance_id` and
+        `placement_id`, which read ENXIO until a vGPU exists, are not simulated)."""
+        d = f"{p}/nvidia"
+        t[d] = DIR
+        t[f"{d}/creatable_vgpu_types"] = file_entry(vendor_vgpu.listing(self.topo, self.st, vf), 0o444)
+        t[f"{d}/current_vgpu_type"] = file_entry(f"{self.st.vgpu_types.get(vf, 0)}\n", 0o644)
+        t[f"{d}/vgpu_params"] = file_entry("\n", 0o644)
+        t[f"{d}/warm_update"] = file_entry("0\n", 0o644)
 
     def sriov(self, t: Tree, addr: str, ds: DevState, p: str) -> None:
         """drivers/pci/iov.c: a PF's sriov_* attributes and virtfnN links, a VF's physfn link."""

@@ -25,6 +25,7 @@ from vfiod_sim.model import (
     MdevParentSpec,
     ModuleSpec,
     Profile,
+    VendorVgpuSpec,
 )
 
 
@@ -69,6 +70,12 @@ class Topology:
     @cached_property
     def mdev_parents(self) -> dict[str, MdevParentSpec]:
         return {p.name: p for p in self.profile.mdev_parents}
+
+    @cached_property
+    def vendor_gpu_of(self) -> dict[str, VendorVgpuSpec]:
+        """A VF of a vendor-VFIO GPU -> that GPU."""
+        gpus = {g.pf: g for g in self.profile.vendor_vgpus}
+        return {vf: gpus[pf] for pf in gpus for vf in self.vfs[pf]}
 
     @cached_property
     def mdev_parent_of_addr(self) -> dict[str, str]:
@@ -158,6 +165,8 @@ class KState(Codec):
     console_unbound_by_admin: bool = False
     hugepages: dict[str, int] = field(default_factory=dict)
     mdevs: dict[str, MdevState] = field(default_factory=dict)  # uuid -> the mediated device
+    vgpu_types: dict[str, int] = field(default_factory=dict)  # vendor-VFIO VF -> its vGPU's type id
+    vfio_unregistered: list[str] = field(default_factory=list)  # vendor VFs unbound from nvidia once
     seq: int = 0
 
 
@@ -177,6 +186,11 @@ def dirty_keys(topo: Topology, old: KState, new: KState) -> set[str]:
                 keys.add(f"mdev:{uuid}")
                 for m in (old.mdevs.get(uuid), new.mdevs.get(uuid)):  # its siblings' capacity changes too
                     keys |= {f"mdevp:{p}" for p in (topo.mdev_pool_members(m.parent) if m else ())}
+    if old.vgpu_types != new.vgpu_types:  # a vGPU changes what every VF of its GPU lists
+        for vf in set(old.vgpu_types).symmetric_difference(new.vgpu_types) | {
+            v for v in old.vgpu_types if old.vgpu_types[v] != new.vgpu_types.get(v)
+        }:
+            keys |= {f"dev:{v}" for v in topo.vfs[topo.vendor_gpu_of[vf].pf]}
     if old.drivers != new.drivers:
         keys |= {f"drv:{d}" for d in set(old.drivers) ^ set(new.drivers)}
     if old.modules != new.modules:

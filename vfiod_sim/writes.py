@@ -8,7 +8,7 @@ import errno
 import posixpath
 import re
 
-from vfiod_sim import mdev, sriov
+from vfiod_sim import mdev, sriov, vendor_vgpu
 from vfiod_sim.driver_core import Core, Op
 from vfiod_sim.model import FBCON, PCI_ANY_ID, CardIdentity, MatchEntry
 from vfiod_sim.parsing import kstrtoul, scan_hex, simple_strtoul, streq_form
@@ -230,6 +230,10 @@ def classify(topo: Topology, rel: str, data: bytes) -> tuple[Op, str | None]:
         if name == "sriov_drivers_autoprobe" and topo.devices[addr].sriov_totalvfs:
             return (lambda c: sriov.store_autoprobe(c, addr, data)), addr
         raise oserror(errno.EACCES, f"/{rel} is read-only")
+    holder = posixpath.dirname(parent)
+    if name == "current_vgpu_type" and posixpath.basename(parent) == "nvidia" and holder in topo.dir_to_addr:
+        vf = topo.dir_to_addr[holder]
+        return (lambda c: vendor_vgpu.store_current_type(c, vf, data)), vf
     mdev_op = _classify_mdev(topo, parent, name, data)
     if mdev_op is not None:
         return mdev_op, None

@@ -61,7 +61,7 @@ def test_profile_builds_as_declared(sim: SimFactory, name: str) -> None:
 
 
 def test_profiles_round_trip_through_json() -> None:
-    for name in PROFILES:
+    for name in [*PROFILES, "mdev-samples", "a40-mdev", "l40s-vgpu"]:
         prof = get_profile(name)
         assert Profile.from_json(prof.to_json()) == prof
     with pytest.raises(KeyError):

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--simulate",
         metavar="PROFILE",
         help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, mdev-samples, a40-mdev, "
-        "synthetic:N)",
+        "l40s-vgpu, synthetic:N)",
     )
     where.add_argument(
         "--sysfs-root",

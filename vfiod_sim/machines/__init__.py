@@ -1,5 +1,5 @@
 """The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35`,
-`mdev-samples`, `a40-mdev` and `synthetic:N`. A machine is a function returning a `Profile`;
+`mdev-samples`, `a40-mdev`, `l40s-vgpu` and `synthetic:N`. A machine is a function returning a `Profile`;
 `get_profile(name)` builds one by name.
 """
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from vfiod_sim.machines.a40_mdev import a40_mdev
 from vfiod_sim.machines.dgx_h100 import dgx_h100
+from vfiod_sim.machines.l40s_vgpu import l40s_vgpu
 from vfiod_sim.machines.mdev_samples import mdev_samples
 from vfiod_sim.machines.no_iommu import no_iommu
 from vfiod_sim.machines.qemu_q35 import qemu_q35
@@ -23,6 +24,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
     "qemu-q35": qemu_q35,
     "mdev-samples": mdev_samples,
     "a40-mdev": a40_mdev,
+    "l40s-vgpu": l40s_vgpu,
 }
 
 

@@ -30,16 +30,15 @@ def a40_types() -> tuple[MdevTypeSpec, ...]:
     )
 
 
-def _vf_address(pf: str, n: int) -> str:
+def vf_address(pf: str, n: int) -> str:
     """VF n of a PF at function 0 with offset 4, stride 1 (ARI, as an A10 or A40 shows them)."""
     devfn = 4 + n
     return f"{pf[:-4]}{devfn >> 3:02x}.{devfn & 7}"
 
 
-def a40_mdev() -> Profile:
-    """`workstation-l4`'s board with two A40s instead of the L4 (each behind its own root port, 32 VFs
-    enabled at boot by sriov-manage, bound to `nvidia`), every VF an mdev parent offering the A40 Q types:
-    one vGPU per VF, the GPU's 48 GiB shared, one size per GPU (homogeneous mode), EIO past the capacity."""
+def sriov_gpu_board(device_id: str, subsystem: str, label: str, vfs: int) -> tuple[Profile, list[DeviceSpec]]:
+    """`workstation-l4`'s board with two SR-IOV GPUs instead of the L4, each behind its own root port, its
+    `vfs` VFs enabled at boot (sriov-manage) and bound to `nvidia`: the base profile and its devices."""
     base = workstation_l4()
     devices: list[DeviceSpec] = [d for d in base.devices if not d.address.startswith("0000:a2:")]
     devices.append(
@@ -56,14 +55,13 @@ def a40_mdev() -> Profile:
             label="PCIe root port (x16, second slot)",
         )
     )
-    parents: list[MdevParentSpec] = []
     group = 10
     for pf, port in GPUS:
         devices.append(
             dev(
                 pf,
-                "10de:2235",
-                "10de:145a",
+                f"10de:{device_id}",
+                subsystem,
                 0x030200,
                 revision=0xA1,
                 driver="nvidia",
@@ -71,44 +69,52 @@ def a40_mdev() -> Profile:
                 iommu_group=group,
                 reset_method="flr bus",
                 irq=186,
-                label="NVIDIA A40",
-                sriov_totalvfs=A40_VFS,
-                numvfs_at_boot=A40_VFS,
+                label=label,
+                sriov_totalvfs=vfs,
+                numvfs_at_boot=vfs,
             )
         )
         group += 1
-        for n in range(A40_VFS):
-            vf = _vf_address(pf, n)
+        for n in range(vfs):
             devices.append(
                 dev(
-                    vf,
-                    "10de:2235",
-                    "10de:145a",
+                    vf_address(pf, n),
+                    f"10de:{device_id}",
+                    subsystem,
                     0x030200,
                     revision=0xA1,
                     parent=port,
                     iommu_group=group,
                     reset_method="flr",
-                    label=f"NVIDIA A40 VF {n}",
+                    label=f"{label} VF {n}",
                     physfn=pf,
                 )
             )
             group += 1
-            parents.append(
-                MdevParentSpec(
-                    name=vf,
-                    module="nvidia_vgpu_vfio",
-                    budget=A40_FRAMEBUFFER,
-                    types=a40_types(),
-                    pci_address=vf,
-                    requires_driver="nvidia",
-                    max_instances=1,
-                    pool=pf,
-                    pool_budget=A40_FRAMEBUFFER,
-                    homogeneous=True,
-                    full_errno="EIO",
-                )
-            )
+    return base, devices
+
+
+def a40_mdev() -> Profile:
+    """Two A40s (`sriov_gpu_board`), every VF an mdev parent offering the A40 Q types: one vGPU per VF,
+    the GPU's 48 GiB shared, one size per GPU (homogeneous mode), EIO past the capacity."""
+    base, devices = sriov_gpu_board("2235", "10de:145a", "NVIDIA A40", A40_VFS)
+    parents = [
+        MdevParentSpec(
+            name=vf_address(pf, n),
+            module="nvidia_vgpu_vfio",
+            budget=A40_FRAMEBUFFER,
+            types=a40_types(),
+            pci_address=vf_address(pf, n),
+            requires_driver="nvidia",
+            max_instances=1,
+            pool=pf,
+            pool_budget=A40_FRAMEBUFFER,
+            homogeneous=True,
+            full_errno="EIO",
+        )
+        for pf, _ in GPUS
+        for n in range(A40_VFS)
+    ]
     modules, drivers = modules_and_drivers(
         [*(m.name for m in base.modules if m.loaded), "nvidia_vgpu_vfio"],
         [m.name for m in base.modules if not m.loaded],
