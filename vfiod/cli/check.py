@@ -22,7 +22,7 @@ from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import host_status
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.profiles import vgpu_status
-from vfiod.host import mdev
+from vfiod.host import vgpus
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import PciSnapshot
@@ -125,7 +125,7 @@ def sharing(
     host: Host, names: PciIds, records: list[dict[str, object]], critical: dict[PciAddress, str]
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """The SR-IOV physical functions (AvailableDevice records; every function is looked at, listed or
-    not) and the mediated-device types each parent offers (Profile-shaped records, one per parent)."""
+    not) and the vGPU types each parent offers (Profile-shaped records, one per parent)."""
     listed = {str(r["pci_address"]): r for r in records}
     snap = PciSnapshot(host)
     pfs = []
@@ -133,8 +133,14 @@ def sharing(
         if snap.function(addr).sriov_totalvfs:
             pfs.append(listed.get(str(addr)) or describe(host, addr, names, critical=critical).to_record())
     offered: list[dict[str, object]] = [
-        {"type_id": t.id, "name": t.name, "available": t.available, "parents": [p.name]}
-        for p in mdev.read_parents(host)
+        {
+            "type_id": t.id,
+            "name": t.name,
+            "framework": p.framework,
+            "available": t.available,
+            "parents": [p.name],
+        }
+        for p in vgpus.read_parents(host)
         for t in p.types
     ]
     return pfs, offered

@@ -215,8 +215,8 @@ def _relations(d: Mapping[str, Any]) -> list[str]:
 
 
 def render_sharing(sriov_pfs: Sequence[Mapping[str, Any]], profiles: Sequence[Mapping[str, Any]]) -> str:
-    """SR-IOV physical functions (AvailableDevice records) and mediated-device parents (from Profile
-    records): what the host could share, and the command that does it."""
+    """SR-IOV physical functions (AvailableDevice records) and vGPU parents, mdev or NVIDIA vendor-VFIO
+    (from Profile records): what the host could share, and the command that does it."""
     lines = ["GPU sharing:"]
     if not sriov_pfs and not profiles:
         lines.append("  no SR-IOV physical function and no mediated-device parent on this host")
@@ -240,12 +240,14 @@ def render_sharing(sriov_pfs: Sequence[Mapping[str, Any]], profiles: Sequence[Ma
             + (f" ({field(t, 'name')})" if field(t, "name") != field(t, "type_id") else "")
             for t in types
         )
-        by_offer.setdefault(offered, []).append(parent)
-    for offered, names in by_offer.items():
+        kind = "vendor-VFIO" if types and types[0].get("framework") == "vendor-vfio" else "mdev"
+        by_offer.setdefault(f"{kind}\0{offered}", []).append(parent)
+    for key, names in by_offer.items():
+        kind, offered = key.split("\0", 1)
         who = (
             f"parent {names[0]}" if len(names) == 1 else f"parents {names[0]} ... {names[-1]} ({len(names)})"
         )
-        lines.append(f"  mdev {who}: {offered}")
+        lines.append(f"  {kind} {who}: {offered}")
     if by_parent:
         lines.append("    (vfioctl profiles shows what can be created now)")
     return "\n".join(lines) + "\n"

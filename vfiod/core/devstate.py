@@ -13,8 +13,9 @@ from collections.abc import Iterable
 
 from vfiod.core.binder import NativeDriver
 from vfiod.core.deps import CoreDeps
-from vfiod.core.errors import Failed, NotFound, Timeout
+from vfiod.core.errors import Failed, InvalidArgument, NotFound, Timeout
 from vfiod.core.registry import DeviceRow
+from vfiod.host import vendor_vgpu
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
 from vfiod.host.pcifunction import Identity, read_function
 
@@ -97,6 +98,13 @@ def require_usable(deps: CoreDeps, row: DeviceRow) -> None:
         )
     if row.state == "missing" or not deps.host.device_exists(row.pci_address):
         raise Failed(f"device {row.name!r} ({row.pci_address}) is not on the bus")
+    if vendor_vgpu.is_vendor_vf(deps.host, row.pci_address):
+        # nvidia is the VF's VFIO driver: it looks bound to vfio, but without a vGPU type set a VMM's
+        # open fails (ENODEV); the VF is used only through AttachVGPU
+        raise InvalidArgument(
+            f"device {row.name!r} ({row.pci_address}) is an NVIDIA vendor-VFIO VF: it stays bound to nvidia, "
+            "which is its VFIO driver, and is passed to a VM only with a vGPU on it (AttachVGPU)"
+        )
 
 
 def log_fields(row: DeviceRow, *, action: str, uid: int | None = None) -> dict[str, object]:

@@ -141,6 +141,11 @@ def _build(
             "it is a vGPU parent (a virtual function offering mediated-device types): AttachVGPU shares it; "
             "it is not passed through whole"
         )
+    if fn.vendor_vgpu_host:
+        blockers.append(
+            "it is an NVIDIA vendor-VFIO vGPU host (nvidia is its VFIO driver, and unbinding it from nvidia "
+            "breaks the VF until its GPU's VFs are enabled afresh): AttachVGPU shares it"
+        )
     if fn.mdev_children:
         blockers.append(
             f"it is the parent of mediated devices ({', '.join(fn.mdev_children)}); remove them to pass it"

@@ -170,10 +170,18 @@ def require_no_dependents(host: Host, addrs: Iterable[PciAddress]) -> None:
     An SR-IOV physical function with VFs enabled (SriovEnabled): its driver's remove disables SR-IOV,
     which removes every VF and ejects each from whatever uses it, and vfio-pci refuses to bind such a PF
     ("Cannot bind to PF with SR-IOV enabled", drivers/vfio/pci/vfio_pci_core.c). An mdev parent with
-    mediated devices (InUse): unbinding it removes them all (mdev_unregister_parent)."""
+    mediated devices (InUse): unbinding it removes them all (mdev_unregister_parent). An NVIDIA
+    vendor-VFIO VF (InvalidArgument): `nvidia` is its VFIO driver, and an unbind breaks its registration
+    until its GPU's VFs are enabled afresh; its vGPU is handed over by AttachVGPU without any rebind."""
     snap = PciSnapshot(host)
     for addr in addrs:
         fn = snap.function(addr)
+        if fn.vendor_vgpu_host:
+            raise InvalidArgument(
+                f"{addr} is an NVIDIA vendor-VFIO VF: it stays bound to nvidia, which is its VFIO driver "
+                "(unbinding it breaks the VF until its GPU's VFs are enabled afresh); AttachVGPU hands over "
+                "a vGPU on it"
+            )
         if fn.sriov_numvfs:
             vfs = []
             for vf in fn.virtfns:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.pciids import PciIds
-from vfiod.host import procfs
+from vfiod.host import procfs, vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PCI_ADDRESS_PATTERN, PciAddress
 from vfiod.host.pcifunction import PciFunction, PciSnapshot, module_name
@@ -140,8 +140,16 @@ def host_status(
     if devices is None:
         devices = discover(host, pci_ids)
     gpus = [d for d in devices if d.type == "gpu"]
-    # A VF offering vGPU types is a vGPU slot (AttachVGPU), not a passthrough slot.
-    slots = [d for d in gpus if not d.host_critical and not (d.physfn and d.mdev_types)]
+    # A VF offering vGPU types (mdev, or NVIDIA's vendor-VFIO `nvidia/`) is a vGPU slot (AttachVGPU), not
+    # a passthrough slot.
+    slots = [
+        d
+        for d in gpus
+        if not d.host_critical
+        and not (
+            d.physfn and (d.mdev_types or vendor_vgpu.is_vendor_vf(host, PciAddress.parse(d.pci_address)))
+        )
+    ]
     used = {a.lower() for a in attached}
 
     problems: list[str] = []

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vfiod.host.mdev import Mdev, MdevParent, MdevType
+from vfiod.host.vgpus import VENDOR
 
 _MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
 _FRAMEBUFFER = re.compile(r"framebuffer=(\d+)M")  # NVIDIA's mdev description
@@ -63,17 +64,35 @@ class Gpu:
     def types(self, type_id: str) -> list[MdevType]:
         return [t for p in self.parents for t in p.types if t.id == type_id]
 
+    def sizes(self) -> dict[str, int]:
+        return {t.id: framebuffer_mb(t.name, t.description) for p in self.parents for t in p.types}
+
+    def framebuffer_total(self) -> int:
+        """The GPU's framebuffer: the largest max_instance times size any type states (NVIDIA's mdev
+        descriptions); for NVIDIA's vendor-VFIO types, which state none, the largest type's (NVIDIA's
+        largest profile is the whole GPU); 0 when unknown."""
+        sizes = self.sizes()
+        stated = [sizes[t.id] * max_instance(t) for p in self.parents for t in p.types if max_instance(t)]
+        if stated:
+            return max(stated)
+        if any(p.framework == VENDOR for p in self.parents):
+            return max(sizes.values(), default=0)
+        return 0
+
     def framebuffer_free(self) -> int:
-        """The GPU's framebuffer (the largest max_instance times size any type states) less its vGPUs'."""
-        sizes = {t.id: framebuffer_mb(t.name, t.description) for p in self.parents for t in p.types}
-        total = max((sizes[t.id] * max_instance(t) for p in self.parents for t in p.types), default=0)
-        return total - sum(sizes.get(m.type_id, 0) for m in self.mdevs)
+        """The GPU's framebuffer less its vGPUs'."""
+        sizes = self.sizes()
+        return self.framebuffer_total() - sum(sizes.get(m.type_id, 0) for m in self.mdevs)
 
     def available(self, type_id: str, skip: Iterable[str] = ()) -> int:
-        """Instances of the type the GPU can take now on parents not in `skip`."""
+        """Instances of the type the GPU can take now on parents not in `skip`: what they say, capped by
+        the framebuffer left when the GPU's is known, else by the type's max_instance."""
         skipped = set(skip)
         offers = [t for t in self.types(type_id) if t.parent not in skipped]
         total = sum(t.available for t in offers)
+        size = self.sizes().get(type_id, 0)
+        if size and self.framebuffer_total():
+            return min(total, max(0, self.framebuffer_free()) // size)
         cap = max((max_instance(t) for t in offers), default=0)
         if cap:
             total = min(total, max(0, cap - sum(1 for m in self.mdevs if m.type_id == type_id)))

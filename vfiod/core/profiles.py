@@ -1,6 +1,7 @@
 """What the host offers for sharing, as the contract's records: the vGPU profiles (ListProfiles: each mdev
-type, summed over the parents offering it) and the vGPUs (ListVGPUs: every mdev on the host, vfiod's
-own and the ones it did not create, plus the ones it created that the kernel no longer has).
+or NVIDIA vendor-VFIO type, summed over the parents offering it) and the vGPUs (ListVGPUs: every vGPU on
+the host, vfiod's own and the ones it did not create, plus the ones it created that the kernel no longer
+has).
 
 Read live from the kernel every time; the registry adds only what the kernel cannot tell (which vGPUs vfiod
 made, for which instance and uid, and the parents it has seen fail).
@@ -16,9 +17,9 @@ from vfiod.core.deps import CoreDeps
 from vfiod.core.placement import framebuffer_mb
 from vfiod.core.records import vfio_group_path
 from vfiod.core.registry import VgpuRow, format_timestamp
-from vfiod.host import mdev
+from vfiod.host import vgpus
 from vfiod.host.host import Host
-from vfiod.host.mdev import MdevParent, MdevType
+from vfiod.host.mdev import Mdev, MdevParent, MdevType
 
 NO_OWNER = 0xFFFFFFFF
 QUARANTINE_FAILURES = 2  # create or verify failed this many times in a row on a parent
@@ -79,7 +80,7 @@ def quarantined(deps: CoreDeps) -> dict[str, str]:
 
 
 def parents(deps: CoreDeps, only: str | None = None) -> list[MdevParent]:
-    found = mdev.read_parents(deps.host)
+    found = vgpus.read_parents(deps.host)
     return [p for p in found if only is None or p.name == only]
 
 
@@ -88,8 +89,9 @@ def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
     parents that are not quarantined (per physical GPU, capped by what its framebuffer still holds)."""
     skip = quarantined(deps)
     shown = parents(deps, parent)
-    on_gpu = placement.gpus(shown, mdev.read_mdevs(deps.host))
+    on_gpu = placement.gpus(shown, vgpus.read_vgpus(deps.host))
     by_type: dict[str, list[MdevType]] = {}
+    framework = {p.name: p.framework for p in shown}
     for p in shown:
         for t in p.types:
             by_type.setdefault(t.id, []).append(t)
@@ -100,7 +102,7 @@ def list_profiles(deps: CoreDeps, parent: str | None = None) -> list[Profile]:
             Profile(
                 name=first.name,
                 type_id=type_id,
-                framework="mdev",
+                framework=framework[first.parent],
                 framebuffer_mb=framebuffer_mb(first.name, first.description),
                 description=first.description,
                 device_api=first.device_api,
@@ -116,8 +118,8 @@ def vgpu_status(host: Host, skip: Mapping[str, str]) -> dict[str, object]:
     plus the most of any one type it could still create (an NVIDIA VF: 1); allocatable is what can be
     created now, per physical GPU the most of any one type on parents not in `skip` (a GPU holding one size
     offers only that size)."""
-    found = mdev.read_parents(host)
-    live = mdev.read_mdevs(host)
+    found = vgpus.read_parents(host)
+    live = vgpus.read_vgpus(host)
     used = {p.name: sum(1 for m in live if m.parent == p.name) for p in found}
     total = sum(used[p.name] + max((t.available for t in p.types), default=0) for p in found)
     allocatable = 0
@@ -134,50 +136,58 @@ def vgpu_status(host: Host, skip: Mapping[str, str]) -> dict[str, object]:
 
 
 def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
-    """Every mdev on the host and every vGPU vfiod made (only `instance`'s when given)."""
+    """Every vGPU on the host and every vGPU vfiod made (only `instance`'s when given)."""
     host = deps.host
-    known = {r.uuid: r for r in deps.registry.list_vgpus()}
-    by_name = {p.name: p for p in mdev.read_parents(host)}
+    rows = deps.registry.list_vgpus()
+    by_name = {p.name: p for p in vgpus.read_parents(host)}
     out: list[Vgpu] = []
-    live = mdev.read_mdevs(host)
-    for m in live:
-        row = known.get(m.uuid)
+    matched: set[str] = set()
+    for m in vgpus.read_vgpus(host):
+        row = next((r for r in rows if _is(r, m)), None)
+        if row is not None:
+            matched.add(row.id)
         types = {t.id: t for t in by_name[m.parent].types} if m.parent in by_name else {}
         profile = types[m.type_id].name if m.type_id in types else m.type_id
         group = m.iommu_group if m.iommu_group is not None else -1
-        out.append(_vgpu(deps, row, m.uuid, profile, m.type_id, m.parent, by_name, group, "vfio"))
-    seen = {m.uuid for m in live}
-    for row in known.values():
-        if row.uuid not in seen:
-            out.append(
-                _vgpu(deps, row, row.uuid, row.profile, row.type_id, row.parent, by_name, -1, "missing")
-            )
+        out.append(_vgpu(deps, row, m, profile, by_name, group, "vfio"))
+    for row in rows:
+        if row.id not in matched:
+            gone = Mdev(row.uuid, row.parent, row.type_id, None, None, row.framework)
+            out.append(_vgpu(deps, row, gone, row.profile, by_name, -1, "missing"))
     return [v for v in out if instance is None or v.instance_id == instance]
+
+
+def _is(row: VgpuRow, live: Mdev) -> bool:
+    """Whether the live vGPU is the row's: the mdev's uuid, or the vendor-VFIO VF and type."""
+    if row.framework != live.framework:
+        return False
+    if live.framework == vgpus.VENDOR:
+        return (row.parent, row.type_id) == (live.parent, live.type_id)
+    return row.uuid == live.uuid
 
 
 def _vgpu(
     deps: CoreDeps,
     row: VgpuRow | None,
-    uuid: str,
+    live: Mdev,
     profile: str,
-    type_id: str,
-    parent: str,
     by_name: dict[str, MdevParent],
     group: int,
     unmanaged_state: str,
 ) -> Vgpu:
     att = deps.registry.attachment_of_device(row.id) if row is not None else None
+    parent = live.parent
     return Vgpu(
         id=row.id if row is not None else "",
-        uuid=uuid,
-        framework="mdev",
+        uuid=row.uuid if row is not None else live.uuid,
+        framework=live.framework,
         profile=profile,
-        type_id=type_id,
+        type_id=live.type_id,
         parent=parent,
         physical_gpu=row.physical_gpu if row is not None else placement.physical_gpu(by_name.get(parent)),
         instance_id=att.instance_id if att is not None else "",
         owner_uid=att.owner_uid if att is not None else NO_OWNER,
-        sysfs_path=f"/sys/bus/mdev/devices/{uuid}/",
+        sysfs_path=live.sysfs_path,
         vfio_group_path=vfio_group_path(deps.host, group),
         state=row.state if row is not None and unmanaged_state != "missing" else unmanaged_state,
         managed=row is not None and row.managed,

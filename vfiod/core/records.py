@@ -115,16 +115,23 @@ def mdev_sysfs_path(uuid: str) -> str:
 
 
 def device_from_vgpu(host: Host, row: VgpuRow, attachment: AttachmentRow | None) -> Device:
-    """A vGPU as the Device record the contract gives it: type `vgpu`, no PCI address, its mdev's
-    directory, group and driver read live (an mdev the kernel no longer has shows none)."""
-    live = host.link_name(host.mdev_devices_dir / row.uuid / "iommu_group")
+    """A vGPU as the Device record the contract gives it: type `vgpu`; an mdev has no PCI address and its
+    own directory, a vendor-VFIO vGPU is its VF's; group and driver read live (a vGPU the kernel no longer
+    has shows none)."""
+    vendor = row.framework == "vendor-vfio"
+    where = (
+        host.device_dir(row.pci_address) if vendor and row.pci_address else host.mdev_devices_dir / row.uuid
+    )
+    live = host.link_name(where / "iommu_group")
+    if vendor and host.read_text(where / "nvidia" / "current_vgpu_type") != row.type_id:
+        live = None  # the VF is there, its vGPU is not
     group = int(live) if live is not None and live.isdigit() else row.iommu_group
     present = live is not None
     return Device(
         id=row.id,
         name=row.name,
         type=row.type,
-        pci_address="",
+        pci_address=str(row.pci_address or "") if vendor else "",
         vendor_id=row.vendor_id,
         device_id=row.device_id,
         subsystem_vendor_id="",
@@ -133,13 +140,13 @@ def device_from_vgpu(host: Host, row: VgpuRow, attachment: AttachmentRow | None)
         device_name=row.profile,
         iommu_group=group,
         bound_to_vfio=present,
-        driver=(host.link_name(host.mdev_devices_dir / row.uuid / "driver") or "") if present else "",
+        driver=(host.link_name(where / "driver") or "") if present else "",
         native_driver="",
         state=row.state,
         attached_to=attachment.instance_id if attachment else "",
         owner_uid=attachment.owner_uid if attachment else None,
         created_at=format_timestamp(row.created_at),
-        sysfs_path=mdev_sysfs_path(row.uuid),
+        sysfs_path=sysfs_path(str(row.pci_address)) if vendor else mdev_sysfs_path(row.uuid),
         vfio_group_path=vfio_group_path(host, group) if present else "",
         tags=dict(row.tags),
     )
@@ -153,7 +160,8 @@ class Attachment:
     iommu_group: int
     vfio_group_path: str
     gpudirect_clique: int | None = None
-    mdev_uuid: str = ""  # a vGPU's uuid
+    mdev_uuid: str = ""  # an mdev vGPU's uuid
+    vgpu_uuid: str = ""  # a vendor-VFIO vGPU's uuid (vfiod's, or the VM's when the VMM chose it)
 
     @property
     def sysfs_path(self) -> str:
@@ -161,9 +169,10 @@ class Attachment:
 
     def to_record(self) -> dict[str, object]:
         config: dict[str, object] = {"path": self.sysfs_path}
-        if self.mdev_uuid:
+        uuid = self.mdev_uuid or self.vgpu_uuid
+        if uuid:  # a vGPU: QEMU's sysfsdev= and the uuid its VM must carry (-uuid)
             config["sysfsdev"] = self.sysfs_path.rstrip("/")
-            config["uuid"] = self.mdev_uuid
+            config["uuid"] = uuid
         if self.gpudirect_clique is not None:
             config["x_nv_gpudirect_clique"] = self.gpudirect_clique
         return {

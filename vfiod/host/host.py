@@ -76,6 +76,9 @@ class Host:
         # Writes that missed their deadline and are still in the kernel: path -> (pci address, value).
         self._pending: dict[int, PendingWrite] = {}
         self._pending_lock = threading.Lock()
+        # NVIDIA vendor-VFIO types as each physical GPU listed them once (PF -> type id -> name): a GPU
+        # lists only what it can create now, and nothing when full, but its vGPUs' types still need names.
+        self.vendor_types_seen: dict[str, dict[str, str]] = {}
 
     # ----- paths ---------------------------------------------------------------------------------------
 
@@ -282,6 +285,15 @@ class Host:
         if not uuid or "/" in uuid or uuid in (".", ".."):
             raise ValueError(f"{uuid!r} is not an mdev uuid")
         self._write(self.mdev_devices_dir / uuid / "remove", "1", uuid, self.deadlines.default)
+
+    def set_vgpu_type(self, vf: PciAddress, type_id: int) -> None:
+        """NVIDIA vendor-VFIO: write a type id to the VF's `nvidia/current_vgpu_type` (creates its vGPU at
+        once); 0 destroys it."""
+        value = int(type_id)
+        if value < 0:
+            raise ValueError(f"{type_id!r} is not a vGPU type id")
+        path = self.device_dir(vf) / "nvidia" / "current_vgpu_type"
+        self._write(path, str(value), vf, self.deadlines.default)
 
     def _write(self, path: Path, value: str, addr: str | None, deadline: float) -> None:
         """`addr`: the device the write locks in the kernel (a PCI address or an mdev's uuid)."""

@@ -36,6 +36,7 @@ class MdevParent:
     pci_address: PciAddress | None  # None for a parent that is not a PCI function
     physfn: PciAddress | None  # a VF parent's physical function
     types: tuple[MdevType, ...]
+    framework: str = "mdev"  # or "vendor-vfio": an NVIDIA VF with `nvidia/` (host/vendor_vgpu.py)
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,12 @@ class Mdev:
     type_id: str
     iommu_group: int | None
     driver: str | None
+    framework: str = "mdev"  # "vendor-vfio": the vGPU of the VF `parent`; no uuid in the kernel ("")
 
     @property
     def sysfs_path(self) -> str:
+        if self.framework == "vendor-vfio":
+            return f"/sys/bus/pci/devices/{self.parent}/"
         return f"/sys/bus/mdev/devices/{self.uuid}/"
 
 

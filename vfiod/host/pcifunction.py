@@ -187,6 +187,11 @@ class PciFunction:
         return tuple(out)
 
     @cached_property
+    def vendor_vgpu_host(self) -> bool:
+        """An NVIDIA vendor-VFIO VF: `nvidia` is its VFIO driver and it has `nvidia/` (vGPU 17+)."""
+        return self.physfn is not None and (self.dir / "nvidia" / "current_vgpu_type").is_file()
+
+    @cached_property
     def mdev_types(self) -> tuple[str, ...]:
         """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
         return tuple(self._host.list_dir(self.dir / "mdev_supported_types"))

@@ -1,9 +1,12 @@
-"""AttachVGPU and the release of vGPUs in Detach: creating a mediated device for an instance on a parent
-that offers the profile, handing its group node to the owner, and destroying it again; and
-finishing either at start-up when a crash interrupted it.
+"""AttachVGPU and the release of vGPUs in Detach: creating a vGPU for an instance on a parent that offers
+the profile, handing its group node to the owner, and destroying it again; and finishing either at
+start-up when a crash interrupted it. Two frameworks: an mdev (its uuid written to the type's `create`,
+`remove` to destroy it) and NVIDIA's vendor-specific VFIO (the type id written to the VF's
+`nvidia/current_vgpu_type` and read back, `0` to destroy it; the VF stays bound to `nvidia`, its VFIO
+driver, and is never unbound).
 
 Claim first: the parent, the uuid and the type are journaled (a `claim` intent) and the vGPU is stored as
-`creating` before the uuid is written to `create`; the grant is journaled before the node changes owner.
+`creating` before anything is written; the grant is journaled before the node changes owner.
 Start-up rolls an interrupted AttachVGPU back (the node back, the mdev removed, the vGPU forgotten) and
 completes an interrupted release. An mdev whose group node a process holds is never removed: its release
 answers DeviceBusy, and start-up leaves it `stuck` for an admin. mdevs vfiod did not create are never
@@ -36,9 +39,10 @@ from vfiod.core.placement import physical_gpu
 from vfiod.core.profiles import quarantined
 from vfiod.core.records import Attachment, vfio_group_path
 from vfiod.core.registry import AttachmentRow, IntentRow, VgpuRow
-from vfiod.host import mdev
+from vfiod.host import mdev, vendor_vgpu, vgpus
 from vfiod.host.errors import SysfsWriteError
-from vfiod.host.mdev import MdevParent, MdevType
+from vfiod.host.mdev import Mdev, MdevParent, MdevType
+from vfiod.host.pciaddr import PciAddress
 
 log = logging.getLogger("vfiod.manager")
 
@@ -48,14 +52,21 @@ KEPT_FOR = "vfiod.kept-for-uid"  # tag of a vGPU kept with keep_bound: whose it 
 
 
 def attachment(deps: CoreDeps, row: VgpuRow, att: AttachmentRow) -> Attachment:
+    vendor = row.framework == vgpus.VENDOR
     return Attachment(
         id=row.id,
-        pci_address="",
+        pci_address=row.parent if vendor else "",
         role=att.role,
         iommu_group=att.iommu_group,
         vfio_group_path=vfio_group_path(deps.host, att.iommu_group),
-        mdev_uuid=row.uuid,
+        mdev_uuid="" if vendor else row.uuid,
+        vgpu_uuid=row.uuid if vendor else "",
     )
+
+
+def live(deps: CoreDeps, row: VgpuRow) -> Mdev | None:
+    """The row's vGPU as the kernel has it now; None when it is gone."""
+    return vgpus.find(deps.host, row.framework, row.uuid, row.parent, row.type_id)
 
 
 def _matches(row: VgpuRow, profile: str) -> bool:
@@ -73,7 +84,7 @@ def already_attached(
             continue
         if uuid is not None and row.uuid != uuid:
             continue
-        if att.boot_id == deps.boot_id and mdev.read_mdev(deps.host, row.uuid) is not None:
+        if att.boot_id == deps.boot_id and live(deps, row) is not None:
             return attachment(deps, row, att)
     return None
 
@@ -81,7 +92,7 @@ def already_attached(
 def offers(deps: CoreDeps, profile: str, pin: str | None) -> list[tuple[MdevParent, MdevType]]:
     """Every (parent, type) offering the profile (by type id or name), only on `pin` (a parent or a
     physical GPU) when given."""
-    found = [(p, t) for p in mdev.read_parents(deps.host) for t in p.types if profile in (t.id, t.name)]
+    found = [(p, t) for p in vgpus.read_parents(deps.host) for t in p.types if profile in (t.id, t.name)]
     if not found:
         raise ProfileNotFound(
             f"no parent on this host offers a vGPU profile {profile!r} (ListProfiles shows what it offers)"
@@ -99,7 +110,7 @@ def place(
     """The usable parent on the physical GPU with the most free framebuffer (placement.choose);
     NoCapacity naming what is used and what is quarantined."""
     skip = quarantined(deps)
-    chosen = placement.choose(found, mdev.read_parents(deps.host), mdev.read_mdevs(deps.host), skip)
+    chosen = placement.choose(found, vgpus.read_parents(deps.host), vgpus.read_vgpus(deps.host), skip)
     if chosen is None:
         gpus = sorted({placement.gpu_of(p) for p, _ in found})
         held = "; ".join(f"{name} quarantined ({why})" for name, why in sorted(skip.items()))
@@ -130,16 +141,18 @@ def attach_vgpu(
     parent, typ = place(deps, profile, offers(deps, profile, pin))
     uuid = uuid or str(uuidlib.uuid4())
     if mdev.read_mdev(deps.host, uuid) is not None or any(r.uuid == uuid for r in deps.registry.list_vgpus()):
-        raise AlreadyExists(f"a mediated device with uuid {uuid} exists already")
+        raise AlreadyExists(f"a vGPU with uuid {uuid} exists already")
+    vendor = parent.framework == vgpus.VENDOR
     row = VgpuRow(
         id=validation.new_device_id(),
         name=f"vgpu-{uuid}",
         uuid=uuid,
-        framework="mdev",
+        framework="vendor-vfio" if vendor else "mdev",
         type_id=typ.id,
         profile=typ.name,
         parent=parent.name,
         physical_gpu=physical_gpu(parent),
+        pci_address=parent.pci_address if vendor else None,
         vendor_id=_parent_id(deps, parent, "vendor"),
         device_id=_parent_id(deps, parent, "device"),
         state="creating",
@@ -149,16 +162,17 @@ def attach_vgpu(
     try:
         deps.registry.add_vgpu(row)
         op.checkpoint("create")
-        _write(parent.name, lambda: deps.host.create_mdev(parent.name, typ.id, uuid), what="create")
+        _create(deps, row)
         op.checkpoint("verify")
-        group = _verify(deps, uuid, wait)
+        group = _verify(deps, row, wait)
         result = _hand_over(deps, op, row, group, instance, owner)
     except Exception as e:
         _roll_back(deps, op, row, e)
         raise
     log.info(
-        "created vGPU %s (%s on %s) for %s, uid %d",
+        "created vGPU %s (%s %s on %s) for %s, uid %d",
         uuid,
+        row.framework,
         typ.id,
         parent.name,
         instance,
@@ -197,13 +211,13 @@ def _kept(deps: CoreDeps, owner: int, profile: str, uuid: str | None) -> VgpuRow
             continue
         if uuid is not None and row.uuid != uuid:
             continue
-        if deps.registry.attachment_of_device(row.id) is None and mdev.read_mdev(deps.host, row.uuid):
+        if deps.registry.attachment_of_device(row.id) is None and live(deps, row) is not None:
             return row
     return None
 
 
 def _attach_existing(deps: CoreDeps, row: VgpuRow, instance: str, owner: int) -> Attachment:
-    found = mdev.read_mdev(deps.host, row.uuid)
+    found = live(deps, row)
     if found is None or found.iommu_group is None:
         raise Failed(f"the kept vGPU {row.uuid} has no IOMMU group any more")
     op = Operation(deps.registry, deps.boot_id, ATTACH)
@@ -223,17 +237,39 @@ def _write(parent: str, act: Callable[[], None], *, what: str) -> None:
     kernel_io.write(act, still="the kernel is still working on it", failed=failed)
 
 
-def _verify(deps: CoreDeps, uuid: str, wait: float) -> int:
-    """The mdev exists, has its IOMMU group and /dev/vfio/<n>; its group."""
+def _create(deps: CoreDeps, row: VgpuRow) -> None:
+    """mdev: the uuid to the type's `create`. Vendor-VFIO: the type id to the VF's `current_vgpu_type`,
+    read back; a mismatch is written back to 0 and fails."""
+    if row.framework != vgpus.VENDOR:
+        _write(row.parent, lambda: deps.host.create_mdev(row.parent, row.type_id, row.uuid), what="create")
+        return
+    vf = PciAddress.parse(row.parent)
+    _write(row.parent, lambda: deps.host.set_vgpu_type(vf, int(row.type_id)), what="create")
+    got = vendor_vgpu.current_type(deps.host, vf)
+    if got != row.type_id:
+        if got not in (None, "0"):
+            _write(row.parent, lambda: deps.host.set_vgpu_type(vf, 0), what="destroy")
+        raise Failed(f"{vf}: current_vgpu_type reads {got} after {row.type_id} was written to it")
+
+
+def _verify(deps: CoreDeps, row: VgpuRow, wait: float) -> int:
+    """The vGPU exists, has its IOMMU group and /dev/vfio/<n> (a vendor-VFIO VF also its `vfio-dev/`,
+    nvidia.ko's VFIO registration); its group."""
 
     def group() -> int | None:
-        found = mdev.read_mdev(deps.host, uuid)
+        found = live(deps, row)
         n = found.iommu_group if found is not None else None
-        return n if n is not None and deps.host.vfio_group_node(n).exists() else None
+        if n is None or not deps.host.vfio_group_node(n).exists():
+            return None
+        if row.framework == vgpus.VENDOR and not deps.host.list_dir(
+            deps.host.device_dir(PciAddress.parse(row.parent)) / "vfio-dev"
+        ):
+            return None
+        return n
 
     if not kernel_io.wait_until(lambda: group() is not None, wait):
-        state = "is not on the mdev bus" if mdev.read_mdev(deps.host, uuid) is None else "has no group node"
-        raise Failed(f"the mdev {uuid} {state} {wait:g} s after it was created")
+        state = "is not there" if live(deps, row) is None else "has no VFIO group node or device"
+        raise Failed(f"the vGPU {row.uuid} on {row.parent} {state} {wait:g} s after it was created")
     found = group()
     assert found is not None  # it held a moment ago and nothing of vfiod's removes it meanwhile
     return found
@@ -287,7 +323,7 @@ def _roll_back(deps: CoreDeps, op: Operation, row: VgpuRow, error: Exception) ->
 def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[str]:
     """Give the node back, remove the mdev (unless held) and forget the vGPU; what could not be done."""
     problems: list[str] = []
-    found = mdev.read_mdev(deps.host, row.uuid)
+    found = live(deps, row)
     group = found.iommu_group if found is not None else None
     if att is not None and att.node_prev is not None:
         try:
@@ -297,9 +333,8 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
     if found is not None:
         try:
             if group is not None:
-                guard.require_group_free(deps.host, group, f"remove the vGPU {row.uuid}", row.uuid)
-            _write(row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
-            _wait_gone(deps, row.uuid)
+                require_free(deps, row, group, f"destroy the vGPU {row.uuid}")
+            _remove(deps, row)
         except VfiodError as e:
             problems.append(e.message)
     if not problems:
@@ -311,9 +346,26 @@ def _destroy(deps: CoreDeps, row: VgpuRow, att: AttachmentRow | None) -> list[st
     return problems
 
 
-def _wait_gone(deps: CoreDeps, uuid: str, wait: float = 5.0) -> None:
-    if not kernel_io.wait_until(lambda: mdev.read_mdev(deps.host, uuid) is None, wait):
-        raise Failed(f"the mdev {uuid} is still there {wait:g} s after its remove")
+def require_free(deps: CoreDeps, row: VgpuRow, group: int, what: str) -> None:
+    """DeviceBusy while a process holds the vGPU's group node, its cdev or a VFIO device file of it."""
+    if row.framework == vgpus.VENDOR:
+        guard.require_not_held(deps.host, [PciAddress.parse(row.parent)], what + " on")
+    else:
+        guard.require_group_free(deps.host, group, what, row.uuid)
+
+
+def _remove(deps: CoreDeps, row: VgpuRow, wait: float = 5.0) -> None:
+    """mdev: `remove`, then wait until it is off the bus. Vendor-VFIO: 0 to `current_vgpu_type`, read back."""
+    if row.framework == vgpus.VENDOR:
+        vf = PciAddress.parse(row.parent)
+        _write(row.parent, lambda: deps.host.set_vgpu_type(vf, 0), what="destroy")
+        got = vendor_vgpu.current_type(deps.host, vf)
+        if got not in (None, "0"):
+            raise Failed(f"{vf}: current_vgpu_type reads {got} after 0 was written to it")
+        return
+    _write(row.parent, lambda: deps.host.remove_mdev(row.uuid), what="remove")
+    if not kernel_io.wait_until(lambda: mdev.read_mdev(deps.host, row.uuid) is None, wait):
+        raise Failed(f"the mdev {row.uuid} is still there {wait:g} s after its remove")
 
 
 def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: bool) -> None:
@@ -322,8 +374,8 @@ def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: 
     atts = {r.id: deps.registry.attachment_of_device(r.id) for r in rows}
     for row in rows:
         att = atts[row.id]
-        if att is not None and mdev.read_mdev(deps.host, row.uuid) is not None:
-            guard.require_group_free(deps.host, att.iommu_group, f"detach the vGPU {row.uuid}", row.uuid)
+        if att is not None and live(deps, row) is not None:
+            require_free(deps, row, att.iommu_group, f"detach the vGPU {row.uuid}")
     for row in rows:
         att = atts[row.id]
         op = claim(deps, RELEASE, row)
@@ -369,10 +421,13 @@ def finish_interrupted(deps: CoreDeps, intents: Sequence[IntentRow], report: Rep
     row = deps.registry.get_vgpu(claim.device_id)
     done = "rolled back" if claim.action == ATTACH else "completed"
     if row is None:  # killed before the vGPU was stored: nothing was created
-        exists = mdev.read_mdev(deps.host, claim.vgpu_uuid) is not None
+        framework = vgpus.framework_of(deps.host, claim.vgpu_parent)
+        exists = (
+            vgpus.find(deps.host, framework, claim.vgpu_uuid, claim.vgpu_parent, claim.vgpu_type) is not None
+        )
         report.findings.append(
             f"vGPU {claim.vgpu_uuid}: an interrupted {claim.action} had "
-            + ("created an mdev that vfiod did not record; it is left alone" if exists else "created nothing")
+            + ("created a vGPU that vfiod did not record; it is left alone" if exists else "created nothing")
         )
     else:
         problems = _destroy(deps, row, deps.registry.attachment_of_device(row.id))
