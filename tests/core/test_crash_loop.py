@@ -1,6 +1,6 @@
 """The crash loop: a child process running the manager is SIGKILLed at every journal point of Attach, Detach,
 Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`, of SetVirtualFunctions (2 VFs to 3) on
-`dgx-h100`, and of AttachVGPU and a vGPU's Detach on `mdev-samples`; the restarted manager must leave the
+`dgx-h100`, and of AttachVGPU and a vGPU's Detach on `mdev-samples` and `l40s-vgpu`; the restarted manager must leave the
 registry and the simulated kernel in agreement, and a second restart must change nothing (no intent is
 replayed over what came after it).
 
@@ -23,6 +23,7 @@ from tests.core.support.crashes import open_manager, violations
 from vfiod.core.context import Caller
 from vfiod.core.errors import VfiodError
 from vfiod.core.manager import Manager
+from vfiod.host import vgpus
 from vfiod.host.pciaddr import PciAddress
 from vfiod_sim import build, faults
 
@@ -32,6 +33,7 @@ PERSISTENCED = "nvidia-persistenced.service"
 GPUS = {"workstation-l4": "0000:a2:00.0", "dgx-h100": "0000:1b:00.0"}
 ACTIONS = ("attach", "detach", "bind", "unbind", "recover")
 SRIOV_PF, SRIOV_VF = "0000:1c:00.0", "0000:1c:00.1"  # dgx-h100's first ConnectX-7 and its first VF
+VGPU_PROFILES = {"mdev-samples": "mtty-2", "l40s-vgpu": "NVIDIA L40S-4Q"}  # an mdev; NVIDIA's vendor VFIO
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def setup(world: World, action: str) -> None:
         faults.clear(world.sim_root, "nv")
         assert m.get_device("gpu").state == "stuck"
     elif action == "detach-vgpu":
-        m.attach_vgpu(HM, "vm1", "mtty-2")
+        m.attach_vgpu(HM, "vm1", VGPU_PROFILES[world.profile])
     elif action == "sriov":
         m.set_virtual_functions(ADMIN, SRIOV_PF, 2)
         m.register(ADMIN, SRIOV_VF, "vf1")
@@ -70,7 +72,7 @@ def setup(world: World, action: str) -> None:
     m.registry.close()
 
 
-def perform(m: Manager, action: str) -> None:
+def perform(m: Manager, action: str, profile: str) -> None:
     if action == "attach":
         m.attach(HM, "vm1", ["gpu"], include_group=True)
     elif action == "detach":
@@ -82,7 +84,7 @@ def perform(m: Manager, action: str) -> None:
     elif action == "sriov":
         m.set_virtual_functions(ADMIN, SRIOV_PF, 3)
     elif action == "attach-vgpu":
-        m.attach_vgpu(HM, "vm1", "mtty-2")
+        m.attach_vgpu(HM, "vm1", VGPU_PROFILES[profile])
     elif action == "detach-vgpu":
         m.detach(HM, "vm1")
     else:
@@ -91,7 +93,7 @@ def perform(m: Manager, action: str) -> None:
 
 def _child(world: World, action: str, env: dict[str, str]) -> None:
     os.environ.update(env)
-    perform(open_manager(world.sim_root, world.state), action)
+    perform(open_manager(world.sim_root, world.state), action, world.profile)
     os._exit(0)
 
 
@@ -198,25 +200,27 @@ def test_crash_loop_sriov(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("action", ["attach-vgpu", "detach-vgpu"])
-def test_crash_loop_vgpu(tmp_path: Path, action: str) -> None:
-    """Killed anywhere in an AttachVGPU or a vGPU's Detach, the restart leaves no mdev and no vGPU behind
-    (the attach rolled back, the release completed), the nodes with root, and AttachVGPU works again."""
-    points = points_of(tmp_path, "mdev-samples", action)
+@pytest.mark.parametrize("profile", sorted(VGPU_PROFILES))
+def test_crash_loop_vgpu(tmp_path: Path, profile: str, action: str) -> None:
+    """Killed anywhere in an AttachVGPU or a vGPU's Detach (an mdev on `mdev-samples`, a vendor-VFIO vGPU
+    on `l40s-vgpu`), the restart leaves no vGPU behind (the attach rolled back, the release completed), the
+    nodes with root, and AttachVGPU works again."""
+    points = points_of(tmp_path, profile, action)
     assert points, "the operation passed no journal point"
     found: list[str] = []
     for n, point in enumerate(points):
-        world = World("mdev-samples", tmp_path / f"sim{n}", tmp_path / f"state{n}")
+        world = World(profile, tmp_path / f"sim{n}", tmp_path / f"state{n}")
         setup(world, action)
         status = run_child(world, action, {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
         assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
         m = open_manager(world.sim_root, world.state)
         m.startup()
-        left = m.host.list_dir(m.host.mdev_devices_dir)
+        left = vgpus.read_vgpus(m.host)
         if left or m.registry.list_vgpus() or m.registry.all_attachments():
-            found.append(f"{point}: left mdevs {left}, vGPUs {m.registry.list_vgpus()}")
+            found.append(f"{point}: left vGPUs {left}, rows {m.registry.list_vgpus()}")
         found += [f"{point}: {v}" for v in violations(m, world.sim_root)]
         try:
-            m.attach_vgpu(HM, "vm2", "mtty-2")
+            m.attach_vgpu(HM, "vm2", VGPU_PROFILES[profile])
         except VfiodError as e:
             found.append(f"{point}: AttachVGPU failed after the restart: {e.message}")
         m.registry.close()
@@ -225,5 +229,5 @@ def test_crash_loop_vgpu(tmp_path: Path, action: str) -> None:
         if report.counters.get("operations_recovered") or len(m.list_vgpus("vm2")) != 1:
             found.append(f"{point}: the second restart replayed something: {report.findings}")
         m.registry.close()
-    print(f"crash loop mdev-samples {action}: {len(points)} points killed, {len(found)} violations")
+    print(f"crash loop {profile} {action}: {len(points)} points killed, {len(found)} violations")
     assert found == []
