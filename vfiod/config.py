@@ -19,6 +19,10 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     # controllers: PCI addresses or vendor:device ids.
     register_allow = ["0000:41:00.0", "15b3:101d"]
 
+    # How long a vGPU vfiod created may outlive its instance before Reconcile destroys it, in seconds
+    # (hypeman creates the vGPU before it starts the VM, so a young one is not yet an orphan).
+    vgpu_orphan_grace = 300
+
     # What one D-Bus connection may cost vfiod at a time: calls being handled, and bytes of replies
     # marshalled but not yet taken by the bus socket. A call beyond either gets Error.Busy at once.
     [per_caller]
@@ -119,6 +123,7 @@ class Config(BaseModel):
     )
     deadlines: Deadlines = Field(default_factory=Deadlines)
     register_allow: list[AllowEntry] = Field(default_factory=list)
+    vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
     per_caller: PerCaller = Field(default_factory=PerCaller)
 
 

@@ -255,6 +255,29 @@ class SimulatedKernel:
             raise oserror(errno.ENOENT, f"rmmod: ERROR: Module {name} is not currently loaded")
         self._control(lambda c: c.unload_module(module), f"rmmod {module}")
 
+    def sriov_manage(self, pf: str, *, enable: bool) -> None:
+        """NVIDIA's /usr/lib/nvidia/sriov-manage -e|-d PF. `-d`: fails ("Cannot obtain unbindLock") while
+        any process holds the GPU (its /dev/nvidiaN, a VF's VFIO nodes or device files); else every VF
+        leaves the bus with its vGPU. `-e`: all VFs (`sriov_totalvfs`) join it and bind to `nvidia`; with
+        VFs already enabled it changes nothing ("already has VFs enabled"), exit 0."""
+        a = self._check_addr(pf)
+
+        def op(c: Core) -> None:
+            ds = c.st.devices[a]
+            if not ds.present or ds.driver != "nvidia":
+                raise oserror(errno.ENODEV, f"{a} is not an NVIDIA GPU bound to nvidia")
+            vfs = c.topo.vfs[a][: ds.numvfs]
+            if enable:
+                if not ds.numvfs:
+                    c.sriov_enable(a, c.topo.devices[a].sriov_totalvfs)
+                return
+            paths = {p for vf in vfs for p in c.vfio_nodes(vf)} | c.device_nodes(a)
+            if c.holders(paths) or c.device_file_holders(vfs):
+                raise oserror(errno.EBUSY, f"Cannot obtain unbindLock for {a}")
+            c.sriov_disable(a)
+
+        self._control(op, f"sriov-manage {'-e' if enable else '-d'} {a}")
+
     def _check_addr(self, addr: str) -> str:
         addr = str(addr)
         if addr not in self.topology.devices:

@@ -23,7 +23,7 @@ from vfiod.host.writes import DeadlinePolicy
 from vfiod_sim.builder import build
 from vfiod_sim.kernel import SimulatedKernel
 from vfiod_sim.model import Profile
-from vfiod_sim.system import SimulatedModules, SimulatedUnits
+from vfiod_sim.system import SimulatedModules, SimulatedSriovManage, SimulatedUnits
 
 
 class SimulationError(Exception):
@@ -40,6 +40,7 @@ class Simulation:
     host: Host
     units: SimulatedUnits
     modules: SimulatedModules
+    gpu_sriov: SimulatedSriovManage
 
     @classmethod
     def open(
@@ -70,7 +71,9 @@ class Simulation:
         except OSError as e:
             raise SimulationError(f"{root}: {e.strerror or e}") from None
         host = Host(HostRoots.under(root), backend=kernel, deadlines=deadlines)
-        return cls(root, kernel, host, SimulatedUnits(root), SimulatedModules(kernel))
+        return cls(
+            root, kernel, host, SimulatedUnits(root), SimulatedModules(kernel), SimulatedSriovManage(kernel)
+        )
 
     @property
     def profile(self) -> Profile:
@@ -96,6 +99,7 @@ class Simulation:
             units or self.units,
             config=config,
             verify_timeout=verify_timeout,
+            gpu_sriov=self.gpu_sriov,
         )
 
     def caller_host(self) -> Host:

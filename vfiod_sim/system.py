@@ -1,5 +1,5 @@
-"""The stand-ins for the system manager on the kernel simulator: loading a module and stopping/starting a
-unit do to the simulated host what modprobe and systemd do to a real one.
+"""The stand-ins for the system on the kernel simulator: loading a module, stopping/starting a unit and
+NVIDIA's sriov-manage do to the simulated host what modprobe, systemd and the script do to a real one.
 
 Test and demo equipment, like the simulator it drives: only `vfiod run --simulate`, `vfiod check
 --simulate`, the tests and the benchmarks import it.
@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vfiod.core.errors import VFIONotAvailable
+from vfiod.host.errors import HostToolError
+from vfiod.host.pciaddr import PciAddress
 from vfiod_sim import SimulatedKernel, processes
 
 
@@ -44,3 +46,24 @@ class SimulatedUnits:
     def start(self, unit: str) -> None:
         self.calls.append(("start", unit))
         processes.start_unit(self._root, unit)
+
+
+class SimulatedSriovManage:
+    """NVIDIA's sriov-manage on the kernel simulator (`SimulatedKernel.sriov_manage`)."""
+
+    def __init__(self, kernel: SimulatedKernel) -> None:
+        self._kernel = kernel
+        self.calls: list[tuple[str, str]] = []
+
+    def disable(self, pf: PciAddress) -> None:
+        self._run("-d", pf)
+
+    def enable(self, pf: PciAddress) -> None:
+        self._run("-e", pf)
+
+    def _run(self, flag: str, pf: PciAddress) -> None:
+        self.calls.append((flag, str(pf)))
+        try:
+            self._kernel.sriov_manage(str(pf), enable=flag == "-e")
+        except (KeyError, OSError) as e:
+            raise HostToolError(f"sriov-manage {flag} {pf} failed: {e}") from e

@@ -36,6 +36,7 @@ from vfiod.bus.names import (
 )
 from vfiod.config import Config, Deadlines, PerCaller
 from vfiod.core.errors import ALL_ERRORS
+from vfiod.host.pciaddr import PciAddress
 from vfiod_sim import faults, processes
 
 SHORT_DEADLINES = Config(deadlines=Deadlines(default=1.0))
@@ -401,3 +402,34 @@ def test_attach_vgpu_and_detach(start_vfiod: StartVfiod, clients: Clients, polki
     ok(detach(alice, "vm1", rec["name"]))
     assert running.manager.host.list_dir(running.manager.host.mdev_devices_dir).count(uuid) == 0
     assert alice.m("GetDevice", "sa{sv}", att["id"], {}).short == "NotFound"
+
+
+def test_vendor_vgpu_attach_and_recover_of_the_gpu(
+    start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock
+) -> None:
+    """l40s-vgpu through the bus: AttachVGPU on NVIDIA's vendor-specific VFIO (the VF's address and path,
+    QEMU's sysfsdev and the uuid for -uuid), Recover of its physical GPU refused while it is attached, then
+    an SR-IOV cycle once it is detached."""
+    running = start_vfiod(profile="l40s-vgpu")
+    polkit.allow(ACTION_INSPECT, ACTION_ATTACH, ACTION_ADMIN)
+    alice = clients.alice
+    uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    att, _ = ok(alice.m("AttachVGPU", "ssa{sv}", "vm1", "NVIDIA L40S-4Q", {"uuid": Variant("s", uuid)}))
+    vf = att["pci_address"]
+    path = f"/sys/bus/pci/devices/{vf}/"
+    assert att["device_config"] == {"path": path, "sysfsdev": path.rstrip("/"), "uuid": uuid}
+    (vgpu,) = ok(alice.m("ListVGPUs", "a{sv}", {}))
+    assert (vgpu["framework"], vgpu["type_id"], vgpu["parent"], vgpu["uuid"]) == (
+        "vendor-vfio",
+        "1155",
+        vf,
+        uuid,
+    )
+    gpu = vgpu["physical_gpu"]
+    refused = alice.m("Recover", "sa{sv}", gpu, {})
+    assert refused.short == "InUse" and "vm1" in refused.text
+    ok(detach(alice, "vm1"))
+    report = ok(alice.m("Recover", "sa{sv}", gpu, {}))
+    assert (report["recovered"], report["vfs_cycled"]) == (1, 32)
+    assert running.manager.host.attr(PciAddress.parse(gpu), "sriov_numvfs") == "32"
+    assert alice.m("Recover", "sa{sv}", "0000:ff:00.0", {}).short == "NotFound"

@@ -18,7 +18,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 
 from tests.bus.conftest import Clients, Running, StartVfiod
 from tests.bus.support.harness import Client, LoopThread, PolkitMock, PrivateBus, Reply
-from tests.bus.support.helpers import GPU, attach, b, device, devices, ok, register
+from tests.bus.support.helpers import GPU, attach, b, detach, device, devices, ok, register
 from vfiod.bus.names import (
     ACTION_ADMIN,
     ACTION_ATTACH,
@@ -88,6 +88,14 @@ def hypeman_dir(w: World) -> None:
 
 def nothing(w: World) -> None:
     pass
+
+
+def vgpu_kept(w: World) -> None:
+    """l40s-vgpu: a vGPU alice kept (Detach keep_bound) on the first GPU, which its SR-IOV cycle destroys."""
+    w.polkit.allow(ACTION_ATTACH)
+    pin = {"parent": Variant("s", "0000:a2:00.0")}
+    ok(w.clients.alice.m("AttachVGPU", "ssa{sv}", "vm1", "NVIDIA L40S-4Q", pin))
+    ok(detach(w.clients.alice, "vm1", keep_bound=b(True)))
 
 
 def std(member: str, signature: str, *args: Any, iface: str, path: str | None = None) -> Act:
@@ -234,6 +242,13 @@ CASES = [
         ),
         (ACTION_ATTACH, ACTION_ADMIN),
         profile="mdev-samples",
+    ),
+    Case(
+        "Recover-gpu",
+        vgpu_kept,
+        lambda w: w.clients.alice.m("Recover", "sa{sv}", "0000:a2:00.0", {}),
+        (ACTION_ADMIN,),
+        profile="l40s-vgpu",
     ),
     Case(
         "SetVirtualFunctions",

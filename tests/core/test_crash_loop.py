@@ -1,8 +1,8 @@
 """The crash loop: a child process running the manager is SIGKILLed at every journal point of Attach, Detach,
 Bind, Unbind and Recover, on `workstation-l4` and `dgx-h100`, of SetVirtualFunctions (2 VFs to 3) on
-`dgx-h100`, and of AttachVGPU and a vGPU's Detach on `mdev-samples` and `l40s-vgpu`; the restarted manager must leave the
-registry and the simulated kernel in agreement, and a second restart must change nothing (no intent is
-replayed over what came after it).
+`dgx-h100`, and of AttachVGPU and a vGPU's Detach on `mdev-samples` and `l40s-vgpu`; the restarted manager
+must leave the registry and the simulated kernel in agreement, and a second restart must change nothing (no
+intent is replayed over what came after it).
 
 The points are not listed by hand: a first run of each operation with `VFIOD_TEST_TRACE_POINTS` records
 every point it passes, and each of them is then killed in a fresh world. Every disagreement found is a

@@ -2,10 +2,12 @@
 `nvidia`): profiles by type id, the type id written to the VF's `current_vgpu_type` and read back, the VF
 never unbound, its group node handed over; Detach refused while held, then 0 written; a failing VF rolled
 back and quarantined; 64 concurrent AttachVGPUs never over-commit a GPU and spread least-loaded; start-up
-after a crash; the VF refused as a whole-function passthrough."""
+after a crash; the VF refused as a whole-function passthrough; Recover of a parent (its quarantine) and of a
+physical GPU (an SR-IOV cycle with NVIDIA's sriov-manage, refused while a vGPU on it is in use)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from typing import cast
@@ -13,8 +15,10 @@ from typing import cast
 import pytest
 
 from tests.core.support.worlds import ADMIN, HM, Env, MakeEnv
-from vfiod.core.errors import DeviceBusy, Failed, InvalidArgument, NoCapacity, VfiodError
-from vfiod.core.ops import vgpu
+from vfiod.core.errors import DeviceBusy, Failed, InUse, InvalidArgument, NoCapacity, VfiodError
+from vfiod.core.journal import Operation
+from vfiod.core.manager import Manager
+from vfiod.core.ops import gpu_recover, vgpu
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
 from vfiod_sim import faults, processes
@@ -191,3 +195,87 @@ def test_vgpu_vendor_vf_is_never_passed_through_whole(env: MakeEnv) -> None:
     with pytest.raises(InvalidArgument, match="vendor-VFIO VF"):
         m.attach(HM, "vm1", ["vf0"])
     assert rebinds(e, mark) == [] and current(e, "0000:a2:00.4") == "0"
+
+
+def test_vgpu_recover_of_a_parent_clears_its_quarantine(env: MakeEnv) -> None:
+    m = env("l40s-vgpu").manager
+    vf = "0000:a2:00.4"
+    for _ in range(2):
+        m.registry.record_parent_failure(vf, "create failed: EIO")
+    assert m.recover(ADMIN, vf, dry_run=True).counters["cleared"] == 1 and vgpu_quarantined(m)
+    report = m.recover(ADMIN, vf)
+    assert report.counters["cleared"] == 1 and not vgpu_quarantined(m)
+    assert m.recover(ADMIN, vf).findings == [f"{vf}: not quarantined"]
+
+
+def vgpu_quarantined(m: Manager) -> list[str]:
+    return cast(list[str], m.host_status()["quarantined"])
+
+
+def test_vgpu_recover_of_a_gpu_cycles_sriov_unless_in_use(env: MakeEnv) -> None:
+    e = env("l40s-vgpu")
+    m = e.manager
+    sriov = e.sim.gpu_sriov
+    att, _ = m.attach_vgpu(HM, "vm1", Q4, parent=PF_A)
+    m.registry.record_parent_failure("0000:a2:01.0", "verify failed")
+    m.registry.record_parent_failure("0000:a2:01.0", "verify failed")
+    with pytest.raises(InUse, match="vm1"):
+        m.recover(ADMIN, PF_A)
+    m.detach(HM, "vm1", keep_bound=True)  # kept: the cycle destroys it
+    e.host.set_vgpu_type(PciAddress.parse("0000:a2:02.0"), 1155)  # made behind vfiod's back
+    with pytest.raises(InUse, match=r"did not create: type 1155 on 0000:a2:02\.0"):
+        m.recover(ADMIN, PF_A)
+    e.host.set_vgpu_type(PciAddress.parse("0000:a2:02.0"), 0)
+    pid = processes.add_process(
+        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=["/dev/vfio/devices/vfio3"]
+    )
+    with pytest.raises(DeviceBusy, match="qemu-system-x86_64"):
+        m.recover(ADMIN, PF_A)
+    processes.remove_process(e.root, pid)
+    assert sriov.calls == []
+    report = m.recover(ADMIN, PF_A)
+    assert sriov.calls == [("-d", PF_A), ("-e", PF_A)]
+    assert (
+        report.counters["recovered"],
+        report.counters["vgpus_destroyed"],
+        report.counters["vfs_cycled"],
+    ) == (1, 1, 32)
+    # nvidia-persistenced (an NVML client) would hold the unbind lock: stopped around the cycle
+    assert [c for c in e.sim.units.calls if c[1] == "nvidia-persistenced.service"] == [
+        ("stop", "nvidia-persistenced.service"),
+        ("start", "nvidia-persistenced.service"),
+    ]
+    assert current(e, att.pci_address) == "0" and m.registry.list_vgpus() == [] and not vgpu_quarantined(m)
+    assert m.registry.open_intents() == [] and e.host.attr(PciAddress.parse(PF_A), "sriov_numvfs") == "32"
+    assert {p.name: p.available for p in m.list_profiles()}[Q4] == 24
+    m.attach_vgpu(HM, "vm2", Q4, parent=PF_A)
+
+
+def test_vgpu_recover_cycle_interrupted_is_finished_at_start_up(env: MakeEnv) -> None:
+    e = env("l40s-vgpu")
+    m = e.manager
+    op = Operation(m.registry, m.deps.boot_id, gpu_recover.CYCLE)
+    op.attribute(PF_A, gpu_recover.CYCLE, "32")
+    e.sim.units.stop("nvidia-persistenced.service")
+    e.sim.gpu_sriov.disable(PciAddress.parse(PF_A))  # killed after the first half
+    assert e.host.attr(PciAddress.parse(PF_A), "sriov_numvfs") == "0"
+    m = e.reopen()
+    report = m.startup()
+    assert e.host.attr(PciAddress.parse(PF_A), "sriov_numvfs") == "32" and m.registry.open_intents() == []
+    assert f"{PF_A}: an interrupted SR-IOV cycle was finished (its VFs enabled again)" in report.findings
+
+
+def test_vgpu_vendor_orphan_reaped_unless_its_cdev_is_held(env: MakeEnv) -> None:
+    e = env("l40s-vgpu")
+    m = e.manager
+    m.reconfigure(dataclasses.replace(m.config, vgpu_orphan_grace=0.0))
+    att, _ = m.attach_vgpu(HM, "gone", Q4)
+    (cdev,) = e.host.list_dir(e.host.device_dir(PciAddress.parse(att.pci_address)) / "vfio-dev")
+    pid = processes.add_process(
+        e.root, exe="/usr/bin/qemu-system-x86_64", uid=HM.uid, fds=[f"/dev/vfio/devices/{cdev}"]
+    )
+    report = m.reconcile(HM, ["alive"])
+    assert report.counters["held"] == 1 and current(e, att.pci_address) == "1155"
+    processes.remove_process(e.root, pid)
+    report = m.reconcile(HM, ["alive"])
+    assert report.counters["released"] == 1 and current(e, att.pci_address) == "0" and m.list_vgpus() == []

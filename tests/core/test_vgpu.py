@@ -4,6 +4,7 @@ a failing parent rolled back and quarantined; start-up after a crash between the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -23,6 +24,7 @@ from vfiod.host.backend import NodeOwner
 from vfiod_sim import faults, processes
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+U2 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
 ROOT_0600 = NodeOwner(uid=0, gid=0, mode=0o600)
 
 
@@ -176,13 +178,25 @@ def test_start_up_rolls_back_or_completes(env: MakeEnv, point: str) -> None:
     m.attach_vgpu(HM, "vm1", "mtty-2")  # works afterwards
 
 
-def test_reconcile_releases_a_dead_instances_vgpu_unless_held(env: MakeEnv) -> None:
+def test_vgpu_orphan_reaped_after_the_grace_unless_held(env: MakeEnv) -> None:
     e = env("mdev-samples")
     m = e.manager
     att, _ = m.attach_vgpu(HM, "gone", "mtty-2", uuid=U1)
+    e.host.create_mdev("mtty", "mtty-1", U2)  # not vfiod's: reported, never touched
+    report = m.reconcile(HM, ["alive"])  # created a moment ago: within the grace period
+    assert (report.counters["grace"], report.counters["released"]) == (1, 0) and sorted(mdevs(e)) == sorted(
+        [U1, U2]
+    )
+    assert report.counters["unmanaged_vgpus"] == 1
+    assert f"mdev {U2} on mtty was not created by vfiod: left alone" in report.findings
+    m.reconfigure(dataclasses.replace(m.config, vgpu_orphan_grace=0.0))
     pid = vmm_holding(e, att.iommu_group)
     report = m.reconcile(HM, ["alive"])
-    assert report.counters["held"] == 1 and mdevs(e) == [U1]
+    assert report.counters["held"] == 1 and mdevs(e) == [U1, U2]
     processes.remove_process(e.root, pid)
     report = m.reconcile(HM, ["alive"])
-    assert report.counters["released"] == 1 and mdevs(e) == [] and m.list_vgpus() == []
+    assert (
+        report.counters["released"] == 1
+        and mdevs(e) == [U2]
+        and [v.managed for v in m.list_vgpus()] == [False]
+    )

@@ -140,7 +140,7 @@ async def reconcile(svc: Runner, caller: Caller, req: Request) -> Record:
 
 
 async def recover(svc: Runner, caller: Caller, req: Request) -> Record:
-    target = req.devices[0].id if req.devices else ""
+    target = req.devices[0].id if req.devices else str(req.args["target"] or "")
     report = await _changed(svc, lambda: svc.manager.recover(caller, target, dry_run=req.flag("dry_run")))
     return variants.record(report.to_record())
 

@@ -60,6 +60,15 @@ EXIT_START: Final = 1
 EXIT_CONFIG: Final = 2
 
 
+def manager_config(cfg: config_mod.Config) -> ManagerConfig:
+    """The core's view of the configuration file's settings."""
+    return ManagerConfig(
+        units_by_vendor={k: list(v) for k, v in cfg.persistence_units.items()},
+        register_allow=list(cfg.register_allow),
+        vgpu_orphan_grace=cfg.vgpu_orphan_grace,
+    )
+
+
 class StartupError(Exception):
     """vfiod cannot start; the message is one line for the operator."""
 
@@ -193,10 +202,8 @@ class Daemon:
             self.registry,
             modules,
             units,
-            config=ManagerConfig(
-                units_by_vendor={k: list(v) for k, v in self.config.persistence_units.items()},
-                register_allow=list(self.config.register_allow),
-            ),
+            config=manager_config(self.config),
+            gpu_sriov=self.simulation.gpu_sriov if self.simulation is not None else None,
         )
         # Only the quick part before the name: what was interrupted. Finishing it can take a write's
         # deadline per device, and systemd gives a Type=dbus unit 90 s to take its name.
@@ -361,12 +368,7 @@ class Daemon:
             return False
         self.config = new
         if self.manager is not None:
-            self.manager.reconfigure(
-                ManagerConfig(
-                    units_by_vendor={k: list(v) for k, v in new.persistence_units.items()},
-                    register_allow=list(new.register_allow),
-                )
-            )
+            self.manager.reconfigure(manager_config(new))
             self.manager.host.deadlines = new.deadlines.policy()
         if self.service is not None:
             self.service.set_caps(new.per_caller)

@@ -95,9 +95,7 @@ METHODS: Final[tuple[Method, ...]] = (
         "reconcile",
         frozenset({"all_users"}),
     ),
-    Method(
-        "Recover", (("id_or_name", "s"),), (("report", "a{sv}"),), {"dry_run": "b"}, ACTION_ADMIN, "recover"
-    ),
+    Method("Recover", (("target", "s"),), (("report", "a{sv}"),), {"dry_run": "b"}, ACTION_ADMIN, "recover"),
     Method("ListProfiles", (), (("profiles", "aa{sv}"),), {"parent": "s"}, ACTION_INSPECT, "list_profiles"),
     Method("ListVGPUs", (), (("vgpus", "aa{sv}"),), {"instance": "s"}, ACTION_INSPECT, "list_vgpus"),
     Method(

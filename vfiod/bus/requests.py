@@ -18,7 +18,7 @@ from vfiod.bus import variants
 from vfiod.bus.methods import Method
 from vfiod.bus.names import ACTION_INSPECT
 from vfiod.core import validation
-from vfiod.core.errors import InvalidArgument
+from vfiod.core.errors import InvalidArgument, NotFound
 from vfiod.core.ops.sriov import MAX_VFS
 from vfiod.core.records import Device
 from vfiod.host.pciaddr import PciAddress
@@ -51,6 +51,8 @@ def _checked(name: str, value: Any) -> Any:
         return validation.device_name(value) if value else ""
     if name == "pf":
         return validation.device_or_address(value)
+    if name == "target":  # Recover: a device, a vGPU parent (mtty, a VF) or a physical GPU, or "" for all
+        return validation.device_or_address(value) if value else ""
     if name == "count" and value > MAX_VFS:
         raise InvalidArgument(f"the number of virtual functions must be 0-{MAX_VFS}, not {value}")
     if name == "data_dir" and (not value.startswith("/") or "\0" in value):
@@ -74,10 +76,21 @@ async def prepare(
     req = Request(args, opts)
     instance = args.get("instance_id")
     keys = args.get("devices") or [
-        args[k] for k in ("id_or_name", "pf") if isinstance(args.get(k), str) and args[k]
+        args[k] for k in ("id_or_name", "pf", "target") if isinstance(args.get(k), str) and args[k]
     ]
+    target = args.get("target")
     if isinstance(args.get("pf"), PciAddress):  # SetVirtualFunctions of a PF that need not be registered
         req.details = [{"pci_address": str(args["pf"])}]
+    elif isinstance(
+        target, PciAddress
+    ):  # Recover of a PCI function (a GPU, a VF) that need not be registered
+        req.details = [{"pci_address": str(target)}]
+    elif target:  # Recover by name: a registered device's, or a vGPU parent's (such as mtty)
+        try:
+            req.devices = await resolve([target])
+            req.details = [{"device": d.name, "pci_address": d.pci_address} for d in req.devices]
+        except NotFound:
+            req.details = [{"device": target}]
     elif "pci_address" in args:  # RegisterDevice: the device is not registered yet
         chosen = args["name"] or args["pci_address"].default_device_name()
         req.details = [{"pci_address": str(args["pci_address"]), "device": chosen}]

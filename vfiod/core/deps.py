@@ -15,6 +15,7 @@ from vfiod.core.locks import GroupLocks
 from vfiod.core.pciids import PciIds
 from vfiod.core.persistence import PersistenceHold
 from vfiod.core.registry import Registry
+from vfiod.core.system import GpuSriov
 from vfiod.host.host import Host
 
 
@@ -29,6 +30,7 @@ class CoreDeps:
     binder_factory: Callable[[Operation | None], Binder]
     changed: Callable[[Iterable[str]], None]  # device ids whose client-visible state changed ("" = the set)
     verify_timeout: float  # how long the kernel may take to show the result of a write
+    gpu_sriov: GpuSriov  # cycles a GPU's SR-IOV VFs the vendor's way (Recover of a vGPU host GPU)
 
     def binder(self, op: Operation | None = None) -> Binder:
         return self.binder_factory(op)

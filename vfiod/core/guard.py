@@ -289,6 +289,13 @@ def mdev_paths(host: Host, uuid: str, group: int) -> set[str]:
     return paths
 
 
+def vgpu_holders(host: Host, framework: str, parent: str, uuid: str, group: int) -> list[Holder]:
+    """The processes /proc shows holding a vGPU: an mdev's group node and cdev, or a vendor-VFIO VF's."""
+    if framework == "vendor-vfio":
+        return vfio_holders(host, [PciAddress.parse(parent)])
+    return group_holders(host, group, uuid)
+
+
 def group_holders(host: Host, group: int, uuid: str = "") -> list[Holder]:
     """The processes /proc shows holding a vGPU's nodes (its group has no PCI function)."""
     paths = mdev_paths(host, uuid, group) if uuid else {f"/dev/vfio/{group}"}

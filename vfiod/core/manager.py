@@ -35,6 +35,7 @@ from vfiod.core.errors import (
     InvalidArgument,
     NotAuthorized,
     NotBound,
+    NotFound,
     NotOwner,
 )
 from vfiod.core.locks import GroupLocks, InstanceLocks
@@ -47,10 +48,12 @@ from vfiod.core.records import Attachment, Device
 from vfiod.core.refresh import Refreshes
 from vfiod.core.registry import AttachmentRow, DeviceRow, Registry
 from vfiod.core.startup import Startup
-from vfiod.core.system import ModuleLoader, UnitController
+from vfiod.core.system import GpuSriov, ModuleLoader, UnitController
 from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host.host import Host
+from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
+from vfiod.host.sriov_manage import NvidiaSriovManage
 
 log = logging.getLogger("vfiod.manager")
 
@@ -60,6 +63,8 @@ class ManagerConfig:
     units_by_vendor: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_UNITS))
     # PCI addresses or vendor:device ids anyone allowed to `register` may register beyond the candidates.
     register_allow: list[str] = field(default_factory=list)
+    # Seconds a vGPU vfiod created may outlive its instance before Reconcile destroys it.
+    vgpu_orphan_grace: float = 300.0
 
 
 class Manager(SharingMethods):
@@ -73,6 +78,7 @@ class Manager(SharingMethods):
         config: ManagerConfig | None = None,
         pci_ids: PciIds | None = None,
         verify_timeout: float = 5.0,
+        gpu_sriov: GpuSriov | None = None,
     ) -> None:
         self.host = host
         self.registry = registry
@@ -94,6 +100,7 @@ class Manager(SharingMethods):
             binder_factory=lambda op: Binder(host, modules, op, verify_timeout=verify_timeout),
             changed=self._changed,
             verify_timeout=verify_timeout,
+            gpu_sriov=gpu_sriov or NvidiaSriovManage(host),
         )
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()  # guards the listeners
@@ -411,13 +418,18 @@ class Manager(SharingMethods):
             live,
             dry_run=dry_run,
             all_users=all_users,
+            vgpu_grace=self.config.vgpu_orphan_grace,
             release=lambda owner, instance: self.detach(Caller(uid=owner), instance),
         )
 
     def recover(self, caller: Caller, target: object = "", *, dry_run: bool = False) -> Report:
         """Admin: put stuck or driverless registered devices back on their native driver. Lists holders,
-        never kills anything, releases a stale persistence hold and clears `stuck`."""
+        never kills anything, releases a stale persistence hold and clears `stuck`. A vGPU parent or a
+        physical GPU hosting vGPUs as `target`: see `recover_sharing`."""
         self._require_admin(caller, "Recover")
+        shared = self.recover_sharing(target, dry_run) if isinstance(target, str) and target else None
+        if shared is not None:
+            return shared
         if target in ("", None):
             rows = [
                 r
@@ -430,7 +442,7 @@ class Manager(SharingMethods):
                 )
             ]
         else:
-            rows = [self.resolve(target)]
+            rows = [self._resolve_target(target)]
         report = Report(
             counters={"candidates": len(rows), "recovered": 0, "held": 0, "failed": 0},
         )
@@ -442,6 +454,16 @@ class Manager(SharingMethods):
             for unit in self.hold.release_stale():
                 report.findings.append(f"started {unit} again")
         return report
+
+    def _resolve_target(self, target: object) -> DeviceRow:
+        """A registered device by id, name or PCI address."""
+        key = validation.device_or_address(target)
+        if not isinstance(key, PciAddress):
+            return self.resolve(key)
+        row = self.registry.by_pci_address(key)
+        if row is None:
+            raise NotFound(f"{key} is neither a registered device, a vGPU parent nor a GPU hosting vGPUs")
+        return row
 
     def import_hypeman(self, caller: Caller, data_dir: object) -> Report:
         """Admin: import hypeman's `devices/<id>/metadata.json` records, keeping ids and names."""

@@ -1,5 +1,6 @@
 """The Manager's GPU-sharing methods: SR-IOV virtual functions (SetVirtualFunctions), the vGPU profiles
-and vGPUs the host offers (ListProfiles, ListVGPUs), AttachVGPU, and the vGPU part of Detach. A mixin of
+and vGPUs the host offers (ListProfiles, ListVGPUs), AttachVGPU, the vGPU part of Detach, and Recover of
+a vGPU parent or a physical GPU. A mixin of
 `Manager`, which owns what they use (the core's dependencies, the locks, the change listeners, start-up's
 recovering devices)."""
 
@@ -9,11 +10,11 @@ import threading
 from collections.abc import Iterable, Sequence
 
 from vfiod.core import profiles, validation
-from vfiod.core.context import Caller
+from vfiod.core.context import Caller, Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import InvalidArgument, NotAuthorized
-from vfiod.core.locks import InstanceLocks
-from vfiod.core.ops import sriov, vgpu
+from vfiod.core.locks import GroupLocks, InstanceLocks
+from vfiod.core.ops import gpu_recover, sriov, vgpu
 from vfiod.core.records import Attachment
 from vfiod.core.refresh import Refreshes
 from vfiod.core.registry import AttachmentRow, DeviceRow, Registry, VgpuRow
@@ -30,6 +31,7 @@ class SharingMethods:
     deps: CoreDeps
     refreshes: Refreshes
     instances: InstanceLocks
+    locks: GroupLocks
     placement: threading.Lock
 
     def resolve(self, id_or_name: object) -> DeviceRow:
@@ -107,6 +109,29 @@ class SharingMethods:
                 )
         self._changed([""])
         return done, attach_warnings(self.host, caller_pid)
+
+    def recover_sharing(self, target: str, dry_run: bool) -> Report | None:
+        """Recover of a vGPU parent (its quarantine cleared) or of a physical GPU whose VFs host vGPUs (an
+        SR-IOV cycle, refused while a vGPU on it is in use); None when `target` is neither. The caller is
+        an admin."""
+        with self.placement:
+            found = gpu_recover.target(self.deps, target)
+            if found is None:
+                return None
+            kind, parents = found
+            report = Report(counters={"candidates": 1, "recovered": 0, "cleared": 0})
+            if kind == "parent":
+                gpu_recover.clear_quarantine(self.deps, target, report, dry_run)
+            else:
+                pf = PciAddress.parse(target)
+                groups = {
+                    g
+                    for p in parents
+                    if p.pci_address and (g := self.host.iommu_group(p.pci_address)) is not None
+                }
+                with self.locks.hold(groups):
+                    gpu_recover.cycle_gpu(self.deps, pf, parents, report, dry_run)
+            return report
 
     def is_vgpu(self, device_id: str) -> bool:
         return self.registry.get_vgpu(device_id) is not None

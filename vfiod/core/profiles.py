@@ -158,12 +158,7 @@ def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
 
 
 def _is(row: VgpuRow, live: Mdev) -> bool:
-    """Whether the live vGPU is the row's: the mdev's uuid, or the vendor-VFIO VF and type."""
-    if row.framework != live.framework:
-        return False
-    if live.framework == vgpus.VENDOR:
-        return (row.parent, row.type_id) == (live.parent, live.type_id)
-    return row.uuid == live.uuid
+    return vgpus.same(row.framework, row.uuid, row.parent, row.type_id, live)
 
 
 def _vgpu(

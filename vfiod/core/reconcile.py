@@ -2,6 +2,11 @@
 (never while a process holds the group node), and every disagreement between the registry and the kernel
 in the caller's scope is reported (a card gone, a different card at the address, a device attached but not
 on vfio, who holds each group node).
+
+vGPUs: a vGPU vfiod created for an instance that is not live is an orphan, destroyed with the instance's
+other devices once it is older than the grace period (`vgpu_orphan_grace`: hypeman creates the vGPU before
+it starts the VM, so a young one is kept and reported); vGPUs vfiod did not create are reported, never
+touched.
 """
 
 from __future__ import annotations
@@ -13,11 +18,23 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import identity_of
 from vfiod.core.errors import VfiodError
-from vfiod.core.registry import AttachmentRow, DeviceRow
+from vfiod.core.registry import AttachmentRow, DeviceRow, utc_now
+from vfiod.host import vgpus as host_vgpus
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
 
-COUNTERS = ("attachments", "released", "kept", "held", "missing", "replaced", "mismatches", "errors")
+COUNTERS = (
+    "attachments",
+    "released",
+    "kept",
+    "held",
+    "grace",
+    "missing",
+    "replaced",
+    "mismatches",
+    "unmanaged_vgpus",
+    "errors",
+)
 
 
 def reconcile(
@@ -27,6 +44,7 @@ def reconcile(
     *,
     dry_run: bool,
     all_users: bool,
+    vgpu_grace: float,
     release: Callable[[int, str], None],
 ) -> Report:
     """`release(owner_uid, instance)` detaches one instance (the manager's Detach, with its locks)."""
@@ -45,8 +63,21 @@ def reconcile(
         if instance in live:
             report.count("kept", len(atts))
             continue
+        young = [v for _, v in vgpus if (utc_now() - v.created_at).total_seconds() < vgpu_grace]
+        if young:
+            report.count("grace", len(atts))
+            report.findings.append(
+                f"instance {instance!r} is not live but its vGPU "
+                + ", ".join(v.uuid for v in young)
+                + f" was created less than {vgpu_grace:g} s ago (vgpu_orphan_grace): kept for now"
+            )
+            continue
         holders = guard.vfio_holders(deps.host, usable)
-        holders += [h for a, v in vgpus for h in guard.group_holders(deps.host, a.iommu_group, v.uuid)]
+        holders += [
+            h
+            for a, v in vgpus
+            for h in guard.vgpu_holders(deps.host, v.framework, v.parent, v.uuid, a.iommu_group)
+        ]
         if holders:
             report.count("held", len(atts))
             report.findings.append(
@@ -67,7 +98,19 @@ def reconcile(
         except VfiodError as e:
             report.count("errors")
             report.findings.append(f"could not release instance {instance!r}: {e.message}")
+    _unmanaged(deps, report)
     return report
+
+
+def _unmanaged(deps: CoreDeps, report: Report) -> None:
+    """Every vGPU on the host that vfiod did not create: reported, never destroyed."""
+    rows = deps.registry.list_vgpus()
+    for live in host_vgpus.read_vgpus(deps.host):
+        if any(host_vgpus.same(r.framework, r.uuid, r.parent, r.type_id, live) for r in rows):
+            continue
+        report.count("unmanaged_vgpus")
+        what = f"mdev {live.uuid}" if live.uuid else f"a vGPU of type {live.type_id}"
+        report.findings.append(f"{what} on {live.parent} was not created by vfiod: left alone")
 
 
 def _inspect(

@@ -32,7 +32,7 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import group_of, identity_of, settled_state
 from vfiod.core.errors import VfiodError
-from vfiod.core.ops import release, sriov, vgpu
+from vfiod.core.ops import gpu_recover, release, sriov, vgpu
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.pcifunction import read_function
@@ -165,6 +165,9 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
         return
     if vgpu.is_vgpu(intents):
         vgpu.finish_interrupted(deps, intents, report)
+        return
+    if gpu_recover.is_cycle(intents):
+        gpu_recover.finish_interrupted(deps, intents, report)
         return
     groups = {i.iommu_group for i in intents if i.iommu_group >= 0}
     with deps.locks.hold(groups):

@@ -1,7 +1,7 @@
-"""The two small interfaces through which the core asks the system manager for something: loading a kernel
-module and stopping/starting a unit. The D-Bus layer plugs in the real systemd client; tests and the
-simulated demo plug in the stand-ins of `vfiod_sim.system` (never imported by a daemon that
-does not simulate).
+"""The small interfaces through which the core asks the system for something: loading a kernel module,
+stopping/starting a unit, and cycling a GPU's SR-IOV VFs with its vendor's tool. The D-Bus layer plugs in
+the real systemd client (and `host/sriov_manage.py`); tests and the simulated demo plug in the stand-ins of
+`vfiod_sim.system` (never imported by a daemon that does not simulate).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Protocol
 
 from vfiod.core.errors import VFIONotAvailable
 from vfiod.host.host import Host
+from vfiod.host.pciaddr import PciAddress
 
 
 class ModuleLoader(Protocol):
@@ -26,6 +27,14 @@ class UnitController(Protocol):
 
     def start(self, unit: str) -> None:
         """Start the unit and wait for the job to finish."""
+
+
+class GpuSriov(Protocol):
+    def disable(self, pf: PciAddress) -> None:
+        """Remove the GPU's VFs (and every vGPU on them) the vendor's way; HostToolError if it cannot."""
+
+    def enable(self, pf: PciAddress) -> None:
+        """Create the GPU's VFs again, bound to the vendor's driver; HostToolError if it cannot."""
 
 
 def modprobe_hint(module: str) -> str:

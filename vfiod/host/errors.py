@@ -50,3 +50,8 @@ class ProcUnreadable(HostError):
         self.what = what
         self.errno = err.errno or errno.EIO
         super().__init__(f"cannot read /proc/{pid}/{what}: {os.strerror(self.errno)}")
+
+
+class HostToolError(HostError):
+    """A host tool vfiod runs (NVIDIA's sriov-manage) is missing, failed or timed out; the message has
+    what it printed."""

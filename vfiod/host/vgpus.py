@@ -42,3 +42,12 @@ def framework_of(host: Host, parent: str) -> str:
     """A parent's framework: vendor-vfio for a VF with `nvidia/`, mdev otherwise."""
     vf = vendor_vf(parent)
     return VENDOR if vf is not None and vendor_vgpu.is_vendor_vf(host, vf) else MDEV
+
+
+def same(framework: str, uuid: str, parent: str, type_id: str, live: Mdev) -> bool:
+    """Whether the live vGPU is the one described: the mdev's uuid, or the vendor-VFIO VF and type."""
+    if framework != live.framework:
+        return False
+    if live.framework == VENDOR:
+        return (parent, type_id) == (live.parent, live.type_id)
+    return uuid == live.uuid
