@@ -2,7 +2,9 @@
 # The README's demo: vfiod on a simulated workstation (Intel iGPU with the console, NVIDIA L4 + its HDMI
 # audio in one IOMMU group), on a private D-Bus of its own, driven through busctl the way hypeman's
 # lib/devices README walks it: discover -> register -> attach (with include_group) -> the cloud-hypervisor
-# device config -> detach. Every call is printed before its reply. Nothing outside a temporary directory
+# device config -> detach; then GPU sharing on a simulated vGPU server (two NVIDIA L40S): ListProfiles ->
+# AttachVGPU twice -> the QEMU and cloud-hypervisor device lines -> Detach. Every call is printed before its
+# reply. Nothing outside a temporary directory
 # is touched (no real /sys, no system bus); everything started here is stopped on exit.
 #
 # Exit status: 0 when every step gave the expected result, 1 otherwise (the script still runs to the end).
@@ -137,24 +139,29 @@ if [[ -z $ADDR ]]; then
 fi
 export ADDR
 echo "ADDR=$ADDR"
-show_cmd "$VFIOD" run --bus "$ADDR" --simulate workstation-l4 --state-dir "$TMP/state"
-"$VFIOD" run --bus "$ADDR" --simulate workstation-l4 --state-dir "$TMP/state" >"$TMP/vfiod.log" 2>&1 &
-VFIOD_PID=$!
-for ((i = 0; i < 150; i++)); do
-  busctl --address="$ADDR" status "$NAME" >/dev/null 2>&1 && break
-  if ! kill -0 "$VFIOD_PID" 2>/dev/null; then
-    echo "demo: vfiod exited before it was on the bus:" >&2
+# start_vfiod PROFILE STATE_DIR: vfiod on the simulated PROFILE, on the bus, until it owns its name.
+start_vfiod() {
+  local i
+  show_cmd "$VFIOD" run --bus "$ADDR" --simulate "$1" --state-dir "$2"
+  "$VFIOD" run --bus "$ADDR" --simulate "$1" --state-dir "$2" >>"$TMP/vfiod.log" 2>&1 &
+  VFIOD_PID=$!
+  for ((i = 0; i < 150; i++)); do
+    busctl --address="$ADDR" status "$NAME" >/dev/null 2>&1 && break
+    if ! kill -0 "$VFIOD_PID" 2>/dev/null; then
+      echo "demo: vfiod exited before it was on the bus:" >&2
+      cat "$TMP/vfiod.log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  if ! busctl --address="$ADDR" status "$NAME" >/dev/null 2>&1; then
+    echo "demo: $NAME did not appear on the bus within 15 s; vfiod said:" >&2
     cat "$TMP/vfiod.log" >&2
     exit 1
   fi
-  sleep 0.1
-done
-if ! busctl --address="$ADDR" status "$NAME" >/dev/null 2>&1; then
-  echo "demo: $NAME did not appear on the bus within 15 s; vfiod said:" >&2
-  cat "$TMP/vfiod.log" >&2
-  exit 1
-fi
-ok "$NAME is on the bus (vfiod pid $VFIOD_PID)"
+  ok "$NAME is on the bus (vfiod pid $VFIOD_PID, simulating $1)"
+}
+start_vfiod workstation-l4 "$TMP/state"
 
 BUSCTL=(busctl --address="$ADDR")
 
@@ -261,6 +268,78 @@ step "The same through vfioctl"
 run "$VFIOCTL" --address="$ADDR" list
 expect_rc 0 "vfioctl list"
 expect_in "nvidia" "vfioctl shows l4-gpu on nvidia"
+
+# ----- GPU sharing: NVIDIA vGPU profiles -------------------------------------------------------------------
+
+step "GPU sharing: vfiod on a simulated vGPU server (two NVIDIA L40S, 32 VFs each, NVIDIA's vendor-specific VFIO)"
+stop "$VFIOD_PID"
+start_vfiod l40s-vgpu "$TMP/state-vgpu"
+
+step "vGPU readiness (GetHostStatus: gpu_mode, vgpu_slots_*)"
+run "${BUSCTL[@]}" call "${MANAGER[@]}" GetHostStatus 'a{sv}' 0
+expect_rc 0 "GetHostStatus answered"
+expect_in '"gpu_mode" s "vgpu"' "gpu_mode is vgpu"
+expect_in '"vgpu_slots_used" u 0' "no vGPU is in use"
+
+step "The profiles this host offers (ListProfiles, through vfioctl)"
+run "$VFIOCTL" --address="$ADDR" profiles
+expect_rc 0 "vfioctl profiles"
+expect_in "NVIDIA L40S-4Q" "the L40S-4Q profile is offered"
+
+VM_A_UUID=5a0d1f58-3c3a-4b8e-9a55-2f1d8e6b0a01
+VM_B_UUID=5a0d1f58-3c3a-4b8e-9a55-2f1d8e6b0a02
+step "AttachVGPU twice: an L40S-4Q for vm-a and one for vm-b, each with the uuid its VM will carry"
+run "${BUSCTL[@]}" --timeout=120 --json=short call "${MANAGER[@]}" AttachVGPU 'ssa{sv}' vm-a 'NVIDIA L40S-4Q' 1 uuid s "$VM_A_UUID"
+expect_rc 0 "AttachVGPU for vm-a answered"
+VGPU_A=$OUT
+run "${BUSCTL[@]}" --timeout=120 --json=short call "${MANAGER[@]}" AttachVGPU 'ssa{sv}' vm-b 'NVIDIA L40S-4Q' 1 uuid s "$VM_B_UUID"
+expect_rc 0 "AttachVGPU for vm-b answered"
+VGPU_B=$OUT
+
+step "The VMM command lines for each vGPU (QEMU and cloud-hypervisor)"
+set +e
+LINES=$("$PYTHON" - "$VGPU_A" "$VGPU_B" <<'EOF'
+import json, sys
+def plain(v):
+    if isinstance(v, dict) and set(v) == {"type", "data"}:
+        return plain(v["data"])
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    return v
+for name, raw in zip(("vm-a", "vm-b"), sys.argv[1:]):
+    att, warnings = (plain(x) for x in json.loads(raw)["data"])
+    cfg = att["device_config"]
+    print(f"# {name}: VF {att['pci_address']}, group node {att['vfio_group_path']}")
+    print(f"qemu-system-x86_64 -uuid {cfg['uuid']} ... -device vfio-pci,sysfsdev={cfg['sysfsdev']}")
+    print(f"cloud-hypervisor ... --device path={cfg['path']}")
+EOF
+)
+LINES_RC=$?
+set -e
+printf '%s\n' "$LINES"
+OUT=$LINES
+if [[ $LINES_RC == 0 ]]; then ok "parsed the AttachVGPU replies"; else fail "could not parse the AttachVGPU replies"; fi
+expect_in "-uuid $VM_A_UUID" "vm-a's QEMU carries its uuid"
+expect_in "-device vfio-pci,sysfsdev=/sys/bus/pci/devices/" "QEMU's sysfsdev= is the VF"
+expect_in "--device path=/sys/bus/pci/devices/" "cloud-hypervisor's --device path="
+
+step "Two vGPU slots are used, one on each GPU (least loaded first)"
+run "${BUSCTL[@]}" call "${MANAGER[@]}" GetHostStatus 'a{sv}' 0
+expect_in '"vgpu_slots_used" u 2' "vgpu_slots_used is 2"
+run "$VFIOCTL" --address="$ADDR" vgpus
+expect_rc 0 "vfioctl vgpus"
+expect_in "0000:a2:" "one vGPU is on the GPU at a2"
+expect_in "0000:b3:" "the other is on the GPU at b3"
+
+step "Detach both: the vGPUs are destroyed, the slots come back"
+run "${BUSCTL[@]}" --timeout=120 call "${MANAGER[@]}" Detach 'sasa{sv}' vm-a 0 0
+expect_rc 0 "Detach vm-a answered"
+run "${BUSCTL[@]}" --timeout=120 call "${MANAGER[@]}" Detach 'sasa{sv}' vm-b 0 0
+expect_rc 0 "Detach vm-b answered"
+run "${BUSCTL[@]}" call "${MANAGER[@]}" GetHostStatus 'a{sv}' 0
+expect_in '"vgpu_slots_used" u 0' "vgpu_slots_used is 0 again"
 
 # ----- result ---------------------------------------------------------------------------------------------
 

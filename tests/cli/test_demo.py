@@ -1,7 +1,8 @@
 """The README's demo (`tools/demo.sh`, what `make demo` runs): it runs to the end, exits 0, stops what it
 started, and its output shows the workflow's key facts in order: the IOMMU group conflict without
 include_group, the device on vfio-pci once attached, cloud-hypervisor's --device line, and the GPU back
-on nvidia after Detach."""
+on nvidia after Detach; then the vGPU chapter: profiles, two AttachVGPUs spread over both GPUs, the QEMU and
+cloud-hypervisor lines, and the slots back after Detach."""
 
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def test_demo_runs_to_the_end_and_shows_the_workflow(tmp_path: Path) -> None:
     back = out.index('"driver" s "nvidia"', detach)
     assert '"driver" s "snd_hda_intel"' in out[back - 2000 : back + 2000]
     assert "vfioctl" in out[back:] and "nvidia" in out[out.index("vfioctl --address", back) :]
+    # GPU sharing: the vGPU chapter on l40s-vgpu, in order
+    sharing = out.index("--simulate l40s-vgpu", back)
+    profiles = out.index("NVIDIA L40S-4Q", out.index("vfioctl --address", sharing))
+    first = out.index("AttachVGPU ssa{sv} vm-a 'NVIDIA L40S-4Q'", profiles)
+    second = out.index("AttachVGPU ssa{sv} vm-b 'NVIDIA L40S-4Q'", first)
+    qemu = out.index("qemu-system-x86_64 -uuid 5a0d1f58-3c3a-4b8e-9a55-2f1d8e6b0a01", second)
+    assert out.index("-device vfio-pci,sysfsdev=/sys/bus/pci/devices/0000:a2:", qemu)
+    assert out.index("--device path=/sys/bus/pci/devices/0000:b3:", qemu)  # the other GPU: least loaded
+    used = out.index('"vgpu_slots_used" u 2', qemu)
+    freed = out.index('"vgpu_slots_used" u 0', out.index("Detach sasa{sv} vm-b 0 0", used))
+    assert freed > used
     assert out.rstrip().endswith("stopping vfiod and the bus.")
 
     # It stopped what it started and removed its directory.

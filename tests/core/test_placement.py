@@ -98,7 +98,7 @@ def test_host_status_counts_vgpu_slots(env: MakeEnv) -> None:
     m = e.manager
     status = m.host_status()
     assert (status["gpu_mode"], status["vgpu_parents"], status["vgpu_slots_total"]) == ("vgpu", 64, 64)
-    assert status["gpu_slots_total"] == 2  # the two A40s themselves; their VFs are vGPU slots
+    assert status["gpu_slots_total"] == 0  # the A40s have VFs enabled (not passable); the VFs are vGPU slots
     assert (status["vgpu_slots_used"], status["vgpu_slots_allocatable"], status["quarantined"]) == (0, 64, [])
     m.attach_vgpu(HM, "vm1", Q4)
     for _ in range(2):

@@ -53,7 +53,7 @@ def test_vgpu_vendor_profiles_by_type_id(env: MakeEnv) -> None:
     )
     assert (p4.available, len(p4.parents), got[Q48].available) == (24, 64, 2)  # 12 per GPU; 1 per GPU
     status = m.host_status()
-    assert (status["gpu_mode"], status["vgpu_parents"], status["gpu_slots_total"]) == ("vgpu", 64, 2)
+    assert (status["gpu_mode"], status["vgpu_parents"], status["gpu_slots_total"]) == ("vgpu", 64, 0)
 
 
 def test_vgpu_vendor_attach_writes_the_type_and_hands_the_vf_over(env: MakeEnv) -> None:
@@ -279,3 +279,12 @@ def test_vgpu_vendor_orphan_reaped_unless_its_cdev_is_held(env: MakeEnv) -> None
     processes.remove_process(e.root, pid)
     report = m.reconcile(HM, ["alive"])
     assert report.counters["released"] == 1 and current(e, att.pci_address) == "0" and m.list_vgpus() == []
+
+
+def test_vgpu_vendor_clean_vfs_before_one_that_failed(env: MakeEnv) -> None:
+    """A VF whose last create failed (not yet quarantined) may need a reset: the clean VFs go first."""
+    m = env("l40s-vgpu").manager
+    first = "0000:a2:00.4"
+    m.registry.record_parent_failure(first, "verify failed")
+    att, _ = m.attach_vgpu(HM, "vm1", Q4, parent=PF_A)
+    assert att.pci_address == "0000:a2:00.5"

@@ -278,4 +278,11 @@ def render_check(
         lines.append(f"Ready: {len(ready)} GPU(s) can be passed through as they stand: {addrs}")
     else:
         lines.append("Ready: no GPU can be passed through as it stands (see the blockers above)")
+    if field(status, "gpu_mode", "none") == "vgpu":
+        free = int_field(status, "vgpu_slots_allocatable", 0)
+        lines.append(
+            f"Ready for vGPUs: {free} can be created now (vfioctl profiles shows which)"
+            if free
+            else "Ready for vGPUs: none can be created now (see the vGPU line above)"
+        )
     return "\n".join(lines) + "\n"

@@ -60,7 +60,10 @@ NO_OWNER = 0xFFFFFFFF
 
 def render_profiles(profiles: Sequence[Mapping[str, Any]]) -> str:
     if not profiles:
-        return "no vGPU profiles: no mediated-device parent is registered (see /sys/class/mdev_bus)\n"
+        return (
+            "no vGPU profiles: no mediated-device parent is registered (see /sys/class/mdev_bus) and no "
+            "NVIDIA vendor-VFIO VF offers types\n"
+        )
     header = ("TYPE", "NAME", "FRAMEWORK", "FRAMEBUFFER", "AVAILABLE", "PARENTS")
     rows = [
         (
@@ -69,11 +72,18 @@ def render_profiles(profiles: Sequence[Mapping[str, Any]]) -> str:
             field(p, "framework"),
             f"{p['framebuffer_mb']} MB" if p.get("framebuffer_mb") else "-",
             field(p, "available"),
-            ", ".join(p.get("parents") or []) or "-",
+            _parents(p.get("parents") or []),
         )
         for p in profiles
     ]
     return "\n".join(table(header, rows)) + "\n"
+
+
+def _parents(names: Sequence[str]) -> str:
+    """A few parents by name; many (a GPU's 32 VFs) as a count and the first and last (--json has all)."""
+    if len(names) <= 4:
+        return ", ".join(names) or "-"
+    return f"{len(names)}: {names[0]} ... {names[-1]}"
 
 
 def render_vgpus(vgpus: Sequence[Mapping[str, Any]]) -> str:

@@ -141,11 +141,12 @@ def host_status(
         devices = discover(host, pci_ids)
     gpus = [d for d in devices if d.type == "gpu"]
     # A VF offering vGPU types (mdev, or NVIDIA's vendor-VFIO `nvidia/`) is a vGPU slot (AttachVGPU), not
-    # a passthrough slot.
+    # a passthrough slot; nor is a PF with VFs enabled (vfio-pci refuses it; its VFs are the slots).
     slots = [
         d
         for d in gpus
         if not d.host_critical
+        and not d.sriov_numvfs
         and not (
             d.physfn and (d.mdev_types or vendor_vgpu.is_vendor_vf(host, PciAddress.parse(d.pci_address)))
         )

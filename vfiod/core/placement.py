@@ -1,12 +1,14 @@
 """Where vGPUs fit: what each physical GPU can still take of a type, and which parent a new vGPU goes to.
 
 Parents are grouped by physical GPU (an SR-IOV VF's PF, a PCI parent itself, a virtual parent alone). A
-type's capacity on a GPU is what its parents say (`available_instances`: NVIDIA's VFs show 1 or 0 each)
-capped by the type's `max_instance` on that GPU (NVIDIA's description) less the vGPUs of it already there:
-summing VFs alone would count every free VF although the GPU's framebuffer runs out first. Placement takes
-the GPU with the most free framebuffer (its size, from `max_instance` times the type's framebuffer, less its
-vGPUs'), GPUs with a quarantined parent last, then the parent with the most instances left; ties by name,
-so it is stable. Quarantined parents are never chosen and count for nothing.
+type's capacity on a GPU is what its parents say (`available_instances`: NVIDIA's VFs show 1 or 0 each; a
+vendor-VFIO VF 1 while it lists the type) capped by the framebuffer the GPU has left (its size from
+`max_instance` times a type's framebuffer in NVIDIA's mdev descriptions, or the largest vendor-VFIO type),
+else by the type's `max_instance` less its vGPUs: summing VFs alone would count every free VF although the
+GPU's framebuffer runs out first. Placement takes the GPU with the most free framebuffer, GPUs with a
+quarantined parent last, then a clean parent before one whose last create or verify failed, then the
+parent with the most instances left; ties by name, so it is stable. Quarantined parents are never chosen
+and count for nothing.
 """
 
 from __future__ import annotations
@@ -115,10 +117,13 @@ def choose(
     parents: Sequence[MdevParent],
     mdevs: Sequence[Mdev],
     skip: Iterable[str],
+    suspect: Iterable[str] = (),
 ) -> tuple[MdevParent, MdevType] | None:
     """Of the (parent, type) candidates, the one on the GPU with the most free framebuffer that can still
-    take the type, then with the most instances left; None when none can."""
+    take the type, then a clean parent before a `suspect` one (its last create or verify failed: it may
+    need a reset), then the one with the most instances left; None when none can."""
     skipped = set(skip)
+    suspects = set(suspect)
     by_name = {g.name: g for g in gpus(parents, mdevs)}
     usable = [
         (p, t)
@@ -131,8 +136,15 @@ def choose(
     def tainted(gpu: Gpu) -> bool:  # a quarantined VF may mean a GPU that needs an SR-IOV cycle
         return any(p.name in skipped for p in gpu.parents)
 
-    def key(pt: tuple[MdevParent, MdevType]) -> tuple[bool, int, str, int, str]:
+    def key(pt: tuple[MdevParent, MdevType]) -> tuple[bool, int, str, bool, int, str]:
         gpu = by_name[gpu_of(pt[0])]
-        return (tainted(gpu), -gpu.framebuffer_free(), gpu.name, -pt[1].available, pt[0].name)
+        return (
+            tainted(gpu),
+            -gpu.framebuffer_free(),
+            gpu.name,
+            pt[0].name in suspects,
+            -pt[1].available,
+            pt[0].name,
+        )
 
     return min(usable, key=key)

@@ -13,7 +13,8 @@ answers DeviceBusy, and start-up leaves it `stuck` for an admin. mdevs vfiod did
 touched (they have no vGPU row).
 
 Placement is `core/placement.py`: the physical GPU with the most free framebuffer that can take the profile,
-then its parent with the most instances left, never a quarantined one.
+then a clean parent before one that failed last time, then the one with the most instances left, never a
+quarantined one.
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ def place(
     """The usable parent on the physical GPU with the most free framebuffer (placement.choose);
     NoCapacity naming what is used and what is quarantined."""
     skip = quarantined(deps)
-    chosen = placement.choose(found, vgpus.read_parents(deps.host), vgpus.read_vgpus(deps.host), skip)
+    suspect = [h.parent for h in deps.registry.all_parent_health() if h.failures]
+    chosen = placement.choose(
+        found, vgpus.read_parents(deps.host), vgpus.read_vgpus(deps.host), skip, suspect
+    )
     if chosen is None:
         gpus = sorted({placement.gpu_of(p) for p, _ in found})
         held = "; ".join(f"{name} quarantined ({why})" for name, why in sorted(skip.items()))
