@@ -225,14 +225,17 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
         ["vfioctl reconcile ml-training web-1 --dry-run", "vfioctl reconcile ml-training web-1"],
     ),
     "recover": (
-        "put stuck or driverless devices back on their drivers (Recover; admin)",
-        "Without a device, every stuck or driverless registered device.",
-        ["vfioctl recover --dry-run", "vfioctl recover l4-gpu"],
+        "put stuck or driverless devices back on their drivers, or recover a vGPU parent or GPU "
+        "(Recover; admin)",
+        "Without a target, every stuck or driverless registered device. A vGPU parent (mtty, a VF's "
+        "address): its quarantine is cleared. A physical GPU whose VFs host vGPUs (its address): NVIDIA's "
+        "SR-IOV cycle (sriov-manage -d, -e), which destroys every vGPU on it, refused while one is in use.",
+        ["vfioctl recover --dry-run", "vfioctl recover l4-gpu", "vfioctl recover 0000:a2:00.0 --dry-run"],
     ),
     "profiles": (
         "list the vGPU profiles this host offers (ListProfiles)",
-        "Every mediated-device type of every parent, with its framebuffer size when known and how many "
-        "instances can be created now.",
+        "Every mediated-device type of every parent and every NVIDIA vendor-VFIO type, with its framebuffer "
+        "size when known and how many instances can be created now.",
         ["vfioctl profiles", "vfioctl profiles --parent mtty --json"],
     ),
     "vgpus": (
@@ -363,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only report what would be released")
     p.add_argument("--all-users", action="store_true", help="every user's attachments (admin)")
     p = add("recover", cmd_recover)
-    p.add_argument("device", metavar="ID|NAME", nargs="?", help="default: every stuck or driverless device")
+    p.add_argument(
+        "device",
+        metavar="TARGET",
+        nargs="?",
+        help="a device (id, name or PCI address), a vGPU parent or a GPU; default: every stuck or "
+        "driverless device",
+    )
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
     p = add("profiles", cmd_profiles)
     p.add_argument("--parent", metavar="PARENT", help="only this parent's types")
