@@ -31,8 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint:
-	$(VENV)/bin/ruff check vfiod vfiod_sim tests bench packaging/stage.py
-	$(VENV)/bin/ruff format --check vfiod vfiod_sim tests bench packaging/stage.py
+	$(VENV)/bin/ruff check vfiod vfiod_sim tests bench packaging/stage.py tools/demo_replies.py
+	$(VENV)/bin/ruff format --check vfiod vfiod_sim tests bench packaging/stage.py tools/demo_replies.py
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -210,31 +210,7 @@ expect_in '"attached"' "State is attached"
 
 step "cloud-hypervisor device config (one --device per attachment)"
 set +e
-CH=$("$PYTHON" - "$FIRST_ATTACH" <<'EOF'
-import json, sys
-reply = json.loads(sys.argv[1])
-attachments, warnings = reply["data"]
-def plain(v):
-    if isinstance(v, dict) and set(v) == {"type", "data"}:
-        return plain(v["data"])
-    if isinstance(v, dict):
-        return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [plain(x) for x in v]
-    return v
-attachments = [plain(a) for a in attachments]
-lines = ["cloud-hypervisor ..."]
-for a in attachments:
-    cfg = a["device_config"]
-    extra = "".join(f",{k}={v}" for k, v in sorted(cfg.items()) if k != "path")
-    lines.append(f"    --device path={cfg['path']}{extra}")
-print(" \\\n".join(lines))
-for a in attachments:
-    print(f"# {a['pci_address']}: {a['role']}, group node {a['vfio_group_path'] or '-'}")
-for w in warnings:
-    print(f"# warning: {w}")
-EOF
-)
+CH=$("$PYTHON" "$REPO/tools/demo_replies.py" ch "$FIRST_ATTACH")
 CH_RC=$?
 set -e
 printf '%s\n' "$CH"
@@ -298,24 +274,7 @@ VGPU_B=$OUT
 
 step "The VMM command lines for each vGPU (QEMU and cloud-hypervisor)"
 set +e
-LINES=$("$PYTHON" - "$VGPU_A" "$VGPU_B" <<'EOF'
-import json, sys
-def plain(v):
-    if isinstance(v, dict) and set(v) == {"type", "data"}:
-        return plain(v["data"])
-    if isinstance(v, dict):
-        return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [plain(x) for x in v]
-    return v
-for name, raw in zip(("vm-a", "vm-b"), sys.argv[1:]):
-    att, warnings = (plain(x) for x in json.loads(raw)["data"])
-    cfg = att["device_config"]
-    print(f"# {name}: VF {att['pci_address']}, group node {att['vfio_group_path']}")
-    print(f"qemu-system-x86_64 -uuid {cfg['uuid']} ... -device vfio-pci,sysfsdev={cfg['sysfsdev']}")
-    print(f"cloud-hypervisor ... --device path={cfg['path']}")
-EOF
-)
+LINES=$("$PYTHON" "$REPO/tools/demo_replies.py" vgpu "vm-a=$VGPU_A" "vm-b=$VGPU_B")
 LINES_RC=$?
 set -e
 printf '%s\n' "$LINES"

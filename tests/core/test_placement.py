@@ -4,14 +4,14 @@ framebuffer, concurrent AttachVGPUs never over-commit a GPU, and a pinned physic
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from typing import cast
 
 import pytest
 
+from tests.core.support.vgpus import attach_vgpus_concurrently
 from tests.core.support.worlds import HM, MakeEnv
-from vfiod.core.errors import NoCapacity, VfiodError
+from vfiod.core.errors import NoCapacity
 
 PF_A, PF_B = "0000:a2:00.0", "0000:b3:00.0"
 Q4, Q8 = "NVIDIA A40-4Q", "NVIDIA A40-8Q"
@@ -51,21 +51,7 @@ def test_least_loaded_gpu_first_and_pins(env: MakeEnv) -> None:
 def test_concurrent_attaches_never_over_commit(env: MakeEnv) -> None:
     e = env("a40-mdev")
     m = e.manager
-    results: dict[str, str] = {}
-
-    def one(n: int) -> None:
-        try:
-            m.attach_vgpu(HM, f"vm{n}", Q4)
-            results[f"vm{n}"] = "ok"
-        except VfiodError as err:
-            results[f"vm{n}"] = err.name
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(30)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert Counter(results.values()) == {"ok": 24, "NoCapacity": 6}
+    assert attach_vgpus_concurrently(m, Q4, 30) == {"ok": 24, "NoCapacity": 6}
     per_gpu = Counter(gpu_of_vgpu(v.parent) for v in m.list_vgpus())
     assert per_gpu == {PF_A: 12, PF_B: 12}
     assert len({v.parent for v in m.list_vgpus()}) == 24  # one per VF

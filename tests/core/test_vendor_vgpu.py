@@ -8,14 +8,14 @@ physical GPU (an SR-IOV cycle with NVIDIA's sriov-manage, refused while a vGPU o
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections import Counter
 from typing import cast
 
 import pytest
 
+from tests.core.support.vgpus import attach_vgpus_concurrently
 from tests.core.support.worlds import ADMIN, HM, Env, MakeEnv
-from vfiod.core.errors import DeviceBusy, Failed, InUse, InvalidArgument, NoCapacity, VfiodError
+from vfiod.core.errors import DeviceBusy, Failed, InUse, InvalidArgument, NoCapacity
 from vfiod.core.journal import Operation
 from vfiod.core.manager import Manager
 from vfiod.core.ops import gpu_recover, vgpu
@@ -132,21 +132,7 @@ def test_vgpu_vendor_failing_vf_rolled_back_and_quarantined(env: MakeEnv) -> Non
 def test_vgpu_vendor_64_concurrent_attaches_never_over_commit(env: MakeEnv) -> None:
     e = env("l40s-vgpu")
     m = e.manager
-    results: dict[str, str] = {}
-
-    def one(n: int) -> None:
-        try:
-            m.attach_vgpu(HM, f"vm{n}", Q4)
-            results[f"vm{n}"] = "ok"
-        except VfiodError as err:
-            results[f"vm{n}"] = err.name
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert Counter(results.values()) == {"ok": 24, "NoCapacity": 40}
+    assert attach_vgpus_concurrently(m, Q4, 64) == {"ok": 24, "NoCapacity": 40}
     found = m.list_vgpus()
     assert Counter(gpu_of(v.parent) for v in found) == {PF_A: 12, PF_B: 12}
     assert len({v.parent for v in found}) == 24 and m.registry.open_intents() == []

@@ -24,12 +24,13 @@ from tests.integration.support.realstack import (
     NOBODY,
     ROOT,
     STRANGER,
-    Result,
     Stack,
     User,
     gv_opts,
     gv_str,
     gv_strv,
+    ok,
+    refused,
     require_root_and_tools,
     start_stack,
     vfiod_argv,
@@ -55,15 +56,6 @@ def stack() -> Iterator[Stack]:
         r = s.call(ROOT, "RegisterDevice", gv_str(IGPU), gv_str("igpu"), gv_opts())
         assert r.ok, f"root could not register {IGPU}: {r.describe()}\n{s.logs()}"
         yield s
-
-
-def ok(r: Result, what: str) -> Result:
-    assert r.ok, f"{what}: {r.describe()}"
-    return r
-
-
-def refused(r: Result, error: str, what: str) -> None:
-    assert not r.ok and r.error == error, f"{what}: expected {error}, got {r.describe()}"
 
 
 def device(stack: Stack, name: str) -> dict[str, object]:

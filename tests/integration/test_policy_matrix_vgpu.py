@@ -20,12 +20,13 @@ from tests.integration.support.realstack import (
     NOBODY,
     ROOT,
     STRANGER,
-    Result,
     Stack,
     User,
     gv_opts,
     gv_str,
     gv_strv,
+    ok,
+    refused,
     require_root_and_tools,
     start_stack,
     vfiod_argv,
@@ -43,15 +44,6 @@ def stack() -> Iterator[Stack]:
     require_root_and_tools()
     with start_stack(vfiod_argv("l40s-vgpu")) as s:
         yield s
-
-
-def ok(r: Result, what: str) -> Result:
-    assert r.ok, f"{what}: {r.describe()}"
-    return r
-
-
-def refused(r: Result, error: str, what: str) -> None:
-    assert not r.ok and r.error == error, f"{what}: expected {error}, got {r.describe()}"
 
 
 def admin_calls() -> list[tuple[str, tuple[str, ...]]]:

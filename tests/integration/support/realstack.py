@@ -102,6 +102,17 @@ class Result:
         return f"rc={self.returncode} stdout={self.stdout.strip()!r} stderr={self.stderr.strip()!r}"
 
 
+def ok(r: Result, what: str) -> Result:
+    """The call succeeded (else fail the test saying what was called and what gdbus said)."""
+    assert r.ok, f"{what}: {r.describe()}"
+    return r
+
+
+def refused(r: Result, error: str, what: str) -> None:
+    """The call failed with exactly the D-Bus error `error`."""
+    assert not r.ok and r.error == error, f"{what}: expected {error}, got {r.describe()}"
+
+
 def gv_str(s: str) -> str:
     """A GVariant text string literal."""
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
