@@ -247,3 +247,29 @@ def test_module_entry_point_runs() -> None:
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_vendor_vgpu_host(capsys: pytest.CaptureFixture[str]) -> None:
+    """l40s-vgpu: the VFs are vGPU parents of NVIDIA's vendor-specific VFIO, not passthrough candidates;
+    vGPU readiness in the status, the sharing section and the last line."""
+    doc = run_json(capsys, "--simulate", "l40s-vgpu", "--all")
+    host = doc["host"]
+    assert (
+        host["gpu_mode"],
+        host["vgpu_parents"],
+        host["vgpu_slots_allocatable"],
+        host["gpu_slots_total"],
+    ) == (
+        "vgpu",
+        64,
+        64,
+        0,
+    )
+    offered = doc["sharing"]["profiles"]
+    assert {p["framework"] for p in offered} == {"vendor-vfio"} and len(offered) == 64 * 17
+    vf = next(d for d in doc["devices"] if d["pci_address"] == "0000:a2:00.4")
+    assert not vf["passthrough_ready"] and any("vendor-VFIO" in b for b in vf["blockers"])
+    assert main(["check", "--simulate", "l40s-vgpu"]) == 0
+    out = capsys.readouterr().out
+    assert "vendor-VFIO parents 0000:a2:00.4 ... 0000:b3:04.3 (64): 1152 (NVIDIA L40S-1Q)" in out
+    assert out.rstrip().endswith("Ready for vGPUs: 64 can be created now (vfioctl profiles shows which)")
