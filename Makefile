@@ -40,7 +40,8 @@ typecheck:
 unit:
 	$(VENV)/bin/pytest -q
 
-# The real-kernel suite boots Debian's kernel in QEMU (TCG); its downloads are cached in .cache/e2e.
+# The real-kernel suite boots Debian's kernel in QEMU (TCG); its downloads and builds are cached outside the
+# clone, in ~/.cache/vfiod/e2e (keyed by version: every clone on the machine reuses them).
 test-e2e:
 	VFIOD_E2E=1 $(VENV)/bin/pytest -q tests/e2e
 

@@ -7,7 +7,7 @@
 #
 # What it does:
 #  1. bundles the pinned Python dependencies (packaging/requirements.txt, sha256-checked) with
-#     `pip install --target` into a private tree /usr/lib/vfiod, from a wheel cache in .cache/wheels
+#     `pip install --target` into a private tree /usr/lib/vfiod, from a wheel cache in ~/.cache/vfiod/wheels
 #     (filled from PyPI on first use; git-ignored), plus vfiod itself;
 #  2. lays out every file of the "Files on a host" table (packaging/stage.py) and generates
 #     debian/changelog (version from pyproject.toml) and debian/copyright (licenses of the wheels);
@@ -62,7 +62,8 @@ VERSION=$("${STAGE[@]}" version)
 SRC=$BUILD/vfiod-$VERSION
 PAYLOAD=$SRC/payload
 PRIVATE=$PAYLOAD/usr/lib/vfiod
-CACHE=$REPO/.cache/wheels
+# Wheels are pinned by hash: one cache outside the clone serves every clone (and CI) on this machine.
+CACHE=${VFIOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vfiod/wheels}
 started=$(date +%s)
 
 # Only what this script makes in the build directory is removed (it may be a directory of the caller's).
@@ -81,7 +82,7 @@ pip_install() {
         -r "$REPO/packaging/requirements.txt"
 }
 if ! pip_install 2>/dev/null; then
-    step "fetching the pinned wheels into .cache/wheels"
+    step "fetching the pinned wheels into $CACHE"
     "$PIPPY" -m pip download --quiet --no-deps --disable-pip-version-check "${HASHES[@]}" "${WHEEL_TARGET[@]}" \
         --dest "$CACHE" -r "$REPO/packaging/requirements.txt" \
         || die "could not download the wheels of packaging/requirements.txt"

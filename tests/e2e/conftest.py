@@ -60,6 +60,6 @@ def deb(images: guest.Images) -> Path:
     if not daemon_has_run():
         pytest.skip("`vfiod run` does not exist yet (vfiod/cli/daemon.py): no service to test")
     try:
-        return guest.ensure_deb(images.cache)
+        return guest.ensure_deb()
     except guest.SetupError as e:
         pytest.fail(f"cannot build the .deb: {e}", pytrace=False)

@@ -1,7 +1,8 @@
 """Host side of the real-kernel suite: build (once, cached) and boot a QEMU guest running Debian's kernel.
 
-Everything the guest needs is built here and cached under `.cache/e2e/` (or `$VFIOD_E2E_CACHE`), keyed so
-that a new kernel or a different package list builds anew and anything else is reused:
+Everything the guest needs is built here and cached outside the clone, under `~/.cache/vfiod/e2e/` (or
+`$XDG_CACHE_HOME/vfiod/e2e`, or `$VFIOD_E2E_CACHE`), keyed so that a new kernel or a different package list
+builds anew and anything else is reused (by every clone on the machine, and CI):
 
     kernel/<package>/root/          `dpkg -x` of the current bookworm kernel package + `depmod -b`
     kernel/<package>/initramfs-<key>.cpio.gz   static busybox, the modules to mount the root, guest/init.sh
@@ -58,6 +59,7 @@ ROOT_PACKAGES: tuple[str, ...] = (
     "procps",
     "iproute2",
     "pci.ids",
+    "qemu-system-x86",  # the real VMM (paused, TCG) that takes the devices vfiod hands over
 )
 # What the initramfs needs to mount the root: virtio-pci, 9p over virtio, overlayfs.
 INITRAMFS_MODULES: tuple[str, ...] = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -93,7 +95,12 @@ class SetupError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VFIOD_E2E_CACHE") or REPO / ".cache" / "e2e")
+    """Outside the clone (`$XDG_CACHE_HOME/vfiod/e2e`, else `~/.cache/vfiod/e2e`), so that fresh clones and CI
+    on the same machine reuse what is keyed by version; `$VFIOD_E2E_CACHE` overrides it."""
+    given = os.environ.get("VFIOD_E2E_CACHE")
+    if given:
+        return Path(given)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vfiod" / "e2e"
 
 
 def missing_tools() -> list[str]:
@@ -489,14 +496,16 @@ def ensure_nvme_image(cache: Path | None = None) -> Path:
 
 def ensure_deb(cache: Path | None = None) -> Path:
     """The project's .deb: `$VFIOD_E2E_DEB` when set (e.g. what `make deb` left in dist/), else built now
-    from the working tree with packaging/build-deb.sh (without lintian) into the cache."""
+    from the working tree with packaging/build-deb.sh (without lintian) into this clone's `.cache/deb`
+    (`cache`: another folder of this tree's own), never into the shared cache."""
     given = os.environ.get("VFIOD_E2E_DEB")
     if given:
         path = Path(given)
         if not path.is_file():
             raise SetupError(f"VFIOD_E2E_DEB={given} is not a file")
         return path
-    cache = cache or cache_dir()
+    cache = cache or REPO / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
     outdir = cache / "deb"
     with _locked(cache / ".deb.lock"):
         shutil.rmtree(outdir, ignore_errors=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e import qemu_vmm
 from tests.e2e.trace import (
     BR_E1000,
     BR_EDU,
@@ -277,6 +278,21 @@ class Guest:
                 proc.kill()
                 proc.wait()
 
+    @contextlib.contextmanager
+    def qemu(self, user: str, devices: Sequence[str]) -> Iterator[qemu_vmm.RunningQemu]:
+        """A real QEMU as `user` (memlock unlimited, as hypeman's drop-in sets it) with `devices` passed
+        through (PCI addresses, or mdev sysfs paths), paused, answering QMP."""
+        import pwd
+
+        prefix = ["prlimit", "--memlock=unlimited:unlimited", *as_user(user, [])]
+        with qemu_vmm.running(prefix, pwd.getpwnam(user).pw_uid, devices) as q:
+            shown = ", ".join(
+                f"{f.qdev_id} {f.vendor_id}:{f.device_id} at {f.address}" for f in q.passed().values()
+            )
+            args = " ".join(qemu_vmm.device_args(devices))
+            self.say(f"{user}$ qemu-system-x86_64 -S ... {args} (pid {q.pid}): {shown}")
+            yield q
+
     # --- set-up (fast init) ---
 
     def install_package(self) -> str:
@@ -469,6 +485,24 @@ def sc_vmm_uses_group(g: Guest) -> None:
     check(res.get("ok") is True and res.get("vendor_id") == "1234", f"the VMM failed: {res}")
 
 
+def sc_vmm_qemu_uses_group(g: Guest) -> None:
+    """As hypeman, a real QEMU takes both functions of the group (-device vfio-pci,host=): query-pci lists
+    them with their ids, its /proc/<pid>/fd holds the group node; a stranger's QEMU cannot open the node."""
+    node = f"/dev/vfio/{g.group(VGA)}"
+    with g.qemu(HYPEMAN, [VGA, HDA]) as q:
+        ids = {k: (f.vendor_id, f.device_id) for k, f in q.passed().items()}
+        check(ids == {"hostdev0": ("1234", "1111"), "hostdev1": ("8086", "2668")}, f"query-pci: {ids}")
+        fds = {os.readlink(f"/proc/{q.pid}/fd/{n}") for n in os.listdir(f"/proc/{q.pid}/fd")}
+        check(node in fds and "/dev/vfio/vfio" in fds, f"QEMU's fds: {sorted(fds)}")
+    try:
+        with g.qemu(STRANGER, [VGA]):
+            raise ScenarioFailed("a stranger's QEMU opened hypeman's group")
+    except qemu_vmm.QemuFailed as e:
+        g.say(f"stranger's QEMU: {e}")
+        check("Permission denied" in str(e), f"expected EACCES: {e}")
+    g.expect_drivers({VGA: "vfio-pci", HDA: "vfio-pci"}, "after QEMU quit")
+
+
 def sc_memlock(g: Guest) -> None:
     """256 MiB of DMA fails ENOMEM under the default RLIMIT_MEMLOCK and works with it unlimited."""
     node = f"/dev/vfio/{g.group(VGA)}"
@@ -479,13 +513,15 @@ def sc_memlock(g: Guest) -> None:
 
 
 def sc_held_detach(g: Guest) -> None:
-    """The VMM holds the device fd: Detach is DeviceBusy naming it at once; after it exits, Detach works
-    and both functions are back on their drivers."""
+    """A real QEMU holds both functions: Detach is DeviceBusy naming its pid and executable at once; after
+    it quits, Detach works and both functions are back on their drivers."""
     node = f"/dev/vfio/{g.group(VGA)}"
-    with g.holding_vmm(HYPEMAN, node, VGA) as pid:
+    with g.qemu(HYPEMAN, [VGA, HDA]) as q:
+        pid = q.pid
         reply = g.detach(HYPEMAN, "vm-vga")
         check(not reply.ok and reply.error == "DeviceBusy", f"expected DeviceBusy: {reply.describe()}")
         check(str(pid) in reply.message, f"DeviceBusy should name pid {pid}: {reply.message}")
+        check("qemu-system-x86_64" in reply.message, f"DeviceBusy should name QEMU: {reply.message}")
         check(reply.seconds < 20, f"DeviceBusy took {reply.seconds:.1f} s")
         g.expect_drivers({VGA: "vfio-pci", HDA: "vfio-pci"}, "while held")
     reply = g.detach(HYPEMAN, "vm-vga")
@@ -769,6 +805,26 @@ def sc_mdev_attach_used(g: Guest) -> None:
     check(_vgpus(g) == [], f"ListVGPUs after Detach: {_vgpus(g)}")
 
 
+def sc_vmm_qemu_uses_mdev(g: Guest) -> None:
+    """A real QEMU takes an mdev by its sysfs path (-device vfio-pci,sysfsdev=, the Attachment's
+    device_config.sysfsdev): query-pci shows mtty's 4348:3253; Detach while it runs is DeviceBusy naming
+    it; after it quits the mdev is removed."""
+    reply = _attach_vgpu(g, HYPEMAN, "vm-qemu-mdev", "mtty-2")
+    check(reply.ok, f"AttachVGPU failed: {reply.describe()}")
+    att = reply.data[0]
+    uuid, sysfsdev = att["device_config"]["uuid"], att["device_config"]["sysfsdev"]
+    with g.qemu(HYPEMAN, [sysfsdev]) as q:
+        ids = {k: (f.vendor_id, f.device_id) for k, f in q.passed().items()}
+        check(ids == {"hostdev0": MTTY_IDS}, f"query-pci: {ids}")
+        reply = g.detach(HYPEMAN, "vm-qemu-mdev")
+        check(not reply.ok and reply.error == "DeviceBusy", f"expected DeviceBusy: {reply.describe()}")
+        check(str(q.pid) in reply.message, f"DeviceBusy should name pid {q.pid}: {reply.message}")
+        check(_mdevs() == [uuid], "the mdev went away while QEMU had it")
+    reply = g.detach(HYPEMAN, "vm-qemu-mdev")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    check(_mdevs() == [], f"left behind: {_mdevs()}")
+
+
 def sc_mdev_capacity(g: Guest) -> None:
     """mbochs' 256 MB: four mbochs-large vGPUs, the fifth is NoCapacity and creates nothing; one detached,
     the next fits."""
@@ -942,6 +998,7 @@ FAST_INIT: dict[str, Scenario] = {
     "vga-list-and-conflict": sc_vga_list_and_conflict,
     "vga-attach": sc_vga_attach,
     "vmm-uses-group": sc_vmm_uses_group,
+    "vmm-qemu-uses-group": sc_vmm_qemu_uses_group,
     "memlock": sc_memlock,
     "held-detach": sc_held_detach,
     "device-fd-holder": sc_device_fd_holder,
@@ -954,6 +1011,7 @@ FAST_INIT: dict[str, Scenario] = {
     "sriov-vf-attached": sc_sriov_vf_attached,
     "mdev-profiles": sc_mdev_profiles,
     "mdev-attach-used": sc_mdev_attach_used,
+    "vmm-qemu-uses-mdev": sc_vmm_qemu_uses_mdev,
     "mdev-capacity": sc_mdev_capacity,
     "mdev-mdevctl": sc_mdev_mdevctl,
     "mdev-crash": sc_mdev_crash,
@@ -967,6 +1025,7 @@ DEPENDS: dict[str, str] = {
     "vga-list-and-conflict": "bus-activation",
     "vga-attach": "vga-list-and-conflict",
     "vmm-uses-group": "vga-attach",
+    "vmm-qemu-uses-group": "vga-attach",
     "memlock": "vga-attach",
     "held-detach": "vga-attach",
     "device-fd-holder": "held-detach",
@@ -979,6 +1038,7 @@ DEPENDS: dict[str, str] = {
     "sriov-vf-attached": "sriov-vf-counts",
     "mdev-profiles": "bus-activation",
     "mdev-attach-used": "mdev-profiles",
+    "vmm-qemu-uses-mdev": "mdev-profiles",
     "mdev-capacity": "mdev-profiles",
     "mdev-mdevctl": "mdev-profiles",
     "mdev-crash": "mdev-profiles",

@@ -26,9 +26,10 @@ def service_run(images: guest.Images, deb: Path) -> guest.GuestRun:
 
 SRIOV_VF = ("sriov-vf-counts", "sriov-vf-attached")
 MDEV = ("mdev-profiles", "mdev-attach-used", "mdev-capacity", "mdev-mdevctl", "mdev-crash")
+QEMU = ("vmm-qemu-uses-group", "vmm-qemu-uses-mdev")
 
 
-@pytest.mark.parametrize("name", [n for n in service.FAST_INIT if n not in SRIOV_VF + MDEV])
+@pytest.mark.parametrize("name", [n for n in service.FAST_INIT if n not in SRIOV_VF + MDEV + QEMU])
 def test_fast_init(service_run: guest.GuestRun, name: str) -> None:
     _report(service_run, name)
 
@@ -41,6 +42,19 @@ def test_sriov_vf_counts(service_run: guest.GuestRun) -> None:
 def test_sriov_vf_attached(service_run: guest.GuestRun) -> None:
     """A VF attached by hypeman and used as its node's owner (see service.sc_sriov_vf_attached)."""
     _report(service_run, "sriov-vf-attached")
+
+
+def test_vmm_qemu_uses_group(service_run: guest.GuestRun) -> None:
+    """A real QEMU as hypeman takes the attached VGA and HDA functions: query-pci lists both with their
+    ids; a stranger's QEMU gets EACCES (see service.sc_vmm_qemu_uses_group). held-detach uses the same QEMU
+    as the holder."""
+    _report(service_run, "vmm-qemu-uses-group")
+
+
+def test_vmm_qemu_uses_mdev(service_run: guest.GuestRun) -> None:
+    """A real QEMU takes an mdev vGPU by its sysfsdev path; Detach refused while it runs
+    (see service.sc_vmm_qemu_uses_mdev)."""
+    _report(service_run, "vmm-qemu-uses-mdev")
 
 
 def test_mdev_profiles(service_run: guest.GuestRun) -> None:
