@@ -335,6 +335,9 @@ class Profile(Codec):
     etc_files: EtcFiles = ()  # (path under /etc, content); an object of path -> content in JSON
     hugepages_2m: int = 0
     hugepages_1g: int = 0
+    # `uname -r`: Linux 6.1 by default. Before 6.1 a VFIO device has no `vfio-dev/` (struct device of a
+    # vfio_device, drivers/vfio/vfio_main.c, 6.1) and /sys/class/vfio-dev does not exist.
+    kernel_release: str = "6.1.0-28-amd64"
     vfio_cdev: bool = False  # CONFIG_VFIO_DEVICE_CDEV (6.6+): /dev/vfio/devices/vfioN
     iommufd: bool = False  # CONFIG_IOMMUFD: /dev/iommu
     # The real nvidia driver's nv_pci_remove waits (an os_delay loop) while any process has /dev/nvidiaN
@@ -346,6 +349,12 @@ class Profile(Codec):
     mdev_parents: tuple[MdevParentSpec, ...] = ()
     vendor_vgpus: tuple[VendorVgpuSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # free-form notes carried with the scenario
+
+    @property
+    def vfio_dev_class(self) -> bool:
+        """Whether VFIO devices show in sysfs (`<dev>/vfio-dev/vfioN`, /sys/class/vfio-dev): Linux 6.1+."""
+        found = re.match(r"(\d+)\.(\d+)", self.kernel_release)
+        return found is None or (int(found[1]), int(found[2])) >= (6, 1)
 
     @property
     def iommu_domain_type(self) -> str:

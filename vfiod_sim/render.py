@@ -259,7 +259,7 @@ class Renderer:
             t[f"{path}/dev"] = file_entry(f"{major}:{minor}\n")
             put_link(t, f"{path}/device", p)
 
-        if "vfio" in m:
+        if "vfio" in m and prof.vfio_dev_class:
             n = m["vfio"]
             d = f"{p}/vfio-dev/vfio{n}"
             t[f"{p}/vfio-dev"] = DIR
@@ -426,7 +426,8 @@ class Renderer:
         elif name == "vfio":
             t["dev/vfio"] = DIR
             t["dev/vfio/vfio"] = file_entry(b"", 0o666)
-            t["sys/class/vfio-dev"] = DIR
+            if self.profile.vfio_dev_class:
+                t["sys/class/vfio-dev"] = DIR
             if self.profile.vfio_cdev:
                 t["dev/vfio/devices"] = DIR
         elif name == "nvidia":
@@ -452,6 +453,7 @@ class Renderer:
         # /proc/modules lists the most recently loaded module first
         t["proc/modules"] = file_entry("".join(reversed(lines)))
         t["proc/sys/kernel/random/boot_id"] = file_entry(self.st.boot_id + "\n")
+        t["proc/sys/kernel/osrelease"] = file_entry(self.profile.kernel_release + "\n")
         t["sys/bus/pci/drivers_autoprobe"] = file_entry("1\n" if self.st.autoprobe else "0\n", 0o644)
         for index in range(len(self.profile.vtconsoles)):
             # fbcon holds the consoles, or the dummy driver does (two drivers: one of them is bound)

@@ -1,7 +1,7 @@
 """Moving functions to vfio-pci and back, the way the kernel wants it.
 
 Binding one function: record its native driver and module, write `vfio-pci` to `driver_override`, unbind
-the current driver, `drivers_probe`, then verify that `vfio-dev/` and the group node appeared. A group is
+the current driver, `drivers_probe`, then verify that vfio-pci took it and the group node appeared. A group is
 only handed over once VFIO_GROUP_GET_STATUS says it is viable. Any failure rolls back what was done, vfio-pci
 first. Restoring: refuse while the group node or cdev is held (the unbind would block in the kernel), load
 the native module, steer the probe with `driver_override`, verify the native driver took the device, clear
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vfiod.core import kernel_io
+from vfiod.core import kernel_io, kernel_support
 from vfiod.core.errors import (
     DeviceBusy,
     Failed,
@@ -100,6 +100,7 @@ class Binder:
 
     def bind_group(self, plan: GroupPlan) -> list[BoundFunction]:
         """Move every function of `plan` to vfio-pci and check the group is viable; all or nothing."""
+        kernel_support.require_supported(self.host)
         self.modules.load("vfio_pci")
         done: list[BoundFunction] = []
         in_flight: tuple[PciAddress, NativeDriver] | None = None
@@ -135,7 +136,9 @@ class Binder:
             self._step(addr, "unbind", drv, None, lambda: self.host.unbind(addr, drv))
         self._step(addr, "probe", None, VFIO_PCI, lambda: self.host.probe(addr, VFIO_PCI))
         node = self.host.vfio_group_node(group)
-        if not self._wait(lambda: self.host.driver(addr) == VFIO_PCI and self.host.has_vfio_dev(addr)):
+        # The driver link is made once vfio-pci's probe (and its VFIO registration) returned; `vfio-dev/`
+        # exists only from Linux 6.1, so the group node below is the other proof.
+        if not self._wait(lambda: self.host.driver(addr) == VFIO_PCI):
             found = self.host.driver(addr)
             raise Failed(
                 f"vfio-pci did not claim {addr} (driver now: {found or 'none'}); see the kernel log "

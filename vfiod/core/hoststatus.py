@@ -23,6 +23,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from vfiod.core import kernel_support
 from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.pciids import PciIds
 from vfiod.host import procfs, vendor_vgpu
@@ -155,6 +156,9 @@ def host_status(
 
     problems: list[str] = []
     notes: list[str] = []
+    unsupported = kernel_support.problem(host)
+    if unsupported:
+        problems.append(unsupported)
     if not iommu_enabled:
         asked = [p for p in ("intel_iommu", "amd_iommu") if params.get(p, "").startswith("on")]
         if asked:

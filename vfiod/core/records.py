@@ -95,7 +95,7 @@ def device_from_row(host: Host, row: DeviceRow, attachment: AttachmentRow | None
         vendor_name=row.vendor_name,
         device_name=row.device_name,
         iommu_group=group,
-        bound_to_vfio=present and fn.has_vfio_dev,
+        bound_to_vfio=present and fn.is_vfio_bound,
         driver=(fn.driver or "") if present else "",
         native_driver=row.native_driver,
         state=row.state,

@@ -448,3 +448,7 @@ class Host:
 
     def boot_id(self) -> str:
         return self.read_text(self.roots.proc / "sys/kernel/random/boot_id") or ""
+
+    def kernel_release(self) -> str:
+        """`uname -r` (/proc/sys/kernel/osrelease); "" when it cannot be read."""
+        return self.read_text(self.roots.proc / "sys/kernel/osrelease") or ""

@@ -12,7 +12,7 @@ from vfiod.core.manager import Manager
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.writes import DeadlinePolicy, WriteRecord
-from vfiod_sim import SimulatedKernel
+from vfiod_sim import Profile, SimulatedKernel
 from vfiod_sim.simulation import Simulation
 from vfiod_sim.system import SimulatedUnits
 
@@ -55,7 +55,7 @@ MakeEnv = Callable[..., Env]
 def make_envs(tmp_path: Path) -> Iterator[MakeEnv]:
     made: list[Env] = []
 
-    def make(profile: str = "workstation-l4", deadline: float = 5.0) -> Env:
+    def make(profile: str | Profile = "workstation-l4", deadline: float = 5.0) -> Env:
         root = tmp_path / f"sim{len(made)}"
         sim = Simulation.open(root, profile, deadlines=DeadlinePolicy(default=deadline, per_driver={}))
         writes: list[WriteRecord] = []

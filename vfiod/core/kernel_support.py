@@ -1,0 +1,39 @@
+"""Which kernels vfiod supports: Linux 5.10 and later (Debian 11's, the oldest its real-kernel suite boots).
+vfiod relies on `driver_override` (3.16), `sriov_drivers_autoprobe` (4.12) and VFIO's type1v2 group
+interface; `vfio-dev/` (6.1) and `reset_method` (5.15) are used when present, never required. Below 5.10
+Bind and Attach are refused with VFIONotAvailable, and GetHostStatus and `vfiod check` say why.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vfiod.core.errors import VFIONotAvailable
+from vfiod.host.host import Host
+
+MINIMUM = (5, 10)
+_RELEASE = re.compile(r"(\d+)\.(\d+)")
+
+
+def version(release: str) -> tuple[int, int] | None:
+    """(major, minor) of a `uname -r` string; None when it does not start with one."""
+    found = _RELEASE.match(release)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def problem(host: Host) -> str:
+    """Why this kernel is not supported, or "" (supported, or its release cannot be read)."""
+    release = host.kernel_release()
+    found = version(release)
+    if found is None or found >= MINIMUM:
+        return ""
+    return (
+        f"Linux {release} is older than {MINIMUM[0]}.{MINIMUM[1]}, the oldest kernel vfiod supports: boot a "
+        "newer kernel (Debian 11's 5.10, Ubuntu 22.04's 5.15 and RHEL 9's 5.14 are supported)"
+    )
+
+
+def require_supported(host: Host) -> None:
+    why = problem(host)
+    if why:
+        raise VFIONotAvailable(why)
