@@ -63,3 +63,14 @@ def deb(images: guest.Images) -> Path:
         return guest.ensure_deb()
     except guest.SetupError as e:
         pytest.fail(f"cannot build the .deb: {e}", pytrace=False)
+
+
+def report(run: guest.GuestRun, name: str) -> None:
+    """One scenario of a guest run as this test's outcome (skipped, failed with its log, or passed)."""
+    problem = run.failure(name)
+    if problem is None:
+        return
+    kind, text = problem
+    if kind == "skip":
+        pytest.skip(text)
+    pytest.fail(text, pytrace=False)

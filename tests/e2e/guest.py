@@ -39,14 +39,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e import tap
+from tests.e2e import kernels, tap
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 GUEST_FILES = HERE / "guest"
 
 SUITE = "bookworm"
-KERNEL_METAPACKAGE = "linux-image-amd64"
 # The guest's root: a clean Debian 12 with what the issue names, plus pci.ids for device names.
 ROOT_PACKAGES: tuple[str, ...] = (
     "systemd",
@@ -165,6 +164,7 @@ class Kernel:
     package: str  # linux-image-6.1.0-NN-amd64
     kver: str  # 6.1.0-NN-amd64
     dir: Path  # cache/kernel/<package>
+    suite: str = kernels.DEFAULT_SUITE  # the Debian release it comes from
 
     @property
     def root(self) -> Path:
@@ -179,52 +179,40 @@ class Kernel:
         return self.root / "lib" / "modules" / self.kver
 
 
-def resolve_kernel_package() -> str:
-    """The package `linux-image-amd64` depends on right now (never a hard-coded version)."""
-    out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE], timeout=120)
-    for line in out.splitlines():
-        key, _, value = line.strip().partition(":")
-        name = value.strip()
-        if key in ("Depends", "|Depends") and name.startswith("linux-image-") and not name.startswith("<"):
-            return name
-    raise SetupError(
-        f"apt-cache depends {KERNEL_METAPACKAGE} names no kernel package (run apt-get update):\n{out}"
-    )
+def resolve_kernel_package(suite: str = kernels.DEFAULT_SUITE, cache: Path | None = None) -> str:
+    """The package `linux-image-amd64` of `suite` depends on right now (never a hard-coded version)."""
+    apt = kernels.private_apt(cache or cache_dir(), suite, _run)
+    try:
+        return kernels.resolve_package(apt, _run)
+    except LookupError as e:
+        raise SetupError(str(e)) from None
 
 
-def ensure_kernel(cache: Path | None = None) -> Kernel:
-    """Download and unpack the current bookworm kernel once; later calls reuse it."""
+def ensure_kernel(cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE) -> Kernel:
+    """Download and unpack the current kernel of `suite` once (tests/e2e/kernels.py); later calls reuse it."""
     cache = cache or cache_dir()
-    package = resolve_kernel_package()
+    package = resolve_kernel_package(suite, cache)
     dest = cache / "kernel" / package
     done = dest / ".complete"
     if not done.is_file():
         with _locked(cache / "kernel" / f".{package}.lock"):
             if not done.is_file():
-                _build_kernel(package, dest)
+                _build_kernel(cache, suite, package, dest)
     kver = done.read_text(encoding="utf-8").strip()
-    return Kernel(package=package, kver=kver, dir=dest)
+    return Kernel(package=package, kver=kver, dir=dest, suite=suite)
 
 
-def _build_kernel(package: str, dest: Path) -> None:
+def _build_kernel(cache: Path, suite: str, package: str, dest: Path) -> None:
     work = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(dest, ignore_errors=True)
+    kernels.clean(work)
+    kernels.clean(dest)
     work.mkdir(parents=True)
-    _run(["apt-get", "download", package], cwd=work, timeout=900)
-    debs = sorted(work.glob("*.deb"))
-    if len(debs) != 1:
-        raise SetupError(f"apt-get download {package} left {len(debs)} .deb files in {work}")
-    _run(["dpkg", "-x", debs[0], work / "root"], timeout=600)
-    debs[0].unlink()
-    kvers = sorted(os.listdir(work / "root" / "lib" / "modules"))
-    if len(kvers) != 1:
-        raise SetupError(f"{package} holds modules for {kvers}, expected exactly one kernel")
-    kver = kvers[0]
-    # dpkg -x skips the postinst: without depmod there is no modules.dep.
-    _run(["depmod", "-b", work / "root", kver], timeout=300)
-    if not (work / "root" / "boot" / f"vmlinuz-{kver}").is_file():
-        raise SetupError(f"{package} has no /boot/vmlinuz-{kver}")
+    apt = kernels.private_apt(cache, suite, _run)
+    try:
+        deb = kernels.fetch(apt, _run, package, work)
+        kver = kernels.unpack(_run, deb, work)
+    except LookupError as e:
+        raise SetupError(str(e)) from None
     (work / ".complete").write_text(kver + "\n", encoding="utf-8")
     work.rename(dest)
 
@@ -257,14 +245,15 @@ def _build_mdev_samples(kernel: Kernel, marker: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     headers = f"linux-headers-{kernel.kver}"
-    version = _run(["apt-cache", "show", "--no-all-versions", headers], timeout=120)
+    apt = kernels.private_apt(kernel.dir.parent.parent, kernel.suite, _run)  # the kernel's own release
+    version = apt.cache(_run, "show", "--no-all-versions", headers)
     version = next(line.split()[1] for line in version.splitlines() if line.startswith("Version:"))
-    depends = _run(["apt-cache", "depends", headers], timeout=120)
+    depends = apt.cache(_run, "depends", headers)
     common = next(w for line in depends.splitlines() for w in line.split() if w.endswith("-common"))
     series = kernel.kver.split(".")[0] + "." + kernel.kver.split(".")[1]  # 6.1
     packages = [f"{headers}={version}", f"{common}={version}", f"linux-source-{series}={version}"]
     packages += [f"linux-kbuild-{series}", "linux-compiler-gcc-12-x86"]
-    _run(["apt-get", "download", *packages], cwd=work, timeout=900)
+    apt.download(_run, packages, work)
     for deb in sorted(work.glob("*.deb")):
         _run(["dpkg", "-x", deb, work / "x"], timeout=600)
         deb.unlink()
@@ -532,8 +521,9 @@ class Images:
     mdevctl: Path
 
 
-def prepare(cache: Path | None = None) -> Images:
-    """Everything a boot needs, built or taken from the cache."""
+def prepare(cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE) -> Images:
+    """Everything a boot needs, built or taken from the cache: the kernel of `suite` (the sample mdev
+    drivers only for the default, bookworm's) and the same bookworm root for every kernel."""
     if os.geteuid() != 0:
         raise SetupError("the real-kernel suite runs as root (QEMU reads the root-owned guest tree)")
     missing = missing_tools()
@@ -541,8 +531,9 @@ def prepare(cache: Path | None = None) -> Images:
         raise SetupError(f"missing Debian packages: {' '.join(missing)} (make deps)")
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    kernel = ensure_kernel(cache)
-    ensure_mdev_samples(kernel)
+    kernel = ensure_kernel(cache, suite)
+    if suite == kernels.DEFAULT_SUITE:
+        ensure_mdev_samples(kernel)
     return Images(
         cache=cache,
         kernel=kernel,

@@ -26,7 +26,7 @@ def _echo(text: str) -> None:
     print(text, flush=True)
 
 
-def run_trace_suite(out: Path) -> int:
+def run_trace_suite(out: Path, only: Sequence[str] = ()) -> int:
     rig = trace.RealRig()
     _echo(f"guest kernel {rig.kernel_release()} ({os.uname().version})")
     for addr, driver in trace.driver_table(rig.host).items():
@@ -113,18 +113,20 @@ def _guest(out: Path, lines: list[str]) -> service.Guest:
     return service.Guest(out=out, say=say)
 
 
-def run_service_suite(out: Path) -> int:
-    """The installed package under a fast init (system dbus-daemon + polkitd, bus activation)."""
+def run_service_suite(out: Path, only: Sequence[str] = ()) -> int:
+    """The installed package under a fast init (system dbus-daemon + polkitd, bus activation); `only`:
+    just these scenarios, in the suite's order."""
     _echo(f"guest kernel {os.uname().release} ({os.uname().version})")
     lines: list[str] = []
     guest = _guest(out, lines)
+    chosen = {n: sc for n, sc in service.FAST_INIT.items() if not only or n in only}
     try:
-        return _run_scenarios(out, service.FAST_INIT, service.DEPENDS, guest, lines)
+        return _run_scenarios(out, chosen, service.DEPENDS, guest, lines)
     finally:
         guest.stop_services()
 
 
-def run_systemd_suite(out: Path) -> int:
+def run_systemd_suite(out: Path, only: Sequence[str] = ()) -> int:
     """The installed package under systemd as PID 1 (prepared by guest/systemd-prepare.sh)."""
     _echo(f"guest kernel {os.uname().release} ({os.uname().version})")
     lines: list[str] = []
@@ -173,12 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--out", type=Path, default=Path("/out"))
     parser.add_argument("--report-exit", action="store_true", help="end the guest through isa-debug-exit")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (service suite): only these")
     args = parser.parse_args(argv)
     for d in ("logs", "trace"):
         (args.out / d).mkdir(parents=True, exist_ok=True)
     code = 1
     try:
-        code = SUITES[args.suite](args.out)
+        only = [n for n in args.only.split(",") if n]
+        unknown = sorted(set(only) - set(service.FAST_INIT))
+        if unknown:
+            parser.error(f"unknown scenarios: {', '.join(unknown)}")
+        code = SUITES[args.suite](args.out, only)
     finally:
         if args.report_exit:
             report_exit(code)
