@@ -183,8 +183,9 @@ class Renderer:
         f("numa_node", f"{spec.numa_node}\n", 0o644)
         if cls >> 8 == 0x0300:
             f("boot_vga", "1\n" if spec.boot_vga else "0\n")
-        if spec.reset_method:
+        if spec.reset_method:  # both hidden when the function has no reset (pci-sysfs.c, pci.c)
             f("reset_method", spec.reset_method + "\n", 0o644)
+            f("reset", b"", 0o200)
         f("modalias", modalias + "\n")
         driver_kind = topo.drivers[ds.driver].kind if ds.driver else None
         f("enable", "1\n" if ds.driver and driver_kind != "vfio" else "0\n", 0o644)

@@ -433,3 +433,19 @@ def test_vendor_vgpu_attach_and_recover_of_the_gpu(
     assert (report["recovered"], report["vfs_cycled"]) == (1, 32)
     assert running.manager.host.attr(PciAddress.parse(gpu), "sriov_numvfs") == "32"
     assert alice.m("Recover", "sa{sv}", "0000:ff:00.0", {}).short == "NotFound"
+
+
+def test_unbind_of_a_device_bound_to_vfio_at_boot(start_vfiod: StartVfiod, clients: Clients) -> None:
+    """The L4 on vfio-pci before vfiod saw it (here by hand, as vfio-pci.ids= would at boot): Unbind answers
+    NativeIsVfio, nothing written, still on vfio-pci."""
+    vfiod = start_vfiod()
+    kernel, sysfs = vfiod.kernel, vfiod.daemon.simulation.host.from_logical  # type: ignore[union-attr]
+    gpu = "0000:a2:00.0"
+    vfiod.daemon.simulation.units.stop("nvidia-persistenced.service")  # type: ignore[union-attr]
+    kernel.write_attribute(sysfs(f"/sys/bus/pci/devices/{gpu}/driver_override"), b"vfio-pci")
+    kernel.write_attribute(sysfs("/sys/bus/pci/drivers/nvidia/unbind"), gpu.encode())
+    kernel.write_attribute(sysfs("/sys/bus/pci/drivers_probe"), gpu.encode())
+    register(clients.root, gpu, "l4")
+    text = expect(clients.root, "NativeIsVfio", "Unbind", "sa{sv}", "l4", {})
+    assert "has nothing to return it to" in text
+    assert device(clients.root, "l4")["driver"] == "vfio-pci"

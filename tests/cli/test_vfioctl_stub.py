@@ -379,6 +379,7 @@ EXPECTED_STATUS = {
     "AlreadyExists": 5,
     "AlreadyBound": 5,
     "NotBound": 5,
+    "NativeIsVfio": 5,
     "Busy": 5,
     "Recovering": 5,
     "VFIONotAvailable": 6,

@@ -63,6 +63,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "AlreadyExists": EXIT_CONFLICT,
     "AlreadyBound": EXIT_CONFLICT,
     "NotBound": EXIT_CONFLICT,
+    "NativeIsVfio": EXIT_CONFLICT,
     "Busy": EXIT_CONFLICT,
     "Recovering": EXIT_CONFLICT,
     "VFIONotAvailable": EXIT_VFIO_UNAVAILABLE,
@@ -97,7 +98,7 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (
         EXIT_CONFLICT,
         "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, SriovEnabled, NoCapacity, NameExists, "
-        "AlreadyExists, AlreadyBound, NotBound, Busy, Recovering",
+        "AlreadyExists, AlreadyBound, NotBound, NativeIsVfio, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),

@@ -111,6 +111,13 @@ class NativeDriverNotRestored(VfiodError):
     name = "NativeDriverNotRestored"
 
 
+class NativeIsVfio(VfiodError):
+    """Unbind of a device whose own driver is vfio-pci (bound to it at boot): there is nothing to return it
+    to; the message says what binds it and how to change that."""
+
+    name = "NativeIsVfio"
+
+
 class Timeout(VfiodError):
     name = "Timeout"
 
@@ -155,6 +162,7 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     DeviceBusy,
     VFIONotAvailable,
     NativeDriverNotRestored,
+    NativeIsVfio,
     Timeout,
     NotAuthorized,
     Busy,

@@ -312,6 +312,28 @@ def _covers(devices: Sequence[str]) -> str:
     return "it covers " + ", ".join(devices)
 
 
+def native_vfio_reason(host: Host, name: str, addr: PciAddress) -> str:
+    """NativeIsVfio's message: what binds the device to vfio-pci at boot (the claims naming it) and how
+    to change that, or that vfiod found it on vfio-pci and nothing on this host says why."""
+    mine = [c for c in find_claims(host) if str(addr) in c.devices and _is_vfio_module(c.driver)]
+    head = (
+        f"device {name!r} ({addr}) has vfio-pci as its own driver: it was on vfio-pci before vfiod touched "
+        "it, so Unbind has nothing to return it to and changes nothing"
+    )
+    if not mine:
+        return (
+            head + "; no driverctl override, vfio-pci.ids= or modprobe.d option on this host names it (an "
+            "initramfs option or a script may bind it): find what binds it at boot, change that and reboot"
+        )
+    return (
+        head
+        + "; bound at boot by "
+        + "; ".join(f"{c.source}: {c.text!r}" for c in mine)
+        + ": change that (driverctl unset-override for a driverctl override; the kernel command line or the "
+        "modprobe.d file otherwise, then update the initramfs) and reboot, or Unregister it"
+    )
+
+
 def find_claims(host: Host, params: dict[str, str] | None = None) -> list[Claim]:
     """Every driverctl override, command-line and modprobe.d claim concerning vfio or a present
     device's native driver, in a stable order (driverctl, command line, modprobe.d by file and line)."""

@@ -233,7 +233,9 @@ class Manager(SharingMethods):
                     )
             done = attach_op.already_attached(self.deps, instance, owner, rows)
             if done is not None:
-                return done, attach_warnings(self.host, caller_pid)
+                return done, attach_warnings(
+                    self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in done]
+                )
             result = attach_op.attach(
                 self.deps,
                 instance,
@@ -250,7 +252,9 @@ class Manager(SharingMethods):
             owner,
             extra={"ACTION": "attach", "INSTANCE_ID": instance, "OWNER_UID": owner, "CALLER_UID": caller.uid},
         )
-        return result, attach_warnings(self.host, caller_pid)
+        return result, attach_warnings(
+            self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in result]
+        )
 
     def detach(
         self,

@@ -1,10 +1,16 @@
 """What Attach warns the caller about (never refuses for): a VMM that will not be able to use what it was
-given — a memlock limit too small to pin guest RAM, a VFIO container node it cannot open, no KVM."""
+given — a memlock limit too small to pin guest RAM, a VFIO container node it cannot open, no KVM — and a
+function with no usable reset (core/resets.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from vfiod.core import resets
 from vfiod.host import procfs
 from vfiod.host.host import Host
+from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pcifunction import PciSnapshot
 
 MEMLOCK_HINT = (
     "LimitMEMLOCK=infinity on hypeman's unit (or prlimit --memlock=unlimited on the VMM): VFIO type1 pins "
@@ -12,9 +18,12 @@ MEMLOCK_HINT = (
 )
 
 
-def attach_warnings(host: Host, pid: int | None) -> list[str]:
-    """Warnings for the process `pid` that asked for the attachment (its VMM inherits its limits)."""
+def attach_warnings(host: Host, pid: int | None, functions: Sequence[PciAddress] = ()) -> list[str]:
+    """Warnings for the process `pid` that asked for the attachment (its VMM inherits its limits), and
+    for the attached `functions` that have no usable reset."""
     out: list[str] = []
+    snap = PciSnapshot(host)
+    out += [w for a in functions if (w := resets.problem(snap, a, functions))]
     if pid is not None:
         limits = procfs.memlock_limit(host, pid)
         if limits is not None and limits[0] is not None:

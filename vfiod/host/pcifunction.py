@@ -148,7 +148,13 @@ class PciFunction:
 
     @cached_property
     def reset_methods(self) -> tuple[str, ...]:
+        """The resets the kernel will try, in order (`reset_method`, 5.15+; hidden when there is none)."""
         return tuple((self.attr("reset_method") or "").split())
+
+    @cached_property
+    def has_reset(self) -> bool:
+        """The `reset` attribute: present only when the function has some reset (every kernel)."""
+        return (self.dir / "reset").exists()
 
     @cached_property
     def sriov_totalvfs(self) -> int | None:

@@ -15,7 +15,8 @@ from vfiod.core.binder import Binder
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import native_of, settled_state
-from vfiod.core.errors import VfiodError
+from vfiod.core.errors import NativeIsVfio, VfiodError
+from vfiod.core.hoststatus import native_vfio_reason
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
 from vfiod.core.registry import AttachmentRow, DeviceRow, RegistryError
@@ -126,10 +127,13 @@ def detach(
 
 
 def unbind(deps: CoreDeps, row: DeviceRow) -> DeviceRow:
-    """The admin's Unbind of an unattached device on vfio: back to its native driver, or, pre-bound at
-    boot (or never had a driver), released from vfio-pci for the kernel to probe."""
+    """The admin's Unbind of an unattached device on vfio: back to its native driver, or, if it never had
+    one, released from vfio-pci for the kernel to probe. A device whose own driver is vfio-pci (bound to
+    it at boot) has nothing to go back to: NativeIsVfio, naming what binds it, before anything is written."""
+    if row.native_driver == "vfio-pci":
+        raise NativeIsVfio(native_vfio_reason(deps.host, row.name, row.pci_address))
     guard.require_not_held(deps.host, [row.pci_address], "unbind")
-    if not row.bound_by_vfiod or row.native_driver in ("", "vfio-pci"):
+    if not row.bound_by_vfiod or not row.native_driver:
         # There is no native driver to go back to: the admin's explicit Unbind lets the kernel probe.
         row = deps.registry.update_device(row.id, bound_by_vfiod=True)
     restore(deps, [row], "unbind")
