@@ -113,6 +113,15 @@ def points_of(tmp: Path, profile: str, action: str) -> list[str]:
     return trace.read_text(encoding="utf-8").split()
 
 
+def killed_at(tmp: Path, profile: str, action: str, n: int, point: str) -> World:
+    """A fresh world ready for `action`, whose child running it was SIGKILLed at `point`."""
+    world = World(profile, tmp / f"sim{n}", tmp / f"state{n}")
+    setup(world, action)
+    status = run_child(world, action, {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
+    assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+    return world
+
+
 def snapshot(m: Manager) -> tuple[object, ...]:
     rows = sorted((str(r.pci_address), r.state) for r in m.registry.list_devices())
     atts = sorted((a.device_id, a.instance_id) for a in m.registry.all_attachments())
@@ -128,11 +137,7 @@ def test_crash_loop(tmp_path: Path, profile: str, action: str) -> None:
     assert points, "the operation passed no journal point"
     found: list[str] = []
     for n, point in enumerate(points):
-        world = World(profile, tmp_path / f"sim{n}", tmp_path / f"state{n}")
-        setup(world, action)
-        env = {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point}
-        status = run_child(world, action, env)
-        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        world = killed_at(tmp_path, profile, action, n, point)
         m = open_manager(world.sim_root, world.state)
         m.startup()
         found += [f"{point}: {v}" for v in violations(m, world.sim_root)]
@@ -172,10 +177,7 @@ def test_crash_loop_sriov(tmp_path: Path) -> None:
     found: list[str] = []
     pf = PciAddress.parse(SRIOV_PF)
     for n, point in enumerate(points):
-        world = World("dgx-h100", tmp_path / f"sim{n}", tmp_path / f"state{n}")
-        setup(world, "sriov")
-        status = run_child(world, "sriov", {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
-        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        world = killed_at(tmp_path, "dgx-h100", "sriov", n, point)
         m = open_manager(world.sim_root, world.state)
         m.startup()
         count = m.host.attr(pf, "sriov_numvfs")
@@ -209,10 +211,7 @@ def test_crash_loop_vgpu(tmp_path: Path, profile: str, action: str) -> None:
     assert points, "the operation passed no journal point"
     found: list[str] = []
     for n, point in enumerate(points):
-        world = World(profile, tmp_path / f"sim{n}", tmp_path / f"state{n}")
-        setup(world, action)
-        status = run_child(world, action, {"VFIOD_TEST_HOOKS": "1", "VFIOD_TEST_CRASH_AT": point})
-        assert status == -signal.SIGKILL, f"{point}: the child was not killed there (status {status})"
+        world = killed_at(tmp_path, profile, action, n, point)
         m = open_manager(world.sim_root, world.state)
         m.startup()
         left = vgpus.read_vgpus(m.host)

@@ -180,6 +180,8 @@ def test_vgpu_vendor_vf_is_never_passed_through_whole(env: MakeEnv) -> None:
         m.bind(ADMIN, "vf0")
     with pytest.raises(InvalidArgument, match="vendor-VFIO VF"):
         m.attach(HM, "vm1", ["vf0"])
+    with pytest.raises(InvalidArgument, match="vendor-VFIO VF"):
+        m.unbind(ADMIN, "vf0")
     assert rebinds(e, mark) == [] and current(e, "0000:a2:00.4") == "0"
 
 

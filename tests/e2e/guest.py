@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 GUEST_FILES = HERE / "guest"
 
-SUITE = "bookworm"
+SUITE = kernels.DEFAULT_SUITE  # the guest root's release (every kernel boots the same root)
 # The guest's root: a clean Debian 12 with what the issue names, plus pci.ids for device names.
 ROOT_PACKAGES: tuple[str, ...] = (
     "systemd",
@@ -204,8 +204,8 @@ def ensure_kernel(cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE)
 
 def _build_kernel(cache: Path, suite: str, package: str, dest: Path) -> None:
     work = dest.with_name(dest.name + ".tmp")
-    kernels.clean(work)
-    kernels.clean(dest)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
     work.mkdir(parents=True)
     apt = kernels.private_apt(cache, suite, _run)
     try:

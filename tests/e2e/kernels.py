@@ -10,7 +10,6 @@ Lists are fetched once and reused; when the mirror no longer has what they name,
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +124,3 @@ def unpack(run: Run, deb: Path, work: Path) -> str:
     if not (work / "root" / "boot" / f"vmlinuz-{kver}").is_file():
         raise LookupError(f"{deb.name} has no /boot/vmlinuz-{kver}")
     return kver
-
-
-def clean(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -42,6 +42,7 @@ from tests.e2e.trace import (
     check,
     wait_for,
 )
+from vfiod.core import kernel_support
 
 BUS_NAME = "org.hypeman.Devices1"
 MANAGER_PATH = "/org/hypeman/Devices1"
@@ -73,8 +74,9 @@ def must(argv: Sequence[str], timeout: float = 120) -> str:
 
 
 def kernel_before(major: int, minor: int) -> bool:
-    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return found is not None and (int(found[1]), int(found[2])) < (major, minor)
+    """The guest's kernel is older than major.minor (as vfiod reads a release)."""
+    found = kernel_support.version(os.uname().release)
+    return found is not None and found < (major, minor)
 
 
 def as_user(user: str, argv: Sequence[str]) -> list[str]:

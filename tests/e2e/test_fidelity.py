@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import guest, trace
+from tests.e2e.conftest import report
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -47,13 +48,7 @@ def _kernel_trace(run: guest.GuestRun, name: str) -> trace.ScenarioResult | None
 @pytest.mark.parametrize("name", list(trace.SCENARIOS))
 def test_kernel(kernel_run: guest.GuestRun, name: str) -> None:
     """The scenario passed in the guest, on the real kernel."""
-    problem = kernel_run.failure(name)
-    if problem is None:
-        return
-    kind, text = problem
-    if kind == "skip":
-        pytest.skip(text)
-    pytest.fail(text, pytrace=False)
+    report(kernel_run, name)
 
 
 @pytest.mark.parametrize("name", list(trace.SCENARIOS))

@@ -143,7 +143,7 @@ def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
     out: list[Vgpu] = []
     matched: set[str] = set()
     for m in vgpus.read_vgpus(host):
-        row = next((r for r in rows if _is(r, m)), None)
+        row = next((r for r in rows if vgpus.same(r.framework, r.uuid, r.parent, r.type_id, m)), None)
         if row is not None:
             matched.add(row.id)
         types = {t.id: t for t in by_name[m.parent].types} if m.parent in by_name else {}
@@ -155,10 +155,6 @@ def list_vgpus(deps: CoreDeps, instance: str | None = None) -> list[Vgpu]:
             gone = Mdev(row.uuid, row.parent, row.type_id, None, None, row.framework)
             out.append(_vgpu(deps, row, gone, row.profile, by_name, -1, "missing"))
     return [v for v in out if instance is None or v.instance_id == instance]
-
-
-def _is(row: VgpuRow, live: Mdev) -> bool:
-    return vgpus.same(row.framework, row.uuid, row.parent, row.type_id, live)
 
 
 def _vgpu(

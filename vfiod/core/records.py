@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vfiod.core.registry import AttachmentRow, DeviceRow, VgpuRow, format_timestamp
+from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
@@ -123,7 +124,7 @@ def device_from_vgpu(host: Host, row: VgpuRow, attachment: AttachmentRow | None)
         host.device_dir(row.pci_address) if vendor and row.pci_address else host.mdev_devices_dir / row.uuid
     )
     live = host.link_name(where / "iommu_group")
-    if vendor and host.read_text(where / "nvidia" / "current_vgpu_type") != row.type_id:
+    if vendor and row.pci_address and vendor_vgpu.current_type(host, row.pci_address) != row.type_id:
         live = None  # the VF is there, its vGPU is not
     group = int(live) if live is not None and live.isdigit() else row.iommu_group
     present = live is not None

@@ -84,8 +84,8 @@ def read_parent(host: Host, name: str) -> MdevParent | None:
                 available=_int(host.read_text(d / "available_instances")),
             )
         )
-    addr = _address(name)
-    physfn = _address(host.link_name(host.device_dir(addr) / "physfn")) if addr is not None else None
+    addr = parse_address(name)
+    physfn = parse_address(host.link_name(host.device_dir(addr) / "physfn")) if addr is not None else None
     return MdevParent(name=name, pci_address=addr, physfn=physfn, types=tuple(types))
 
 
@@ -117,7 +117,8 @@ def read_mdevs(host: Host) -> list[Mdev]:
     return [m for m in (read_mdev(host, n) for n in names) if m is not None]
 
 
-def _address(text: str | None) -> PciAddress | None:
+def parse_address(text: str | None) -> PciAddress | None:
+    """A PCI address from a device name or link target; None for anything else (a virtual parent)."""
     if not text:
         return None
     try:

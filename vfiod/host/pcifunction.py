@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.mdev import UUID_RE
 from vfiod.host.pciaddr import DriverName, PciAddress
@@ -195,7 +196,7 @@ class PciFunction:
     @cached_property
     def vendor_vgpu_host(self) -> bool:
         """An NVIDIA vendor-VFIO VF: `nvidia` is its VFIO driver and it has `nvidia/` (vGPU 17+)."""
-        return self.physfn is not None and (self.dir / "nvidia" / "current_vgpu_type").is_file()
+        return self.physfn is not None and vendor_vgpu.is_vendor_vf(self._host, self.address)
 
     @cached_property
     def mdev_types(self) -> tuple[str, ...]:

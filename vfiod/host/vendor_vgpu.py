@@ -15,7 +15,7 @@ Reads only, through `Host`; the write is `Host.set_vgpu_type`.
 from __future__ import annotations
 
 from vfiod.host.host import Host
-from vfiod.host.mdev import Mdev, MdevParent, MdevType
+from vfiod.host.mdev import Mdev, MdevParent, MdevType, parse_address
 from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
 
 FRAMEWORK = "vendor-vfio"
@@ -41,7 +41,7 @@ def vf_addresses(host: Host) -> list[PciAddress]:
             addr = PciAddress.parse(name)
         except InvalidPciAddressText:
             continue
-        if (host.device_dir(addr) / "nvidia" / "current_vgpu_type").is_file():
+        if is_vendor_vf(host, addr):
             out.append(addr)
     return out
 
@@ -58,20 +58,12 @@ def is_vendor_vf(host: Host, addr: PciAddress) -> bool:
     return (host.device_dir(addr) / "nvidia" / "current_vgpu_type").is_file()
 
 
-def _physfn(host: Host, vf: PciAddress) -> PciAddress | None:
-    name = host.link_name(host.device_dir(vf) / "physfn")
-    try:
-        return PciAddress.parse(name) if name else None
-    except InvalidPciAddressText:
-        return None
-
-
 def _listing(host: Host, vf: PciAddress) -> tuple[str, dict[str, str]] | None:
     """The VF's physical GPU and what it lists now; None if it is not a vendor-VFIO VF."""
     text = host.read_text(host.device_dir(vf) / "nvidia" / "creatable_vgpu_types")
     if text is None:
         return None
-    physfn = _physfn(host, vf)
+    physfn = parse_address(host.link_name(host.device_dir(vf) / "physfn"))
     listed = dict(parse_creatable(text))
     host.vendor_types_seen.setdefault(str(physfn or vf), {}).update(listed)
     return str(physfn or vf), listed

@@ -8,7 +8,6 @@ from __future__ import annotations
 from vfiod.host import mdev, vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.mdev import Mdev, MdevParent
-from vfiod.host.pciaddr import InvalidPciAddressText, PciAddress
 
 MDEV = "mdev"
 VENDOR = vendor_vgpu.FRAMEWORK
@@ -22,17 +21,10 @@ def read_vgpus(host: Host) -> list[Mdev]:
     return [*mdev.read_mdevs(host), *vendor_vgpu.read_vgpus(host)]
 
 
-def vendor_vf(parent: str) -> PciAddress | None:
-    try:
-        return PciAddress.parse(parent)
-    except InvalidPciAddressText:
-        return None
-
-
 def find(host: Host, framework: str, uuid: str, parent: str, type_id: str) -> Mdev | None:
     """The vGPU still there: the mdev `uuid`, or the VF `parent` holding a vGPU of `type_id`."""
     if framework == VENDOR:
-        vf = vendor_vf(parent)
+        vf = mdev.parse_address(parent)
         found = vendor_vgpu.read_vgpu(host, vf) if vf is not None else None
         return found if found is not None and found.type_id == type_id else None
     return mdev.read_mdev(host, uuid)
@@ -40,7 +32,7 @@ def find(host: Host, framework: str, uuid: str, parent: str, type_id: str) -> Md
 
 def framework_of(host: Host, parent: str) -> str:
     """A parent's framework: vendor-vfio for a VF with `nvidia/`, mdev otherwise."""
-    vf = vendor_vf(parent)
+    vf = mdev.parse_address(parent)
     return VENDOR if vf is not None and vendor_vgpu.is_vendor_vf(host, vf) else MDEV
 
 
