@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vfiod_sim.kernel import SimulatedKernel
 from vfiod_sim.machines import get_profile
+from vfiod_sim.modalias import modules_alias
 from vfiod_sim.model import Profile
 from vfiod_sim.render import HUGEPAGE_SIZES
 from vfiod_sim.state import Topology
@@ -120,6 +121,10 @@ def static_tree(topo: Topology) -> Tree:
     t["proc/cmdline"] = file_entry(prof.cmdline + "\n")
     t["proc/net/route"] = file_entry(route_text(prof))
     t["proc/net/ipv6_route"] = file_entry(ipv6_route_text(prof))
+    modules = f"lib/modules/{prof.kernel_release}"
+    for d in ("lib", "lib/modules", modules):
+        t[d] = DIR
+    t[f"{modules}/modules.alias"] = file_entry(modules_alias(prof.modules, prof.drivers, prof.kernel_release))
     for rel, text in prof.etc_files:
         parts = rel.split("/")
         for i in range(1, len(parts)):

@@ -20,6 +20,11 @@ def klass(class_code: int, mask: int, vendor: int = PCI_ANY_ID) -> MatchEntry:
     return MatchEntry(vendor=vendor, class_code=class_code, class_mask=mask)
 
 
+def _variant(name: str, *devices: tuple[int, int]) -> DriverSpec:
+    table = tuple(MatchEntry(vendor=v, device=d, override_only=True) for v, d in devices)
+    return DriverSpec(name, name, table, kind="vfio", driver_managed_dma=True)
+
+
 # The id tables are trimmed to what the profiles need, but each is the shape of the real one: vendor and
 # class for the GPU drivers, exact ids for NICs, class alone for NVMe/AHCI/xHCI/HDA.
 DRIVERS: dict[str, DriverSpec] = {
@@ -42,6 +47,15 @@ DRIVERS: dict[str, DriverSpec] = {
             kind="vfio",
             driver_managed_dma=True,
         ),
+        # The vfio variant drivers: override-only id tables (PCI_DRIVER_OVERRIDE_DEVICE_VFIO) of the devices
+        # each serves, named after their modules (.name = KBUILD_MODNAME).
+        _variant("virtio_vfio_pci", (0x1AF4, 0x1041)),  # drivers/vfio/pci/virtio/main.c: modern virtio-net
+        _variant("mlx5_vfio_pci", (0x15B3, 0x101E)),  # drivers/vfio/pci/mlx5/main.c: ConnectX VFs
+        _variant("pds_vfio_pci", (0x1DD8, 0x1003)),  # drivers/vfio/pci/pds/pci_drv.c
+        _variant("qat_vfio_pci", (0x8086, 0x4941), (0x8086, 0x4943), (0x8086, 0x4945)),
+        _variant("hisi_acc_vfio_pci", (0x19E5, 0xA256), (0x19E5, 0xA259), (0x19E5, 0xA251)),
+        # drivers/vfio/pci/nvgrace-gpu/main.c: GH200 120 GB, 480 GB and another GH200 SKU
+        _variant("nvgrace_gpu_vfio_pci", (0x10DE, 0x2342), (0x10DE, 0x2345), (0x10DE, 0x2348)),
         DriverSpec(
             "nvidia",
             "nvidia",
@@ -118,6 +132,12 @@ MODULES: dict[str, ModuleSpec] = {
         ModuleSpec("vfio_iommu_type1", depends=("vfio",)),
         ModuleSpec("vfio_pci_core", depends=("vfio",)),
         ModuleSpec("vfio_pci", depends=("vfio_pci_core", "vfio")),
+        ModuleSpec("virtio_vfio_pci", depends=("vfio_pci_core", "vfio", "virtio_pci")),
+        ModuleSpec("mlx5_vfio_pci", depends=("vfio_pci_core", "vfio", "mlx5_core")),
+        ModuleSpec("pds_vfio_pci", depends=("vfio_pci_core", "vfio")),
+        ModuleSpec("qat_vfio_pci", depends=("vfio_pci_core", "vfio")),
+        ModuleSpec("hisi_acc_vfio_pci", depends=("vfio_pci_core", "vfio")),
+        ModuleSpec("nvgrace_gpu_vfio_pci", depends=("vfio_pci_core", "vfio")),
         ModuleSpec("mdev", depends=("vfio",)),
         ModuleSpec("mtty", depends=("mdev", "vfio")),  # samples/vfio-mdev, built out of tree
         ModuleSpec("mbochs", depends=("mdev", "vfio")),
@@ -126,6 +146,14 @@ MODULES: dict[str, ModuleSpec] = {
 }
 
 VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+VARIANT_MODULES = (
+    "virtio_vfio_pci",
+    "mlx5_vfio_pci",
+    "pds_vfio_pci",
+    "qat_vfio_pci",
+    "hisi_acc_vfio_pci",
+    "nvgrace_gpu_vfio_pci",
+)
 
 
 def modules_and_drivers(

@@ -54,6 +54,7 @@ CONTRACT_KEYS = {
     "physfn",
     "virtfns",
     "mdev_types",
+    "variant_driver",
 }
 
 PCI_IDS = """\
@@ -146,6 +147,7 @@ def test_record_has_exactly_the_contract_keys(fs: FakeSys, ids: PciIds) -> None:
         "physfn": "",
         "virtfns": [],
         "mdev_types": [],
+        "variant_driver": "",
     }
 
 
@@ -337,7 +339,9 @@ def test_simulated_no_iommu_reports_devices(sim: SimFactory) -> None:
     assert all(d.iommu_group == -1 and NO_IOMMU_BLOCKER in d.blockers for d in devices)
 
 
-@pytest.mark.parametrize("profile", ["workstation-l4", "dgx-h100", "no-iommu", "qemu-q35", "synthetic:50"])
+@pytest.mark.parametrize(
+    "profile", ["workstation-l4", "dgx-h100", "no-iommu", "qemu-q35", "qemu-q35-iommufd", "synthetic:50"]
+)
 def test_every_profile_lists_sorted_and_sane(sim: SimFactory, profile: str) -> None:
     sh = sim(profile)
     everything = discover(sh.host, no_ids(), all_devices=True)

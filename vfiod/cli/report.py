@@ -199,7 +199,7 @@ def render_available(
 
 
 def _relations(d: Mapping[str, Any]) -> list[str]:
-    """What hangs off a device or what it hangs off: SR-IOV VFs and PF, mdev types."""
+    """What hangs off a device or what it hangs off: SR-IOV VFs and PF, mdev types; its vfio variant."""
     out = []
     total = int(d.get("sriov_totalvfs") or 0)
     if total:
@@ -211,6 +211,8 @@ def _relations(d: Mapping[str, Any]) -> list[str]:
         out.append(f"SR-IOV virtual function of {d['physfn']}")
     if d.get("mdev_types"):
         out.append(f"mdev parent: {', '.join(str(t) for t in d['mdev_types'])}")
+    if d.get("variant_driver"):
+        out.append(f"VFIO driver: {d['variant_driver']} (the kernel's vfio variant for it, not vfio-pci)")
     return out
 
 

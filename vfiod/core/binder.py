@@ -1,11 +1,12 @@
 """Moving functions to vfio-pci and back, the way the kernel wants it.
 
-Binding one function: record its native driver and module, write `vfio-pci` to `driver_override`, unbind
-the current driver, `drivers_probe`, then verify that vfio-pci took it and the group node appeared. A group is
-only handed over once VFIO_GROUP_GET_STATUS says it is viable. Any failure rolls back what was done, vfio-pci
-first. Restoring: refuse while the group node or cdev is held (the unbind would block in the kernel), load
-the native module, steer the probe with `driver_override`, verify the native driver took the device, clear
-the override.
+Binding one function: record its native driver and module, pick the VFIO driver the kernel intends for it
+(vfio-pci, or the variant driver its `vfio_pci:` aliases name, whose module is loaded first:
+`host/vfio_variants.py`), write that to `driver_override`, unbind the current driver, `drivers_probe`, then
+verify that the VFIO driver took it and the group node appeared. A group is only handed over once
+VFIO_GROUP_GET_STATUS says it is viable. Any failure rolls back what was done, vfio first. Restoring:
+refuse while the group node or cdev is held (the unbind would block in the kernel), load the native module,
+steer the probe with `driver_override`, verify the native driver took the device, clear the override.
 
 Each kernel-changing step is announced to a `StepObserver` before and after it happens, so the registry can
 journal intent and a crash at any point can be finished or rolled back. A write that misses its deadline
@@ -35,6 +36,7 @@ from vfiod.host.backend import VFIO_GROUP_FLAGS_VIABLE
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import VFIO_PCI, DriverName, PciAddress
 from vfiod.host.pcifunction import read_function
+from vfiod.host.vfio_variants import intended_driver
 
 log = logging.getLogger("vfiod.binder")
 
@@ -99,7 +101,7 @@ class Binder:
     # ----- binding --------------------------------------------------------------------------------------
 
     def bind_group(self, plan: GroupPlan) -> list[BoundFunction]:
-        """Move every function of `plan` to vfio-pci and check the group is viable; all or nothing."""
+        """Move every function of `plan` to its VFIO driver and check the group is viable; all or nothing."""
         kernel_support.require_supported(self.host)
         self.modules.load("vfio_pci")
         done: list[BoundFunction] = []
@@ -108,7 +110,7 @@ class Binder:
             for addr in plan.to_bind:
                 native = self.native_of(addr)
                 in_flight = (addr, native)
-                self._bind_one(addr, plan.group)
+                self._bind_one(addr, plan.group, self.vfio_driver_for(addr))
                 done.append(BoundFunction(addr, plan.group, plan.roles.get(addr, "requested"), native, True))
                 in_flight = None
             self._require_viable(plan.group)
@@ -126,26 +128,40 @@ class Binder:
     def native_of(self, addr: PciAddress) -> NativeDriver:
         return NativeDriver(self.host.driver(addr), self.host.driver_module(addr))
 
-    def _bind_one(self, addr: PciAddress, group: int) -> None:
+    def vfio_driver_for(self, addr: PciAddress) -> DriverName:
+        """vfio-pci, or the variant driver the kernel's aliases pick (its module loaded now: a variant's id
+        table is override-only, so nothing loads it on its own)."""
+        target = intended_driver(self.host, addr)
+        if target != VFIO_PCI and not self.host.driver_loaded(target):
+            self.modules.load(target.replace("-", "_"))
+            log.info(
+                "%s: the kernel's vfio_pci aliases pick the variant driver %s",
+                addr,
+                target,
+                extra={"PCI_ADDRESS": addr, "ACTION": "bind", "DRIVER": target},
+            )
+        return target
+
+    def _bind_one(self, addr: PciAddress, group: int, target: DriverName) -> None:
         current = self.host.driver(addr)
         if read_function(self.host, addr).is_vfio_bound:
             return
-        self._step(addr, "override", current, VFIO_PCI, lambda: self.host.set_driver_override(addr, VFIO_PCI))
+        self._step(addr, "override", current, target, lambda: self.host.set_driver_override(addr, target))
         if current is not None:
             drv = current
             self._step(addr, "unbind", drv, None, lambda: self.host.unbind(addr, drv))
-        self._step(addr, "probe", None, VFIO_PCI, lambda: self.host.probe(addr, VFIO_PCI))
+        self._step(addr, "probe", None, target, lambda: self.host.probe(addr, target))
         node = self.host.vfio_group_node(group)
-        # The driver link is made once vfio-pci's probe (and its VFIO registration) returned; `vfio-dev/`
-        # exists only from Linux 6.1, so the group node below is the other proof.
-        if not self._wait(lambda: self.host.driver(addr) == VFIO_PCI):
+        # The driver link is made once the VFIO driver's probe (and its VFIO registration) returned;
+        # `vfio-dev/` exists only from Linux 6.1, so the group node below is the other proof.
+        if not self._wait(lambda: self.host.driver(addr) == target):
             found = self.host.driver(addr)
             raise Failed(
-                f"vfio-pci did not claim {addr} (driver now: {found or 'none'}); see the kernel log "
+                f"{target} did not claim {addr} (driver now: {found or 'none'}); see the kernel log "
                 "(journalctl -k) for the probe error"
             )
         if not self._wait(node.exists):
-            raise Failed(f"{addr} is on vfio-pci but {self.host.logical(node)} did not appear")
+            raise Failed(f"{addr} is on {target} but {self.host.logical(node)} did not appear")
 
     def _require_viable(self, group: int) -> None:
         try:
@@ -197,9 +213,10 @@ class Binder:
 
     # ----- restoring ------------------------------------------------------------------------------------
 
-    def restore(self, addr: PciAddress, native: NativeDriver) -> None:
+    def restore(self, addr: PciAddress, native: NativeDriver, *, let_kernel_probe: bool = False) -> None:
         """Put a function back on its native driver (or none). Refuses with DeviceBusy, writing nothing,
-        while a process holds the group node or cdev."""
+        while a process holds the group node or cdev. With no native driver, `let_kernel_probe` asks the
+        kernel to probe it once released (an admin's Unbind: whatever driver matches takes it)."""
         if native.driver == VFIO_PCI:
             return  # pre-bound to vfio-pci before vfiod touched it: left as it was
         current = self.host.driver(addr)
@@ -210,7 +227,7 @@ class Binder:
         if current is not None and not read_function(self.host, addr).is_vfio_bound:
             # Someone else moved it to another driver after vfiod: not ours to undo.
             log.warning(
-                "%s is on %s, not vfio-pci: leaving it there",
+                "%s is on %s, not a VFIO driver: leaving it there",
                 addr,
                 current,
                 extra={"PCI_ADDRESS": addr, "ACTION": "restore"},
@@ -234,7 +251,11 @@ class Binder:
         if now is not None and now != target:
             self._step(addr, "unbind", now, None, lambda: self.host.unbind(addr, now))
         if target is None:
-            return  # it had no driver: the override is already cleared and nothing is probed
+            # It had no driver: the override is already cleared. Only an Unbind probes (no driver may
+            # claim it, which is fine), a Detach leaves it as it was.
+            if let_kernel_probe and self.host.driver(addr) is None:
+                self._step(addr, "probe", None, None, lambda: self.host.probe(addr, None))
+            return
         if self.host.driver(addr) != target:
             self._step(addr, "probe", None, target, lambda: self.host.probe(addr, target))
         deadline = self.host.deadlines.for_driver(target)

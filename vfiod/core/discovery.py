@@ -28,6 +28,7 @@ from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import DISPLAY_BASE_CLASS, PciSnapshot, device_type
+from vfiod.host.vfio_variants import VfioAlias, alias_file, pick, read_aliases
 
 NO_IOMMU_BLOCKER = (
     "no IOMMU group: the IOMMU is off (add intel_iommu=on or amd_iommu=on to the kernel command line and "
@@ -64,6 +65,7 @@ class AvailableDevice:
     physfn: str  # a VF's physical function, "" for anything else
     virtfns: tuple[str, ...]  # a PF's enabled VFs
     mdev_types: tuple[str, ...]  # the mediated device types it offers as a parent
+    variant_driver: str  # the vfio variant driver the kernel's vfio_pci: aliases pick, "" for vfio-pci
 
     def to_record(self) -> dict[str, object]:
         """The contract's a{sv} keys (`class_` becomes `class`; tuples become lists)."""
@@ -92,6 +94,7 @@ class AvailableDevice:
             "physfn": self.physfn,
             "virtfns": list(self.virtfns),
             "mdev_types": list(self.mdev_types),
+            "variant_driver": self.variant_driver,
         }
 
 
@@ -114,6 +117,7 @@ def _build(
     names: PciIds,
     registered: Mapping[str, str],
     critical: Mapping[PciAddress, str],
+    aliases: tuple[VfioAlias, ...],
 ) -> AvailableDevice:
     fn = snap.function(addr)
     vendor, device, class_code = fn.vendor, fn.device, fn.class_code
@@ -187,6 +191,7 @@ def _build(
         physfn=str(fn.physfn) if fn.physfn else "",
         virtfns=tuple(str(v) for v in fn.virtfns),
         mdev_types=fn.mdev_types,
+        variant_driver=(pick(fn.modalias, aliases) or "") if aliases else "",
     )
 
 
@@ -207,10 +212,11 @@ def discover(
     snap = PciSnapshot(host)
     reg = _normalise_registered(registered)
     crit = critical if critical is not None else scan_host_critical(host)
+    aliases = read_aliases(alias_file(host))
     out = []
     for addr in snap.addresses():
         if all_devices or is_candidate(snap.function(addr).class_code):
-            out.append(_build(snap, addr, names, reg, crit))
+            out.append(_build(snap, addr, names, reg, crit, aliases))
     return out
 
 
@@ -231,4 +237,5 @@ def describe(
         raise DeviceNotFound(f"no PCI device {canonical} on this host")
     names = pci_ids if pci_ids is not None else default_pci_ids()
     crit = critical if critical is not None else scan_host_critical(host)
-    return _build(PciSnapshot(host), canonical, names, _normalise_registered(registered), crit)
+    aliases = read_aliases(alias_file(host))
+    return _build(PciSnapshot(host), canonical, names, _normalise_registered(registered), crit, aliases)

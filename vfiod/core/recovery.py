@@ -312,6 +312,6 @@ def _clean(deps: CoreDeps, row: DeviceRow, *, open_intents: bool) -> bool:
     return (
         not open_intents
         and read_function(deps.host, addr).is_vfio_bound
-        and override in (None, "vfio-pci")
+        and (override is None or override == drv)
         and deps.registry.attachment_of_device(row.id) is not None
     )

@@ -94,3 +94,10 @@ class DriverName(str):
 
 
 VFIO_PCI = DriverName.parse("vfio-pci")
+# Every vfio variant driver is named `<device>_vfio_pci` (host/vfio_variants.py).
+_VARIANT_SUFFIX = "_vfio_pci"
+
+
+def is_vfio_driver(name: str | None) -> bool:
+    """vfio-pci or a variant of it, by name (a variant on a kernel before 6.1 shows no `vfio-dev/`)."""
+    return name is not None and (name == VFIO_PCI or name.endswith(_VARIANT_SUFFIX))

@@ -21,12 +21,12 @@ from pathlib import Path
 from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.mdev import UUID_RE
-from vfiod.host.pciaddr import DriverName, PciAddress
+from vfiod.host.pciaddr import DriverName, PciAddress, is_vfio_driver
 
 # Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
-# these does not make the group unviable. vfio variant drivers are recognised by their vfio-dev/ directory.
+# these does not make the group unviable. vfio variant drivers are recognised by name (vfio_variants) and
+# by their vfio-dev/ directory.
 DMA_NEUTRAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
-VFIO_DRIVERS = frozenset({"vfio-pci"})
 # Bridge classes 0600 (host) .. 0609 (semi-transparent PCI-to-PCI): never passed through. 0680 ("other
 # bridge", e.g. NVSwitch) is an endpoint.
 BRIDGE_CLASSES = frozenset(f"060{i}" for i in range(10))
@@ -102,6 +102,21 @@ class PciFunction:
         """Six hex digits (base class, sub-class, prog-if), "" if unreadable."""
         code = parse_hex(self.attr("class"))
         return code.rjust(6, "0") if code else ""
+
+    @property
+    def modalias(self) -> str:
+        """The `modalias` text, composed from the ids already read exactly as the kernel prints it
+        (drivers/pci/pci-sysfs.c `modalias_show`); "" if the ids cannot be read."""
+        try:
+            vendor, device = int(self.vendor, 16), int(self.device, 16)
+            sv, sd = int(self.subsystem_vendor, 16), int(self.subsystem_device, 16)
+            cls = int(self.class_code, 16)
+        except ValueError:
+            return ""
+        return (
+            f"pci:v{vendor:08X}d{device:08X}sv{sv:08X}sd{sd:08X}"
+            f"bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}i{cls & 0xFF:02X}"
+        )
 
     @cached_property
     def header_type(self) -> int | None:
@@ -253,14 +268,14 @@ class PciFunction:
     def is_vfio_bound(self) -> bool:
         """Bound to vfio-pci or a vfio variant driver (which shows as a vfio-dev/ directory)."""
         drv = self.driver
-        return drv in VFIO_DRIVERS or (drv is not None and self.has_vfio_dev)
+        return is_vfio_driver(drv) or (drv is not None and self.has_vfio_dev)
 
     @property
     def dma_neutral(self) -> bool:
         """The member does not stop its group from being viable: no driver, or a driver that lets the user
         own DMA (vfio-pci and its variants, pci-stub, pcieport)."""
         drv = self.driver
-        return drv is None or drv in DMA_NEUTRAL_DRIVERS or self.has_vfio_dev
+        return drv is None or drv in DMA_NEUTRAL_DRIVERS or is_vfio_driver(drv) or self.has_vfio_dev
 
 
 def device_type(class_code: str) -> str:

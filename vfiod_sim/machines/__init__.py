@@ -1,6 +1,6 @@
 """The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35`,
-`mdev-samples`, `a40-mdev`, `l40s-vgpu` and `synthetic:N`. A machine is a function returning a `Profile`;
-`get_profile(name)` builds one by name.
+`qemu-q35-iommufd`, `mdev-samples`, `a40-mdev`, `l40s-vgpu` and `synthetic:N`. A machine is a function
+returning a `Profile`; `get_profile(name)` builds one by name.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from vfiod_sim.machines.l40s_vgpu import l40s_vgpu
 from vfiod_sim.machines.mdev_samples import mdev_samples
 from vfiod_sim.machines.no_iommu import no_iommu
 from vfiod_sim.machines.qemu_q35 import qemu_q35
+from vfiod_sim.machines.qemu_q35_iommufd import qemu_q35_iommufd
 from vfiod_sim.machines.synthetic import synthetic
 from vfiod_sim.machines.workstation_l4 import workstation_l4
 from vfiod_sim.model import Profile
@@ -22,6 +23,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
     "dgx-h100": dgx_h100,
     "no-iommu": no_iommu,
     "qemu-q35": qemu_q35,
+    "qemu-q35-iommufd": qemu_q35_iommufd,
     "mdev-samples": mdev_samples,
     "a40-mdev": a40_mdev,
     "l40s-vgpu": l40s_vgpu,

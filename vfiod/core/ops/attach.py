@@ -24,6 +24,7 @@ from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, Regist
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
+from vfiod.host.vfio_variants import intended_driver
 
 log = logging.getLogger("vfiod.manager")
 
@@ -213,7 +214,7 @@ def bind_plans(
             deps.registry.update_device(
                 row.id, state="binding", native_driver=native, native_module=module, bound_by_vfiod=True
             )
-            op.function(row.id, str(addr), row.iommu_group, native, module, "vfio-pci")
+            op.function(row.id, str(addr), row.iommu_group, native, module, intended_driver(deps.host, addr))
     op.checkpoint("journaled")
     units = deps.hold.units_for(vendors)
     deps.hold.acquire(units)

@@ -20,6 +20,7 @@ from vfiod.core.hoststatus import native_vfio_reason
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
 from vfiod.core.registry import AttachmentRow, DeviceRow, RegistryError
+from vfiod.host.pciaddr import is_vfio_driver
 from vfiod.host.pcifunction import read_function
 
 
@@ -61,7 +62,7 @@ def restore(
         try:
             for row in todo:
                 try:
-                    _restore_one(binder, op, row)
+                    _restore_one(binder, op, row, let_kernel_probe=kind == "unbind")
                 except VfiodError as e:
                     if not e.stuck:
                         e.stuck = (row.pci_address,)
@@ -88,15 +89,15 @@ def restore(
         op.finish()
 
 
-def _restore_one(binder: Binder, op: Operation, row: DeviceRow) -> None:
+def _restore_one(binder: Binder, op: Operation, row: DeviceRow, *, let_kernel_probe: bool) -> None:
     try:
-        binder.restore(row.pci_address, native_of(row))
+        binder.restore(row.pci_address, native_of(row), let_kernel_probe=let_kernel_probe)
     except RegistryError:
         # The journal failed before a step: that step did not happen. Going back to the native driver
         # is where this call was heading anyway, so finish it without step intents (the operation's
         # own intent still lets start-up finish it if vfiod dies now).
         op.degraded = True
-        binder.restore(row.pci_address, native_of(row))
+        binder.restore(row.pci_address, native_of(row), let_kernel_probe=let_kernel_probe)
 
 
 def detach(
@@ -128,12 +129,16 @@ def detach(
 
 def unbind(deps: CoreDeps, row: DeviceRow) -> DeviceRow:
     """The admin's Unbind of an unattached device on vfio: back to its native driver, or, if it never had
-    one, released from vfio-pci for the kernel to probe. A device whose own driver is vfio-pci (bound to
-    it at boot) has nothing to go back to: NativeIsVfio, naming what binds it, before anything is written."""
+    one, released from its VFIO driver for the kernel to probe. A device found on a vfio variant driver is
+    released the same way (a variant binds only through driver_override, so the kernel's probe picks the
+    device's own driver). A device whose own driver is vfio-pci (bound to it at boot) has nothing to go back
+    to: NativeIsVfio, naming what binds it, before anything is written."""
     if row.native_driver == "vfio-pci":
         raise NativeIsVfio(native_vfio_reason(deps.host, row.name, row.pci_address))
     guard.require_not_held(deps.host, [row.pci_address], "unbind")
-    if not row.bound_by_vfiod or not row.native_driver:
+    if is_vfio_driver(row.native_driver):
+        row = deps.registry.update_device(row.id, bound_by_vfiod=True, native_driver="", native_module="")
+    elif not row.bound_by_vfiod or not row.native_driver:
         # There is no native driver to go back to: the admin's explicit Unbind lets the kernel probe.
         row = deps.registry.update_device(row.id, bound_by_vfiod=True)
     restore(deps, [row], "unbind")
