@@ -85,7 +85,7 @@ def test_variant_found_bound_is_unbound_for_its_own_driver(env: MakeEnv) -> None
     ]
     assert e.host.driver(NIC) == VIRTIO and e.host.driver_override(NIC) is None
     row = m.registry.by_pci_address(str(NIC))
-    assert row is not None and row.state == "host"
+    assert row is not None and row.state == "host" and row.native_driver == "virtio-pci"
 
 
 class _NoVariantModules(SimulatedModules):

@@ -217,6 +217,43 @@ def _build_kernel(cache: Path, suite: str, package: str, dest: Path) -> None:
     work.rename(dest)
 
 
+TARBALL_ENV = "VFIOD_E2E_KERNEL_TARBALL"
+
+
+def kernel_tarball() -> Path | None:
+    """The kernel tarball (`boot/vmlinuz-*` + `lib/modules/<version>/`) named by $VFIOD_E2E_KERNEL_TARBALL,
+    None when unset or missing."""
+    raw = os.environ.get(TARBALL_ENV, "")
+    return Path(raw) if raw and Path(raw).is_file() else None
+
+
+def ensure_tarball_kernel(tarball: Path, cache: Path | None = None) -> Kernel:
+    """A kernel given as a tarball, unpacked once under `<cache>/kernel/tarball-<sha256 prefix>/root/`."""
+    cache = cache or cache_dir()
+    digest = hashlib.sha256()
+    with open(tarball, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    package = f"tarball-{digest.hexdigest()[:16]}"
+    dest = cache / "kernel" / package
+    done = dest / ".complete"
+    if not done.is_file():
+        with _locked(cache / "kernel" / f".{package}.lock"):
+            if not done.is_file():
+                work = dest.with_name(dest.name + ".tmp")
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                (work / "root").mkdir(parents=True)
+                _run(["tar", "-xf", tarball, "-C", work / "root"], timeout=600)
+                versions = sorted(p.name for p in (work / "root/lib/modules").iterdir() if p.is_dir())
+                if len(versions) != 1 or not (work / "root/boot" / f"vmlinuz-{versions[0]}").is_file():
+                    raise SetupError(f"{tarball} needs boot/vmlinuz-V and one lib/modules/V/ ({versions})")
+                (work / ".complete").write_text(versions[0] + "\n", encoding="utf-8")
+                work.rename(dest)
+    kver = done.read_text(encoding="utf-8").strip()
+    return Kernel(package=package, kver=kver, dir=dest, suite="tarball")
+
+
 def module_chain(kernel: Kernel, module: str) -> list[Path]:
     """`modprobe --show-depends`: the module files to insmod for `module`, dependencies first."""
     out = _run(["modprobe", "--show-depends", "-d", kernel.root, "-S", kernel.kver, module], timeout=60)
@@ -391,7 +428,7 @@ def ensure_initramfs(kernel: Kernel) -> Path:
             name = name.removesuffix(".xz")
         cpio.file(f"modules/{name}", data)
         names.append(name)
-    cpio.file("modules/order", ("\n".join(names) + "\n").encode())
+    cpio.file("modules/order", "".join(f"{n}\n" for n in names).encode())  # none: all built in
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     tmp.rename(out)
@@ -521,9 +558,12 @@ class Images:
     mdevctl: Path
 
 
-def prepare(cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE) -> Images:
+def prepare(
+    cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE, tarball: Path | None = None
+) -> Images:
     """Everything a boot needs, built or taken from the cache: the kernel of `suite` (the sample mdev
-    drivers only for the default, bookworm's) and the same bookworm root for every kernel."""
+    drivers only for the default, bookworm's), or the kernel in `tarball`, and the same bookworm root for
+    every kernel."""
     if os.geteuid() != 0:
         raise SetupError("the real-kernel suite runs as root (QEMU reads the root-owned guest tree)")
     missing = missing_tools()
@@ -531,9 +571,12 @@ def prepare(cache: Path | None = None, suite: str = kernels.DEFAULT_SUITE) -> Im
         raise SetupError(f"missing Debian packages: {' '.join(missing)} (make deps)")
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    kernel = ensure_kernel(cache, suite)
-    if suite == kernels.DEFAULT_SUITE:
-        ensure_mdev_samples(kernel)
+    if tarball is not None:
+        kernel = ensure_tarball_kernel(tarball, cache)
+    else:
+        kernel = ensure_kernel(cache, suite)
+        if suite == kernels.DEFAULT_SUITE:
+            ensure_mdev_samples(kernel)
     return Images(
         cache=cache,
         kernel=kernel,
@@ -556,6 +599,7 @@ class BootSpec:
     append: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # copied into the run folder (path inside it)
+    devices: tuple[str, ...] = ()  # more `-device` values for this boot only
 
 
 @dataclass
@@ -673,6 +717,7 @@ def qemu_command(images: Images, run_dir: Path, spec: BootSpec) -> list[str]:
         # a group with a bridge: pcie-pci-bridge + e1000 + edu
         *("-device", "pcie-pci-bridge,id=br1,bus=rp1"),
         *("-device", "e1000,bus=br1,addr=0x1,mac=52:54:00:12:34:03", "-device", "edu,bus=br1,addr=0x2"),
+        *(arg for device in spec.devices for arg in ("-device", device)),
     ]
 
 
@@ -776,9 +821,20 @@ def boot_suite(
     files: dict[str, Path] | None = None,
     init: str = "/out/guest/stage2.sh",
     append: tuple[str, ...] = (),
+    devices: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> GuestRun:
     """Boot one guest for a group of scenarios; its results are read whether or not it finished."""
-    spec = BootSpec(name=name, script=script, timeout=timeout, files=files or {}, init=init, append=append)
+    spec = BootSpec(
+        name=name,
+        script=script,
+        timeout=timeout,
+        files=files or {},
+        init=init,
+        append=append,
+        devices=devices,
+        env=env or {},
+    )
     result = boot(spec, images)
     return GuestRun(boot=result, report=tap.read(result.run_dir / "results.tap"))
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tests.e2e import service, tap, trace
+from tests.e2e import service, tap, trace, variants
 
 
 def _echo(text: str) -> None:
@@ -128,6 +128,17 @@ def run_service_suite(out: Path, only: Sequence[str] = ()) -> int:
 
 def run_systemd_suite(out: Path, only: Sequence[str] = ()) -> int:
     """The installed package under systemd as PID 1 (prepared by guest/systemd-prepare.sh)."""
+    return _under_systemd(out, service.SYSTEMD, service.SYSTEMD_DEPENDS)
+
+
+def run_variants_suite(out: Path, only: Sequence[str] = ()) -> int:
+    """vfio variant drivers, under systemd as PID 1 on a kernel that builds them (tests/e2e/variants.py)."""
+    return _under_systemd(out, variants.VARIANTS, variants.VARIANTS_DEPENDS)
+
+
+def _under_systemd(
+    out: Path, scenarios: dict[str, Callable[[service.Guest], None]], depends: dict[str, str]
+) -> int:
     _echo(f"guest kernel {os.uname().release} ({os.uname().version})")
     lines: list[str] = []
     guest = _guest(out, lines)
@@ -149,7 +160,7 @@ def run_systemd_suite(out: Path, only: Sequence[str] = ()) -> int:
         stderr=subprocess.DEVNULL,
     )
     try:
-        return _run_scenarios(out, service.SYSTEMD, service.SYSTEMD_DEPENDS, guest, lines)
+        return _run_scenarios(out, scenarios, depends, guest, lines)
     finally:
         journal.terminate()
         with open(out / "journal.log", "wb") as f:
@@ -167,7 +178,12 @@ def report_exit(code: int) -> None:
         os.close(fd)
 
 
-SUITES = {"trace": run_trace_suite, "service": run_service_suite, "systemd": run_systemd_suite}
+SUITES = {
+    "trace": run_trace_suite,
+    "service": run_service_suite,
+    "systemd": run_systemd_suite,
+    "variants": run_variants_suite,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,16 @@ import pytest
 
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress, is_vfio_driver
-from vfiod.host.vfio_variants import VfioAlias, best_match, intended_driver, pick, read_aliases
+from vfiod.host.vfio_variants import (
+    VfioAlias,
+    alias_copy,
+    alias_file,
+    best_match,
+    intended_driver,
+    kernel_aliases,
+    pick,
+    read_aliases,
+)
 
 REAL_612 = """\
 alias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci
@@ -108,6 +117,30 @@ def test_the_running_kernels_aliases_are_read_once_and_again_when_changed(tmp_pa
     assert intended_driver(host, addr) == "vfio-pci"
     alias_file.write_text(DEBIAN_61 + REAL_612)  # a new size: read again
     assert intended_driver(host, addr) == "virtio_vfio_pci"
+
+
+def test_the_units_copy_serves_when_the_module_tree_is_hidden(tmp_path: Path) -> None:
+    """Under ProtectKernelModules= /lib/modules is inaccessible: the unit's copy of the running kernel's
+    vfio_pci: lines in /run/vfiod is read instead, and only if it was made for the running kernel."""
+    root = tmp_path / "host"
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/osrelease").write_text("6.12.117\n")
+    host = Host(HostRoots.under(root))
+    copy = alias_copy(host)
+    copy.parent.mkdir(parents=True)
+    copy.write_text("# release 6.12.117\n" + REAL_612)
+    assert {a.module for a in kernel_aliases(host)} == {
+        "mlx5_vfio_pci",
+        "pds_vfio_pci",
+        "virtio_vfio_pci",
+        "qat_vfio_pci",
+    }
+    copy.write_text("# release 6.12.116\n" + REAL_612 + "\n")  # made before a reboot into another kernel
+    assert kernel_aliases(host) == ()
+    real = alias_file(host)
+    real.parent.mkdir(parents=True)
+    real.write_text(DEBIAN_61)  # readable: the module tree wins
+    assert [a.module for a in kernel_aliases(host)] == ["vfio_pci"]
 
 
 def prebuilt_kernel() -> Path | None:

@@ -28,7 +28,7 @@ from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import DISPLAY_BASE_CLASS, PciSnapshot, device_type
-from vfiod.host.vfio_variants import VfioAlias, alias_file, pick, read_aliases
+from vfiod.host.vfio_variants import VfioAlias, kernel_aliases, pick
 
 NO_IOMMU_BLOCKER = (
     "no IOMMU group: the IOMMU is off (add intel_iommu=on or amd_iommu=on to the kernel command line and "
@@ -212,7 +212,7 @@ def discover(
     snap = PciSnapshot(host)
     reg = _normalise_registered(registered)
     crit = critical if critical is not None else scan_host_critical(host)
-    aliases = read_aliases(alias_file(host))
+    aliases = kernel_aliases(host)
     out = []
     for addr in snap.addresses():
         if all_devices or is_candidate(snap.function(addr).class_code):
@@ -237,5 +237,5 @@ def describe(
         raise DeviceNotFound(f"no PCI device {canonical} on this host")
     names = pci_ids if pci_ids is not None else default_pci_ids()
     crit = critical if critical is not None else scan_host_critical(host)
-    aliases = read_aliases(alias_file(host))
+    aliases = kernel_aliases(host)
     return _build(PciSnapshot(host), canonical, names, _normalise_registered(registered), crit, aliases)

@@ -13,7 +13,10 @@ No match, no `modules.alias`, or a kernel before the aliases existed (5.18): pla
 A variant driver registers under its module's name (`.name = KBUILD_MODNAME` in each of them), which ends
 in `_vfio_pci` (`pciaddr.is_vfio_driver`).
 
-The aliases of one kernel are read once and kept while the file's size and mtime stay the same.
+The aliases of one kernel are read once and kept while the file's size and mtime stay the same. Under
+systemd, `ProtectKernelModules=yes` hides /lib/modules from the daemon, so the unit's `ExecStartPre=+`
+copies the running kernel's `vfio_pci:` lines to `/run/vfiod/vfio_pci.alias` first (headed `# release R`),
+which is read when the module tree cannot be, and only if R is still the running kernel.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class VfioAlias:
         return self.pattern.count("*") + self.pattern.count("?")
 
 
-_cache: dict[Path, tuple[tuple[int, int], tuple[VfioAlias, ...]]] = {}
+_cache: dict[tuple[Path, str | None], tuple[tuple[int, int], tuple[VfioAlias, ...]]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -51,15 +54,29 @@ def alias_file(host: Host) -> Path:
     return host.roots.lib / "modules" / host.kernel_release() / "modules.alias"
 
 
-def read_aliases(path: Path) -> tuple[VfioAlias, ...]:
-    """The `vfio_pci:` aliases of one modules.alias (none if it cannot be read)."""
+def alias_copy(host: Host) -> Path:
+    """The unit's copy of the running kernel's `vfio_pci:` aliases (see the module docstring)."""
+    return host.roots.run / "vfiod" / "vfio_pci.alias"
+
+
+def kernel_aliases(host: Host) -> tuple[VfioAlias, ...]:
+    """The running kernel's `vfio_pci:` aliases: from its modules.alias, else from the unit's copy."""
+    primary = alias_file(host)
+    if os.access(primary, os.R_OK):
+        return read_aliases(primary)
+    return read_aliases(alias_copy(host), release=host.kernel_release())
+
+
+def read_aliases(path: Path, release: str | None = None) -> tuple[VfioAlias, ...]:
+    """The `vfio_pci:` aliases of one modules.alias (none if it cannot be read). With `release`, the file
+    must start with `# release <release>` (a copy made for another kernel counts as none)."""
     try:
         st = os.stat(path)
     except OSError:
         return ()
     key = (st.st_size, st.st_mtime_ns)
     with _cache_lock:
-        hit = _cache.get(path)
+        hit = _cache.get((path, release))
         if hit is not None and hit[0] == key:
             return hit[1]
     try:
@@ -67,6 +84,8 @@ def read_aliases(path: Path) -> tuple[VfioAlias, ...]:
     except OSError:
         return ()
     found: list[VfioAlias] = []
+    if release is not None and text.partition("\n")[0].strip() != f"# release {release}":
+        text = ""
     for line in text.splitlines():
         if not line.startswith("alias " + ALIAS_PREFIX):
             continue
@@ -75,7 +94,7 @@ def read_aliases(path: Path) -> tuple[VfioAlias, ...]:
             found.append(VfioAlias(words[1], words[2]))
     aliases = tuple(found)
     with _cache_lock:
-        _cache[path] = (key, aliases)
+        _cache[(path, release)] = (key, aliases)
     return aliases
 
 
@@ -103,7 +122,7 @@ def pick(modalias: str, aliases: tuple[VfioAlias, ...]) -> DriverName | None:
 
 def variant_driver(host: Host, addr: PciAddress) -> DriverName | None:
     """The vfio variant driver the kernel's aliases pick for this function, None for plain vfio-pci."""
-    return pick(read_function(host, addr).modalias, read_aliases(alias_file(host)))
+    return pick(read_function(host, addr).modalias, kernel_aliases(host))
 
 
 def intended_driver(host: Host, addr: PciAddress) -> DriverName:

@@ -2,7 +2,8 @@
 # Run by stage2.sh before it execs /lib/systemd/systemd (boot with e2e.exec=): installs the project's
 # .deb into the clean root as an admin would, adds the test users, a vfiod config mapping the QEMU devices'
 # vendor (1234) to a fake persistence daemon, that daemon's unit, and the unit that runs the scenarios
-# once the system is up (it reports through isa-debug-exit). Nothing of vfiod is started here.
+# once the system is up (it reports through isa-debug-exit): the runner's suite $E2E_SUITE (default
+# `systemd`). Nothing of vfiod is started here.
 set -euo pipefail
 step() { echo "e2e-prepare: $*"; }
 
@@ -38,13 +39,15 @@ After=multi-user.target
 [Service]
 Type=simple
 Environment=PYTHONPATH=/out/src PYTHONDONTWRITEBYTECODE=1
-ExecStart=/usr/bin/python3 -m tests.e2e.guest_runner systemd --out /out --report-exit
+ExecStart=/usr/bin/python3 -m tests.e2e.guest_runner @SUITE@ --out /out --report-exit
 StandardOutput=journal+console
 StandardError=journal+console
 
 [Install]
 WantedBy=multi-user.target
 UNIT
+
+sed -i "s/@SUITE@/${E2E_SUITE:-systemd}/" /etc/systemd/system/vfiod-e2e.service
 
 # The minbase root has no udev, which on a real host applies the kernel's DEVMODE 0666 to /dev/vfio/vfio
 # after systemd-tmpfiles-setup-dev created the kmod static node 0600; stand in for it.

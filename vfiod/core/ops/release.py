@@ -142,6 +142,11 @@ def unbind(deps: CoreDeps, row: DeviceRow) -> DeviceRow:
         # There is no native driver to go back to: the admin's explicit Unbind lets the kernel probe.
         row = deps.registry.update_device(row.id, bound_by_vfiod=True)
     restore(deps, [row], "unbind")
+    if not row.native_driver:
+        # Whatever the kernel's probe picked is the device's own driver from now on.
+        fn = read_function(deps.host, row.pci_address)
+        if fn.driver is not None:
+            row = deps.registry.update_device(row.id, native_driver=fn.driver, native_module=fn.module or "")
     return row
 
 

@@ -1,0 +1,47 @@
+"""vfio variant drivers on a real kernel that builds them: the kernel tarball named by
+`VFIOD_E2E_KERNEL_TARBALL` (boot/ and lib/modules/ of a 6.12 with IOMMUFD, VFIO cdevs and the
+mlx5/virtio/pds/qat variants as modules; CI points it at its prebuilt copy), booted under systemd as PID 1
+with the installed package and one more device, a modern virtio-net that virtio_vfio_pci's alias names.
+No Debian kernel builds a variant driver, so without the tarball these tests skip and say so.
+
+One boot; each scenario of `variants.VARIANTS` is its own test (tests/e2e/variants.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import guest, variants
+from tests.e2e.conftest import report
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+PREPARE = "exec bash /out/guest/systemd-prepare.sh"
+
+
+@pytest.fixture(scope="module")
+def variants_run(deb: Path) -> guest.GuestRun:
+    tarball = guest.kernel_tarball()
+    if tarball is None:
+        pytest.skip(f"no kernel with vfio variant drivers: set {guest.TARBALL_ENV} to a kernel tarball")
+    try:
+        images = guest.prepare(tarball=tarball)
+    except guest.SetupError as e:
+        pytest.fail(f"cannot set up the variant-driver guest: {e}", pytrace=False)
+    return guest.boot_suite(
+        images,
+        "variants",
+        PREPARE,
+        timeout=900,
+        files={f"pkg/{deb.name}": deb},
+        append=("e2e.exec=/lib/systemd/systemd",),
+        devices=(variants.QEMU_DEVICE,),
+        env={"E2E_SUITE": "variants"},
+    )
+
+
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variant(variants_run: guest.GuestRun, name: str) -> None:
+    report(variants_run, name)
