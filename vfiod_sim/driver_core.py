@@ -107,6 +107,19 @@ class Core:
             }
         )
 
+    def vfio_group_uevent(self, action: str, addr: str) -> None:
+        """The group node's class device (/devices/virtual/vfio/<n>) comes with the group's first VFIO
+        device and goes with its last (drivers/vfio/group.c vfio_create_group / vfio_group_release): the
+        `add` udev applies its node rules to."""
+        group = self.topo.group_of(addr)
+        if self.quiet or group is None:
+            return
+        members = [a for a in self.topo.groups.get(group, []) if a != addr]
+        if any("vfio" in self.st.devices[a].minors for a in members):
+            return  # the group already had (or still has) its node
+        node = {"action": action, "devpath": f"/devices/virtual/vfio/{group}", "subsystem": "vfio"}
+        self.uevents.append({**node, "driver": None})
+
     def mdev_uevent(self, action: str, uuid: str) -> None:
         if self.quiet:
             return
@@ -211,6 +224,7 @@ class Core:
         ds.driver = driver
         m = ds.minors
         if spec.kind == "vfio":
+            self.vfio_group_uevent("add", addr)
             m["vfio"] = self.alloc("vfio")
         elif spec.kind == "drm":
             m["drm"] = self.alloc("drm")
@@ -219,6 +233,7 @@ class Core:
         elif spec.kind == "gpu-nvidia":
             gpu = self.topo.vendor_gpu_of.get(addr)
             if gpu is not None and gpu.module in self.st.modules and addr not in self.st.vfio_unregistered:
+                self.vfio_group_uevent("add", addr)
                 m["vfio"] = self.alloc("vfio")  # nvidia.ko registers the VF with vfio-pci-core
             if cls >> 16 == 0x03 and self.topo.devices[addr].physfn is None:  # a VF has no /dev/nvidiaN
                 m["nvidia"] = self.alloc("nvidia")
@@ -289,7 +304,10 @@ class Core:
             if addr not in self.st.vfio_unregistered:
                 self.st.vfio_unregistered.append(addr)
         ds.driver = None
+        had_vfio = "vfio" in ds.minors
         self.free_minors(ds)
+        if had_vfio:
+            self.vfio_group_uevent("remove", addr)
         if self.st.fbcon_bound and not any("fb" in d.minors for d in self.st.devices.values()):
             self.st.fbcon_bound = False  # the last frame buffer went away: back to the dummy console
         self.uevent("unbind", addr, None)

@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 from tests.bus.conftest import Clients, StartVfiod
-from tests.bus.support.helpers import AUDIO, GPU, plain, register
-from vfiod.bus.names import DEVICE_IFACE
+from tests.bus.support.harness import PolkitMock
+from tests.bus.support.helpers import AUDIO, GPU, attach, b, ok, plain, register
+from vfiod.bus.names import ACTION_ATTACH, ACTION_INSPECT, DEVICE_IFACE
 from vfiod.bus.uevents import NetlinkUevents, Uevent, parse_netlink, parse_simulated
+from vfiod.host.backend import NodeOwner
+from vfiod.host.pciaddr import PciAddress
 
 
 def simulator(*args: str) -> None:
@@ -101,3 +104,38 @@ def test_netlink_believes_only_the_kernel() -> None:
     finally:
         loop.close()
     assert seen == [Uevent("unbind", "0000:a2:00.1", "", "/devices/x/0000:a2:00.1"), Uevent("lost", "")]
+
+
+def test_parse_vfio_group_events(tmp_path: Path) -> None:
+    """The kernel's add/change of a VFIO group's class device: udev applies its rules to the node now."""
+    msg = b"change@/devices/virtual/vfio/7\0ACTION=change\0DEVPATH=/devices/virtual/vfio/7\0SUBSYSTEM=vfio\0"
+    ev = parse_netlink(msg)
+    assert ev == Uevent("change", "", "", "/devices/virtual/vfio/7", vfio_group=7) and not ev.lost
+    assert parse_netlink(msg.replace(b"change", b"remove")) is None
+    assert parse_netlink(msg.replace(b"/vfio/7", b"/vfio/vfio")) is None  # the container node
+    line = json.dumps({"action": "add", "subsystem": "vfio", "devpath": "/devices/virtual/vfio/12"})
+    assert parse_simulated(line) == Uevent("add", "", "", "/devices/virtual/vfio/12", vfio_group=12)
+    assert Uevent("lost", "").lost
+
+
+def test_a_grant_udev_changed_is_put_back_after_the_nodes_uevent(
+    start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock
+) -> None:
+    """Attached for bob, the node is widened behind vfiod's back (udev's GROUP=kvm MODE=0660 after a
+    `udevadm trigger`); the group's change uevent (appended to the simulator's uevent file, as the kernel
+    announces it) makes vfiod put the owner and mode back within its re-check delays."""
+    vfiod = start_vfiod()
+    polkit.allow(ACTION_INSPECT, ACTION_ATTACH)
+    register(clients.root, GPU, "gpu")
+    ok(attach(clients.bob, "vm1", "gpu", include_group=b(True)))
+    host = vfiod.manager.host
+    group = host.iommu_group(PciAddress.parse(GPU))
+    assert group is not None and host.node_owner(group).uid == clients.bob.uid
+    host.set_node_owner(group, NodeOwner(uid=0, gid=36, mode=0o660))
+    event = {"action": "change", "subsystem": "vfio", "devpath": f"/devices/virtual/vfio/{group}"}
+    with open(vfiod.root / "sim" / "uevents.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and host.node_owner(group).uid != clients.bob.uid:
+        time.sleep(0.1)
+    assert host.node_owner(group) == NodeOwner(uid=clients.bob.uid, gid=36, mode=0o600)

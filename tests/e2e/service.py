@@ -495,6 +495,45 @@ def sc_vga_attach(g: Guest) -> None:
     g.say(f"kernel {os.uname().release}: vfio-dev/ {shown}, bound_to_vfio true")
 
 
+def sc_grant_kept(g: Guest) -> None:
+    """udev's rules re-applied to the attached group's node, as a `udevadm trigger` with an admin's
+    `SUBSYSTEM=="vfio", GROUP="kvm", MODE="0666"` rule would (the root has no udevd: the test does udev's
+    part): the node is widened, then the kernel's change uevent is raised through
+    /sys/class/vfio/<n>/uevent; vfiod puts hypeman's grant back (owner, mode 0600) and logs a warning. The
+    node is the group's own: its rdev is the one /sys/class/vfio/<n>/dev names."""
+    import grp
+    import pwd
+
+    group = g.group(VGA)
+    node = f"/dev/vfio/{group}"
+    uid = pwd.getpwnam(HYPEMAN).pw_uid
+    st = os.stat(node)
+    sys_dev = Path(f"/sys/class/vfio/{group}/dev").read_text().strip()
+    check(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == sys_dev, f"{node} is not {sys_dev}")
+    kvm = grp.getgrnam("kvm").gr_gid if "kvm" in {e.gr_name for e in grp.getgrall()} else 0
+    os.chown(node, 0, kvm)
+    os.chmod(node, 0o666)  # noqa: S103 - the widening under test
+    pos = g.log_position()
+    started = time.monotonic()
+    Path(f"/sys/class/vfio/{group}/uevent").write_text("change")
+
+    def granted() -> bool:
+        now = os.stat(node)
+        return now.st_uid == uid and now.st_mode & 0o777 == 0o600
+
+    check(
+        wait_for(granted, 10),
+        f"{node} was not given back: {oct(os.stat(node).st_mode)} uid {os.stat(node).st_uid}",
+    )
+    g.say(
+        f"{node} (rdev {sys_dev}) widened to root:{kvm} 0666; hypeman's 0600 again after "
+        f"{time.monotonic() - started:.2f} s"
+    )
+    check(wait_for(lambda: "behind vfiod's back" in g.log_since(pos), 5), "vfiod logged no warning about it")
+    res = g.vmm(HYPEMAN, node, VGA)
+    check(res.get("ok") is True, f"the VMM failed after the grant was put back: {res}")
+
+
 def sc_vmm_uses_group(g: Guest) -> None:
     """As hypeman, a ctypes VMM opens the container and the group, gets the device fd, reads the vendor
     id and maps/unmaps 1 MiB of DMA."""
@@ -1015,6 +1054,7 @@ FAST_INIT: dict[str, Scenario] = {
     "vga-console-refused": sc_vga_console_refused,
     "vga-list-and-conflict": sc_vga_list_and_conflict,
     "vga-attach": sc_vga_attach,
+    "grant-kept": sc_grant_kept,
     "vmm-uses-group": sc_vmm_uses_group,
     "vmm-qemu-uses-group": sc_vmm_qemu_uses_group,
     "memlock": sc_memlock,
@@ -1042,6 +1082,7 @@ DEPENDS: dict[str, str] = {
     "vga-console-refused": "bus-activation",
     "vga-list-and-conflict": "bus-activation",
     "vga-attach": "vga-list-and-conflict",
+    "grant-kept": "vga-attach",
     "vmm-uses-group": "vga-attach",
     "vmm-qemu-uses-group": "vga-attach",
     "memlock": "vga-attach",

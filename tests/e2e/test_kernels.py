@@ -26,6 +26,7 @@ SCENARIOS = (
     "vga-console-refused",
     "vga-list-and-conflict",
     "vga-attach",
+    "grant-kept",
     "vmm-uses-group",
     "vmm-qemu-uses-group",
     "held-detach",

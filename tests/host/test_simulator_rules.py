@@ -542,10 +542,15 @@ def test_trace_and_uevents(sim: SimFactory) -> None:
     ]
     assert sh.kernel.trace()[0]["resolved"] == f"/sys/devices/pci0000:00/{ROOT_PORT}/{L4}/driver_override"
     events = sh.kernel.uevents()
-    assert [(e["action"], e["driver"]) for e in events] == [("unbind", None), ("bind", "vfio-pci")]
-    assert [e["seq"] for e in events] == [1, 2]
-    assert events[1] | {"ts": 0} == {
-        "seq": 2,
+    assert [(e["action"], e["subsystem"], e["driver"]) for e in events] == [
+        ("unbind", "pci", None),
+        ("add", "vfio", None),  # the group's node comes with its first VFIO device, before the bind
+        ("bind", "pci", "vfio-pci"),
+    ]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert events[1]["devpath"] == f"/devices/virtual/vfio/{L4_GROUP}"
+    assert events[2] | {"ts": 0} == {
+        "seq": 3,
         "action": "bind",
         "devpath": f"/devices/pci0000:00/{ROOT_PORT}/{L4}",
         "subsystem": "pci",
@@ -569,3 +574,17 @@ def test_hugepages_and_autoprobe(sim: SimFactory) -> None:
     assert sh.host.device_exists(NIC) and sh.host.driver(NIC) is None  # added, not probed
     sh.host.probe(NIC)  # an explicit drivers_probe still probes
     assert sh.host.driver(NIC) == "e1000e"
+
+
+def test_the_group_nodes_class_device_comes_and_goes_with_the_group(sim: SimFactory) -> None:
+    """/devices/virtual/vfio/<n>: `add` with the group's first VFIO device, `remove` with its last (the
+    uevents udev applies its /dev/vfio/<n> rules on); the second member binds and the first leaves
+    without one."""
+    sh = sim(idle=True)
+    to_vfio(sh, L4, L4_AUDIO)
+    for addr in (L4, L4_AUDIO):
+        sh.host.set_driver_override(addr, None)
+        sh.host.unbind(addr, VFIO)
+    vfio = [(e["action"], e["devpath"]) for e in sh.kernel.uevents() if e["subsystem"] == "vfio"]
+    node = f"/devices/virtual/vfio/{L4_GROUP}"
+    assert vfio == [("add", node), ("remove", node)]

@@ -66,6 +66,9 @@ READ_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vfiod_re
 READ_WORKERS: Final = 16
 CALL_WORKERS: Final = 48
 PRIORITY_READ_WORKERS: Final = 8
+# Seconds after a group node's uevent at which its grant is re-checked: udev applies its rules some
+# milliseconds after the kernel's event, later on a busy host (core/grants.py).
+GRANT_RECHECK_DELAYS: Final = (0.3, 1.5, 5.0)
 
 
 class Service:
@@ -451,8 +454,15 @@ class Service:
             self.loop.call_soon_threadsafe(self.objects.schedule, device_id)
 
     def on_uevent(self, ev: Uevent) -> None:
+        if ev.vfio_group is not None or ev.lost:
+            # udev applies its rules to a group node after the kernel's event: look once it had time to.
+            groups = None if ev.lost else [ev.vfio_group]
+            for delay in GRANT_RECHECK_DELAYS:
+                self.loop.call_later(delay, self._recheck_grants, groups)
+        if ev.vfio_group is not None:
+            return
         self.snapshots.invalidate()  # any device: ListAvailable and GetHostStatus cover them all
-        if not ev.pci_address:
+        if ev.lost:
             self.objects.schedule("")
             return
         for device_id, props in self.objects.props.items():
@@ -467,6 +477,18 @@ class Service:
                     self._refresh_queued.add(ev.pci_address)
                     self._reads.submit(self._refresh_device, ev.pci_address)
                 self.objects.schedule(device_id)
+
+    def _recheck_grants(self, groups: list[int | None] | None) -> None:
+        wanted = None if groups is None else [g for g in groups if g is not None]
+
+        def work() -> None:
+            try:
+                self.manager.refreshes.grants(wanted)
+            except Exception:
+                log.exception("re-checking the group nodes' grants failed")
+
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the daemon is exiting
+            self._reads.submit(work)
 
     def _refresh_device(self, pci_address: str) -> None:
         self._refresh_queued.discard(pci_address)  # from here on, a new uevent queues another re-read

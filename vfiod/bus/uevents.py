@@ -1,11 +1,11 @@
 """Kernel uevents for PCI devices, so a bind or unbind made by another tool reaches the bus as
-`PropertiesChanged`.
+`PropertiesChanged`, and for VFIO group nodes, so a grant udev's rules changed is put back.
 
 On a real host `NetlinkUevents` reads the kernel's `NETLINK_KOBJECT_UEVENT` multicast group (only datagrams
 from the kernel itself, port id 0, are believed). On the simulator `SimulatedUevents` tails
 `<root>/sim/uevents.jsonl`, where the simulated kernel appends one JSON line per uevent (see
-vfiod_sim/builder.py). Both deliver `Uevent`s for the `pci` subsystem to one callback on the
-event loop; an `Uevent` with an empty address means "events were lost, re-read everything".
+vfiod_sim/builder.py). Both deliver `Uevent`s for the `pci` and `vfio` subsystems to one callback on the
+event loop; a `lost` Uevent means "events were lost, re-read everything".
 """
 
 from __future__ import annotations
@@ -33,9 +33,26 @@ POLL_INTERVAL: Final = 0.1
 @dataclass(frozen=True)
 class Uevent:
     action: str
-    pci_address: str  # "" = events were lost: re-read every device
+    pci_address: str  # "" = events were lost: re-read every device (unless vfio_group is set)
     driver: str = ""
     devpath: str = ""
+    vfio_group: int | None = None  # a `vfio` group node's uevent (udev applies its rules to the node now)
+
+    @property
+    def lost(self) -> bool:
+        return not self.pci_address and self.vfio_group is None
+
+
+def vfio_group_event(action: str, subsystem: str, devpath: str) -> Uevent | None:
+    """`add` or `change` of /devices/virtual/vfio/<n>: the node udev is about to apply its rules to."""
+    if subsystem != "vfio" or action not in ("add", "change"):
+        return None
+    name = devpath.rstrip("/").rsplit("/", 1)[-1]
+    return (
+        Uevent(action=action, pci_address="", devpath=devpath, vfio_group=int(name))
+        if name.isdigit()
+        else None
+    )
 
 
 UeventCallback = Callable[[Uevent], None]
@@ -60,9 +77,11 @@ def parse_netlink(data: bytes) -> Uevent | None:
         if sep:
             env[key.decode("ascii", "replace")] = value.decode("utf-8", "replace")
     action = env.get("ACTION", "")
+    devpath = env.get("DEVPATH", "")
+    if env.get("SUBSYSTEM") == "vfio":
+        return vfio_group_event(action, "vfio", devpath)
     if env.get("SUBSYSTEM") != "pci" or action not in RELEVANT:
         return None
-    devpath = env.get("DEVPATH", "")
     addr = env.get("PCI_SLOT_NAME") or devpath.rsplit("/", 1)[-1]
     if not addr:
         return None
@@ -75,7 +94,11 @@ def parse_simulated(line: str) -> Uevent | None:
         ev = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(ev, dict) or ev.get("subsystem") != "pci" or ev.get("action") not in RELEVANT:
+    if not isinstance(ev, dict):
+        return None
+    if ev.get("subsystem") == "vfio":
+        return vfio_group_event(str(ev.get("action", "")), "vfio", str(ev.get("devpath", "")))
+    if ev.get("subsystem") != "pci" or ev.get("action") not in RELEVANT:
         return None
     addr = ev.get("pci_address")
     if not isinstance(addr, str) or not addr:

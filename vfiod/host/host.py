@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -433,6 +434,18 @@ class Host:
 
     def node_owner(self, group: int) -> NodeOwner:
         return self.backend.node_owner(self.vfio_group_node(group))
+
+    def group_node_matches(self, group: int) -> bool | None:
+        """Whether /dev/vfio/<group> is the character device `/sys/class/vfio/<group>/dev` names (None when
+        sysfs does not say, or the node is gone)."""
+        want = self.read_text(self.roots.sys / "class/vfio" / str(int(group)) / "dev")
+        if not want:
+            return None
+        try:
+            st = os.stat(self.vfio_group_node(group), follow_symlinks=False)
+        except OSError:
+            return None
+        return stat.S_ISCHR(st.st_mode) and f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == want.strip()
 
     def set_node_owner(self, group: int, owner: NodeOwner) -> None:
         node = self.vfio_group_node(group)
