@@ -273,3 +273,18 @@ def test_vendor_vgpu_host(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "vendor-VFIO parents 0000:a2:00.4 ... 0000:b3:04.3 (64): 1152 (NVIDIA L40S-1Q)" in out
     assert out.rstrip().endswith("Ready for vGPUs: 64 can be created now (vfioctl profiles shows which)")
+
+
+def test_functions_without_a_usable_reset_are_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    """The QEMU guest's devices have no reset method (as the real kernel shows them): each listed GPU
+    carries the warning Attach gives, under it in the text report, and stays ready (not a blocker); the
+    L4, whose first reset is FLR, carries none."""
+    doc = run_json(capsys, "--simulate", "qemu-q35")
+    bochs = devices_by_addr(doc)["0000:00:03.0"]
+    assert bochs["passthrough_ready"] is True and bochs["reset_methods"] == []
+    assert len(bochs["warnings"]) == 1 and "has no reset method" in bochs["warnings"][0]
+    l4 = devices_by_addr(run_json(capsys, "--simulate", "workstation-l4"))["0000:a2:00.0"]
+    assert l4["reset_methods"] == ["flr", "bus"] and l4["warnings"] == []
+    assert main(["check", "--simulate", "qemu-q35"]) == 0
+    text = capsys.readouterr().out
+    assert "      ! 0000:00:03.0 has no reset method" in text

@@ -2,7 +2,8 @@
 
 Owns the command's arguments, choosing the host to read (the real one, a simulated profile, or a copied
 or mounted sysfs tree) and producing the report, as `--json` or as text in the style of
-`virt-host-validate` (rendered by `report.py`, the same renderer as `vfioctl check`). It only reads; it
+`virt-host-validate` (rendered by `report.py`, the same renderer as `vfioctl check`); each device also
+carries `warnings` (no usable reset), which only this local report computes. It only reads; it
 never loads a module or writes to sysfs, so it is safe to run anywhere, as any user (an unprivileged user
 may see less, e.g. no `config` headers).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vfiod.cli import report as report_text
+from vfiod.core import resets
 from vfiod.core.discovery import describe, discover
 from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import host_status
@@ -99,6 +101,7 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
         status["gpu_mode"] = "vgpu"
     status.update(vgpus)
     records = [d.to_record() for d in devices]
+    add_reset_warnings(host, records)
     pfs, offered = sharing(host, names, records, critical)
     if as_json:
         doc = {"host": status, "devices": records, "sharing": {"sriov": pfs, "profiles": offered}}
@@ -119,6 +122,19 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
             sharing=report_text.render_sharing(pfs, offered),
         )
     )
+
+
+def add_reset_warnings(host: Host, records: list[dict[str, object]]) -> None:
+    """Each record gains `warnings`: that it has no usable reset (none at all, or only a bus/slot reset
+    that would also reset devices on its bus that stay on the host: core/resets.py), the same sentence
+    Attach warns with. Not a blocker: a VMM goes on without a reset, but the device may not come back."""
+    snap = PciSnapshot(host)
+    for rec in records:
+        addr = PciAddress.parse(str(rec["pci_address"]))
+        members = rec.get("iommu_group_members")
+        going = [PciAddress.parse(str(m)) for m in members] if isinstance(members, list) else []
+        problem = "" if snap.function(addr).never_passed_through else resets.problem(snap, addr, going)
+        rec["warnings"] = [problem] if problem else []
 
 
 def sharing(

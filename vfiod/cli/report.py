@@ -156,8 +156,9 @@ def render_available(
     all_devices: bool,
     member_drivers: Mapping[str, str] | None = None,
 ) -> str:
-    """The device table with each unready device's blockers under it. A group member's driver comes from
-    `member_drivers` (address -> driver) or, without it, from the listed devices."""
+    """The device table with each unready device's blockers (and any `warnings`) under it. A group
+    member's driver comes from `member_drivers` (address -> driver) or, without it, from the listed
+    devices."""
     _, no = mark
     what = "every PCI function" if all_devices else "display controllers (--all for every PCI function)"
     lines = [f"Devices: {what}"]
@@ -195,6 +196,7 @@ def render_available(
         lines.append(line)
         lines += [f"      {note}" for note in _relations(d)]
         lines += [f"      {no} {b}" for b in d.get("blockers") or []]
+        lines += [f"      ! {w}" for w in d.get("warnings") or []]
     return "\n".join(lines) + "\n"
 
 
