@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from vfiod_sim import faults, processes
-from vfiod_sim.model import PCI_ANY_ID, CardIdentity, MatchEntry
-from vfiod_sim.parsing import scan_hex, streq_form
+from vfiod_sim.model import CardIdentity
+from vfiod_sim.module_params import vfio_pci_ids
+from vfiod_sim.parsing import streq_form
 from vfiod_sim.state import DevState, KState, Topology
 from vfiod_sim.tree import oserror
 
@@ -247,6 +248,8 @@ class Core:
             m["virtio"] = self.alloc("virtio")
             if self.topo.devices[addr].mount_tag is None and cls >> 16 == 0x02:
                 m["net"] = self.alloc("net", 2)
+            elif cls >> 16 == 0x03:  # virtio-gpu: a DRM device and fbdev of the PCI function
+                m["drm"], m["fb"] = self.alloc("drm"), self.alloc("fb")
         elif spec.kind == "nvme":
             m["nvme"] = self.alloc("nvme")
             if self.topo.devices[addr].namespaces:
@@ -399,39 +402,10 @@ class Core:
 
     # -- modules ------------------------------------------------------------------------------------
 
-    def vfio_pci_ids(self) -> list[MatchEntry]:
-        """The `ids=` module parameter as modprobe would pass it: the kernel command line
-        (vfio-pci.ids= / vfio_pci.ids=) and `options vfio-pci ids=` in /etc/modprobe.d."""
-        specs: list[str] = []
-        for token in self.profile.cmdline.split():
-            key, _, value = token.partition("=")
-            if key in ("vfio-pci.ids", "vfio_pci.ids"):
-                specs.append(value)
-        for _path, text in sorted(self.profile.etc_files):
-            if not _path.startswith("modprobe.d/"):
-                continue
-            for line in text.splitlines():
-                words = line.split()
-                if len(words) >= 3 and words[0] == "options" and words[1].replace("-", "_") == "vfio_pci":
-                    specs += [w[len("ids=") :] for w in words[2:] if w.startswith("ids=")]
-        out = []
-        for spec in ",".join(specs).split(","):
-            # vfio_pci_fill_ids: sscanf("%x:%x:%x:%x:%x:%x"), at least vendor:device
-            fields = scan_hex(spec.replace(":", " ").encode(), 6)
-            if len(fields) < 2 or not spec.strip():
-                continue
-            v, d, *rest = fields
-            sv = rest[0] if len(rest) > 0 else PCI_ANY_ID
-            sd = rest[1] if len(rest) > 1 else PCI_ANY_ID
-            c = rest[2] if len(rest) > 2 else 0
-            cm = rest[3] if len(rest) > 3 else 0
-            out.append(MatchEntry(v, d, sv, sd, c, cm))
-        return out
-
     def register_driver(self, driver: str) -> None:
         self.st.drivers.append(driver)
         if driver == "vfio-pci":
-            self.st.dynids[driver] = self.vfio_pci_ids()
+            self.st.dynids[driver] = vfio_pci_ids(self.profile)
         if self.st.autoprobe:
             self.driver_attach(driver)
 

@@ -275,22 +275,25 @@ class Renderer:
                 t[f"dev/vfio/devices/vfio{n}"] = file_entry(b"", 0o600)
             else:
                 t[f"{d}/uevent"] = file_entry(b"", 0o644)
+        # virtio-gpu's DRM device and fbdev are the PCI function's too (measured on 6.12), not its virtio
+        # child's
+        q = p
         if "drm" in m:
             n = m["drm"]
-            t[f"{p}/drm"] = DIR
+            t[f"{q}/drm"] = DIR
             for name, minor, mode in ((f"card{n}", n, 0o660), (f"renderD{128 + n}", 128 + n, 0o666)):
-                t[f"{p}/drm/{name}"] = DIR
-                chardev(f"{p}/drm/{name}", DRM_MAJOR, minor)
-                put_link(t, f"sys/class/drm/{name}", f"{p}/drm/{name}")
+                t[f"{q}/drm/{name}"] = DIR
+                chardev(f"{q}/drm/{name}", DRM_MAJOR, minor)
+                put_link(t, f"sys/class/drm/{name}", f"{q}/drm/{name}")
                 t[f"dev/dri/{name}"] = file_entry(b"", mode)
             put_link(t, f"dev/dri/by-path/pci-{addr}-card", f"dev/dri/card{n}")
             put_link(t, f"dev/dri/by-path/pci-{addr}-render", f"dev/dri/renderD{128 + n}")
         if "fb" in m:
             n = m["fb"]
-            t[f"{p}/graphics"] = DIR
-            t[f"{p}/graphics/fb{n}"] = DIR
-            chardev(f"{p}/graphics/fb{n}", FB_MAJOR, n)
-            put_link(t, f"sys/class/graphics/fb{n}", f"{p}/graphics/fb{n}")
+            t[f"{q}/graphics"] = DIR
+            t[f"{q}/graphics/fb{n}"] = DIR
+            chardev(f"{q}/graphics/fb{n}", FB_MAJOR, n)
+            put_link(t, f"sys/class/graphics/fb{n}", f"{q}/graphics/fb{n}")
             t[f"dev/fb{n}"] = file_entry(b"", 0o660)
         if "nvidia" in m:
             n = m["nvidia"]
@@ -316,7 +319,10 @@ class Renderer:
             v = f"{p}/virtio{n}"
             t[v] = DIR
             spec = self.topo.devices[addr]
-            virtio_id = 9 if spec.mount_tag is not None else 1
+            # include/uapi/linux/virtio_ids.h: 1 net, 9 9p, 16 gpu
+            virtio_id = (
+                9 if spec.mount_tag is not None else 16 if self.card(addr).class_code >> 16 == 3 else 1
+            )
             t[f"{v}/vendor"] = file_entry("0x1af4\n")
             t[f"{v}/device"] = file_entry(f"0x{virtio_id:04x}\n")
             if spec.mount_tag is not None:

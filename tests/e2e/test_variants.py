@@ -37,7 +37,7 @@ def variants_run(deb: Path) -> guest.GuestRun:
         timeout=900,
         files={f"pkg/{deb.name}": deb},
         append=("e2e.exec=/lib/systemd/systemd",),
-        devices=(variants.QEMU_DEVICE,),
+        devices=variants.QEMU_DEVICES,
         env={"E2E_SUITE": "variants"},
     )
 

@@ -5,12 +5,17 @@ built with vfio variant drivers as modules (`VFIOD_E2E_KERNEL_TARBALL`, 6.12 wit
 table names. Scenarios (`VARIANTS`): the pick is listed, matches kmod's own resolution of the alias, and
 Attach loads (modprobe@virtio_vfio_pci.service), binds and hands over the variant; a real QEMU takes it;
 Detach returns it to virtio-pci; a device an admin bound to its variant by hand is released by Unbind.
+And a virtio-gpu (00:0b.0), a GPU whose native driver is virtio-pci.
 Standard library only (Debian's /usr/bin/python3 in the guest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.e2e.service import HYPEMAN, Guest, Scenario, must, registry_matches_kernel, sh, unit_prop
@@ -18,7 +23,12 @@ from tests.e2e.trace import VGA, check, wait_for
 
 NIC = "0000:00:0a.0"
 VARIANT = "virtio_vfio_pci"
-QEMU_DEVICE = "virtio-net-pci,disable-legacy=on,addr=0xa.0,mac=52:54:00:12:34:0a"
+VIRTIO_GPU = "0000:00:0b.0"
+BOCHS_DISPLAY = "0000:00:03.0"
+QEMU_DEVICES = (
+    "virtio-net-pci,disable-legacy=on,addr=0xa.0,mac=52:54:00:12:34:0a",
+    "virtio-gpu-pci,addr=0xb.0",
+)
 DEV = Path("/sys/bus/pci/devices")
 
 
@@ -116,12 +126,76 @@ def sc_variant_unbind_found(g: Guest) -> None:
     registry_matches_kernel(g)
 
 
+def _cards(addr: str) -> list[str]:
+    """The DRM card nodes of a function, on it or on a virtio child, as named now."""
+    found = glob.glob(str(DEV / addr / "drm" / "card*")) + glob.glob(
+        str(DEV / addr / "virtio*" / "drm" / "card*")
+    )
+    return sorted(f"/dev/dri/{os.path.basename(p)}" for p in found)
+
+
+@contextlib.contextmanager
+def _holding(node: str) -> Iterator[int]:
+    """A root process keeping `node` open (a compositor on the card)."""
+    proc = subprocess.Popen(
+        ["sh", "-c", f"exec 3<{node}; echo ready; exec sleep 120"], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def sc_virtio_gpu_held(g: Guest) -> None:
+    """A GPU whose native driver is virtio-pci (virtio-gpu-pci at 00:0b.0, class 0380); where its DRM card
+    sits (the function or the virtio child) is printed. While a process holds that card, Attach answers
+    DeviceBusy naming it; once it is gone, Attach binds vfio-pci. While the GPU is away the host's
+    bochs-display is rebound and takes its DRM minor, so Detach returns it to virtio-pci as another card;
+    a holder of that new card is found the same way (vfiod never caches card numbers)."""
+    check(g.driver(VIRTIO_GPU) == "virtio-pci", f"{VIRTIO_GPU} is on {g.driver(VIRTIO_GPU)}")
+    before = _cards(VIRTIO_GPU)
+    own = sorted(glob.glob(str(DEV / VIRTIO_GPU / "drm" / "*")))
+    child = sorted(glob.glob(str(DEV / VIRTIO_GPU / "virtio*" / "drm" / "*")))
+    cls = (DEV / VIRTIO_GPU / "class").read_text().strip()
+    g.say(f"{VIRTIO_GPU}: class {cls}, DRM on the function {own}, on the virtio child {child}")
+    check(len(before) == 1, f"cards {before}")
+    g.register("root", VIRTIO_GPU, "vgpu0")
+    with _holding(before[0]) as pid:
+        reply = g.attach(HYPEMAN, "vm-gpu", ["vgpu0"])
+        check(reply.error == "DeviceBusy" and str(pid) in reply.message, f"Attach: {reply.describe()}")
+    reply = g.attach(HYPEMAN, "vm-gpu", ["vgpu0"])
+    check(reply.ok, f"Attach failed: {reply.describe()}")
+    g.expect_drivers({VIRTIO_GPU: "vfio-pci"}, "after Attach")
+    check(_cards(VIRTIO_GPU) == [], f"cards while attached: {_cards(VIRTIO_GPU)}")
+    # Meanwhile the host's second display (bochs-display) is rebound: it takes the lowest free DRM minor.
+    display = _cards(BOCHS_DISPLAY)
+    Path("/sys/bus/pci/drivers/bochs-drm/unbind").write_text(BOCHS_DISPLAY)
+    Path("/sys/bus/pci/drivers/bochs-drm/bind").write_text(BOCHS_DISPLAY)
+    check(wait_for(lambda: len(_cards(BOCHS_DISPLAY)) == 1, 10), f"{BOCHS_DISPLAY} has no card again")
+    g.say(f"{BOCHS_DISPLAY} rebound while the GPU was away: {display} -> {_cards(BOCHS_DISPLAY)}")
+    reply = g.detach(HYPEMAN, "vm-gpu")
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    g.expect_drivers({VIRTIO_GPU: "virtio-pci"}, "after Detach")
+    check(wait_for(lambda: len(_cards(VIRTIO_GPU)) == 1, 10), f"no card after Detach: {_cards(VIRTIO_GPU)}")
+    after = _cards(VIRTIO_GPU)
+    g.say(f"{VIRTIO_GPU}: {before[0]} before the VM, {after[0]} after it")
+    check(after != before, f"{VIRTIO_GPU} came back as {after[0]} again")
+    with _holding(after[0]) as pid:
+        reply = g.attach(HYPEMAN, "vm-gpu", ["vgpu0"])
+        check(reply.error == "DeviceBusy" and str(pid) in reply.message, f"Attach again: {reply.describe()}")
+    registry_matches_kernel(g)
+
+
 VARIANTS: dict[str, Scenario] = {
     "variant-listed": sc_variant_listed,
     "variant-attach": sc_variant_attach,
     "variant-qemu": sc_variant_qemu,
     "variant-detach": sc_variant_detach,
     "variant-unbind-found": sc_variant_unbind_found,
+    "virtio-gpu-held": sc_virtio_gpu_held,
 }
 
 VARIANTS_DEPENDS: dict[str, str] = {
@@ -129,4 +203,5 @@ VARIANTS_DEPENDS: dict[str, str] = {
     "variant-qemu": "variant-attach",
     "variant-detach": "variant-attach",
     "variant-unbind-found": "variant-detach",
+    "virtio-gpu-held": "variant-listed",
 }
