@@ -6,10 +6,20 @@ modules and drivers, write a device line, and order devices as the PCI core adds
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from vfiod_sim.model import PCI_ANY_ID, DeviceSpec, DriverSpec, MatchEntry, ModuleSpec, Mount, ProcessSpec
+from vfiod_sim.model import (
+    PCI_ANY_ID,
+    DeviceSpec,
+    DriverSpec,
+    MatchEntry,
+    ModuleSpec,
+    Mount,
+    ProcessSpec,
+    Profile,
+)
 
 
 def ids(vendor: int, device: int = PCI_ANY_ID) -> MatchEntry:
@@ -226,3 +236,20 @@ def bus_add_order(devices: list[DeviceSpec]) -> tuple[DeviceSpec, ...]:
 
     walk(None)
     return tuple(out)
+
+
+def named_for_kernel(profile: Profile) -> Profile:
+    """The catalogue's names as the profile's kernel has them (each measured in the real-kernel suite):
+    bochs-drm's module was `bochs_drm` before 5.15 (drm/tiny/bochs.ko since); the built-in pcieport's
+    `module` link names `pcieportdrv` on 6.12 and none on 6.1 (6.2 reworked portdrv into one file: the
+    earliest it can have changed)."""
+    drivers, modules = list(profile.drivers), list(profile.modules)
+    if not profile.kernel_at_least(5, 15):
+        drivers = [dataclasses.replace(d, module="bochs_drm") if d.module == "bochs" else d for d in drivers]
+        modules = [dataclasses.replace(m, name="bochs_drm") if m.name == "bochs" else m for m in modules]
+    if profile.kernel_at_least(6, 2):
+        drivers = [
+            dataclasses.replace(d, builtin_module="pcieportdrv") if d.name == "pcieport" else d
+            for d in drivers
+        ]
+    return dataclasses.replace(profile, drivers=tuple(drivers), modules=tuple(modules))

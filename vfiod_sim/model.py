@@ -172,6 +172,9 @@ class DriverSpec(Codec):
     # remove", drivers/pci/iov.c pci_iov_remove: nvme does).
     sriov_configure: bool = False
     sriov_kept_on_remove: bool = False
+    # A built-in driver's `module` link names this /sys/module entry (pcieport's `pcieportdrv` on newer
+    # kernels); None: a built-in driver has no module link.
+    builtin_module: str | None = None
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -350,11 +353,15 @@ class Profile(Codec):
     vendor_vgpus: tuple[VendorVgpuSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # free-form notes carried with the scenario
 
+    def kernel_at_least(self, major: int, minor: int) -> bool:
+        """The profile's kernel is `major.minor` or newer (an unparsable release counts as new)."""
+        found = re.match(r"(\d+)\.(\d+)", self.kernel_release)
+        return found is None or (int(found[1]), int(found[2])) >= (major, minor)
+
     @property
     def vfio_dev_class(self) -> bool:
         """Whether VFIO devices show in sysfs (`<dev>/vfio-dev/vfioN`, /sys/class/vfio-dev): Linux 6.1+."""
-        found = re.match(r"(\d+)\.(\d+)", self.kernel_release)
-        return found is None or (int(found[1]), int(found[2])) >= (6, 1)
+        return self.kernel_at_least(6, 1)
 
     @property
     def iommu_domain_type(self) -> str:

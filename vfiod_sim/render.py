@@ -405,6 +405,9 @@ class Renderer:
             t[f"{base}/{attr}"] = file_entry(b"", 0o200)
         if spec.module is not None:
             put_link(t, f"{base}/module", f"sys/module/{spec.module}")
+        elif spec.builtin_module is not None:
+            t[f"sys/module/{spec.builtin_module}"] = DIR
+            put_link(t, f"{base}/module", f"sys/module/{spec.builtin_module}")
 
     def module(self, t: Tree, name: str) -> None:
         if name not in self.st.modules:

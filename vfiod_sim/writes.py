@@ -71,6 +71,10 @@ def _op_bind(c: Core, driver: str, data: bytes) -> None:
     if addr is None or not c.match(driver, addr):
         raise oserror(errno.ENODEV)
     r = c.probe(driver, addr)  # -EBUSY if it already has a driver
+    if r and not c.profile.kernel_at_least(5, 13):
+        # Before 5.13 ("driver core: Flow the return code from ->probe() through to sysfs bind") a bound
+        # device and every failed probe read as ENODEV (measured on 5.10).
+        raise oserror(errno.ENODEV)
     if r:
         raise oserror(abs(r))
 

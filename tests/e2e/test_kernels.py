@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import guest, kernels
-from tests.e2e.conftest import enabled, report
+from tests.e2e.conftest import kernel_id, report
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -35,18 +35,6 @@ SCENARIOS = (
     "sriov-vf-attached",
 )
 SCRIPT = "exec /usr/bin/python3 -m tests.e2e.guest_runner service --out /out --only " + ",".join(SCENARIOS)
-
-
-def kernel_id(suite: str) -> str:
-    """`bullseye-5.10.0-46-amd64` when the suite runs here (the version apt resolves now), else the suite."""
-    import os
-
-    if not enabled() or os.geteuid() != 0:
-        return suite
-    try:
-        return f"{suite}-{guest.resolve_kernel_package(suite).removeprefix('linux-image-')}"
-    except guest.SetupError:
-        return suite
 
 
 @pytest.fixture(scope="module", params=OTHER_SUITES, ids=[kernel_id(s) for s in OTHER_SUITES])

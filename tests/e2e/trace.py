@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vfiod.core.binder import Binder, NativeDriver
 from vfiod.core.errors import (
@@ -50,6 +50,9 @@ from vfiod.host.host import Host
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.pcifunction import read_function
 from vfiod.host.writes import DeadlinePolicy, WriteRecord
+
+if TYPE_CHECKING:
+    from vfiod_sim.model import Profile
 
 log = logging.getLogger("vfiod.e2e.trace")
 
@@ -200,7 +203,7 @@ class RealRig(Rig):
 class SimRig(Rig):
     kind = "simulator"
 
-    def __init__(self, root: Path, profile: str = PROFILE) -> None:
+    def __init__(self, root: Path, profile: str | Profile = PROFILE) -> None:
         from vfiod_sim.simulation import Simulation
 
         self.root = root

@@ -7,11 +7,14 @@ from vfiod_sim.catalogue import (
     bus_add_order,
     dev,
     modules_and_drivers,
+    named_for_kernel,
 )
 from vfiod_sim.model import VTCONSOLES_VGACON_REPLACED, Mount, Profile
 
+DEFAULT_RELEASE = "6.1.0-28-amd64"  # Debian bookworm's, the suite's default guest kernel
 
-def qemu_q35() -> Profile:
+
+def qemu_q35(kernel_release: str = DEFAULT_RELEASE) -> Profile:
     """The QEMU q35 guest of the real-kernel suite (tests/e2e/guest.py, Debian's 6.1 kernel): its devices,
     IOMMU groups, drivers, mounts and vtconsoles as that guest shows them (the `inventory` scenario).
 
@@ -233,7 +236,7 @@ def qemu_q35() -> Profile:
         ],
         [*VFIO_MODULES, "pci_stub"],
     )
-    return Profile(
+    profile = Profile(
         name="qemu-q35",
         description="QEMU q35 guest with an emulated Intel IOMMU (the real-kernel suite's guest)",
         devices=bus_add_order(devices),
@@ -255,4 +258,6 @@ def qemu_q35() -> Profile:
         ),
         # booted by SeaBIOS with VGA text mode: bochs-drm replaces vgacon with dummycon, then fbcon comes
         vtconsoles=VTCONSOLES_VGACON_REPLACED,
+        kernel_release=kernel_release,
     )
+    return named_for_kernel(profile)

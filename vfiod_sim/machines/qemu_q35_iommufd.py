@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vfiod_sim.catalogue import VFIO_MODULES, bus_add_order, dev, modules_and_drivers
+from vfiod_sim.catalogue import VFIO_MODULES, bus_add_order, dev, modules_and_drivers, named_for_kernel
 from vfiod_sim.machines.qemu_q35 import qemu_q35
 from vfiod_sim.model import Profile
 
@@ -23,7 +23,7 @@ def qemu_q35_iommufd() -> Profile:
     """qemu-q35 plus the modern virtio-net and a virtio-gpu. intel-iommu numbers groups in the order it
     meets functions (bus 0 by devfn), so 00:0a.0 and 00:0b.0 take 9 and 10 and every later group moves up
     by two."""
-    base = qemu_q35()
+    base = qemu_q35(kernel_release="6.12.117")
     devices = [
         dataclasses.replace(d, iommu_group=d.iommu_group + 2)
         if d.iommu_group is not None and d.iommu_group >= 9
@@ -59,15 +59,17 @@ def qemu_q35_iommufd() -> Profile:
     loaded = [m.name for m in base.modules if m.loaded]
     available = [m.name for m in base.modules if not m.loaded and m.name not in VFIO_MODULES]
     modules, drivers = modules_and_drivers(loaded, [*VFIO_MODULES, *available, *BUILT_VARIANTS])
-    return dataclasses.replace(
-        base,
-        name="qemu-q35-iommufd",
-        description="the real-kernel suite's guest on its Linux 6.12 with IOMMUFD, VFIO cdevs and vfio "
-        "variant drivers, plus a modern virtio-net",
-        devices=bus_add_order(devices),
-        drivers=drivers,
-        modules=modules,
-        kernel_release="6.12.117",
-        vfio_cdev=True,
-        iommufd=True,
+    return named_for_kernel(
+        dataclasses.replace(
+            base,
+            name="qemu-q35-iommufd",
+            description="the real-kernel suite's guest on its Linux 6.12 with IOMMUFD, VFIO cdevs and vfio "
+            "variant drivers, plus a modern virtio-net",
+            devices=bus_add_order(devices),
+            drivers=drivers,
+            modules=modules,
+            kernel_release="6.12.117",
+            vfio_cdev=True,
+            iommufd=True,
+        )
     )

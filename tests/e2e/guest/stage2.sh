@@ -44,15 +44,20 @@ ip link set lo up 2>/dev/null
 step "kernel $kver ($(cat /proc/version))"
 # No udev: load every native driver the devices ask for (vfio-pci is not among them).
 modprobe -qa $(sort -u /sys/bus/pci/devices/*/modalias) ext4
-for _ in $(seq 50); do
-    [ -b /dev/nvme0n1 ] && break
+# The data disk is the only NVMe namespace (the SR-IOV controller has none). Its name follows the NVMe
+# subsystem's instance, which 6.12's asynchronous probe may give to the other controller first
+# (nvme1n1 there, nvme0n1 on 6.1): take whichever namespace appears, waiting up to 60 s under TCG.
+disk=
+for _ in $(seq 300); do
+    disk=$(ls /dev/nvme*n1 2>/dev/null | head -n 1)
+    [ -n "$disk" ] && break
     sleep 0.2
 done
 mkdir -p /mnt/data
-if mount -t ext4 /dev/nvme0n1 /mnt/data; then
-    step "mounted /dev/nvme0n1 on /mnt/data"
+if [ -n "$disk" ] && mount -t ext4 "$disk" /mnt/data; then
+    step "mounted $disk on /mnt/data"
 else
-    step "could not mount /dev/nvme0n1"
+    step "could not mount the data disk (${disk:-no NVMe namespace})"
 fi
 for dev in /sys/bus/pci/devices/*; do
     drv=-
