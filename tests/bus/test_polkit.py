@@ -316,17 +316,24 @@ def test_polkit_matrix(
         assert snapshot(w) == before
 
 
-def test_properties_set_is_always_denied(
+def test_properties_set_answers_read_only(
     start_vfiod: StartVfiod, clients: Clients, polkit: PolkitMock
 ) -> None:
+    """Every property is read-only: Properties.Set answers the standard PropertyReadOnly to whoever may read
+    it (before, it said NotAuthorized, as if someone else could), and UnknownProperty for no property."""
     start_vfiod()
     path = register(clients.root, GPU, "gpu")["object_path"]
-    polkit.allow(*ALL_ACTIONS)
+
+    def set_name(c: Client, prop: str = "Name") -> Reply:
+        args = [DEVICE_IFACE, prop, Variant("s", "x")]
+        return c.call("Set", "ssv", args, path=path, interface=PROPERTIES_IFACE)
+
+    polkit.allow(ACTION_INSPECT)
     for c in (clients.alice, clients.root):
-        reply = c.call(
-            "Set", "ssv", [DEVICE_IFACE, "Name", Variant("s", "x")], path=path, interface=PROPERTIES_IFACE
-        )
-        assert reply.short == "NotAuthorized", reply
+        reply = set_name(c)
+        assert reply.error == "org.freedesktop.DBus.Error.PropertyReadOnly", reply
+        assert "read-only" in reply.text
+    assert set_name(clients.root, "NoSuchThing").error == "org.freedesktop.DBus.Error.UnknownProperty"
     assert device(clients.root, "gpu")["name"] == "gpu"
 
 

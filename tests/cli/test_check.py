@@ -96,6 +96,11 @@ def test_no_iommu(capsys: pytest.CaptureFixture[str]) -> None:
     for d in doc["devices"]:
         assert d["iommu_group"] == -1
         assert any("intel_iommu=on" in b for b in d["blockers"])
+    # No usable slot is no slot (before, the L4 counted and the text said "✓ GPU passthrough").
+    assert (host["gpu_mode"], host["gpu_slots_total"]) == ("none", 0)
+    assert main(["check", "--simulate", "no-iommu"]) == 0
+    text = capsys.readouterr().out
+    assert "GPU passthrough: no usable slot" in text and "✓ GPU passthrough" not in text
 
 
 def test_human_report_on_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:

@@ -242,6 +242,9 @@ def test_register_show_unregister(stub: Stub, capsys: pytest.CaptureFixture[str]
     assert stub.last("RegisterDevice").body == ["0000:a2:00.0", "l4-gpu", {"tags": {"a": "b"}}]
     assert ctl(capsys, stub.address, "register", "0000:a2:00.1")[0] == 0
     assert stub.last("RegisterDevice").body == ["0000:a2:00.1", "", {}]
+    # lspci's short form (bb:ss.f) means domain 0000; the daemon only ever sees the full address
+    assert ctl(capsys, stub.address, "register", "A2:00.1")[0] == 0
+    assert stub.last("RegisterDevice").body == ["0000:A2:00.1", "", {}]
     code, out, _ = ctl(capsys, stub.address, "show", "l4-gpu", "--json")
     assert code == 0 and json.loads(out)["object_path"] == path
     assert stub.last("GetDevice").body == ["l4-gpu", {}]

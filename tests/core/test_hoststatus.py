@@ -104,8 +104,8 @@ def test_iommu_off(fs: FakeSys) -> None:
     assert not st.iommu_enabled and st.iommu_groups == 0
     assert f"the IOMMU is off (no IOMMU groups): {IOMMU_FIX}" in st.problems
     assert "intel_iommu=on (Intel) or amd_iommu=on (AMD)" in IOMMU_FIX
-    # Reported, with its blocker, and still a slot once the IOMMU is on.
-    assert st.gpu_mode == "passthrough" and st.gpu_slots_total == 1
+    # No usable slot is no slot: the GPU is listed (with its blocker), but nothing can be passed through.
+    assert st.gpu_mode == "none" and st.gpu_slots_total == 0
 
 
 def test_iommu_asked_for_but_off_points_at_firmware(fs: FakeSys) -> None:

@@ -52,7 +52,8 @@ ACTIONS: Final[dict[tuple[str, str], str]] = {
     (PEER_IFACE, "GetMachineId"): ACTION_INSPECT,
     (PROPERTIES_IFACE, "Get"): ACTION_INSPECT,
     (PROPERTIES_IFACE, "GetAll"): ACTION_INSPECT,
-    (PROPERTIES_IFACE, "Set"): DENY,
+    # Every property is read-only: Set answers PropertyReadOnly to whoever may read it.
+    (PROPERTIES_IFACE, "Set"): ACTION_INSPECT,
     (OBJECT_MANAGER_IFACE, "GetManagedObjects"): ACTION_INSPECT,
 }
 

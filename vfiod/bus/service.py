@@ -374,9 +374,7 @@ class Service:
                     "POLKIT_RESULT": decision.result,
                 },
             )
-            raise NotAuthorized(
-                denial_message(who, action or "org.freedesktop.DBus.Properties.Set", decision, False)
-            )
+            raise NotAuthorized(denial_message(who, action, decision, False))
         path = msg.path or "/"
         if member == "Introspect":
             return Message.new_method_return(msg, "s", [self._introspect(path)])
@@ -416,6 +414,8 @@ class Service:
         name = str(msg.body[1])
         if name not in props:
             raise DBusError(ErrorType.UNKNOWN_PROPERTY, f"{DEVICE_IFACE} has no property {name!r}")
+        if member == "Set":  # the kernel and vfiod's calls decide every property, never a Set
+            raise DBusError(ErrorType.PROPERTY_READ_ONLY, f"{DEVICE_IFACE}.{name} is read-only")
         return Message.new_method_return(msg, "v", [props[name]])
 
     def _device_at(self, path: str) -> str | None:

@@ -117,10 +117,8 @@ def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
         for q in status.get("quarantined") or []:
             lines.append(f"  {no} quarantined: {q}")
     else:
-        check(
-            mode == "passthrough",
-            f"GPU passthrough: {slots}" if mode == "passthrough" else f"GPU mode {mode}",
-        )
+        usable = mode == "passthrough" and int_field(status, "gpu_slots_total", 0) > 0
+        check(usable, f"GPU passthrough: {slots}" if usable else "GPU passthrough: no usable slot")
     problems = [str(p) for p in status.get("problems") or []]
     if problems:
         lines += ["", "Problems"]

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -92,6 +93,15 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds: {text!r}")
     return value
+
+
+_SHORT_PCI_ADDRESS = re.compile(r"[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
+
+
+def _pci_address(text: str) -> str:
+    """`bb:ss.f` as lspci prints it means domain 0000; anything else goes to the daemon as given (it
+    checks addresses strictly)."""
+    return f"0000:{text}" if _SHORT_PCI_ADDRESS.fullmatch(text) else text
 
 
 class TagAction(argparse.Action):
@@ -331,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_show)
     p.add_argument("device", metavar="ID|NAME")
     p = add("register", cmd_register)
-    p.add_argument("pci_address", metavar="PCI_ADDRESS", help="dddd:bb:ss.f (or bb:ss.f)")
+    p.add_argument(
+        "pci_address", metavar="PCI_ADDRESS", type=_pci_address, help="dddd:bb:ss.f (or bb:ss.f, domain 0000)"
+    )
     p.add_argument("--name", metavar="NAME", help="a name for the device (default pci-dddd-bb-ss-f)")
     p.add_argument("--tag", dest="tags", metavar="KEY=VALUE", action=TagAction, help="a tag (repeatable)")
     p = add("unregister", cmd_unregister)
@@ -385,7 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uuid", metavar="UUID", help="the mdev uuid to create (default: a new one)")
     p.add_argument("--owner-uid", metavar="UID", type=_uint32, help="give the group node to UID (admin)")
     p = add("vfs", cmd_vfs)
-    p.add_argument("pf", metavar="PF", help="the physical function: dddd:bb:ss.f or a registered id or name")
+    p.add_argument(
+        "pf",
+        metavar="PF",
+        type=_pci_address,
+        help="the physical function: [dddd:]bb:ss.f, or a registered id or name",
+    )
     p.add_argument("count", metavar="COUNT", type=_uint32, help="how many VFs it should have (0 disables)")
     p.add_argument("--autoprobe", action="store_true", help="let host drivers probe the new VFs")
     p = add("import-hypeman", cmd_import_hypeman)

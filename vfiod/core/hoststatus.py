@@ -12,9 +12,8 @@ Rules worth knowing:
 - `interrupt_remapping` is true when an Intel DMAR unit advertises IR (bit 3 of its `ecap`) or an AMD IOMMU
   (`ivhd*`) is present, and the command line does not turn it off (`intremap=off`, `nointremap`). The
   kernel only logs whether it actually enabled IR, so this is the capability, not a measurement;
-- a GPU slot is a display-class function (never its audio/USB functions, never an NVSwitch) that the host
-  does not need for itself; a used slot is one in `attached` (attached to a VM through vfiod), not merely
-  one bound to vfio-pci.
+- a GPU slot is a display-class function (never its audio/USB functions, never an NVSwitch) the host does
+  not need, with the IOMMU on; a used slot is one attached to a VM through vfiod, not merely on vfio-pci.
 """
 
 from __future__ import annotations
@@ -141,12 +140,16 @@ def host_status(
     if devices is None:
         devices = discover(host, pci_ids)
     gpus = [d for d in devices if d.type == "gpu"]
-    # A VF offering vGPU types (mdev, or NVIDIA's vendor-VFIO `nvidia/`) is a vGPU slot (AttachVGPU), not
-    # a passthrough slot; nor is a PF with VFs enabled (vfio-pci refuses it; its VFs are the slots).
+    unsupported = kernel_support.problem(host)
+    # No usable slot is no slot: not without an IOMMU or on a kernel vfiod refuses (both are problems). A VF
+    # with vGPU types is a vGPU slot, a PF with VFs enabled none (vfio-pci refuses it; its VFs are slots).
+    usable = iommu_enabled and not unsupported
     slots = [
         d
         for d in gpus
-        if not d.host_critical
+        if usable
+        and d.iommu_group >= 0
+        and not d.host_critical
         and not d.sriov_numvfs
         and not (
             d.physfn and (d.mdev_types or vendor_vgpu.is_vendor_vf(host, PciAddress.parse(d.pci_address)))
@@ -156,7 +159,6 @@ def host_status(
 
     problems: list[str] = []
     notes: list[str] = []
-    unsupported = kernel_support.problem(host)
     if unsupported:
         problems.append(unsupported)
     if not iommu_enabled:
@@ -210,7 +212,7 @@ def host_status(
         iommufd=iommufd,
         interrupt_remapping=ir,
         hugepages_2m=hugepages,
-        gpu_mode="passthrough" if gpus else "none",
+        gpu_mode="passthrough" if slots else "none",
         gpu_slots_total=len(slots),
         gpu_slots_used=sum(1 for d in slots if d.pci_address in used),
         problems=tuple(problems),
