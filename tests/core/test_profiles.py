@@ -9,7 +9,7 @@ import pytest
 from tests.core.support.worlds import Env, MakeEnv
 from vfiod.core.errors import InvalidArgument
 from vfiod.core.placement import framebuffer_mb
-from vfiod.core.profiles import NO_OWNER
+from vfiod.core.records import NO_OWNER
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 

@@ -15,6 +15,7 @@ from dbus_fast import Variant
 
 from vfiod.bus.methods import OPTIONS
 from vfiod.core.errors import InvalidArgument
+from vfiod.core.records import NO_OWNER
 
 log = logging.getLogger("vfiod.bus")
 
@@ -128,7 +129,6 @@ DEVICE_PROPERTIES: Final[dict[str, tuple[str, str]]] = {
     "vfio_group_path": ("VfioGroupPath", "s"),
     "tags": ("Tags", "a{ss}"),
 }
-NO_OWNER: Final = 0xFFFFFFFF  # OwnerUid when not attached: (uint32) -1
 _DEFAULTS: Final[dict[str, Any]] = {"s": "", "i": -1, "u": NO_OWNER, "b": False, "a{ss}": {}}
 
 

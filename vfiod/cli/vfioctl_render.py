@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vfiod.cli.report import device_label, field, group_text, scalar, table
+from vfiod.core.records import NO_OWNER
 
 
 def to_json(doc: object) -> str:
@@ -35,7 +36,7 @@ def render_devices(devices: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for d in devices:
         attached = field(d, "attached_to")
-        if attached and "owner_uid" in d:
+        if attached and d.get("owner_uid", NO_OWNER) != NO_OWNER:
             attached += f" (uid {d['owner_uid']})"
         tags = d.get("tags") or {}
         rows.append(
@@ -54,8 +55,6 @@ def render_devices(devices: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ----- profiles and vGPUs ---------------------------------------------------------------------------------
-
-NO_OWNER = 0xFFFFFFFF
 
 
 def render_profiles(profiles: Sequence[Mapping[str, Any]]) -> str:

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from vfiod.core import placement
 from vfiod.core.deps import CoreDeps
 from vfiod.core.placement import framebuffer_mb
-from vfiod.core.records import vfio_group_path
+from vfiod.core.records import NO_OWNER, vfio_group_path
 from vfiod.core.registry import VgpuRow, format_timestamp
 from vfiod.host import vgpus
 from vfiod.host.host import Host
 from vfiod.host.mdev import Mdev, MdevParent, MdevType
 
-NO_OWNER = 0xFFFFFFFF
 QUARANTINE_FAILURES = 2  # create or verify failed this many times in a row on a parent
 
 

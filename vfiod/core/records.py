@@ -7,12 +7,15 @@ so a record always says what the kernel says now.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from vfiod.core.registry import AttachmentRow, DeviceRow, VgpuRow, format_timestamp
 from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
+
+NO_OWNER: Final = 0xFFFFFFFF  # owner_uid of a device nobody has attached: (uint32) -1
 
 
 def sysfs_path(addr: str) -> str:
@@ -67,8 +70,8 @@ class Device:
             "vfio_group_path": self.vfio_group_path,
             "tags": dict(self.tags),
         }
-        if self.owner_uid is not None:
-            rec["owner_uid"] = self.owner_uid
+        # Always present: a decoder that reads a missing key as 0 would see root.
+        rec["owner_uid"] = NO_OWNER if self.owner_uid is None else self.owner_uid
         return rec
 
 
