@@ -176,20 +176,12 @@ class Manager(SharingMethods):
 
     def unregister(self, caller: Caller, id_or_name: object) -> None:
         row = self.resolve(id_or_name)
-        self._require_settled([row])
-        with self.locks.hold([row.iommu_group]):
-            row = fresh(self.deps, row)
-            require_no_pending(self.deps, [row.pci_address])
-            att = self.registry.attachment_of_device(row.id)
-            if att is not None:
-                raise InUse(
-                    f"device {row.name!r} is attached to instance {att.instance_id!r} (uid {att.owner_uid}); "
-                    "detach it first"
-                )
-            if row.bound_by_vfiod and read_function(self.host, row.pci_address).is_vfio_bound:
-                release.restore(self.deps, [row], "unregister")
-            self.registry.remove_device(row.id)
-        log.info("unregistered %s", row.name, extra=log_fields(row, action="unregister", uid=caller.uid))
+        rows = [row, *registration.companions_of(self.deps, row)]  # they go with it
+        self._require_settled(rows)
+        with self.locks.hold({r.iommu_group for r in rows}):
+            gone = release.unregister(self.deps, rows)
+        for r in gone:
+            log.info("unregistered %s", r.name, extra=log_fields(r, action="unregister", uid=caller.uid))
         self._changed([""])
 
     # ----- attach / detach -----------------------------------------------------------------------------

@@ -67,6 +67,12 @@ def new_row(
     )
 
 
+def companions_of(deps: CoreDeps, anchor: DeviceRow) -> list[DeviceRow]:
+    """The functions an Attach registered on its own along with `anchor` (tagged with its id): they are
+    unregistered with it. One registered explicitly carries no such tag and stays."""
+    return [r for r in deps.registry.list_devices() if r.tags.get(COMPANION_TAG) == anchor.id]
+
+
 def register_companion(deps: CoreDeps, addr: PciAddress, anchor: DeviceRow | None) -> DeviceRow:
     """Register a same-slot function an Attach takes along, tagged with the device it came with."""
     info = discovery.describe(deps.host, addr, deps.pci_ids)

@@ -1,6 +1,7 @@
-"""Giving devices back: Detach, Unbind, Unregister and Recover share one restore path (`restore`): journal
-each function vfiod bound, give the group nodes back, stop the persistence units, put every function back
-on its native driver (highest function first, the reverse of binding), then drop the attachments. A
+"""Giving devices back: Detach, Unbind, Unregister (a device with its companions) and Recover share one
+restore path (`restore`): journal each function vfiod bound, give the group nodes back, stop the
+persistence units, put every function back on its native driver (highest function first, the reverse of
+binding), then drop the attachments. A
 function the kernel does not give back is `stuck`, and every attachment stays while any is.
 
 Runs under the group locks (and the instance lock) the manager holds.
@@ -14,8 +15,8 @@ from vfiod.core import access, guard
 from vfiod.core.binder import Binder
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
-from vfiod.core.devstate import native_of, settled_state
-from vfiod.core.errors import NativeIsVfio, VfiodError
+from vfiod.core.devstate import native_of, require_no_pending, settled_state
+from vfiod.core.errors import InUse, NativeIsVfio, NotFound, VfiodError
 from vfiod.core.hoststatus import native_vfio_reason
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
@@ -148,6 +149,29 @@ def unbind(deps: CoreDeps, row: DeviceRow) -> DeviceRow:
         if fn.driver is not None:
             row = deps.registry.update_device(row.id, native_driver=fn.driver, native_module=fn.module or "")
     return row
+
+
+def unregister(deps: CoreDeps, rows: Sequence[DeviceRow]) -> list[DeviceRow]:
+    """Forget `rows` (a device and its companions), each put back on its native driver first if vfiod
+    bound it. Nothing is forgotten while one of them is attached (InUse) or has a write in the kernel; a
+    companion unregistered meanwhile is skipped. Runs under the rows' group locks."""
+    current = [got for r in rows if (got := deps.registry.get_device(r.id)) is not None]
+    if not current or current[0].id != rows[0].id:
+        raise NotFound(f"device {rows[0].name!r} was unregistered meanwhile")
+    require_no_pending(deps, [r.pci_address for r in current])
+    for r in current:
+        att = deps.registry.attachment_of_device(r.id)
+        if att is not None:
+            raise InUse(
+                f"device {r.name!r} is attached to instance {att.instance_id!r} (uid {att.owner_uid}); "
+                "detach it first"
+            )
+    bound = [r for r in current if r.bound_by_vfiod and read_function(deps.host, r.pci_address).is_vfio_bound]
+    if bound:
+        restore(deps, bound, "unregister")
+    for r in current:
+        deps.registry.remove_device(r.id)
+    return current
 
 
 def recover_one(deps: CoreDeps, row: DeviceRow, dry_run: bool, report: Report) -> None:
