@@ -156,6 +156,19 @@ def test_owner_uid_needs_admin(env: MakeEnv) -> None:
     assert e.host.node_owner(e.host.iommu_group(L4) or 0).uid == 2000
 
 
+def test_attach_again_with_another_clique_is_refused(env: MakeEnv) -> None:
+    """Before, the repeat silently answered the old clique; now InUse says which it has. The same clique,
+    or none asked, is the idempotent repeat."""
+    e = env()
+    m = e.manager
+    m.register(HM, str(L4), "l4-gpu")
+    first, _ = m.attach(HM, "vm1", ["l4-gpu"], include_group=True, gpudirect_clique=3)
+    with pytest.raises(InUse, match="with gpudirect_clique 3, not 5"):
+        m.attach(HM, "vm1", ["l4-gpu"], include_group=True, gpudirect_clique=5)
+    assert m.attach(HM, "vm1", ["l4-gpu"], include_group=True, gpudirect_clique=3)[0] == first
+    assert m.attach(HM, "vm1", ["l4-gpu"], include_group=True)[0] == first
+
+
 def test_held_group_node_makes_detach_refuse_without_touching_sysfs(env: MakeEnv) -> None:
     e = env()
     m = e.manager

@@ -223,7 +223,7 @@ class Manager(SharingMethods):
                         f"device {row.name!r} is attached to instance {att.instance_id!r} (uid "
                         f"{att.owner_uid})"
                     )
-            done = attach_op.already_attached(self.deps, instance, owner, rows)
+            done = attach_op.already_attached(self.deps, instance, owner, rows, gpudirect_clique)
             if done is not None:
                 return done, attach_warnings(
                     self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in done]

@@ -15,7 +15,7 @@ from vfiod.core import access, guard
 from vfiod.core.binder import BoundFunction
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import identity_of, settled_state
-from vfiod.core.errors import VfiodError
+from vfiod.core.errors import InUse, VfiodError
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
 from vfiod.core.records import Attachment, vfio_group_path
@@ -30,9 +30,11 @@ log = logging.getLogger("vfiod.manager")
 
 
 def already_attached(
-    deps: CoreDeps, instance: str, owner: int, rows: Sequence[DeviceRow]
+    deps: CoreDeps, instance: str, owner: int, rows: Sequence[DeviceRow], clique: int | None = None
 ) -> list[Attachment] | None:
-    """Idempotent repeat: every device attached in this boot to the same instance and owner."""
+    """Idempotent repeat: every device attached in this boot to the same instance and owner. Asking for
+    another gpudirect_clique than the one handed over is refused (InUse): the VMM may already have the
+    device_config, so the attachment is not changed under it."""
     groups: set[int] = set()
     for row in rows:
         att = deps.registry.attachment_of_device(row.id)
@@ -40,6 +42,13 @@ def already_attached(
             return None
         if not read_function(deps.host, row.pci_address).is_vfio_bound:
             return None
+        if clique is not None and att.gpudirect_clique != clique:
+            had = "none" if att.gpudirect_clique is None else str(att.gpudirect_clique)
+            raise InUse(
+                f"device {row.name!r} is already attached to instance {instance!r} with gpudirect_clique "
+                f"{had}, not {clique}: the attachment was handed over as it is; detach and attach again to "
+                "change it"
+            )
         groups.add(att.iommu_group)
     return attachment_records(deps, instance, groups)
 
