@@ -333,8 +333,15 @@ def test_reconcile_recover_import(
         stub.reply(member, "a{sv}", report)
     code, out, _ = ctl(capsys, stub.address, "reconcile", "ml-training", "--dry-run")
     assert code == 0 and stub.last("Reconcile").body == [["ml-training"], {"dry_run": True}]
-    assert ctl(capsys, stub.address, "reconcile", "--all-users")[0] == 0
+    # Naming no live instance releases everything: a script must say --all-dead (before, it just did it).
+    calls = len([c for c in stub.calls if c.member == "Reconcile"])
+    code, _, err = ctl(capsys, stub.address, "reconcile", "--all-users")
+    assert (
+        code == 2 and "--all-dead" in err and len([c for c in stub.calls if c.member == "Reconcile"]) == calls
+    )
+    assert ctl(capsys, stub.address, "reconcile", "--all-users", "--all-dead")[0] == 0
     assert stub.last("Reconcile").body == [[], {"all_users": True}]
+    assert ctl(capsys, stub.address, "reconcile", "--dry-run")[0] == 0  # looking is always fine
     assert "released web-1" in out and "dry run" in out
     assert ctl(capsys, stub.address, "recover")[0] == 0
     assert stub.last("Recover").body == ["", {}]

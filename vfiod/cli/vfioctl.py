@@ -229,10 +229,14 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
     ),
     "reconcile": (
         "release attachments of instances that are not running (Reconcile)",
-        "Name every instance that is still running: attachments of any other instance are released. With no "
-        "instance named, every attachment you own is treated as stale, so try --dry-run first. Touches only "
-        "your own attachments; --all-users (admin) takes every user's.",
-        ["vfioctl reconcile ml-training web-1 --dry-run", "vfioctl reconcile ml-training web-1"],
+        "Name every instance that is still running: attachments of any other instance are released. Naming "
+        "none releases every attachment you own: that needs --all-dead (or a yes on a terminal); try "
+        "--dry-run first. Touches only your own attachments; --all-users (admin) takes every user's.",
+        [
+            "vfioctl reconcile ml-training web-1 --dry-run",
+            "vfioctl reconcile ml-training web-1",
+            "vfioctl reconcile --all-dead",
+        ],
     ),
     "recover": (
         "put stuck or driverless devices back on their drivers, or recover a vGPU parent or GPU "
@@ -377,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("live", metavar="LIVE_INSTANCE", nargs="*", help="instances that are still running")
     p.add_argument("--dry-run", action="store_true", help="only report what would be released")
     p.add_argument("--all-users", action="store_true", help="every user's attachments (admin)")
+    p.add_argument(
+        "--all-dead",
+        action="store_true",
+        help="with no LIVE_INSTANCE: no instance runs, release every attachment",
+    )
     p = add("recover", cmd_recover)
     p.add_argument(
         "device",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -14,6 +15,7 @@ from vfiod.cli import report, vfioctl_monitor
 from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import (
     EXIT_OK,
+    EXIT_USAGE,
     CallError,
     Client,
     dict_of,
@@ -257,6 +259,13 @@ def _write_report(ctx: Context, title: str, report: object) -> int:
 
 async def cmd_reconcile(ctx: Context) -> int:
     live = list(ctx.args.live)
+    if not live and not ctx.args.dry_run and not ctx.args.all_dead and not _confirmed(ctx):
+        whose = "every user's attachment" if ctx.args.all_users else "every attachment you own"
+        ctx.err.write(
+            f"vfioctl reconcile: naming no live instance releases {whose}; pass --all-dead if no instance "
+            "runs (or name the running ones; --dry-run shows what would be released)\n"
+        )
+        return EXIT_USAGE
     opts = options(
         dry_run=("b", True) if ctx.args.dry_run else None,
         all_users=("b", True) if ctx.args.all_users else None,
@@ -269,6 +278,15 @@ async def cmd_reconcile(ctx: Context) -> int:
         else f"Reconcile, no live instances{dry}"
     )
     return _write_report(ctx, title, report)
+
+
+def _confirmed(ctx: Context) -> bool:
+    """On a terminal, ask before releasing everything; elsewhere (scripts) never assume a yes."""
+    if not sys.stdin.isatty():
+        return False
+    ctx.err.write("No live instance named: release every attachment as stale? [y/N] ")
+    ctx.err.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 async def cmd_recover(ctx: Context) -> int:
