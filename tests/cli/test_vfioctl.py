@@ -109,7 +109,8 @@ def test_exit_status_table() -> None:
     assert exit_status_for("NotFound") == 3
     assert exit_status_for(ERROR_PREFIX + "SomethingNew") == 1
     assert exit_status_for("org.freedesktop.DBus.Error.ServiceUnknown") == 8
-    assert exit_status_for("org.freedesktop.DBus.Error.NoReply") == 7
+    assert exit_status_for("org.freedesktop.DBus.Error.NoReply") == 9  # the bus gave up waiting
+    assert exit_status_for(ERROR_PREFIX + "Timeout") == 7  # a device left stuck
     assert exit_status_for("org.freedesktop.DBus.Error.AccessDenied") == 4
     assert exit_status_for("org.freedesktop.DBus.Error.InvalidArgs") == 2
     assert exit_status_for("org.example.Whatever") == 1

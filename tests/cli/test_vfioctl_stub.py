@@ -419,13 +419,21 @@ def test_foreign_errors(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1 and "UnknownMethod" in err and "Traceback" not in err
 
 
-def test_timeout_is_status_7(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_reply_within_timeout_is_status_9_not_a_device_timeout(
+    stub: Stub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The client gave up, the call goes on in vfiod: not the device error Timeout (7, a stuck device),
+    but NoReply (9), saying the call may still complete and where to see how it ended."""
     stub.reply("GetHostStatus", "a{sv}", {})
     stub.delay = 1.0
     start = time.monotonic()
     code, _, err = ctl(capsys, stub.address, "--timeout", "0.2", "status")
-    assert code == 7 and err.startswith("vfioctl: Timeout: no reply to GetHostStatus within 0.2 s")
+    assert code == 9 and err.startswith("vfioctl: NoReply: no reply to GetHostStatus within 0.2 s")
+    assert "may still complete" in err and "vfioctl monitor" in err
     assert time.monotonic() - start < 1.0
+    stub.delay = 0.0
+    stub.error("GetHostStatus", "org.hypeman.Devices1.Error.Timeout", "0000:a2:00.0 is stuck")
+    assert ctl(capsys, stub.address, "status")[0] == 7
 
 
 def test_service_not_on_the_bus_is_status_8(bus_address: str, capsys: pytest.CaptureFixture[str]) -> None:

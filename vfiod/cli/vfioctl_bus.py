@@ -40,6 +40,9 @@ EXIT_CONFLICT = 5
 EXIT_VFIO_UNAVAILABLE = 6
 EXIT_TIMEOUT = 7
 EXIT_UNREACHABLE = 8
+# No reply in time (vfioctl's --timeout or the bus's own): unlike Timeout, nothing is known to be stuck,
+# and the call goes on in vfiod.
+EXIT_NO_REPLY = 9
 EXIT_INTERRUPTED = 130
 
 # The contract's error names (the part after org.hypeman.Devices1.Error.) by exit status.
@@ -79,7 +82,7 @@ _BUS_EXIT: dict[str, int] = {
     "org.freedesktop.DBus.Error.NoServer": EXIT_UNREACHABLE,
     "org.freedesktop.DBus.Error.NoNetwork": EXIT_UNREACHABLE,
     "org.freedesktop.DBus.Error.Spawn.ChildExited": EXIT_UNREACHABLE,
-    "org.freedesktop.DBus.Error.NoReply": EXIT_TIMEOUT,
+    "org.freedesktop.DBus.Error.NoReply": EXIT_NO_REPLY,
     "org.freedesktop.DBus.Error.Timeout": EXIT_TIMEOUT,
     "org.freedesktop.DBus.Error.TimedOut": EXIT_TIMEOUT,
     "org.freedesktop.DBus.Error.AccessDenied": EXIT_NOT_AUTHORIZED,
@@ -101,8 +104,9 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
         "AlreadyExists, AlreadyBound, NotBound, NativeIsVfio, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
-    (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored, or no reply within --timeout"),
+    (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored: a device was left stuck"),
     (EXIT_UNREACHABLE, "cannot reach the service (no bus, or org.hypeman.Devices1 is not on it)"),
+    (EXIT_NO_REPLY, "no reply within --timeout (or the bus's limit): the call may still complete"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C) while waiting for a reply; `monitor` exits 0 on Ctrl-C"),
 )
 
@@ -237,10 +241,11 @@ class Client:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout=deadline)
         except TimeoutError as e:
             raise CallError(
-                "Timeout",
-                f"no reply to {member} within {deadline:g} s (the service may still be working on it; "
-                "every vfiod call can be retried safely, or raise --timeout)",
-                EXIT_TIMEOUT,
+                "NoReply",
+                f"no reply to {member} within {deadline:g} s: the call goes on in vfiod and may still "
+                "complete; see its outcome with `vfioctl show DEVICE` or `vfioctl monitor` (every vfiod call "
+                "can be retried safely; raise --timeout to wait longer)",
+                EXIT_NO_REPLY,
             ) from e
         except (OSError, EOFError) as e:
             raise CallError(
