@@ -74,7 +74,8 @@ def test_the_seed_workflow(start_vfiod: StartVfiod, clients: Clients) -> None:
     assert changed.body[0] == DEVICE_IFACE
     # idempotent: the same records again
     again, _ = ok(attach(root, "ml-training", "l4-gpu", include_group=b(True)))
-    assert again == attachments
+    assert again == [{**a, "changed": False} for a in attachments]
+    assert all(a["changed"] is True for a in attachments)  # `changed`: made by that call, not the repeat
     gpu = device(root, "l4-gpu")
     assert (gpu["state"], gpu["attached_to"], gpu["owner_uid"], gpu["bound_to_vfio"]) == (
         "attached",

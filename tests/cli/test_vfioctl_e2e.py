@@ -147,6 +147,7 @@ def test_attach_workflow(address: str, capsys: pytest.CaptureFixture[str]) -> No
     assert devices[AUDIO]["driver"] == "vfio-pci" and devices[AUDIO]["attached_to"] == "ml-training"
 
     again = ctl_json(capsys, address, "attach", "ml-training", "l4-gpu", "--include-group")
+    assert again["changed"] is False and not any(a["changed"] for a in again["attachments"])
     roles = {a["pci_address"]: a["role"] for a in again["attachments"]}
     assert roles == {GPU: "requested", AUDIO: "companion"}
     assert again["cloud_hypervisor_args"] == [
@@ -171,13 +172,13 @@ def test_attach_workflow(address: str, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_bind_unbind_exclusive(address: str, capsys: pytest.CaptureFixture[str]) -> None:
     bound = ctl_json(capsys, address, "bind", "l4-gpu", "--include-group")
-    assert bound["bound"] == "l4-gpu" and bound["device"]["driver"] == "vfio-pci"
+    assert bound["bound"] == "l4-gpu" and bound["device"]["driver"] == "vfio-pci" and bound["changed"] is True
     code, _, err = ctl(capsys, address, "bind", "l4-gpu", "--exclusive")
     assert code == 5 and err.startswith("vfioctl: AlreadyBound: ")
-    assert ctl(capsys, address, "bind", "l4-gpu")[0] == 0  # idempotent without --exclusive
+    assert ctl_json(capsys, address, "bind", "l4-gpu")["changed"] is False  # idempotent without --exclusive
     for name in ("l4-gpu", "pci-0000-a2-00-1"):
-        code, _, err = ctl(capsys, address, "unbind", name)
-        assert code == 0, err
+        assert ctl_json(capsys, address, "unbind", name)["changed"] is True
+    assert ctl_json(capsys, address, "unbind", "l4-gpu")["changed"] is False
     code, _, err = ctl(capsys, address, "unbind", "l4-gpu", "--exclusive")
     assert code == 5 and err.startswith("vfioctl: NotBound: ")
     devices = by_addr(ctl_json(capsys, address, "list"))

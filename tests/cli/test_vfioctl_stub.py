@@ -299,7 +299,7 @@ def test_attach_prints_attachments_device_lines_and_warnings(
     code, out, _ = ctl(capsys, stub.address, "attach", "ml-training", "l4-gpu", "--json")
     assert code == 0 and stub.last("Attach").body == ["ml-training", ["l4-gpu"], {}]
     doc = json.loads(out)
-    assert sorted(doc) == ["attachments", "cloud_hypervisor_args", "instance", "warnings"]
+    assert sorted(doc) == ["attachments", "changed", "cloud_hypervisor_args", "instance", "warnings"]
     assert doc["cloud_hypervisor_args"][:2] == [
         "--device",
         "path=/sys/bus/pci/devices/0000:a2:00.0/,x_nv_gpudirect_clique=0",

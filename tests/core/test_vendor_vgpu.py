@@ -87,7 +87,7 @@ def test_vgpu_vendor_attach_writes_the_type_and_hands_the_vf_over(env: MakeEnv) 
     assert (dev.type, dev.pci_address, dev.driver, dev.bound_to_vfio) == ("vgpu", vf, "nvidia", True)
     mark = len(e.writes)
     again, _ = m.attach_vgpu(HM, "vm1", Q4)  # idempotent, by name
-    assert again == att and e.writes[mark:] == []
+    assert again == dataclasses.replace(att, changed=False) and att.changed and e.writes[mark:] == []
     got = {p.name: p for p in m.list_profiles()}
     assert (got[Q4].available, got[Q8].available) == (23, 6)  # homogeneous: the used GPU takes 4 GiB only
 

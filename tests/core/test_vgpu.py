@@ -71,7 +71,7 @@ def test_attach_creates_hands_over_and_records(env: MakeEnv) -> None:
     assert m.registry.open_intents() == []
     mark = len(e.writes)
     again, _ = m.attach_vgpu(HM, "vm1", "Dual port serial")  # the same profile by its name: the same vGPU
-    assert again == att and e.writes[mark:] == []
+    assert again == dataclasses.replace(att, changed=False) and att.changed and e.writes[mark:] == []
 
 
 def test_refusals_create_nothing(env: MakeEnv) -> None:

@@ -215,12 +215,19 @@ async def cmd_detach(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _driver_and_state(devices: Sequence[dict[str, Any]]) -> tuple[object, object] | None:
+    return (devices[0].get("driver"), devices[0].get("state")) if devices else None
+
+
 async def _bind_like(ctx: Context, member: str, verb: str, opts: dict[str, Any]) -> int:
+    before = _driver_and_state(await _refetch(ctx, [ctx.args.device]))
     await ctx.client.manager(member, ctx.args.device, opts)
     after = await _refetch(ctx, [ctx.args.device])
     device = after[0] if after else None
     if ctx.json:
-        ctx.write(render.to_json({verb: ctx.args.device, "device": device}))
+        # `changed` for configuration tools (Ansible's changed_when): did the call move the device?
+        changed = before is None or before != _driver_and_state(after)
+        ctx.write(render.to_json({verb: ctx.args.device, "changed": changed, "device": device}))
     elif device is not None:
         driver = device.get("driver") or "no driver"
         ctx.write(

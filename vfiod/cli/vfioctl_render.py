@@ -174,6 +174,8 @@ def attach_document(
 ) -> dict[str, Any]:
     return {
         "instance": instance,
+        # any record this call made (the daemon's per-record `changed`); False for an idempotent repeat
+        "changed": any(bool(a.get("changed", True)) for a in attachments),
         "attachments": [dict(a) for a in attachments],
         "warnings": list(warnings),
         "cloud_hypervisor_args": cloud_hypervisor_args(attachments),

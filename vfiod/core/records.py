@@ -166,6 +166,7 @@ class Attachment:
     gpudirect_clique: int | None = None
     mdev_uuid: str = ""  # an mdev vGPU's uuid
     vgpu_uuid: str = ""  # a vendor-VFIO vGPU's uuid (vfiod's, or the VM's when the VMM chose it)
+    changed: bool = True  # this call made it (False: the idempotent repeat of an earlier one)
 
     @property
     def sysfs_path(self) -> str:
@@ -187,4 +188,5 @@ class Attachment:
             "vfio_group_path": self.vfio_group_path,
             "iommu_group": self.iommu_group,
             "device_config": config,
+            "changed": self.changed,
         }

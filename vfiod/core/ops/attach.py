@@ -9,7 +9,7 @@ Runs under the group locks (and the instance lock) the manager holds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from vfiod.core import access, guard
 from vfiod.core.binder import BoundFunction
@@ -50,10 +50,17 @@ def already_attached(
                 "change it"
             )
         groups.add(att.iommu_group)
-    return attachment_records(deps, instance, groups)
+    return attachment_records(deps, instance, groups, made_before={a.id for a in _of(deps, instance)})
 
 
-def attachment_records(deps: CoreDeps, instance: str, groups: set[int]) -> list[Attachment]:
+def _of(deps: CoreDeps, instance: str) -> list[AttachmentRow]:
+    return deps.registry.attachments_of_instance(instance)
+
+
+def attachment_records(
+    deps: CoreDeps, instance: str, groups: set[int], made_before: Collection[int] = ()
+) -> list[Attachment]:
+    """The instance's attachments in `groups`; those in `made_before` existed before this call."""
     out = []
     for att in deps.registry.attachments_of_instance(instance):
         if att.iommu_group not in groups:
@@ -69,6 +76,7 @@ def attachment_records(deps: CoreDeps, instance: str, groups: set[int]) -> list[
                 iommu_group=att.iommu_group,
                 vfio_group_path=vfio_group_path(deps.host, att.iommu_group),
                 gpudirect_clique=att.gpudirect_clique,
+                changed=att.id not in made_before,
             )
         )
     return sorted(out, key=lambda a: a.pci_address)
@@ -105,6 +113,7 @@ def attach(
         include_group=include_group,
         attached_elsewhere=attached_elsewhere(deps, instance, owner),
     )
+    before = {a.id for a in _of(deps, instance)}
     op = Operation(deps.registry, deps.boot_id, "attach")
     bound_rows, bound = bind_plans(deps, plans, op, force)
     op.checkpoint("bound")
@@ -131,7 +140,7 @@ def attach(
         _revoke_quietly(deps, granted)
         raise
     deps.changed(r.id for r in bound_rows.values())
-    return attachment_records(deps, instance, {p.group for p in plans})
+    return attachment_records(deps, instance, {p.group for p in plans}, made_before=before)
 
 
 def bind(deps: CoreDeps, row: DeviceRow, *, include_group: bool, force: bool) -> list[DeviceRow]:

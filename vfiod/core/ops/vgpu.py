@@ -19,6 +19,7 @@ quarantined one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ def already_attached(
         if uuid is not None and row.uuid != uuid:
             continue
         if att.boot_id == deps.boot_id and live(deps, row) is not None:
-            return attachment(deps, row, att)
+            return dataclasses.replace(attachment(deps, row, att), changed=False)
     return None
 
 
