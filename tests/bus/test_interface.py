@@ -6,13 +6,17 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
+import pytest
+from dbus_fast import Variant
 from dbus_fast import introspection as intr
 
+import vfiod
 from tests.bus.conftest import Clients, StartVfiod
 from vfiod.bus.authz import ACTIONS
 from vfiod.bus.methods import ADMIN_OPTIONS, OPTIONS
-from vfiod.bus.names import DEVICE_IFACE, INTROSPECTABLE_IFACE, MANAGER_IFACE, MANAGER_PATH
+from vfiod.bus.names import DEVICE_IFACE, INTROSPECTABLE_IFACE, MANAGER_IFACE, MANAGER_PATH, PROPERTIES_IFACE
 from vfiod.bus.standard import SIGNATURES as STANDARD_SIGNATURES
 from vfiod.bus.standard import device_interface
 from vfiod.bus.variants import DEVICE_PROPERTIES
@@ -104,3 +108,43 @@ def test_no_method_takes_a_file_descriptor() -> None:
     for iface in contract().values():
         for m in iface.methods:
             assert all("h" not in str(a.signature) for a in (*m.in_args, *m.out_args)), m.name
+
+
+def test_manager_version_and_features(start_vfiod: StartVfiod, clients: Clients) -> None:
+    """The Manager's read-only Version (the running daemon's: the package keeps an old one running across
+    upgrades) and Features, introspected, readable, never settable."""
+    start_vfiod()
+    root = clients.root
+
+    def props(member: str, sig: str, *args: object) -> Any:
+        return root.call(member, sig, list(args), path=MANAGER_PATH, interface=PROPERTIES_IFACE)
+
+    assert props("Get", "ss", MANAGER_IFACE, "Version").value().value == vfiod.__version__
+    everything = {k: v.value for k, v in props("GetAll", "s", MANAGER_IFACE).value().items()}
+    assert everything["Version"] == vfiod.__version__
+    assert {"sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers"} <= set(
+        everything["Features"]
+    )
+    refused = props("Set", "ssv", MANAGER_IFACE, "Version", Variant("s", "9.9"))
+    assert refused.error == "org.freedesktop.DBus.Error.PropertyReadOnly"
+    assert props("Get", "ss", MANAGER_IFACE, "Nope").error == "org.freedesktop.DBus.Error.UnknownProperty"
+    xml = root.call("Introspect", "", [], path=MANAGER_PATH, interface=INTROSPECTABLE_IFACE).value()
+    manager = next(i for i in intr.Node.parse(xml).interfaces if i.name == MANAGER_IFACE)
+    assert {(p.name, p.signature, p.access.value) for p in manager.properties} == {
+        ("Version", "s", "read"),
+        ("Features", "as", "read"),
+    }
+
+
+def test_version_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from vfiod.cli import daemon, vfioctl
+
+    for main in (daemon.main, vfioctl.main):
+        code: int | str | None
+        try:
+            code = main(["--version"])
+        except SystemExit as e:
+            code = e.code
+        assert code in (0, None)
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"vfiod {vfiod.__version__}", f"vfioctl {vfiod.__version__}"]

@@ -22,6 +22,7 @@ import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+import vfiod
 from tests.cli.support.buses import private_bus, read_until
 from vfiod.bus.names import BUS_NAME, DEVICE_IFACE, ERROR_PREFIX, MANAGER_PATH
 from vfiod.cli import vfioctl
@@ -198,6 +199,17 @@ def test_status_and_check_call_the_contract(stub: Stub, capsys: pytest.CaptureFi
     code, out, _ = ctl(capsys, stub.address, "status")
     assert code == 0 and "IOMMU enabled (9 IOMMU groups)" in out and "fix it" in out
     assert stub.last("GetHostStatus").signature == "a{sv}"
+    # version skew: the package keeps the old daemon running across an upgrade; status says so
+    assert "vfiod (too old to say) is running, " in out  # the stub has no Version property
+    stub.reply("Get", "v", Variant("s", "0.0.9"))
+    code, out, _ = ctl(capsys, stub.address, "status")
+    assert f"vfiod 0.0.9 is running, {vfiod.__version__} is installed" in out
+    assert stub.last("Get").body == ["org.hypeman.Devices1.Manager", "Version"]
+    stub.reply("Get", "v", Variant("s", vfiod.__version__))
+    code, out, _ = ctl(capsys, stub.address, "status", "--json")
+    doc = json.loads(out)
+    assert (doc["daemon_version"], doc["installed_version"]) == (vfiod.__version__, vfiod.__version__)
+    assert "is running" not in ctl(capsys, stub.address, "status")[1]
     # the stub has no ListProfiles yet: a daemon older than vfioctl
     code, out, _ = ctl(capsys, stub.address, "check", "--json")
     assert code == 0

@@ -395,9 +395,7 @@ class Service:
         if path == MANAGER_PATH:
             if iface_name not in (MANAGER_IFACE, *STANDARD_IFACES):
                 raise DBusError(ErrorType.UNKNOWN_INTERFACE, f"{path} has no interface {iface_name!r}")
-            if member == "GetAll":
-                return Message.new_method_return(msg, "a{sv}", [{}])
-            raise DBusError(ErrorType.UNKNOWN_PROPERTY, f"{iface_name} has no property {msg.body[1]!r}")
+            return standard.manager_property_reply(msg, member, iface_name == MANAGER_IFACE)
         device_id = self._device_at(path)
         if device_id is None:
             raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")

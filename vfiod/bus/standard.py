@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from dbus_fast import DBusError, ErrorType, PropertyAccess
+from dbus_fast import DBusError, ErrorType, Message, PropertyAccess, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.service import ServiceInterface
 
+from vfiod import __version__
 from vfiod.bus import variants
 from vfiod.bus.names import (
     DEVICE_IFACE,
@@ -50,11 +51,39 @@ def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
     return [i for i in ifaces if object_manager or i.name != OBJECT_MANAGER_IFACE]
 
 
+# What this daemon offers, for clients to test before they rely on it (the Manager's `Features`).
+FEATURES: Final = ("sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers")
+MANAGER_PROPERTIES: Final[dict[str, str]] = {"Version": "s", "Features": "as"}
+
+
+def manager_properties() -> dict[str, Variant]:
+    """The Manager's read-only properties: the running daemon's version (compare with the installed
+    package's: the package never restarts a running daemon) and its features."""
+    return {"Version": Variant("s", __version__), "Features": Variant("as", list(FEATURES))}
+
+
+def manager_property_reply(msg: Message, member: str, on_manager: bool) -> Message:
+    """Properties.Get/GetAll/Set on the manager object (`on_manager`: asked of the Manager interface)."""
+    props = manager_properties() if on_manager else {}
+    if member == "GetAll":
+        return Message.new_method_return(msg, "a{sv}", [props])
+    name = str(msg.body[1])
+    if name not in props:
+        raise DBusError(ErrorType.UNKNOWN_PROPERTY, f"{msg.body[0]} has no property {name!r}")
+    if member == "Set":
+        raise DBusError(ErrorType.PROPERTY_READ_ONLY, f"{msg.body[0]}.{name} is read-only")
+    return Message.new_method_return(msg, "v", [props[name]])
+
+
 def introspect(path: str, device_paths: list[str], manager: ServiceInterface) -> str:
     """The introspection XML of `path`: the manager, a device, or a node on the way to them."""
     paths = [MANAGER_PATH, *device_paths]
     if path == MANAGER_PATH:
-        node = intr.Node(path, [*standard_interfaces(object_manager=True), manager.introspect()])
+        iface = manager.introspect()
+        iface.properties = [
+            intr.Property(n, sig, PropertyAccess.READ) for n, sig in MANAGER_PROPERTIES.items()
+        ]
+        node = intr.Node(path, [*standard_interfaces(object_manager=True), iface])
     elif path in device_paths:
         node = intr.Node(path, [*standard_interfaces(object_manager=False), device_interface()])
     elif path == "/" or any(p.startswith(path + "/") for p in paths):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vfiod import __version__
 from vfiod.cli import check
 
 Handler = Callable[[argparse.Namespace], int]
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vfiod",
         description="Root-owned helper that binds PCI devices to vfio-pci for unprivileged VM managers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check_parser = sub.add_parser(
         "check",

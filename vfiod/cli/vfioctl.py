@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from vfiod import __version__
 from vfiod.bus.names import BUS_NAME
 from vfiod.cli.vfioctl_bus import (
     EXIT_FAILED,
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _global_options(parser, in_subcommand=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, handler: Command) -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from vfiod import __version__
+from vfiod.bus.names import MANAGER_IFACE, PROPERTIES_IFACE
 from vfiod.cli import report, vfioctl_monitor
 from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import (
@@ -51,8 +53,30 @@ Command = Callable[[Context], Awaitable[int]]
 async def cmd_status(ctx: Context) -> int:
     (status,) = await ctx.client.manager("GetHostStatus", {})
     status = dict_of(status)
-    ctx.write(render.to_json(status) if ctx.json else report.render_status(status, ctx.marks))
+    running = await _daemon_version(ctx)
+    if ctx.json:
+        ctx.write(render.to_json({**status, "daemon_version": running, "installed_version": __version__}))
+        return EXIT_OK
+    ctx.write(report.render_status(status, ctx.marks))
+    if running != __version__:
+        # The package never restarts a running daemon (a restart during a hung sysfs write is the worst
+        # moment), so after an upgrade the old one answers until it is restarted.
+        ctx.write(
+            f"\nvfiod {running or '(too old to say)'} is running, {__version__} is installed: restart it "
+            "when no call is in progress (systemctl restart vfiod.service)\n"
+        )
     return EXIT_OK
+
+
+async def _daemon_version(ctx: Context) -> str:
+    """The running daemon's Version property ("" from a daemon older than the property)."""
+    try:
+        (version,) = await ctx.client.call(
+            "Get", "ss", [MANAGER_IFACE, "Version"], interface=PROPERTIES_IFACE
+        )
+    except CallError:
+        return ""
+    return str(version)
 
 
 async def cmd_check(ctx: Context) -> int:
