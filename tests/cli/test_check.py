@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 VFIOD = REPO / ".venv/bin/vfiod"
 
 
-def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
-    assert main(["check", *args, "--json"]) == 0
+def run_json(capsys: pytest.CaptureFixture[str], *args: str, status: int = 0) -> dict[str, Any]:
+    assert main(["check", *args, "--json"]) == status
     out = capsys.readouterr().out
     doc: dict[str, Any] = json.loads(out)
-    # Exactly {"host", "devices", "sharing"}, sorted keys, 2-space indent.
-    assert set(doc) == {"host", "devices", "sharing"}
+    # Exactly {"host", "devices", "sharing", "vmm"}, sorted keys, 2-space indent.
+    assert set(doc) == {"host", "devices", "sharing", "vmm"}
     assert out == json.dumps(doc, sort_keys=True, indent=2) + "\n"
     return doc
 
@@ -88,7 +88,7 @@ def test_workstation_l4_all_marks_nic_and_nvme(capsys: pytest.CaptureFixture[str
 
 
 def test_no_iommu(capsys: pytest.CaptureFixture[str]) -> None:
-    doc = run_json(capsys, "--simulate", "no-iommu")
+    doc = run_json(capsys, "--simulate", "no-iommu", status=1)  # the IOMMU check FAILs
     host = doc["host"]
     assert host["iommu_enabled"] is False
     assert any("intel_iommu=on" in p and "amd_iommu=on" in p for p in host["problems"])
@@ -98,9 +98,13 @@ def test_no_iommu(capsys: pytest.CaptureFixture[str]) -> None:
         assert any("intel_iommu=on" in b for b in d["blockers"])
     # No usable slot is no slot (before, the L4 counted and the text said "✓ GPU passthrough").
     assert (host["gpu_mode"], host["gpu_slots_total"]) == ("none", 0)
-    assert main(["check", "--simulate", "no-iommu"]) == 0
+    assert main(["check", "--simulate", "no-iommu"]) == 1
     text = capsys.readouterr().out
     assert "GPU passthrough: no usable slot" in text and "✓ GPU passthrough" not in text
+    assert "  ! GPU passthrough: no usable slot" in text  # a warning, the IOMMU is what fails
+    assert text.rstrip().endswith("Result: FAIL (IOMMU enabled (0 IOMMU groups))")
+    # optional features a host lacks are not failures: "-", never ✗
+    assert "  - iommufd (/dev/iommu)" in text and "✗ iommufd" not in text
 
 
 def test_human_report_on_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,7 +167,7 @@ def test_human_report(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
     lines = out.splitlines()
     assert lines[0] == "Host"
     assert "  ✓ IOMMU enabled (5 IOMMU groups)" in lines
-    assert "  ✗ vfio-pci loaded" in lines
+    assert "  ! vfio-pci loaded (vfiod loads it on first use)" in lines  # a warning: vfiod loads it
     assert (
         "  ✗ vfio-pci is not loaded: modprobe vfio-pci (vfiod loads it through modprobe@vfio_pci.service)"
         in lines
@@ -192,7 +196,7 @@ def test_ascii_fallback_for_terminals_without_unicode(tree: Path) -> None:
     assert check.run(args, out=buf) == 0
     buf.flush()
     text = buf.buffer.getvalue().decode("ascii")
-    assert "ok IOMMU enabled" in text and "!! vfio-pci loaded" in text
+    assert "ok IOMMU enabled" in text and "! vfio-pci loaded" in text and "Result: PASS" in text
 
 
 def test_sysfs_root_that_is_a_bare_sysfs_mount(capsys: pytest.CaptureFixture[str], tree: Path) -> None:
@@ -277,7 +281,11 @@ def test_vendor_vgpu_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--simulate", "l40s-vgpu"]) == 0
     out = capsys.readouterr().out
     assert "vendor-VFIO parents 0000:a2:00.4 ... 0000:b3:04.3 (64): 1152 (NVIDIA L40S-1Q)" in out
-    assert out.rstrip().endswith("Ready for vGPUs: 64 can be created now (vfioctl profiles shows which)")
+    tail = out.rstrip().splitlines()[-2:]
+    assert tail == [
+        "Ready for vGPUs: 64 can be created now (vfioctl profiles shows which)",
+        "Result: PASS (warnings above, if any)",
+    ]
 
 
 def test_functions_without_a_usable_reset_are_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,3 +301,29 @@ def test_functions_without_a_usable_reset_are_warned_about(capsys: pytest.Captur
     assert main(["check", "--simulate", "qemu-q35"]) == 0
     text = capsys.readouterr().out
     assert "      ! 0000:00:03.0 has no reset method" in text
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import io
+
+    from vfiod.cli import check
+
+    class Terminal(io.StringIO):
+        encoding = "utf-8"
+
+        def isatty(self) -> bool:
+            return True
+
+    args = argparse.Namespace(simulate="workstation-l4", sysfs_root=None, all=False, json=False, pci_ids=None)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    tty = Terminal()
+    assert check.run(args, out=tty) == 0
+    assert "\x1b[32m✓\x1b[0m IOMMU enabled" in tty.getvalue() and "\x1b[33m!\x1b[0m" in tty.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    assert check.run(args, out=plain) == 0
+    assert "\x1b[" not in plain.getvalue() and "✓ IOMMU enabled" in plain.getvalue()
+    piped = io.StringIO()
+    monkeypatch.delenv("NO_COLOR")
+    assert check.run(args, out=piped) == 0 and "\x1b[" not in piped.getvalue()

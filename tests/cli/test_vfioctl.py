@@ -236,7 +236,7 @@ def test_status_and_available_rendering() -> None:
     }
     text = report.render_status(status, ("ok", "!!"))
     assert "  ok IOMMU enabled (9 IOMMU groups)" in text
-    assert "  !! vfio-pci loaded" in text
+    assert "  ! vfio-pci loaded (vfiod loads it on first use)" in text
     assert "  !! vfio-pci is not loaded: modprobe vfio-pci" in text
     assert "future_key: 3" in text
     devices = [

@@ -261,3 +261,21 @@ def test_simulated_dgx_counts_gpus_not_nvswitches(sim: SimFactory) -> None:
     gpus = [d for d in every if d.type == "gpu" and not d.host_critical]
     assert st.gpu_slots_total == len(gpus)
     assert all(not d.class_.startswith("03") for d in every if d.class_.startswith("068"))
+
+
+@pytest.mark.parametrize(
+    ("vendor", "fix"),
+    [
+        ("GenuineIntel", "add intel_iommu=on to the kernel command line, enable VT-d"),
+        ("AuthenticAMD", "enable the IOMMU (AMD-Vi) in the firmware setup and reboot"),
+        ("", IOMMU_FIX),
+    ],
+)
+def test_iommu_off_fix_follows_the_cpu_vendor(fs: FakeSys, vendor: str, fix: str) -> None:
+    """Before, an AMD host was told to add intel_iommu=on; amd_iommu=on is no kernel option at all."""
+    fs.pci("0000:01:00.0", vendor="10de", device="27b8", cls="0x030200")
+    if vendor:
+        (fs.proc / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+    (problem,) = [p for p in host_status(fs.host(), NO_IDS).problems if p.startswith("the IOMMU is off")]
+    assert fix in problem
+    assert ("intel_iommu" in problem) == (vendor != "AuthenticAMD")

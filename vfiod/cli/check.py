@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from vfiod.core.hostcritical import host_critical
 from vfiod.core.hoststatus import host_status
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.profiles import vgpu_status
+from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host import vgpus
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.pciaddr import PciAddress
@@ -56,21 +58,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pci-ids", metavar="FILE", type=Path, help="pci.ids database to name devices with")
 
 
+FAILED = 1
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Produce the report; 0 when it was produced (problems or not), 2 for bad input."""
+    """Produce the report; 0 when nothing FAILs (warnings or not), 1 when a check FAILs (passthrough cannot
+    work here as it stands), 2 for bad input."""
     out = out if out is not None else sys.stdout
     # An explicit database is the only one used: falling back to the system's would hide a typo.
     names = PciIds(args.pci_ids, search_paths=()) if args.pci_ids is not None else default_pci_ids()
     try:
         if args.simulate is not None:
             with tempfile.TemporaryDirectory(prefix="vfiod-check-") as tmp:
-                report(_simulated_host(Path(tmp), args.simulate), names, args.all, args.json, out)
+                ok = report(_simulated_host(Path(tmp), args.simulate), names, args.all, args.json, out)
         else:
-            report(Host(_roots(args.sysfs_root)), names, args.all, args.json, out)
+            # The VMM-side checks read this process's limits: only on the host it runs on.
+            pid = os.getpid() if args.sysfs_root is None else None
+            ok = report(Host(_roots(args.sysfs_root)), names, args.all, args.json, out, vmm_pid=pid)
     except UsageError as e:
         print(f"vfiod check: {e}", file=sys.stderr)
         return USAGE_ERROR
-    return 0
+    return 0 if ok else FAILED
 
 
 def _simulated_host(root: Path, profile: str) -> Host:
@@ -92,7 +100,23 @@ def _roots(sysfs_root: Path | None) -> HostRoots:
     return HostRoots(sys=sysfs_root)
 
 
-def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: TextIO) -> None:
+def _paint(text: str, colour: str, out: TextIO) -> str:
+    """ANSI colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    if not getattr(out, "isatty", lambda: False)() or os.environ.get("NO_COLOR"):
+        return text
+    return f"\x1b[{colour}m{text}\x1b[0m"
+
+
+def report(
+    host: Host,
+    names: PciIds,
+    all_devices: bool,
+    as_json: bool,
+    out: TextIO,
+    *,
+    vmm_pid: int | None = None,
+) -> bool:
+    """Write the report; False when a check FAILs."""
     critical = host_critical(host)
     devices = discover(host, names, all_devices=all_devices, critical=critical)
     status = host_status(host, names, devices=devices).to_record()
@@ -103,15 +127,20 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
     records = [d.to_record() for d in devices]
     add_reset_warnings(host, records)
     pfs, offered = sharing(host, names, records, critical)
+    # The VMM side, as Attach will warn about it: KVM, the container node, the memlock limit.
+    vmm = attach_warnings(host, vmm_pid)
+    ok = not report_text.failures(status)
     if as_json:
-        doc = {"host": status, "devices": records, "sharing": {"sriov": pfs, "profiles": offered}}
+        doc = {"host": status, "devices": records, "sharing": {"sriov": pfs, "profiles": offered}, "vmm": vmm}
         out.write(json.dumps(doc, sort_keys=True, indent=2) + "\n")
-        return
+        return ok
     # A member that is not listed (its audio function, without --all) is shown with its driver too.
     snap = PciSnapshot(host)
     members = {m for d in devices for m in d.iommu_group_members}
     drivers = {m: snap.function(PciAddress.parse(m)).driver or "" for m in sorted(members)}
-    marks = report_text.marks(getattr(out, "encoding", None))
+    yes, no = report_text.marks(getattr(out, "encoding", None))
+    marks = (_paint(yes, "32", out), _paint(no, "31", out))
+    warn = _paint("!", "33", out)
     out.write(
         report_text.render_check(
             status,
@@ -120,8 +149,11 @@ def report(host: Host, names: PciIds, all_devices: bool, as_json: bool, out: Tex
             all_devices=all_devices,
             member_drivers=drivers,
             sharing=report_text.render_sharing(pfs, offered),
+            vmm=vmm,
+            warn=warn,
         )
     )
+    return ok
 
 
 def add_reset_warnings(host: Host, records: list[dict[str, object]]) -> None:

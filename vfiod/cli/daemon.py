@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="report whether this host is ready for VFIO passthrough, and which devices can be passed",
         description="Read-only pre-flight report: IOMMU, vfio-pci, interrupt remapping, huge pages, other "
         "tools' claims on devices, and every candidate device with the reasons it cannot be passed through "
-        "as it stands. Exit status 0 whenever the report was produced.",
+        "as it stands. Exit status 0 when no check fails (warnings or not), 1 when one fails, 2 for bad "
+        "input.",
     )
     check.add_arguments(check_parser)
     handler: Handler = check.run

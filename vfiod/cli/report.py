@@ -87,25 +87,36 @@ _STATUS_KEYS = (
 )
 
 
-def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
-    yes, no = mark
-    lines = ["Host"]
+PASS, WARN, FAIL, ABSENT = "pass", "warn", "fail", "absent"
 
-    def check(ok: bool, text: str) -> None:
-        lines.append(f"  {yes if ok else no} {text}")
 
-    check(
-        bool(status.get("iommu_enabled")),
-        f"IOMMU enabled ({int_field(status, 'iommu_groups', 0)} IOMMU groups)",
+def status_checks(status: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The host's checks as (level, text), in the manner of virt-host-validate: FAIL where passthrough
+    cannot work, WARN where it works with a caveat or vfiod fixes it itself, ABSENT for an optional
+    feature this host does not have (not a failure)."""
+    out: list[tuple[str, str]] = []
+    iommu = bool(status.get("iommu_enabled"))
+    out.append(
+        (PASS if iommu else FAIL, f"IOMMU enabled ({int_field(status, 'iommu_groups', 0)} IOMMU groups)")
     )
-    check(bool(status.get("interrupt_remapping")), "interrupt remapping")
-    check(bool(status.get("vfio_pci_loaded")), "vfio-pci loaded")
+    out.append((PASS if status.get("interrupt_remapping") else WARN, "interrupt remapping"))
+    loaded = bool(status.get("vfio_pci_loaded"))
+    out.append(
+        (PASS if loaded else WARN, "vfio-pci loaded" + ("" if loaded else " (vfiod loads it on first use)"))
+    )
+    cdev = bool(status.get("vfio_cdev"))
     if "vfio_container" in status:
-        check(bool(status.get("vfio_container")), "VFIO container (/dev/vfio/vfio)")
-    check(bool(status.get("vfio_cdev")), "VFIO device cdev (/dev/vfio/devices)")
-    check(bool(status.get("iommufd")), "iommufd (/dev/iommu)")
+        usable = status.get("vfio_container") or cdev or not loaded
+        out.append(
+            (
+                PASS if status.get("vfio_container") else FAIL if not usable else ABSENT,
+                "VFIO container (/dev/vfio/vfio)",
+            )
+        )
+    out.append((PASS if cdev else ABSENT, "VFIO device cdev (/dev/vfio/devices)"))
+    out.append((PASS if status.get("iommufd") else ABSENT, "iommufd (/dev/iommu)"))
     hugepages = int_field(status, "hugepages_2m", 0)
-    check(hugepages > 0, f"2 MiB huge pages reserved: {hugepages}")
+    out.append((PASS if hugepages > 0 else ABSENT, f"2 MiB huge pages reserved: {hugepages}"))
     mode = field(status, "gpu_mode", "none")
     slots = (
         f"{int_field(status, 'gpu_slots_total', 0)} slot(s), {int_field(status, 'gpu_slots_used', 0)} used"
@@ -113,12 +124,36 @@ def render_status(status: Mapping[str, Any], mark: tuple[str, str]) -> str:
     if mode == "vgpu":
         parents, total = int_field(status, "vgpu_parents", 0), int_field(status, "vgpu_slots_total", 0)
         used, free = int_field(status, "vgpu_slots_used", 0), int_field(status, "vgpu_slots_allocatable", 0)
-        check(free > 0, f"vGPU: {parents} parent(s), {total} slot(s), {used} used, {free} can be created now")
-        for q in status.get("quarantined") or []:
-            lines.append(f"  {no} quarantined: {q}")
+        out.append(
+            (
+                PASS if free > 0 else WARN,
+                f"vGPU: {parents} parent(s), {total} slot(s), {used} used, {free} can be created now",
+            )
+        )
+        out += [(WARN, f"quarantined: {q}") for q in status.get("quarantined") or []]
     else:
-        usable = mode == "passthrough" and int_field(status, "gpu_slots_total", 0) > 0
-        check(usable, f"GPU passthrough: {slots}" if usable else "GPU passthrough: no usable slot")
+        usable_slot = mode == "passthrough" and int_field(status, "gpu_slots_total", 0) > 0
+        out.append(
+            (
+                PASS if usable_slot else WARN,
+                f"GPU passthrough: {slots}" if usable_slot else "GPU passthrough: no usable slot",
+            )
+        )
+    return out
+
+
+def failures(status: Mapping[str, Any]) -> list[str]:
+    """The checks that FAIL (vfiod check exits 1 when there is one)."""
+    return [text for level, text in status_checks(status) if level == FAIL]
+
+
+def render_status(
+    status: Mapping[str, Any], mark: tuple[str, str], warn: str = "!", absent: str = "-"
+) -> str:
+    yes, no = mark
+    symbol = {PASS: yes, WARN: warn, FAIL: no, ABSENT: absent}
+    lines = ["Host"]
+    lines += [f"  {symbol[level]} {text}" for level, text in status_checks(status)]
     problems = [str(p) for p in status.get("problems") or []]
     if problems:
         lines += ["", "Problems"]
@@ -263,13 +298,21 @@ def render_check(
     all_devices: bool = True,
     member_drivers: Mapping[str, str] | None = None,
     sharing: str = "",
+    vmm: Sequence[str] | None = None,
+    warn: str = "!",
 ) -> str:
-    """The whole report: the host, the devices, what could be shared, and which GPUs can be passed
-    through as they stand."""
+    """The whole report: the host, the VMM side (`vmm`: Attach's warnings for who runs the VMs; None
+    when not checked), the devices, what could be shared, which GPUs can be passed through as they stand,
+    and the result (FAIL when a host check fails: then nothing can be passed through)."""
     ready = [d for d in devices if d.get("passthrough_ready") and field(d, "type") == "gpu"]
-    lines = [
-        render_status(status, mark).rstrip("\n"),
-        "",
+    lines = [render_status(status, mark, warn).rstrip("\n"), ""]
+    if vmm is not None:
+        lines.append("VMM side (for the user who runs the VMs)")
+        lines += [f"  {warn} {w}" for w in vmm] or [
+            f"  {mark[0]} KVM, the VFIO container node, memlock limit"
+        ]
+        lines.append("")
+    lines += [
         render_available(devices, mark, all_devices, member_drivers).rstrip("\n"),
         "",
     ]
@@ -287,4 +330,6 @@ def render_check(
             if free
             else "Ready for vGPUs: none can be created now (see the vGPU line above)"
         )
+    failed = failures(status)
+    lines.append(f"Result: FAIL ({'; '.join(failed)})" if failed else "Result: PASS (warnings above, if any)")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from vfiod.host.host import Host
 from vfiod.host.pciaddr import PCI_ADDRESS_PATTERN, PciAddress
 from vfiod.host.pcifunction import PciFunction, PciSnapshot, module_name
 
-IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
+IOMMU_FIX = kernel_support.IOMMU_FIX
 
 _ECAP_IR = 1 << 3
 _VFIO_PCI = "vfio_pci"
@@ -169,7 +169,7 @@ def host_status(
                 "or AMD-Vi/IOMMU (AMD) in the firmware setup and reboot"
             )
         else:
-            problems.append(f"the IOMMU is off (no IOMMU groups): {IOMMU_FIX}")
+            problems.append(f"the IOMMU is off (no IOMMU groups): {kernel_support.iommu_fix(host)}")
     if not vfio_pci_loaded:
         problems.append(
             "vfio-pci is not loaded: modprobe vfio-pci (vfiod loads it through modprobe@vfio_pci.service)"

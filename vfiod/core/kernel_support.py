@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from vfiod.core.errors import VFIONotAvailable
+from vfiod.host import procfs
 from vfiod.host.host import Host
 
 MINIMUM = (5, 10)
@@ -37,3 +38,22 @@ def require_supported(host: Host) -> None:
     why = problem(host)
     if why:
         raise VFIONotAvailable(why)
+
+
+# When the CPU's vendor is not known: both vendors' ways.
+IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
+
+
+def iommu_fix(host: Host) -> str:
+    """How to turn the IOMMU on, for this host's CPU vendor (IOMMU_FIX when /proc/cpuinfo does not say):
+    Intel's needs `intel_iommu=on` (and VT-d in the firmware); AMD's is on by itself once AMD-Vi is enabled
+    in the firmware (there is no `amd_iommu=on` kernel option)."""
+    vendor = procfs.cpu_vendor(host)
+    if vendor == "GenuineIntel":
+        return "add intel_iommu=on to the kernel command line, enable VT-d in the firmware setup, and reboot"
+    if vendor in ("AuthenticAMD", "HygonGenuine"):
+        return (
+            "enable the IOMMU (AMD-Vi) in the firmware setup and reboot: the kernel turns it on by itself "
+            "(amd_iommu=on is not a kernel option; remove amd_iommu=off or iommu=off if present)"
+        )
+    return IOMMU_FIX

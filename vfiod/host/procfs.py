@@ -112,6 +112,15 @@ def default_route_interfaces(host: Host) -> dict[str, set[str]]:
     return out
 
 
+def cpu_vendor(host: Host) -> str:
+    """The first CPU's `vendor_id` in /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...); "" if unknown."""
+    for line in (host.read_text(host.roots.proc / "cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
 def cmdline(host: Host) -> str:
     """The kernel command line, "" if unreadable."""
     return host.read_text(host.roots.proc / "cmdline") or ""
