@@ -327,3 +327,22 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.M
     piped = io.StringIO()
     monkeypatch.delenv("NO_COLOR")
     assert check.run(args, out=piped) == 0 and "\x1b[" not in piped.getvalue()
+
+
+def test_bash_completion_of_vfiod() -> None:
+    import shlex
+
+    script = REPO / "packaging/completions/vfiod"
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(shlex.quote(w) for w in words)
+        code = (
+            f"source {shlex.quote(str(script))}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+            '_vfiod; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        out = subprocess.run(["bash", "-c", code], check=True, capture_output=True, text=True, timeout=60)
+        return [w for w in out.stdout.splitlines() if w]
+
+    assert complete("vfiod", "ch") == ["check"]
+    assert complete("vfiod", "check", "--si") == ["--simulate"]
+    assert complete("vfiod", "check", "--simulate", "qemu") == ["qemu-q35", "qemu-q35-iommufd"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -542,3 +544,33 @@ def test_monitor_json_lines_and_service_restart(bus_address: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bash_completion_asks_vfioctl_and_the_daemon(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:
+    """packaging/completions/vfioctl, sourced in a real bash: commands and options from vfioctl itself,
+    device names and ids and instances from the daemon (ListDevices), nothing when it cannot be reached."""
+    other = {**DEVICE, "name": v("s", "l4-audio"), "id": v("s", "b" * 24), "attached_to": v("s", "web-1")}
+    stub.reply("ListDevices", "aa{sv}", [DEVICE, other])
+    from vfiod.cli import vfioctl
+
+    assert vfioctl.main(["__complete", "devices", "--address", stub.address]) == 0
+    assert capsys.readouterr().out.split() == ["bbbbbbbbbbbbbbbbbbbbbbbb", DEVICE_ID, "l4-audio", "l4-gpu"]
+    script = REPO / "packaging/completions/vfioctl"
+    env = dict(os.environ, PATH=f"{REPO / '.venv/bin'}:{os.environ['PATH']}")
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(shlex.quote(w) for w in words)
+        code = (
+            f"source {shlex.quote(str(script))}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+            '_vfioctl; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        out = subprocess.run(
+            ["bash", "-c", code], check=True, capture_output=True, text=True, env=env, timeout=60
+        )
+        return [w for w in out.stdout.splitlines() if w]
+
+    assert {"attach", "attach-vgpu"} <= set(complete("vfioctl", "att"))
+    assert "--include-group" in complete("vfioctl", "attach", "--inc")
+    assert complete("vfioctl", "--address", stub.address, "show", "l4") == ["l4-audio", "l4-gpu"]
+    assert complete("vfioctl", "--address", stub.address, "detach", "") == ["web-1"]
+    assert complete("vfioctl", "--address", "unix:path=/nonexistent", "show", "") == []

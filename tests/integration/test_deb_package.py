@@ -34,6 +34,8 @@ TABLE = {
     "/usr/share/dbus-1/interfaces/org.hypeman.Devices1.xml",
     "/usr/share/man/man8/vfiod.8.gz",
     "/usr/share/man/man1/vfioctl.1.gz",
+    "/usr/share/bash-completion/completions/vfioctl",
+    "/usr/share/bash-completion/completions/vfiod",
 }
 # The table's other two rows are made on the host, not shipped: /var/lib/vfiod/vfiod.db (the daemon
 # creates it in the state directory, made by tmpfiles and StateDirectory=) and /etc/vfiod/vfiod.toml

@@ -447,6 +447,11 @@ async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["__complete"]:  # the bash completion's questions (vfioctl_complete.py)
+        from vfiod.cli import vfioctl_complete  # noqa: PLC0415 -- only when completing
+
+        return vfioctl_complete.run(words[1:], parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
