@@ -55,6 +55,9 @@ FILES = {
     "packaging/man/vfiod.8": ("usr/share/man/man8/vfiod.8", 0o644),
     "packaging/man/vfioctl.1": ("usr/share/man/man1/vfioctl.1", 0o644),
     "packaging/examples/hypeman-vfiod.conf": ("usr/share/doc/vfiod/examples/hypeman-vfiod.conf", 0o644),
+    "packaging/examples/vfiod.toml.example": ("usr/share/doc/vfiod/examples/vfiod.toml.example", 0o644),
+    "docs/hypeman.md": ("usr/share/doc/vfiod/hypeman.md", 0o644),
+    "docs/architecture.md": ("usr/share/doc/vfiod/architecture.md", 0o644),
     "packaging/completions/vfioctl": ("usr/share/bash-completion/completions/vfioctl", 0o644),
     "packaging/completions/vfiod": ("usr/share/bash-completion/completions/vfiod", 0o644),
 }

@@ -3,6 +3,8 @@
 Owns the file's schema and turning any problem with it into one line that names the file, the key and
 what is wrong (`ConfigError`). The file is optional: without it every setting has its default. Example:
 
+    # The file with every key and its default: /usr/share/doc/vfiod/examples/vfiod.toml.example.
+
     # Units held stopped while a GPU of that PCI vendor is bound or unbound (default: NVIDIA's
     # nvidia-persistenced). An empty list holds nothing for that vendor.
     [persistence_units]

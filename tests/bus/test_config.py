@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from vfiod import config
 from vfiod.config import Config, ConfigError, load
@@ -85,3 +86,27 @@ def test_mistakes_are_one_line(tmp_path: Path, text: str, message: str) -> None:
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_shipped_example_documents_every_key_and_loads(tmp_path: Path) -> None:
+    """packaging/examples/vfiod.toml.example (installed under /usr/share/doc/vfiod/examples/): every key of
+    the schema appears in it, and with its settings uncommented it is a valid configuration."""
+    example = Path(__file__).resolve().parents[2] / "packaging/examples/vfiod.toml.example"
+    text = example.read_text(encoding="utf-8")
+    keys = set(Config.model_fields)
+    for info in Config.model_fields.values():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= set(annotation.model_fields)
+    missing = sorted(k for k in keys if k not in text)
+    assert not missing, f"the example does not mention {missing}"
+    settings = [
+        line[1:]
+        for line in text.splitlines()
+        if line.startswith("#") and line[1:2] not in (" ", "") and not line.startswith("#!")
+    ]
+    path = tmp_path / "vfiod.toml"
+    path.write_text("\n".join(settings) + "\n", encoding="utf-8")
+    loaded = load(path)
+    assert loaded.vgpu_orphan_grace == 300 and loaded.deadlines.drivers == {"nvidia": 90}
+    assert loaded.register_allow == ["0000:41:00.0", "15b3:101d"]

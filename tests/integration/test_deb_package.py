@@ -44,7 +44,11 @@ NOT_SHIPPED = {"/var/lib/vfiod/vfiod.db", "/etc/vfiod/vfiod.toml"}
 # What else a package of it holds: the private Python tree, its docs (copyright, changelog, the hypeman
 # drop-in example) and its lintian overrides.
 SUPPORT_PREFIXES = ("/usr/lib/vfiod/", "/usr/share/doc/vfiod/")
-SUPPORT_FILES = {"/usr/share/lintian/overrides/vfiod", "/usr/share/doc/vfiod/examples/hypeman-vfiod.conf"}
+SUPPORT_FILES = {
+    "/usr/share/lintian/overrides/vfiod",
+    "/usr/share/doc/vfiod/examples/hypeman-vfiod.conf",
+    "/usr/share/doc/vfiod/examples/vfiod.toml.example",
+}
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dpkg-deb", "lintian")
 
 
