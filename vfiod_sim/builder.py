@@ -124,7 +124,7 @@ def static_tree(topo: Topology) -> Tree:
     modules = f"lib/modules/{prof.kernel_release}"
     for d in ("lib", "lib/modules", modules):
         t[d] = DIR
-    t[f"{modules}/modules.alias"] = file_entry(modules_alias(prof.modules, prof.drivers, prof.kernel_release))
+    t[f"{modules}/modules.alias"] = file_entry(modules_alias(prof))
     for rel, text in prof.etc_files:
         parts = rel.split("/")
         for i in range(1, len(parts)):

@@ -9,10 +9,7 @@ covers all of them. Override-only entries exist from Linux 5.18: an older profil
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-
-from vfiod_sim.model import PCI_ANY_ID, DriverSpec, MatchEntry, ModuleSpec
+from vfiod_sim.model import PCI_ANY_ID, MatchEntry, Profile
 
 
 def pattern(entry: MatchEntry) -> str:
@@ -39,17 +36,11 @@ def pattern(entry: MatchEntry) -> str:
     )
 
 
-def has_override_only(kernel_release: str) -> bool:
-    """PCI_ID_F_VFIO_DRIVER_OVERRIDE arrived in Linux 5.18."""
-    found = re.match(r"(\d+)\.(\d+)", kernel_release)
-    return found is None or (int(found[1]), int(found[2])) >= (5, 18)
-
-
-def modules_alias(modules: Iterable[ModuleSpec], drivers: Iterable[DriverSpec], kernel_release: str) -> str:
-    names = {m.name for m in modules}
-    override_only = has_override_only(kernel_release)
+def modules_alias(profile: Profile) -> str:
+    names = {m.name for m in profile.modules}
+    override_only = profile.kernel_at_least(5, 18)  # PCI_ID_F_VFIO_DRIVER_OVERRIDE arrived in 5.18
     lines = ["# Aliases extracted from modules themselves."]
-    for drv in drivers:
+    for drv in profile.drivers:
         if drv.module is None or drv.module not in names:
             continue
         for entry in drv.id_table:

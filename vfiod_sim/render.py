@@ -275,25 +275,23 @@ class Renderer:
                 t[f"dev/vfio/devices/vfio{n}"] = file_entry(b"", 0o600)
             else:
                 t[f"{d}/uevent"] = file_entry(b"", 0o644)
-        # virtio-gpu's DRM device and fbdev are the PCI function's too (measured on 6.12), not its virtio
-        # child's
-        q = p
+        # virtio-gpu's DRM device and fbdev are the PCI function's too, not its virtio child's (measured)
         if "drm" in m:
             n = m["drm"]
-            t[f"{q}/drm"] = DIR
+            t[f"{p}/drm"] = DIR
             for name, minor, mode in ((f"card{n}", n, 0o660), (f"renderD{128 + n}", 128 + n, 0o666)):
-                t[f"{q}/drm/{name}"] = DIR
-                chardev(f"{q}/drm/{name}", DRM_MAJOR, minor)
-                put_link(t, f"sys/class/drm/{name}", f"{q}/drm/{name}")
+                t[f"{p}/drm/{name}"] = DIR
+                chardev(f"{p}/drm/{name}", DRM_MAJOR, minor)
+                put_link(t, f"sys/class/drm/{name}", f"{p}/drm/{name}")
                 t[f"dev/dri/{name}"] = file_entry(b"", mode)
             put_link(t, f"dev/dri/by-path/pci-{addr}-card", f"dev/dri/card{n}")
             put_link(t, f"dev/dri/by-path/pci-{addr}-render", f"dev/dri/renderD{128 + n}")
         if "fb" in m:
             n = m["fb"]
-            t[f"{q}/graphics"] = DIR
-            t[f"{q}/graphics/fb{n}"] = DIR
-            chardev(f"{q}/graphics/fb{n}", FB_MAJOR, n)
-            put_link(t, f"sys/class/graphics/fb{n}", f"{q}/graphics/fb{n}")
+            t[f"{p}/graphics"] = DIR
+            t[f"{p}/graphics/fb{n}"] = DIR
+            chardev(f"{p}/graphics/fb{n}", FB_MAJOR, n)
+            put_link(t, f"sys/class/graphics/fb{n}", f"{p}/graphics/fb{n}")
             t[f"dev/fb{n}"] = file_entry(b"", 0o660)
         if "nvidia" in m:
             n = m["nvidia"]

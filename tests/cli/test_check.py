@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.cli.support.completion import complete
 from tests.core.support.fake_sys import FakeSys, workstation
 from vfiod.cli.daemon import main
 
@@ -330,19 +331,6 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.M
 
 
 def test_bash_completion_of_vfiod() -> None:
-    import shlex
-
-    script = REPO / "packaging/completions/vfiod"
-
-    def complete(*words: str) -> list[str]:
-        line = " ".join(shlex.quote(w) for w in words)
-        code = (
-            f"source {shlex.quote(str(script))}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
-            '_vfiod; printf "%s\\n" "${COMPREPLY[@]}"'
-        )
-        out = subprocess.run(["bash", "-c", code], check=True, capture_output=True, text=True, timeout=60)
-        return [w for w in out.stdout.splitlines() if w]
-
     assert complete("vfiod", "ch") == ["check"]
     assert complete("vfiod", "check", "--si") == ["--simulate"]
     assert complete("vfiod", "check", "--simulate", "qemu") == ["qemu-q35", "qemu-q35-iommufd"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from dbus_fast.aio import MessageBus
 
 import vfiod
 from tests.cli.support.buses import private_bus, read_until
+from tests.cli.support.completion import complete
 from vfiod.bus.names import BUS_NAME, DEVICE_IFACE, ERROR_PREFIX, MANAGER_PATH
 from vfiod.cli import vfioctl
 from vfiod.core.errors import ALL_ERRORS
@@ -555,20 +554,6 @@ def test_bash_completion_asks_vfioctl_and_the_daemon(stub: Stub, capsys: pytest.
 
     assert vfioctl.main(["__complete", "devices", "--address", stub.address]) == 0
     assert capsys.readouterr().out.split() == ["bbbbbbbbbbbbbbbbbbbbbbbb", DEVICE_ID, "l4-audio", "l4-gpu"]
-    script = REPO / "packaging/completions/vfioctl"
-    env = dict(os.environ, PATH=f"{REPO / '.venv/bin'}:{os.environ['PATH']}")
-
-    def complete(*words: str) -> list[str]:
-        line = " ".join(shlex.quote(w) for w in words)
-        code = (
-            f"source {shlex.quote(str(script))}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
-            '_vfioctl; printf "%s\\n" "${COMPREPLY[@]}"'
-        )
-        out = subprocess.run(
-            ["bash", "-c", code], check=True, capture_output=True, text=True, env=env, timeout=60
-        )
-        return [w for w in out.stdout.splitlines() if w]
-
     assert {"attach", "attach-vgpu"} <= set(complete("vfioctl", "att"))
     assert "--include-group" in complete("vfioctl", "attach", "--inc")
     assert complete("vfioctl", "--address", stub.address, "show", "l4") == ["l4-audio", "l4-gpu"]

@@ -839,5 +839,25 @@ def boot_suite(
     return GuestRun(boot=result, report=tap.read(result.run_dir / "results.tap"))
 
 
+SYSTEMD_PREPARE = "exec bash /out/guest/systemd-prepare.sh"
+
+
+def boot_under_systemd(
+    images: Images, name: str, deb: Path, *, suite: str = "systemd", devices: tuple[str, ...] = ()
+) -> GuestRun:
+    """Boot with systemd as PID 1: guest/systemd-prepare.sh installs `deb` and a unit that runs the
+    runner's `suite` once the system is up; `devices` are more `-device`s for this boot."""
+    return boot_suite(
+        images,
+        name,
+        SYSTEMD_PREPARE,
+        timeout=900,
+        files={f"pkg/{deb.name}": deb},
+        append=("e2e.exec=/lib/systemd/systemd",),
+        devices=devices,
+        env={"E2E_SUITE": suite},
+    )
+
+
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"

@@ -18,8 +18,6 @@ from tests.e2e import guest, service
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-PREPARE = "exec bash /out/guest/systemd-prepare.sh"
-
 # vfiod bugs this suite found and reported, not fixed yet: a failure whose report contains the text is an
 # xfail naming the bug (any other failure fails). Remove an entry once its bug is fixed.
 KNOWN_PRODUCT_BUGS: dict[str, str] = {}
@@ -27,14 +25,7 @@ KNOWN_PRODUCT_BUGS: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def systemd_run(images: guest.Images, deb: Path) -> guest.GuestRun:
-    return guest.boot_suite(
-        images,
-        "systemd",
-        PREPARE,
-        timeout=900,
-        files={f"pkg/{deb.name}": deb},
-        append=("e2e.exec=/lib/systemd/systemd",),
-    )
+    return guest.boot_under_systemd(images, "systemd", deb)
 
 
 @pytest.mark.parametrize("name", list(service.SYSTEMD))

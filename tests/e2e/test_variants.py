@@ -18,8 +18,6 @@ from tests.e2e.conftest import report
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-PREPARE = "exec bash /out/guest/systemd-prepare.sh"
-
 
 @pytest.fixture(scope="module")
 def variants_run(deb: Path) -> guest.GuestRun:
@@ -30,16 +28,7 @@ def variants_run(deb: Path) -> guest.GuestRun:
         images = guest.prepare(tarball=tarball)
     except guest.SetupError as e:
         pytest.fail(f"cannot set up the variant-driver guest: {e}", pytrace=False)
-    return guest.boot_suite(
-        images,
-        "variants",
-        PREPARE,
-        timeout=900,
-        files={f"pkg/{deb.name}": deb},
-        append=("e2e.exec=/lib/systemd/systemd",),
-        devices=variants.QEMU_DEVICES,
-        env={"E2E_SUITE": "variants"},
-    )
+    return guest.boot_under_systemd(images, "variants", deb, suite="variants", devices=variants.QEMU_DEVICES)
 
 
 @pytest.mark.parametrize("name", list(variants.VARIANTS))

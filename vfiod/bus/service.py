@@ -454,7 +454,7 @@ class Service:
     def on_uevent(self, ev: Uevent) -> None:
         if ev.vfio_group is not None or ev.lost:
             # udev applies its rules to a group node after the kernel's event: look once it had time to.
-            groups = None if ev.lost else [ev.vfio_group]
+            groups = None if ev.vfio_group is None else [ev.vfio_group]  # lost: every attached group
             for delay in GRANT_RECHECK_DELAYS:
                 self.loop.call_later(delay, self._recheck_grants, groups)
         if ev.vfio_group is not None:
@@ -476,12 +476,10 @@ class Service:
                     self._reads.submit(self._refresh_device, ev.pci_address)
                 self.objects.schedule(device_id)
 
-    def _recheck_grants(self, groups: list[int | None] | None) -> None:
-        wanted = None if groups is None else [g for g in groups if g is not None]
-
+    def _recheck_grants(self, groups: list[int] | None) -> None:
         def work() -> None:
             try:
-                self.manager.refreshes.grants(wanted)
+                self.manager.refreshes.grants(groups)
             except Exception:
                 log.exception("re-checking the group nodes' grants failed")
 

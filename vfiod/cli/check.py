@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--simulate",
         metavar="PROFILE",
-        help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, mdev-samples, a40-mdev, "
-        "l40s-vgpu, synthetic:N)",
+        help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, qemu-q35-iommufd, "
+        "mdev-samples, a40-mdev, l40s-vgpu, synthetic:N)",
     )
     where.add_argument(
         "--sysfs-root",

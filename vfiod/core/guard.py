@@ -335,7 +335,7 @@ def nvidia_minor(host: Host, addr: PciAddress) -> int | None:
 
 def native_use_paths(host: Host, addr: PciAddress) -> set[str]:
     """Device nodes through which host processes use a function on its native driver: a GPU's nvidia and
-    DRM nodes (also a virtio child's, for virtio-gpu), and the nodes of a sound card (a GPU's HDMI audio:
+    DRM nodes, and the nodes of a sound card (a GPU's HDMI audio:
     snd_card_free, called by the unbind, waits until every file of the card is closed). Holders of only
     nvidiactl/nvidia-uvm do not pin one GPU, so they are not listed."""
     paths: set[str] = set()
@@ -343,14 +343,11 @@ def native_use_paths(host: Host, addr: PciAddress) -> set[str]:
     if minor is not None:
         paths.add(f"/dev/nvidia{minor}")
     dev = host.device_dir(addr)
-    # A DRM device is the function's own; a virtio child's is looked at too when virtio-pci is the native
-    # driver (6.12's virtio-gpu registers on the PCI function, which is all the suite has measured). Card
-    # numbers are read now, every time: a GPU back from a VM may come back as another.
-    children = [dev / name for name in host.list_dir(dev) if name.startswith("virtio")]
-    for where in (dev, *children):
-        for name in host.list_dir(where / "drm"):
-            if name.startswith(("card", "renderD")):
-                paths.add(f"/dev/dri/{name}")
+    # Card numbers are read now, every time: a GPU back from a VM may come back as another card. A
+    # virtio-gpu's DRM device is the PCI function's own too (virtio-pci its driver; measured on 6.12).
+    for name in host.list_dir(dev / "drm"):
+        if name.startswith(("card", "renderD")):
+            paths.add(f"/dev/dri/{name}")
     for card in host.list_dir(dev / "sound"):
         if card.startswith("card"):
             for name in host.list_dir(dev / "sound" / card):

@@ -50,11 +50,9 @@ def already_attached(
                 "change it"
             )
         groups.add(att.iommu_group)
-    return attachment_records(deps, instance, groups, made_before={a.id for a in _of(deps, instance)})
-
-
-def _of(deps: CoreDeps, instance: str) -> list[AttachmentRow]:
-    return deps.registry.attachments_of_instance(instance)
+    return attachment_records(
+        deps, instance, groups, made_before={a.id for a in deps.registry.attachments_of_instance(instance)}
+    )
 
 
 def attachment_records(
@@ -113,7 +111,7 @@ def attach(
         include_group=include_group,
         attached_elsewhere=attached_elsewhere(deps, instance, owner),
     )
-    before = {a.id for a in _of(deps, instance)}
+    before = {a.id for a in deps.registry.attachments_of_instance(instance)}
     op = Operation(deps.registry, deps.boot_id, "attach")
     bound_rows, bound = bind_plans(deps, plans, op, force)
     op.checkpoint("bound")
