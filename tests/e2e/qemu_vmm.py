@@ -115,6 +115,17 @@ class RunningQemu:
         return {f.qdev_id: f for f in self.functions if f.qdev_id.startswith("hostdev")}
 
 
+def _exited(proc: subprocess.Popen[str]) -> QemuFailed:
+    """QEMU closed QMP: the socket is up before the devices are realized, so a device it cannot open makes
+    it exit right after the greeting. Its own message (e.g. the group's EACCES) is what the caller needs."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return QemuFailed("QEMU closed its QMP socket and is still running")
+    out = proc.stdout.read() if proc.stdout else ""
+    return QemuFailed(f"QEMU closed its QMP socket and exited with {proc.returncode}: {out.strip()[-1500:]}")
+
+
 @contextlib.contextmanager
 def running(
     as_user: Sequence[str], owner_uid: int, devices: Sequence[str], timeout: float = 90
@@ -155,7 +166,12 @@ def running(
                 qmp = Qmp(sock)
             except OSError:
                 time.sleep(0.2)
-        functions = pci_functions(qmp.execute("query-pci"))
+            except QemuFailed:
+                raise _exited(proc) from None
+        try:
+            functions = pci_functions(qmp.execute("query-pci"))
+        except QemuFailed:
+            raise _exited(proc) from None
         yield RunningQemu(proc, qmp, functions)
     finally:
         if qmp is not None:
