@@ -49,6 +49,8 @@ FILES = {
     "systemd/vfiod.service": ("lib/systemd/system/vfiod.service", 0o644),
     "systemd/vfiod-tmpfiles.conf": ("usr/lib/tmpfiles.d/vfiod.conf", 0o644),
     "systemd/vfiod-modules-load.conf": ("usr/lib/modules-load.d/vfiod.conf", 0o644),
+    # systemd's package trigger on this directory runs journalctl --update-catalog
+    "systemd/vfiod.catalog": ("usr/lib/systemd/catalog/vfiod.catalog", 0o644),
     "polkit/org.hypeman.devices.policy": ("usr/share/polkit-1/actions/org.hypeman.devices.policy", 0o644),
     "polkit/50-org.hypeman.devices.rules": ("usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules", 0o644),
     # Uncompressed: dh_compress gzips man pages (with -n, reproducibly).

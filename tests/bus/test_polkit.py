@@ -403,7 +403,8 @@ def test_mutating_calls_are_audited(
     ]
     for r in records:
         fields = r.__dict__
-        assert fields["ACTION"] == "RegisterDevice" and fields["POLKIT_ACTION"] == ACTION_REGISTER
+        assert fields["ACTION"] == "register-device" and fields["METHOD"] == "RegisterDevice"
+        assert fields["POLKIT_ACTION"] == ACTION_REGISTER
         assert fields["CALLER_PID"] and fields["CALLER_EXE"].startswith("/")
         assert fields["PCI_ADDRESS"] == GPU
 

@@ -43,6 +43,7 @@ from tests.e2e.trace import (
     wait_for,
 )
 from vfiod.core import kernel_support
+from vfiod.logevents import MessageId
 
 BUS_NAME = "org.hypeman.Devices1"
 MANAGER_PATH = "/org/hypeman/Devices1"
@@ -1152,6 +1153,32 @@ def check_hold_order(g: Guest, entries: list[dict[str, Any]], what: str) -> None
     check(writes[-1] < starts[0], f"{what}: {FAKE_UNIT} was started again before vfiod's last sysfs write")
 
 
+def check_key_event(
+    g: Guest, entries: list[dict[str, Any]], message_id: str, method: str, instance: str, addrs: set[str]
+) -> None:
+    """The call's key event is in the journal once, with the instance and every function, and
+    `journalctl -x` explains it from the catalog the package installed (systemd's dpkg trigger compiled
+    it); the call's outcome line (logger vfiod.audit) names the same instance and functions at INFO."""
+    events = [e for e in entries if e.get("MESSAGE_ID") == message_id]
+    check(len(events) == 1, f"{method}: {len(events)} journal entries with MESSAGE_ID={message_id}")
+    event = events[0]
+    check(
+        event.get("INSTANCE_ID") == instance and set(event.get("PCI_ADDRESS", "").split(",")) == addrs,
+        f"{method}: the key event names {event.get('INSTANCE_ID')} {event.get('PCI_ADDRESS')}",
+    )
+    outcome = [e for e in entries if e.get("METHOD") == method and e.get("RESULT") == "ok"]
+    check(len(outcome) == 1, f"{method}: {len(outcome)} outcome lines")
+    line = outcome[0]
+    check(
+        (line.get("PRIORITY"), line.get("INSTANCE_ID"), set(line.get("PCI_ADDRESS", "").split(",")))
+        == ("6", instance, addrs),
+        f"{method}: outcome line {line.get('PRIORITY')} {line.get('INSTANCE_ID')} {line.get('PCI_ADDRESS')}",
+    )
+    explained = must(["journalctl", "-x", "--no-pager", "-n", "1", f"MESSAGE_ID={message_id}"])
+    g.say(f"journalctl -x of MESSAGE_ID={message_id}:\n{explained.strip()[:600]}")
+    check("Defined-By: vfiod" in explained, f"{method}: journalctl -x has no catalog text for the event")
+
+
 def sc_systemd_boot(g: Guest) -> None:
     """systemd is PID 1, the system is up, and neither dbus, polkit nor vfiod failed."""
     comm = Path("/proc/1/comm").read_text().strip()
@@ -1204,7 +1231,9 @@ def sc_persistence_attach(g: Guest) -> None:
     after = unit_prop(FAKE_UNIT, "MainPID")
     g.say(f"{FAKE_UNIT}: pid {before} before, {after} after")
     check(after not in ("", "0") and after != before, f"{FAKE_UNIT} was not restarted ({before} -> {after})")
-    check_hold_order(g, journal_since(cursor), "Attach")
+    entries = journal_since(cursor)
+    check_hold_order(g, entries, "Attach")
+    check_key_event(g, entries, MessageId.ATTACHED, "Attach", "vm-vga", {VGA, HDA})
     res = g.vmm(HYPEMAN, f"/dev/vfio/{g.group(VGA)}", VGA)
     check(res.get("ok") is True, f"the VMM failed: {res}")
 
@@ -1215,7 +1244,9 @@ def sc_persistence_detach(g: Guest) -> None:
     reply = g.detach(HYPEMAN, "vm-vga")
     check(reply.ok, f"Detach failed: {reply.describe()}")
     g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
-    check_hold_order(g, journal_since(cursor), "Detach")
+    entries = journal_since(cursor)
+    check_hold_order(g, entries, "Detach")
+    check_key_event(g, entries, MessageId.DETACHED, "Detach", "vm-vga", {VGA, HDA})
     check(unit_prop(FAKE_UNIT, "ActiveState") == "active", f"{FAKE_UNIT} is not running after Detach")
 
 

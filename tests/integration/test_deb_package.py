@@ -29,6 +29,7 @@ TABLE = {
     "/lib/systemd/system/vfiod.service",
     "/usr/lib/modules-load.d/vfiod.conf",
     "/usr/lib/tmpfiles.d/vfiod.conf",
+    "/usr/lib/systemd/catalog/vfiod.catalog",
     "/usr/share/polkit-1/actions/org.hypeman.devices.policy",
     "/usr/share/polkit-1/rules.d/50-org.hypeman.devices.rules",
     "/usr/share/dbus-1/interfaces/org.hypeman.Devices1.xml",

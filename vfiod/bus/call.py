@@ -1,6 +1,11 @@
 """One Manager method call as the service handles it: who made it (bus name, uid, pid, executable), its
 polkit checks (the method's action, and the admin action the manager may ask for from a worker thread),
-and the audit log line of each decision that matters.
+the audit log line of each decision that matters, and the outcome line of a mutating call.
+
+The outcome line names the call's instance and every PCI address it named or acted on, and its level
+says what the admin must do: ERR when a device is left stuck (each also has its DEVICE_STUCK line) or
+without its driver, WARNING when refused for a device the host needs (HOST_CRITICAL_REFUSED), by
+polkit, or failed in the daemon; INFO for success and for a caller's mistake.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ from dbus_fast import Message, MessageFlag
 from vfiod.bus.authz import MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
 from vfiod.bus.names import ACTION_ADMIN, MANAGER_IFACE
 from vfiod.core.context import Caller
-from vfiod.core.errors import NotAuthorized
+from vfiod.core.errors import (
+    Failed,
+    HostCritical,
+    NativeDriverNotRestored,
+    NotAuthorized,
+    Timeout,
+    VfiodError,
+    VFIONotAvailable,
+)
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.bus")
 audit = logging.getLogger("vfiod.audit")
@@ -51,6 +65,9 @@ class Call:
         self.who: CallerId = CallerId(msg.sender or "", -1, None)
         self.admin_granted = False
         self._exe: str | None = None
+        self.instance = ""
+        self.touched: list[str] = []  # PCI addresses: those polkit was asked about, then those acted on
+        self.devices: list[str] = []
 
     @property
     def exe(self) -> str:
@@ -64,6 +81,7 @@ class Call:
     async def authorize(self, details: Mapping[str, str] | None = None, action: str | None = None) -> None:
         """The method's action (or `action`); NotAuthorized when polkit says no. Logged for mutating calls."""
         act = action or self.action
+        self._note(details)
         decision = await self.authz.check(self.who, act, details, interactive=self.interactive)
         if act in MUTATING or not decision.allowed:
             self.audit(act, decision, details)
@@ -73,6 +91,7 @@ class Call:
             self.admin_granted = True
 
     async def admin(self, details: Mapping[str, str]) -> bool:
+        self._note(details)
         if self.admin_granted:
             return True
         decision = await self.authz.check(self.who, ACTION_ADMIN, details, interactive=self.interactive)
@@ -94,7 +113,16 @@ class Call:
             return False
 
     def core_caller(self) -> Caller:
-        return Caller(uid=self.who.uid, pid=self.who.pid, check_admin=self.check_admin)
+        return Caller(uid=self.who.uid, pid=self.who.pid, check_admin=self.check_admin, touched=self.touched)
+
+    def _note(self, details: Mapping[str, str] | None) -> None:
+        for key, value in (details or {}).items():
+            if key == "instance" and value:
+                self.instance = value
+            elif key == "pci_address" and value and value not in self.touched:
+                self.touched.append(value)
+            elif key == "device" and value and value not in self.devices:
+                self.devices.append(value)
 
     def audit(self, action: str, decision: Decision, details: Mapping[str, str] | None) -> None:
         level = logging.INFO if decision.allowed else logging.WARNING
@@ -114,26 +142,63 @@ class Call:
                 "CALLER_BUS_NAME": self.who.sender,
                 "POLKIT_ACTION": action,
                 "POLKIT_RESULT": decision.result,
+                **({} if decision.allowed else {"MESSAGE_ID": MessageId.CALL_DENIED}),
                 **{AUDIT_FIELDS[k]: v for k, v in (details or {}).items() if k in AUDIT_FIELDS and v},
             },
         )
 
-    def outcome(self, result: str, started: float, text: str = "") -> None:
-        """The audit line of a mutating call's result ("ok" or the error's name) and duration."""
-        audit.info(
-            "%s by uid %d: %s (%.3f s)%s",
+    def outcome(
+        self, result: str, started: float, text: str = "", error: BaseException | None = None
+    ) -> None:
+        """The audit line of a mutating call's result ("ok" or the error's name) and duration, with the
+        instance and the PCI addresses it named or acted on, at the level its result deserves."""
+        level, fields = _severity(error)
+        if isinstance(error, VfiodError):
+            self.touched.extend(a for a in map(str, error.stuck) if a not in self.touched)
+        where = [f"instance {self.instance}"] if self.instance else []
+        where += [", ".join(self.touched or self.devices)] if self.touched or self.devices else []
+        audit.log(
+            level,
+            "%s by uid %d%s: %s (%.3f s)%s",
             self.method,
             self.who.uid,
+            f" ({'; '.join(where)})" if where else "",
             result,
             time.monotonic() - started,
             f": {text}" if text else "",
-            extra={**self._fields(), "RESULT": result},
+            extra={
+                **self._fields(),
+                "RESULT": result,
+                "INSTANCE_ID": self.instance,
+                "PCI_ADDRESS": ",".join(self.touched),
+                "DEVICE": ",".join(self.devices),
+                **fields,
+            },
         )
 
     def _fields(self) -> dict[str, object]:
         return {
-            "ACTION": self.method,
+            "ACTION": Action.for_method(self.method),
+            "METHOD": self.method,
             "CALLER_UID": self.who.uid,
             "CALLER_PID": self.who.pid if self.who.pid is not None else "",
             "CALLER_EXE": self.exe,
         }
+
+
+def _severity(error: BaseException | None) -> tuple[int, dict[str, object]]:
+    """The outcome line's level, and the fields that say why."""
+    if error is None:
+        return logging.INFO, {}
+    stuck = error.stuck if isinstance(error, VfiodError) else ()
+    if stuck:
+        return logging.ERROR, {"STUCK": ",".join(stuck)}  # each has its own DEVICE_STUCK line
+    if isinstance(error, NativeDriverNotRestored | Timeout):
+        return logging.ERROR, {}
+    if isinstance(error, HostCritical):
+        return logging.WARNING, {"MESSAGE_ID": MessageId.HOST_CRITICAL_REFUSED}
+    if isinstance(error, NotAuthorized | VFIONotAvailable) or not isinstance(error, VfiodError):
+        return logging.WARNING, {}
+    if type(error) is Failed:
+        return logging.WARNING, {}
+    return logging.INFO, {}  # the caller's mistake or a refusal it can act on (InUse, DeviceBusy, ...)

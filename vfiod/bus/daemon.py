@@ -42,6 +42,7 @@ from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry, RegistryError
 from vfiod.core.system import LoadedModulesOnly, ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
+from vfiod.logevents import Action
 
 if TYPE_CHECKING:  # the simulator is imported only when --simulate is given (see _host)
     from vfiod_sim.simulation import Simulation
@@ -103,11 +104,11 @@ class LoggedUnits:
         return self._inner.is_active(unit)
 
     def stop(self, unit: str) -> None:
-        log.info("simulated systemd: stopping %s", unit, extra={"UNIT": unit, "ACTION": "stop-unit"})
+        log.info("simulated systemd: stopping %s", unit, extra={"UNIT": unit, "ACTION": Action.STOP_UNIT})
         self._inner.stop(unit)
 
     def start(self, unit: str) -> None:
-        log.info("simulated systemd: starting %s", unit, extra={"UNIT": unit, "ACTION": "start-unit"})
+        log.info("simulated systemd: starting %s", unit, extra={"UNIT": unit, "ACTION": Action.START_UNIT})
         self._inner.start(unit)
 
 
@@ -180,7 +181,7 @@ class Daemon:
                 where,
                 os.getuid(),
                 os.getpid(),
-                extra={"ACTION": "authorization-mode"},
+                extra={"ACTION": Action.AUTHORIZATION_MODE},
             )
         self.notify("STATUS=starting: reading the registry and the kernel")
 
@@ -230,7 +231,7 @@ class Daemon:
             devices,
             "" if devices == 1 else "s",
             f" (simulated host {self.simulation.profile.name} at {self.sim_root})" if self.simulation else "",
-            extra={"ACTION": "ready"},
+            extra={"ACTION": Action.READY},
         )
         self._start_watchdog(loop)
         recovering = len(self.manager.recovering)
@@ -256,13 +257,13 @@ class Daemon:
                 None, functools.partial(self.manager.finish_startup, report, operations, progress)
             )
         except Exception as e:
-            log.error("start-up recovery failed: %s", e, exc_info=e, extra={"ACTION": "startup"})
+            log.error("start-up recovery failed: %s", e, exc_info=e, extra={"ACTION": Action.STARTUP})
             return
         counters = ", ".join(f"{k}={v}" for k, v in sorted(report.counters.items()) if v)
         log.info(
             "start-up recovery done%s",
             f": {counters}" if counters else ": the registry and the kernel agree",
-            extra={"ACTION": "startup"},
+            extra={"ACTION": Action.STARTUP},
         )
         self.service.snapshots.invalidate()
         await self.service.sync()
@@ -363,7 +364,7 @@ class Daemon:
         try:
             new = config_mod.load(self.options.config_path)
         except config_mod.ConfigError as e:
-            log.error("keeping the old configuration: %s", e, extra={"ACTION": "reload"})
+            log.error("keeping the old configuration: %s", e, extra={"ACTION": Action.RELOAD})
             self.notify("READY=1")
             return False
         self.config = new
@@ -375,7 +376,7 @@ class Daemon:
         log.info(
             "configuration reloaded from %s",
             self.options.config_path or config_mod.DEFAULT_PATH,
-            extra={"ACTION": "reload"},
+            extra={"ACTION": Action.RELOAD},
         )
         self.notify("READY=1")
         return True
@@ -406,7 +407,7 @@ class Daemon:
             self.registry.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
-        log.info("vfiod stopped", extra={"ACTION": "stop"})
+        log.info("vfiod stopped", extra={"ACTION": Action.STOP})
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop."""
@@ -430,7 +431,7 @@ class Daemon:
             await self.stop()
             return EXIT_START
         disconnected.cancel()
-        log.info("stopping (signal)", extra={"ACTION": "stop"})
+        log.info("stopping (signal)", extra={"ACTION": Action.STOP})
         await self.stop()
         return EXIT_OK
 
@@ -465,17 +466,17 @@ def run(options: Options) -> int:
         cfg = config_mod.load(options.config_path)
     except config_mod.ConfigError as e:
         logs.setup(verbose=options.verbose)
-        log.error("bad configuration: %s", e, extra={"ACTION": "start"})
+        log.error("bad configuration: %s", e, extra={"ACTION": Action.START})
         return EXIT_CONFIG
     logs.setup(verbose=options.verbose)
     daemon = Daemon(options, cfg)
     try:
         status = asyncio.run(daemon.run())
     except StartupError as e:
-        log.error("cannot start: %s", e, extra={"ACTION": "start"})
+        log.error("cannot start: %s", e, extra={"ACTION": Action.START})
         return e.status
     except Exception as e:
-        log.critical("vfiod failed: %s: %s", type(e).__name__, e, exc_info=e, extra={"ACTION": "start"})
+        log.critical("vfiod failed: %s: %s", type(e).__name__, e, exc_info=e, extra={"ACTION": Action.START})
         return EXIT_START
     if daemon.unfinished:
         # Worker threads still inside a hung sysfs write would keep the interpreter alive: leave now.

@@ -13,6 +13,7 @@ from dbus_fast import DBusError
 
 from vfiod.bus.names import error_name
 from vfiod.core.errors import ALL_ERRORS, VfiodError
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.bus")
 
@@ -34,7 +35,7 @@ def to_dbus_error(exc: BaseException, *, context: str = "") -> DBusError:
         type(exc).__name__,
         exc,
         exc_info=exc,
-        extra={"ACTION": context or "call", "RESULT": "internal-error"},
+        extra={"ACTION": Action.INTERNAL_ERROR, "METHOD": context, "RESULT": "internal-error"},
     )
     return DBusError(
         error_name("Failed"),

@@ -49,6 +49,7 @@ from vfiod.core.records import Device
 from vfiod.host import procfs
 from vfiod.host.host import Host
 from vfiod.host.writes import WriteRecord
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.bus")
 
@@ -247,7 +248,7 @@ class Service:
                 calls,
                 queued,
                 self.refused_busy,
-                extra={"ACTION": "busy", "CALLER_BUS_NAME": sender},
+                extra={"ACTION": Action.BUSY, "CALLER_BUS_NAME": sender},
             )
         reason = (
             f"{calls} calls in flight (at most {self.max_calls_per_caller})"
@@ -314,7 +315,7 @@ class Service:
         except Exception as e:
             err = errors.to_dbus_error(e, context=method)
             if call.action in MUTATING and call.who.uid >= 0:
-                call.outcome(err.type.rsplit(".", 1)[-1], started, err.text)
+                call.outcome(err.type.rsplit(".", 1)[-1], started, err.text, e)
             raise err from None
         else:
             if call.action in MUTATING:
@@ -369,9 +370,12 @@ class Service:
                 who.uid,
                 decision.result,
                 extra={
-                    "ACTION": f"{iface}.{member}",
+                    "ACTION": Action.STANDARD_CALL,
+                    "METHOD": f"{iface}.{member}",
+                    "MESSAGE_ID": MessageId.CALL_DENIED,
                     "CALLER_UID": who.uid,
                     "POLKIT_RESULT": decision.result,
+                    "POLKIT_ACTION": action,
                 },
             )
             raise NotAuthorized(denial_message(who, action, decision, False))

@@ -53,6 +53,7 @@ from vfiod.core.system import modprobe_hint
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import DriverName, InvalidDriverName
 from vfiod.host.pcifunction import module_name
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.systemd")
 
@@ -148,9 +149,13 @@ class SystemdClient:
             return
         self._owner = new or None
         if not new:
-            log.warning("systemd left the bus; waiting for it to come back", extra={"ACTION": "systemd"})
+            log.warning(
+                "systemd left the bus; waiting for it to come back", extra={"ACTION": Action.SYSTEMD_WATCH}
+            )
             return
-        log.info("systemd is back on the bus as %s: subscribing again", new, extra={"ACTION": "systemd"})
+        log.info(
+            "systemd is back on the bus as %s: subscribing again", new, extra={"ACTION": Action.SYSTEMD_WATCH}
+        )
         if self._resubscribe is not None:
             self._resubscribe.cancel()
         self._resubscribe = self._loop.create_task(self._subscribe_again())
@@ -161,7 +166,9 @@ class SystemdClient:
         except BusCallError as e:
             # A re-executed systemd keeps its subscribers (AlreadySubscribed): nothing is lost then.
             if not e.name.endswith("AlreadySubscribed"):
-                log.warning("could not subscribe to systemd again: %s", e, extra={"ACTION": "systemd"})
+                log.warning(
+                    "could not subscribe to systemd again: %s", e, extra={"ACTION": Action.SYSTEMD_WATCH}
+                )
 
     async def _wait_job(self, job: str, unit: str, deadline: float) -> str:
         done = self._finished.pop(job, None)
@@ -224,14 +231,16 @@ class SystemdClient:
     async def stop_unit(self, unit: str) -> None:
         load, active = await self.unit_state(unit)
         if load == "not-found" or active in NOT_RUNNING:
-            log.info("%s is not running: nothing to stop", unit, extra={"UNIT": unit, "ACTION": "stop-unit"})
+            log.info(
+                "%s is not running: nothing to stop", unit, extra={"UNIT": unit, "ACTION": Action.STOP_UNIT}
+            )
             return
         await self.run_job("StopUnit", unit, self.unit_deadline)
-        log.info("stopped %s", unit, extra={"UNIT": unit, "ACTION": "stop-unit"})
+        log.info("stopped %s", unit, extra={"UNIT": unit, "ACTION": Action.STOP_UNIT})
 
     async def start_unit(self, unit: str) -> None:
         await self.run_job("StartUnit", unit, self.unit_deadline)
-        log.info("started %s", unit, extra={"UNIT": unit, "ACTION": "start-unit"})
+        log.info("started %s", unit, extra={"UNIT": unit, "ACTION": Action.START_UNIT})
 
     async def load_module(self, module: str) -> None:
         try:
@@ -252,7 +261,7 @@ class SystemdClient:
                 f"kernel module {module} is not loaded after {unit} ran (is it installed for this kernel?); "
                 f"run: {modprobe_hint(module)}"
             )
-        log.info("loaded kernel module %s", module, extra={"ACTION": "load-module", "MODULE": module})
+        log.info("loaded kernel module %s", module, extra={"ACTION": Action.LOAD_MODULE, "MODULE": module})
 
     # ----- the core's synchronous protocols -------------------------------------------------------------
 
@@ -281,6 +290,9 @@ class SystemdClient:
         self._sync(self.load_module(module), self.modprobe_deadline)
 
 
+UNIT_ACTIONS: Final = {"stop": Action.STOP_UNIT, "start": Action.START_UNIT}
+
+
 class UnitsLeftAlone:
     """The UnitController when systemd is not on the bus: units are not touched (said once in the log)."""
 
@@ -298,7 +310,7 @@ class UnitsLeftAlone:
             "yourself before binding their devices",
             unit,
             what,
-            extra={"UNIT": unit, "ACTION": f"{what}-unit"},
+            extra={"UNIT": unit, "ACTION": UNIT_ACTIONS.get(what, Action.SYSTEMD_WATCH)},
         )
 
     def is_active(self, unit: str) -> bool:

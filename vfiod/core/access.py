@@ -15,6 +15,7 @@ from vfiod.core.errors import Failed
 from vfiod.core.registry import Registry
 from vfiod.host.backend import NodeOwner
 from vfiod.host.host import Host
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.access")
 
@@ -40,7 +41,7 @@ def previous_owner(host: Host, group: int, named_uids: set[int]) -> NodeOwner:
             "/dev/vfio/%d is owned by uid %d, which no attachment names; it will go back to root 0600",
             group,
             before.uid,
-            extra={"ACTION": "grant", "IOMMU_GROUP": group},
+            extra={"ACTION": Action.GRANT, "IOMMU_GROUP": group},
         )
         return KERNEL_DEFAULT
     return before

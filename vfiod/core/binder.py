@@ -37,6 +37,7 @@ from vfiod.host.host import Host
 from vfiod.host.pciaddr import VFIO_PCI, DriverName, PciAddress
 from vfiod.host.pcifunction import read_function
 from vfiod.host.vfio_variants import intended_driver
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.binder")
 
@@ -138,7 +139,7 @@ class Binder:
                 "%s: the kernel's vfio_pci aliases pick the variant driver %s",
                 addr,
                 target,
-                extra={"PCI_ADDRESS": addr, "ACTION": "bind", "DRIVER": target},
+                extra={"PCI_ADDRESS": addr, "ACTION": Action.BIND, "DRIVER": target},
             )
         return target
 
@@ -198,14 +199,14 @@ class Binder:
                     "rolled back %s to %s",
                     addr,
                     native.driver or "no driver",
-                    extra={"PCI_ADDRESS": addr, "ACTION": "rollback"},
+                    extra={"PCI_ADDRESS": addr, "ACTION": Action.ROLLBACK},
                 )
             except VfiodError as e:
                 log.error(
                     "rollback of %s failed: %s",
                     addr,
                     e.message,
-                    extra={"PCI_ADDRESS": addr, "ACTION": "rollback"},
+                    extra={"PCI_ADDRESS": addr, "ACTION": Action.ROLLBACK},
                 )
                 cause.stuck = (*cause.stuck, *e.stuck)
                 cause.message += f"; rolling back {addr} failed too: {e.message}"
@@ -230,7 +231,7 @@ class Binder:
                 "%s is on %s, not a VFIO driver: leaving it there",
                 addr,
                 current,
-                extra={"PCI_ADDRESS": addr, "ACTION": "restore"},
+                extra={"PCI_ADDRESS": addr, "ACTION": Action.RESTORE},
             )
             return
         if current is not None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling. `check_admin(details)` asks polkit for org.hypeman.devices.admin; uid 0 always is."""
+    """Who is calling. `check_admin(details)` asks polkit for org.hypeman.devices.admin; uid 0 always is.
+    `touched`, when given, collects the PCI addresses the call acted on, for the call's outcome line."""
 
     uid: int
     pid: int | None = None
     check_admin: Callable[[Mapping[str, str]], bool] | None = None
+    touched: list[str] | None = field(default=None, compare=False)
+
+    def acted(self, addresses: Iterable[object]) -> None:
+        if self.touched is not None:
+            self.touched.extend(a for a in map(str, addresses) if a not in self.touched)
 
     def is_admin(self, details: Mapping[str, str] | None = None) -> bool:
         if self.uid == 0:

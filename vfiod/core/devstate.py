@@ -18,6 +18,7 @@ from vfiod.core.registry import DeviceRow
 from vfiod.host import vendor_vgpu
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, PciAddress
 from vfiod.host.pcifunction import Identity, read_function
+from vfiod.logevents import Action
 
 
 def group_of(deps: CoreDeps, row: DeviceRow) -> int:
@@ -107,7 +108,7 @@ def require_usable(deps: CoreDeps, row: DeviceRow) -> None:
         )
 
 
-def log_fields(row: DeviceRow, *, action: str, uid: int | None = None) -> dict[str, object]:
+def log_fields(row: DeviceRow, *, action: Action, uid: int | None = None) -> dict[str, object]:
     """The journal fields of a log line about one device."""
     out: dict[str, object] = {
         "ACTION": action,

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from vfiod.core import access
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import VfiodError
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.access")
 
@@ -53,7 +54,12 @@ def _recheck_one(deps: CoreDeps, group: int) -> str | None:
         return None  # not attached (or detached meanwhile): not a grant of vfiod's to keep
     uid = owners.pop()
     node = f"/dev/vfio/{group}"
-    fields = {"ACTION": "grant-check", "IOMMU_GROUP": group, "OWNER_UID": uid}
+    fields = {
+        "MESSAGE_ID": MessageId.GRANT_CHANGED,
+        "ACTION": Action.GRANT_CHECK,
+        "IOMMU_GROUP": group,
+        "OWNER_UID": uid,
+    }
     matches = deps.host.group_node_matches(group)
     if matches is False:
         msg = (

@@ -11,6 +11,7 @@ import errno
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from vfiod.core import eventlog
 from vfiod.core.errors import (
     DeviceBusy,
     Failed,
@@ -52,12 +53,13 @@ def check_identity(host: Host, addr: PciAddress, expected: Identity) -> None:
 
 
 def check_not_host_critical(host: Host, addrs: Iterable[PciAddress], force: bool) -> None:
-    if force:
-        return
+    """HostCritical for a function the host needs, unless forced (then a warning says what it takes)."""
     critical = host_critical(host)
     for addr in addrs:
         reason = critical.get(addr)
-        if reason:
+        if reason and force:
+            eventlog.host_critical_forced(str(addr), reason)
+        elif reason:
             raise HostCritical(
                 f"{addr} {reason}; passing it through would take it from the host (an admin may use "
                 "force to override)"

@@ -18,6 +18,7 @@ from vfiod.core.context import Caller, Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import DeviceNotFound, InvalidArgument, VfiodError
 from vfiod.core.registry import AttachmentRow, DeviceRow
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.import")
 
@@ -99,5 +100,8 @@ def _import_one(deps: CoreDeps, caller: Caller, record: dict[str, object], repor
     report.count("imported")
     report.findings.append(f"imported {name} ({addr}) as {device_id}")
     log.info(
-        "imported hypeman device %s (%s)", name, addr, extra={"ACTION": "import", "DEVICE_ID": device_id}
+        "imported hypeman device %s (%s)",
+        name,
+        addr,
+        extra={"ACTION": Action.IMPORT_HYPEMAN, "DEVICE_ID": device_id},
     )

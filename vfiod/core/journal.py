@@ -22,6 +22,7 @@ import signal
 from vfiod.core.binder import Step
 from vfiod.core.registry import Registry, RegistryError
 from vfiod.host.backend import NodeOwner
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.journal")
 
@@ -125,7 +126,7 @@ class Operation:
                 self.id,
                 ", ".join(earlier),
                 device_id,
-                extra={"ACTION": "journal-supersede", "DEVICE_ID": device_id},
+                extra={"ACTION": Action.JOURNAL_SUPERSEDE, "DEVICE_ID": device_id},
             )
 
     # StepObserver
@@ -150,7 +151,7 @@ class Operation:
                 step.action,
                 step.pci_address,
                 e.message,
-                extra={"ACTION": "journal", "PCI_ADDRESS": step.pci_address},
+                extra={"ACTION": Action.JOURNAL, "PCI_ADDRESS": step.pci_address},
             )
 
     def after(self, step: Step, ok: bool) -> None:

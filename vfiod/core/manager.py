@@ -17,7 +17,16 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vfiod.core import discovery, hypeman_import, reads, reconcile, recovery, registration, validation
+from vfiod.core import (
+    discovery,
+    eventlog,
+    hypeman_import,
+    reads,
+    reconcile,
+    recovery,
+    registration,
+    validation,
+)
 from vfiod.core.binder import Binder
 from vfiod.core.context import Caller, Report
 from vfiod.core.deps import CoreDeps
@@ -54,6 +63,7 @@ from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
 from vfiod.host.sriov_manage import NvidiaSriovManage
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -169,7 +179,7 @@ class Manager(SharingMethods):
             addr,
             chosen,
             stored.id,
-            extra=log_fields(stored, action="register", uid=caller.uid),
+            extra=log_fields(stored, action=Action.REGISTER_DEVICE, uid=caller.uid),
         )
         self._changed([""])
         return self.device(stored)
@@ -180,8 +190,13 @@ class Manager(SharingMethods):
         self._require_settled(rows)
         with self.locks.hold({r.iommu_group for r in rows}):
             gone = release.unregister(self.deps, rows)
+        caller.acted(r.pci_address for r in gone)
         for r in gone:
-            log.info("unregistered %s", r.name, extra=log_fields(r, action="unregister", uid=caller.uid))
+            log.info(
+                "unregistered %s",
+                r.name,
+                extra=log_fields(r, action=Action.UNREGISTER_DEVICE, uid=caller.uid),
+            )
         self._changed([""])
 
     # ----- attach / detach -----------------------------------------------------------------------------
@@ -225,6 +240,7 @@ class Manager(SharingMethods):
                     )
             done = attach_op.already_attached(self.deps, instance, owner, rows, gpudirect_clique)
             if done is not None:
+                caller.acted(a.pci_address for a in done)
                 return done, attach_warnings(
                     self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in done]
                 )
@@ -237,13 +253,7 @@ class Manager(SharingMethods):
                 clique=gpudirect_clique,
                 force=force,
             )
-        log.info(
-            "attached %s to %s for uid %d",
-            ", ".join(a.pci_address for a in result),
-            instance,
-            owner,
-            extra={"ACTION": "attach", "INSTANCE_ID": instance, "OWNER_UID": owner, "CALLER_UID": caller.uid},
-        )
+        eventlog.attached(caller, instance, owner, [a.pci_address for a in result])
         return result, attach_warnings(
             self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in result]
         )
@@ -285,13 +295,9 @@ class Manager(SharingMethods):
             self._require_owner(caller, instance, atts)  # again: who holds it may have changed meanwhile
             rows = [r for r in (self.registry.get_device(a.device_id) for a in atts) if r is not None]
             require_no_pending(self.deps, (r.pci_address for r in rows))
+            caller.acted(r.pci_address for r in rows)
             release.detach(self.deps, instance, rows, groups, keep_bound)
-        log.info(
-            "detached %s from %s",
-            ", ".join(str(r.pci_address) for r in rows),
-            instance,
-            extra={"ACTION": "detach", "INSTANCE_ID": instance, "CALLER_UID": caller.uid},
-        )
+        eventlog.detached(caller, instance, [r.pci_address for r in rows])
         self._changed(r.id for r in rows)
 
     def _require_owner(self, caller: Caller, instance: str, atts: Sequence[AttachmentRow]) -> None:
@@ -334,8 +340,9 @@ class Manager(SharingMethods):
                     self.registry.update_device(row.id, state="vfio")
                 return
             moved = attach_op.bind(self.deps, row, include_group=include_group, force=force)
+        caller.acted(r.pci_address for r in moved)
         log.info(
-            "bound %s to vfio-pci", row.pci_address, extra=log_fields(row, action="bind", uid=caller.uid)
+            "bound %s to vfio-pci", row.pci_address, extra=log_fields(row, action=Action.BIND, uid=caller.uid)
         )
         self._changed(r.id for r in moved)
 
@@ -356,7 +363,7 @@ class Manager(SharingMethods):
                     raise NotBound(f"device {row.name!r} ({row.pci_address}) is not on vfio")
                 return
             row = release.unbind(self.deps, row)
-        log.info("unbound %s", row.pci_address, extra=log_fields(row, action="unbind", uid=caller.uid))
+        log.info("unbound %s", row.pci_address, extra=log_fields(row, action=Action.UNBIND, uid=caller.uid))
         self._changed([row.id])
 
     # ----- start-up, reconcile, recover, import ---------------------------------------------------------
@@ -415,7 +422,7 @@ class Manager(SharingMethods):
             dry_run=dry_run,
             all_users=all_users,
             vgpu_grace=self.config.vgpu_orphan_grace,
-            release=lambda owner, instance: self.detach(Caller(uid=owner), instance),
+            release=lambda owner, instance: self.detach(Caller(uid=owner, touched=caller.touched), instance),
         )
 
     def recover(self, caller: Caller, target: object = "", *, dry_run: bool = False) -> Report:

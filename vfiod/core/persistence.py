@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from vfiod.core.errors import Failed
 from vfiod.core.registry import HoldRow, Registry, RegistryError
 from vfiod.core.system import UnitController
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.persistence")
 
@@ -104,7 +105,7 @@ class PersistenceHold:
                     del self._held[unit]
                     self._forget(unit)
                 raise Failed(f"could not stop {unit} before touching the GPU driver: {e}") from e
-            log.info("stopped %s for a bind/unbind", unit, extra={"ACTION": "hold-units", "UNIT": unit})
+            log.info("stopped %s for a bind/unbind", unit, extra={"ACTION": Action.HOLD_UNITS, "UNIT": unit})
 
     def release(self, units: Sequence[str]) -> None:
         for unit in reversed(units):
@@ -165,10 +166,19 @@ class PersistenceHold:
             try:
                 self._units.start(unit)
                 started = True
-                log.info("started %s again", unit, extra={"ACTION": "release-units", "UNIT": unit})
+                log.info("started %s again", unit, extra={"ACTION": Action.RELEASE_UNITS, "UNIT": unit})
             except Exception as e:
                 # Keep the row: the next release or restart tries again rather than forgetting the unit.
-                log.error("could not start %s again: %s", unit, e, extra={"UNIT": unit})
+                log.error(
+                    "could not start %s again: %s",
+                    unit,
+                    e,
+                    extra={
+                        "UNIT": unit,
+                        "ACTION": Action.RELEASE_UNITS,
+                        "MESSAGE_ID": MessageId.UNIT_NOT_RESTARTED,
+                    },
+                )
                 return False
         self._forget(unit)
         return started

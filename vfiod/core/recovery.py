@@ -36,6 +36,7 @@ from vfiod.core.ops import gpu_recover, release, sriov, vgpu
 from vfiod.core.registry import DeviceRow, IntentRow
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.pcifunction import read_function
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.recovery")
 
@@ -109,7 +110,11 @@ def finish(
             mine.count("stuck")
             mine.findings.append(f"{operation[0]}: could not be finished: {e}")
         for finding in mine.findings:  # as each finishes: an admin watching the journal sees it now
-            log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+            log.warning(
+                "startup: %s",
+                finding,
+                extra={"ACTION": Action.STARTUP, "MESSAGE_ID": MessageId.STARTUP_REPAIRED},
+            )
         with lock:
             for key, n in mine.counters.items():
                 report.count(key, n)
@@ -129,7 +134,9 @@ def finish(
         rest.findings.append(f"started {unit} again (a previous run left it stopped)")
     refresh_all(deps, rest)
     for finding in rest.findings:
-        log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+        log.warning(
+            "startup: %s", finding, extra={"ACTION": Action.STARTUP, "MESSAGE_ID": MessageId.STARTUP_REPAIRED}
+        )
     for key, n in rest.counters.items():
         report.count(key, n)
     report.findings.extend(rest.findings)
@@ -221,7 +228,9 @@ def _finish_operation(deps: CoreDeps, operation: Operation, report: Report) -> N
             for intent in intents:
                 if intent.pci_address not in stuck:
                     deps.registry.clear_intent(intent.id)
-        log.info("recovered interrupted operation %s (%s)", op_id, kind, extra={"ACTION": "recover-journal"})
+        log.info(
+            "recovered interrupted operation %s (%s)", op_id, kind, extra={"ACTION": Action.RECOVER_JOURNAL}
+        )
 
 
 def _sweep_group_nodes(deps: CoreDeps, report: Report) -> None:

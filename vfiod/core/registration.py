@@ -15,6 +15,7 @@ from vfiod.core.errors import NameExists
 from vfiod.core.registry import DeviceRow
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -83,5 +84,5 @@ def register_companion(deps: CoreDeps, addr: PciAddress, anchor: DeviceRow | Non
         stored = deps.registry.add_device(row)
     except NameExists:
         stored = deps.registry.add_device(DeviceRow(**{**row.__dict__, "name": f"{name}-{row.id[:6]}"}))
-    log.info("registered companion %s", addr, extra=log_fields(stored, action="register-companion"))
+    log.info("registered companion %s", addr, extra=log_fields(stored, action=Action.REGISTER_COMPANION))
     return stored

@@ -14,6 +14,7 @@ from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import Recovering
 from vfiod.core.registry import DeviceRow
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.manager")
 
@@ -32,7 +33,11 @@ class Startup:
         report = Report()
         operations = recovery.plan(self._deps, report)
         for finding in report.findings:
-            log.warning("startup: %s", finding, extra={"ACTION": "startup"})
+            log.warning(
+                "startup: %s",
+                finding,
+                extra={"ACTION": Action.STARTUP, "MESSAGE_ID": MessageId.STARTUP_REPAIRED},
+            )
         with self._lock:
             self.devices = recovery.devices_of(self._deps, operations)
         return report, operations

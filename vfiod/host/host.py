@@ -31,6 +31,7 @@ from vfiod.host.writes import (
     WriteState,
     result_name,
 )
+from vfiod.logevents import Action, MessageId
 
 log = logging.getLogger("vfiod.host")
 
@@ -385,18 +386,20 @@ class Host:
             value,
             reason,
             extra={
-                "ACTION": "sysfs-write",
+                "ACTION": Action.SYSFS_WRITE,
                 "SYSFS_PATH": logical,
                 "SYSFS_VALUE": value,
                 "RESULT": "refused",
                 "DURATION_MS": 0,
+                "MESSAGE_ID": MessageId.WRITE_REFUSED,
                 **({"PCI_ADDRESS": str(addr)} if addr else {}),
             },
         )
         raise SysfsBusy(logical, value, reason)
 
     def _log_write(self, record: WriteRecord) -> None:
-        level = logging.INFO if record.result == "ok" else logging.WARNING
+        # A late write landed after its call failed: whatever it did, an admin must look (LATE_WRITE).
+        level = logging.INFO if record.result == "ok" and not record.late else logging.WARNING
         what = "late sysfs write completed" if record.late else "sysfs write"
         log.log(
             level,
@@ -407,13 +410,14 @@ class Host:
             record.result,
             record.duration,
             extra={
-                "ACTION": "sysfs-write",
+                "ACTION": Action.SYSFS_WRITE,
                 "SYSFS_PATH": record.path,
                 "SYSFS_VALUE": record.value,
                 "RESULT": record.result,
                 "DURATION_MS": int(record.duration * 1000),
                 "PCI_ADDRESS": record.pci_address or "",
                 "LATE": int(record.late),
+                **({"MESSAGE_ID": MessageId.LATE_WRITE} if record.late else {}),
             },
         )
 
@@ -456,7 +460,7 @@ class Host:
             owner.uid,
             owner.gid,
             owner.mode,
-            extra={"ACTION": "chown-node", "NODE": self.logical(node), "OWNER_UID": owner.uid},
+            extra={"ACTION": Action.CHOWN_NODE, "NODE": self.logical(node), "OWNER_UID": owner.uid},
         )
 
     def boot_id(self) -> str:

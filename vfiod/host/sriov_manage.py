@@ -15,6 +15,7 @@ import time
 from vfiod.host.errors import HostToolError
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.host")
 
@@ -56,7 +57,7 @@ class NvidiaSriovManage:
             done.returncode,
             time.monotonic() - started,
             output,
-            extra={"ACTION": "sriov-manage", "PCI_ADDRESS": str(pf), "RESULT": done.returncode},
+            extra={"ACTION": Action.SRIOV_MANAGE, "PCI_ADDRESS": str(pf), "RESULT": done.returncode},
         )
         if done.returncode != 0:
             raise HostToolError(f"{' '.join(argv)} failed (exit {done.returncode}): {output or 'no output'}")

@@ -25,6 +25,7 @@ from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
 from vfiod.host.vfio_variants import intended_driver
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -167,7 +168,9 @@ def _revoke_quietly(deps: CoreDeps, granted: Sequence[tuple[int, NodeOwner]]) ->
         try:
             access.revoke(deps.host, group, previous)
         except VfiodError as e:
-            log.warning("giving /dev/vfio/%d back failed: %s", group, e.message, extra={"ACTION": "revoke"})
+            log.warning(
+                "giving /dev/vfio/%d back failed: %s", group, e.message, extra={"ACTION": Action.REVOKE}
+            )
 
 
 def _record_attachments(
@@ -281,7 +284,7 @@ def _roll_back_binds(
             except VfiodError as e:
                 cause.stuck = (*cause.stuck, *e.stuck)
                 cause.message += f"; rolling back {fn.pci_address} failed too: {e.message}"
-    settle(deps, op, rows.values(), cause.stuck)
+    settle(deps, op, rows.values(), cause)
 
 
 def _undo_attach(

@@ -27,6 +27,7 @@ from vfiod.host import vgpus
 from vfiod.host.errors import HostToolError
 from vfiod.host.mdev import MdevParent
 from vfiod.host.pciaddr import PciAddress
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -59,7 +60,9 @@ def clear_quarantine(deps: CoreDeps, name: str, report: Report, dry_run: bool) -
         return
     deps.registry.clear_parent_failures(name)
     report.findings.append(f"{name}: quarantine cleared ({why})")
-    log.info("cleared the quarantine of vGPU parent %s", name, extra={"ACTION": "recover", "PARENT": name})
+    log.info(
+        "cleared the quarantine of vGPU parent %s", name, extra={"ACTION": Action.RECOVER, "PARENT": name}
+    )
 
 
 def cycle_gpu(
@@ -127,7 +130,7 @@ def cycle_gpu(
         pf,
         before,
         len(rows),
-        extra={"ACTION": "recover", "PCI_ADDRESS": str(pf)},
+        extra={"ACTION": Action.RECOVER, "PCI_ADDRESS": str(pf)},
     )
 
 

@@ -77,7 +77,7 @@ def restore(
         finally:
             deps.hold.release(units)
     if failure is not None:
-        settle(deps, op, todo, failure.stuck)
+        settle(deps, op, todo, failure)
         raise failure
     op.checkpoint("restored")
     with deps.registry.transaction():

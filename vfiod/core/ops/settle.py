@@ -8,29 +8,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+from vfiod.core import eventlog
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import settled_state
+from vfiod.core.errors import VfiodError
 from vfiod.core.journal import Operation
 from vfiod.core.registry import DeviceRow, RegistryError
 from vfiod.host.pciaddr import PciAddress
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
 
-def settle(deps: CoreDeps, op: Operation, rows: Iterable[DeviceRow], stuck: Iterable[str]) -> None:
-    """After a failure: every touched device's state is what the kernel shows, `stuck` where the kernel
-    left it mid-write; the operation's intents are cleared. If the registry cannot take that (it is what
-    failed), the intents stay and start-up settles the devices."""
+def settle(deps: CoreDeps, op: Operation, rows: Iterable[DeviceRow], failure: VfiodError) -> None:
+    """After `failure`: every touched device's state is what the kernel shows, `stuck` (logged as an
+    error) where the kernel left it mid-write; the operation's intents are cleared. If the registry cannot
+    take that (it is what failed), the intents stay and start-up settles the devices."""
     rows = list(rows)
+    stuck = set(failure.stuck)
+    for row in rows:
+        if str(row.pci_address) in stuck:
+            att = deps.registry.attachment_of_device(row.id)
+            instance = att.instance_id if att is not None else ""
+            eventlog.stuck(op.id, str(row.pci_address), row.name, failure.message, instance)
     try:
-        _record_settled(deps, op, rows, set(stuck))
+        _record_settled(deps, op, rows, stuck)
     except RegistryError as e:
         log.warning(
             "%s: the registry could not record what the kernel now shows (%s); the next start finishes "
             "the bookkeeping",
             op.id,
             e.message,
-            extra={"ACTION": "settle"},
+            extra={"ACTION": Action.SETTLE},
         )
     finally:
         deps.changed(r.id for r in rows)

@@ -30,6 +30,7 @@ from vfiod.core.registry import IntentRow
 from vfiod.host.errors import SysfsWriteError
 from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod.host.pcifunction import PciFunction, read_function
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -114,7 +115,7 @@ def _apply(deps: CoreDeps, fn: PciFunction, count: int, autoprobe: bool, wait: f
         count,
         "" if count == 1 else "s",
         f": {', '.join(vfs)}" if vfs else "",
-        extra={"ACTION": "sriov", "PCI_ADDRESS": str(pf), "VF_COUNT": count},
+        extra={"ACTION": Action.SET_VIRTUAL_FUNCTIONS, "PCI_ADDRESS": str(pf), "VF_COUNT": count},
     )
     return vfs
 

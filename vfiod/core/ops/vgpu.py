@@ -24,7 +24,7 @@ import logging
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 
-from vfiod.core import access, guard, kernel_io, placement, validation
+from vfiod.core import access, eventlog, guard, kernel_io, placement, validation
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import (
@@ -38,13 +38,14 @@ from vfiod.core.errors import (
 )
 from vfiod.core.journal import Operation
 from vfiod.core.placement import physical_gpu
-from vfiod.core.profiles import quarantined
+from vfiod.core.profiles import QUARANTINE_FAILURES, quarantined
 from vfiod.core.records import Attachment, vfio_group_path
 from vfiod.core.registry import AttachmentRow, IntentRow, VgpuRow
 from vfiod.host import mdev, vendor_vgpu, vgpus
 from vfiod.host.errors import SysfsWriteError
 from vfiod.host.mdev import Mdev, MdevParent, MdevType
 from vfiod.host.pciaddr import PciAddress
+from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
 
@@ -182,7 +183,7 @@ def attach_vgpu(
         parent.name,
         instance,
         owner,
-        extra={"ACTION": "attach-vgpu", "INSTANCE_ID": instance, "MDEV_UUID": uuid, "OWNER_UID": owner},
+        extra={"ACTION": Action.ATTACH_VGPU, "INSTANCE_ID": instance, "MDEV_UUID": uuid, "OWNER_UID": owner},
     )
     return result
 
@@ -312,14 +313,11 @@ def _roll_back(deps: CoreDeps, op: Operation, row: VgpuRow, error: Exception) ->
     parent itself counts toward its quarantine."""
     problems = _destroy(deps, row, None)
     if isinstance(error, Failed) and not isinstance(error, NoCapacity):
-        deps.registry.record_parent_failure(row.parent, str(error))
+        health = deps.registry.record_parent_failure(row.parent, str(error))
+        if health.failures == QUARANTINE_FAILURES:
+            eventlog.quarantined(row.parent, health.failures, str(error))
     if problems:
-        log.warning(
-            "rolling back vGPU %s left it behind: %s",
-            row.uuid,
-            "; ".join(problems),
-            extra={"ACTION": "attach-vgpu", "MDEV_UUID": row.uuid},
-        )
+        eventlog.vgpu_stuck(op.id, row.uuid, row.parent, "; ".join(problems))
         deps.registry.set_vgpu_state(row.id, "stuck")
         return
     op.finish()
@@ -401,7 +399,7 @@ def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: 
             "removed vGPU %s of %s",
             row.uuid,
             instance,
-            extra={"ACTION": "detach-vgpu", "INSTANCE_ID": instance, "MDEV_UUID": row.uuid},
+            extra={"ACTION": Action.DETACH_VGPU, "INSTANCE_ID": instance, "MDEV_UUID": row.uuid},
         )
 
 
@@ -437,6 +435,7 @@ def finish_interrupted(deps: CoreDeps, intents: Sequence[IntentRow], report: Rep
     else:
         problems = _destroy(deps, row, deps.registry.attachment_of_device(row.id))
         if problems:
+            eventlog.vgpu_stuck(claim.operation, row.uuid, row.parent, "; ".join(problems))
             deps.registry.set_vgpu_state(row.id, "stuck")
             report.count("stuck")
             report.findings.append(
