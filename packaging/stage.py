@@ -56,6 +56,7 @@ FILES = {
     # Uncompressed: dh_compress gzips man pages (with -n, reproducibly).
     "packaging/man/vfiod.8": ("usr/share/man/man8/vfiod.8", 0o644),
     "packaging/man/vfioctl.1": ("usr/share/man/man1/vfioctl.1", 0o644),
+    "packaging/man/vfiod.toml.5": ("usr/share/man/man5/vfiod.toml.5", 0o644),
     "packaging/examples/hypeman-vfiod.conf": ("usr/share/doc/vfiod/examples/hypeman-vfiod.conf", 0o644),
     "packaging/examples/vfiod.toml.example": ("usr/share/doc/vfiod/examples/vfiod.toml.example", 0o644),
     "docs/hypeman.md": ("usr/share/doc/vfiod/hypeman.md", 0o644),

@@ -6,7 +6,7 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     # The file with every key and its default: /usr/share/doc/vfiod/examples/vfiod.toml.example.
 
     # Units held stopped while a GPU of that PCI vendor is bound or unbound (default: NVIDIA's
-    # nvidia-persistenced). An empty list holds nothing for that vendor.
+    # nvidia-persistenced; a vendor not named here keeps its default). An empty list holds nothing.
     [persistence_units]
     "10de" = ["nvidia-persistenced.service"]
 
@@ -39,7 +39,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Final
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vfiod.core.persistence import DEFAULT_UNITS
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
@@ -127,6 +127,13 @@ class Config(BaseModel):
     register_allow: list[AllowEntry] = Field(default_factory=list)
     vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
     per_caller: PerCaller = Field(default_factory=PerCaller)
+
+    @field_validator("persistence_units", mode="after")
+    @classmethod
+    def _per_vendor(cls, given: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The table overrides vendor by vendor: adding AMD's units must not drop NVIDIA's default (an
+        empty list is how to hold nothing for a vendor)."""
+        return {**{k: list(v) for k, v in DEFAULT_UNITS.items()}, **given}
 
 
 def load(path: Path | None) -> Config:

@@ -52,6 +52,11 @@ max_queued_reply_bytes = 1048576
         )
     )
     assert cfg.register_allow == ["0000:41:00.0", "15b3:101d"]
+    # vendor by vendor: AMD's entry alone keeps NVIDIA's default
+    assert load(write(tmp_path, '[persistence_units]\n"1002" = ["x.service"]\n')).persistence_units == {
+        "10de": ["nvidia-persistenced.service"],
+        "1002": ["x.service"],
+    }
     assert cfg.persistence_units == {
         "10de": ["nvidia-persistenced.service", "nvidia-fabricmanager.service"],
         "1002": [],

@@ -35,6 +35,7 @@ TABLE = {
     "/usr/share/dbus-1/interfaces/org.hypeman.Devices1.xml",
     "/usr/share/man/man8/vfiod.8.gz",
     "/usr/share/man/man1/vfioctl.1.gz",
+    "/usr/share/man/man5/vfiod.toml.5.gz",
     "/usr/share/bash-completion/completions/vfioctl",
     "/usr/share/bash-completion/completions/vfiod",
 }

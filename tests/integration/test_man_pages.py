@@ -10,9 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from tests.integration.support.realstack import REPO
 from vfiod.cli import daemon, vfioctl
+from vfiod.config import Config
 
 MAN = REPO / "packaging/man"
 
@@ -55,7 +57,36 @@ def test_every_command_and_option_is_documented(page: str, parser: argparse.Argu
     assert not missing, f"{page} does not describe: {', '.join(missing)}"
 
 
-@pytest.mark.parametrize("page", ["vfioctl.1", "vfiod.8"])
+def _settings(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
+    """Every key of the configuration schema (dotted) with its default, tables included."""
+    out: dict[str, object] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out[prefix + name] = None
+            out |= _settings(annotation, f"{prefix}{name}.")
+        else:
+            out[prefix + name] = info.get_default(call_default_factory=True)
+    return out
+
+
+def test_the_configuration_page_describes_every_key_and_default() -> None:
+    """vfiod.toml(5): each key of the schema is described (a .B line or a [table] heading), and each
+    number's default is stated beside it."""
+    text = _text(MAN / "vfiod.toml.5")
+    missing = []
+    for key, default in _settings(Config).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if not re.search(rf"^\.(B|SH) \[?({re.escape(key)}|{re.escape(leaf)})\]?$", text, re.MULTILINE):
+            missing.append(key)
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            shown = str(int(default)) if float(default).is_integer() else str(default)
+            if not re.search(rf"default {re.escape(shown)}\b", text):
+                missing.append(f"{key}'s default {shown}")
+    assert not missing, f"vfiod.toml.5 does not describe: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("page", ["vfioctl.1", "vfiod.8", "vfiod.toml.5"])
 def test_renders_without_warnings(page: str) -> None:
     if shutil.which("man") is None:
         pytest.skip("man is not installed")
