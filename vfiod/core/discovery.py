@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from vfiod.core.errors import DeviceNotFound
 from vfiod.core.hostcritical import host_critical as scan_host_critical
+from vfiod.core.kernel_support import IOMMU_FIX
 from vfiod.core.pciids import PciIds, default_pci_ids
 from vfiod.core.validation import pci_address as parse_pci_address
 from vfiod.host.host import Host
@@ -30,10 +31,7 @@ from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import DISPLAY_BASE_CLASS, PciSnapshot, device_type
 from vfiod.host.vfio_variants import VfioAlias, kernel_aliases, pick
 
-NO_IOMMU_BLOCKER = (
-    "no IOMMU group: the IOMMU is off (add intel_iommu=on or amd_iommu=on to the kernel command line and "
-    "reboot)"
-)
+NO_IOMMU_BLOCKER = f"no IOMMU group: the IOMMU is off ({IOMMU_FIX})"
 BRIDGE_BLOCKER = "it is a PCI bridge; bridges are never passed through (pass the devices behind it instead)"
 
 

@@ -11,7 +11,7 @@ import errno
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from vfiod.core import eventlog
+from vfiod.core import eventlog, kernel_support
 from vfiod.core.errors import (
     DeviceBusy,
     Failed,
@@ -110,8 +110,7 @@ def plan_groups(
         group = snap.function(addr).iommu_group
         if group is None:
             raise VFIONotAvailable(
-                f"{addr} has no IOMMU group: the IOMMU is off; add intel_iommu=on (Intel) or amd_iommu=on "
-                "(AMD) to the kernel command line and reboot"
+                f"{addr} has no IOMMU group: the IOMMU is off; {kernel_support.iommu_fix(host)}"
             )
         if include_group:
             for member in snap.members(group):

@@ -40,8 +40,12 @@ def require_supported(host: Host) -> None:
         raise VFIONotAvailable(why)
 
 
-# When the CPU's vendor is not known: both vendors' ways.
-IOMMU_FIX = "add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line and reboot"
+# When the CPU's vendor is not known: both vendors' ways (amd_iommu=on is no kernel option: AMD's IOMMU is on
+# by itself once the firmware enables AMD-Vi).
+IOMMU_FIX = (
+    "on Intel, add intel_iommu=on to the kernel command line and enable VT-d in the firmware setup; on AMD, "
+    "enable AMD-Vi in the firmware setup (the kernel then turns the IOMMU on by itself); then reboot"
+)
 
 
 def iommu_fix(host: Host) -> str:
