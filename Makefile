@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := dbus polkitd pkexec pci.ids pkg-config gcc libsystemd-dev libdbus-1-dev libglib2.0-dev \
 	systemd util-linux procps python3-systemd \
 	dpkg-dev debhelper lintian libglib2.0-bin man-db \
-	qemu-system-x86 busybox-static kmod mmdebstrap e2fsprogs make gcc-12 xz-utils
+	qemu-system-x86 busybox-static kmod mmdebstrap e2fsprogs make gcc-12 xz-utils \
+	golang-go golang-dbus-dev
 
 .PHONY: deps venv test lint typecheck unit test-e2e demo check deb bench clean
 
