@@ -224,9 +224,8 @@ def test_the_go_records_have_every_documented_key() -> None:
         config |= set(re.findall(r"\b([a-z0-9_]+) [sy]\b", inner))
     assert structs["DeviceConfig"] == config
     claims = _documented(docs[("GetHostStatus", "status")])["claims"]
-    assert structs["Claim"] == set(
-        re.search(r"\(other tools' claims on devices: ([^)]*)\)", claims).group(1).split(", ")
-    )
+    listed = re.search(r"\(other tools' claims on devices: ([^)]*)\)", claims)
+    assert listed and structs["Claim"] == set(listed.group(1).split(", "))
 
 
 def test_the_go_errors_are_the_contracts() -> None:
