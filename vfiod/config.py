@@ -30,6 +30,12 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     [per_caller]
     max_calls_in_flight = 32
     max_queued_reply_bytes = 16777216
+
+    # The Prometheus metrics as a node_exporter textfile (empty: none; off while the directory does not
+    # exist), rewritten every `interval` seconds.
+    [metrics]
+    textfile = "/var/lib/prometheus/node-exporter/vfiod.prom"
+    interval = 15
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressT
 from vfiod.host.writes import SLOW_DRIVERS, DeadlinePolicy
 
 DEFAULT_PATH: Final = Path("/etc/vfiod/vfiod.toml")
+# Debian's prometheus-node-exporter reads *.prom files here (its textfile collector's directory).
+DEFAULT_TEXTFILE: Final = "/var/lib/prometheus/node-exporter/vfiod.prom"
 
 _VENDOR_RE: Final = re.compile(r"[0-9a-f]{4}")
 _IDS_RE: Final = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")
@@ -117,6 +125,23 @@ class PerCaller(BaseModel):
     max_queued_reply_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
 
+def _textfile(value: str) -> str:
+    if value and not (value.startswith("/") and value.endswith(".prom") and "\0" not in value):
+        raise ValueError(
+            f"{value!r} is not an absolute path ending in .prom (node_exporter reads only those)"
+        )
+    return value
+
+
+class Metrics(BaseModel):
+    """The node_exporter textfile: where (empty: none) and how often it is written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    textfile: Annotated[str, AfterValidator(_textfile)] = DEFAULT_TEXTFILE
+    interval: float = Field(default=15.0, ge=1, le=3600)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,6 +152,7 @@ class Config(BaseModel):
     register_allow: list[AllowEntry] = Field(default_factory=list)
     vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
     per_caller: PerCaller = Field(default_factory=PerCaller)
+    metrics: Metrics = Field(default_factory=Metrics)
 
     @field_validator("persistence_units", mode="after")
     @classmethod

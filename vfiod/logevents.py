@@ -34,6 +34,7 @@ class Action(StrEnum):
     DETACH_VGPU = "detach-vgpu"
     SET_VIRTUAL_FUNCTIONS = "set-virtual-functions"
     IMPORT_HYPEMAN = "import-hypeman"
+    GET_METRICS = "get-metrics"
     # a standard interface's call (Properties, Introspectable, Peer, ObjectManager); METHOD says which
     STANDARD_CALL = "standard-call"
     # steps inside a call, and the daemon's own work
@@ -61,6 +62,7 @@ class Action(StrEnum):
     BUSY = "busy"
     AUTHORIZATION_MODE = "authorization-mode"
     INTERNAL_ERROR = "internal-error"
+    METRICS = "metrics"
     # the daemon's life
     START = "start"
     STARTUP = "startup"

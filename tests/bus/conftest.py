@@ -111,6 +111,7 @@ class Running:
     daemon: Daemon
     root: Path
     standin: SystemdStandin | None
+    stopped: bool = False
 
     @property
     def kernel(self) -> SimulatedKernel:
@@ -131,7 +132,9 @@ class Running:
         return len(self.kernel.trace())
 
     def stop(self) -> None:
-        if self.daemon.bus is not None:
+        """Stop the daemon (once: a test may stop it before the fixture does)."""
+        if self.daemon.bus is not None and not self.stopped:
+            self.stopped = True
             self.lt.run(self.daemon.stop(), 60)
         if self.standin is not None:
             self.lt.run(self.standin.stop())

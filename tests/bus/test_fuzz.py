@@ -34,6 +34,7 @@ SIGNATURES = {
     "ListProfiles": "a{sv}",
     "ListVGPUs": "a{sv}",
     "AttachVGPU": "ssa{sv}",
+    "GetMetrics": "a{sv}",
 }
 LEAKS = ("Traceback", 'File "/', "site-packages", '.py", line')
 

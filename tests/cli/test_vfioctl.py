@@ -10,7 +10,7 @@ import json
 import pytest
 
 from vfiod.bus.names import ERROR_PREFIX
-from vfiod.cli import report, vfioctl
+from vfiod.cli import report, vfioctl, vfioctl_help
 from vfiod.cli import vfioctl_render as render
 from vfiod.cli.vfioctl_bus import EXIT_TABLE, CallError, exit_status_for, options, unwrap
 from vfiod.cli.vfioctl_monitor import timestamp
@@ -90,11 +90,11 @@ def test_help_lists_examples_for_every_subcommand_and_the_exit_statuses(
 ) -> None:
     assert vfioctl.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in vfioctl.EXAMPLES:
+    for name in vfioctl_help.EXAMPLES:
         assert f"vfioctl {name}" in out
     for code, _ in EXIT_TABLE:
         assert f"\n  {code:>3}  " in out
-    for name in vfioctl.EXAMPLES:
+    for name in vfioctl_help.EXAMPLES:
         assert vfioctl.main([name, "--help"]) == 0
         sub = capsys.readouterr().out
         assert "examples:\n  vfioctl " + name in sub, name

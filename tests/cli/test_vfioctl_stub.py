@@ -366,6 +366,15 @@ def test_reconcile_recover_import(
     assert stub.last("ImportHypeman").body == [str(tmp_path / "data"), {}]
 
 
+def test_metrics_prints_the_exposition(stub: Stub, capsys: pytest.CaptureFixture[str]) -> None:
+    text = '# HELP vfiod_info x\n# TYPE vfiod_info gauge\nvfiod_info{version="0.1.0"} 1\n'
+    stub.reply("GetMetrics", "s", text)
+    for extra in ((), ("--json",)):
+        code, out, _ = ctl(capsys, stub.address, "metrics", *extra)
+        assert code == 0 and out == text  # the exposition as it is, in both modes
+    assert stub.last("GetMetrics").body == [{}]
+
+
 def test_interactive_authorization_flag(
     stub: Stub, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1250,15 +1250,37 @@ def sc_persistence_detach(g: Guest) -> None:
     check(unit_prop(FAKE_UNIT, "ActiveState") == "active", f"{FAKE_UNIT} is not running after Detach")
 
 
+def sc_metrics_textfile(g: Guest) -> None:
+    """Under the unit's sandbox (ProtectSystem=strict, UMask=0077) vfiod writes its metrics textfile where
+    Debian's prometheus-node-exporter reads it, mode 0644, and it follows the device's state."""
+    path = Path("/var/lib/prometheus/node-exporter/vfiod.prom")
+    for bind in glob.glob("/sys/class/vtconsole/*/bind"):  # bochs-drm took the console back at Detach
+        if "frame buffer" in Path(bind).parent.joinpath("name").read_text():
+            Path(bind).write_text("0")
+    reply = g.attach(HYPEMAN, "vm-metrics", ["vga"], include_group=True)
+    check(reply.ok, f"Attach failed: {reply.describe()}")
+    deadline = time.monotonic() + 10
+    while 'vfiod_devices{state="attached"} 2' not in (path.read_text() if path.exists() else ""):
+        check(time.monotonic() < deadline, f"{path} never showed the attachment")
+        time.sleep(0.2)
+    mode = path.stat().st_mode & 0o777
+    g.say(f"{path}: mode {mode:04o}, {len(path.read_text().splitlines())} lines")
+    check(mode == 0o644, f"{path} has mode {mode:04o}, not 0644")
+    check(sorted(p.name for p in path.parent.iterdir()) == ["vfiod.prom"], "a temporary file was left behind")
+    check(g.detach(HYPEMAN, "vm-metrics").ok, "Detach failed")
+
+
 SYSTEMD: dict[str, Scenario] = {
     "systemd-boot": sc_systemd_boot,
     "systemd-activation": sc_systemd_activation,
     "persistence-attach": sc_persistence_attach,
     "persistence-detach": sc_persistence_detach,
+    "metrics-textfile": sc_metrics_textfile,
 }
 
 SYSTEMD_DEPENDS: dict[str, str] = {
     "systemd-activation": "systemd-boot",
     "persistence-attach": "systemd-activation",
     "persistence-detach": "persistence-attach",
+    "metrics-textfile": "persistence-detach",
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.support.realstack import REPO, unavailable
+from vfiod.config import DEFAULT_TEXTFILE
 
 UNIT = REPO / "systemd/vfiod.service"
 MAX_EXPOSURE = 3.0
@@ -110,7 +111,9 @@ def test_the_job_needs_are_set() -> None:
     assert set(" ".join(s["RestrictAddressFamilies"]).split()) == {"AF_UNIX", "AF_NETLINK"}
     assert s["ProtectSystem"] == ["strict"] and s["DevicePolicy"] == ["closed"]
     assert "char-vfio rw" in s["DeviceAllow"]
-    assert set(" ".join(s["ReadWritePaths"]).split()) == {"/sys/bus/pci", "/sys/devices"}
+    # the sysfs it writes, and the metrics textfile's default directory ("-": absent is fine)
+    textfiles = f"-{Path(DEFAULT_TEXTFILE).parent}"
+    assert set(" ".join(s["ReadWritePaths"]).split()) == {"/sys/bus/pci", "/sys/devices", textfiles}
 
 
 def test_dbus_activation_points_at_the_unit() -> None:

@@ -14,8 +14,10 @@ from dbus_fast import Variant
 from vfiod.bus import variants
 from vfiod.bus.names import device_path
 from vfiod.bus.requests import Request
+from vfiod.core import metrics
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
+from vfiod.core.metrics import Metrics
 from vfiod.core.records import Device
 
 T = TypeVar("T")
@@ -26,6 +28,10 @@ class Runner(Protocol):
     """What an adapter needs from the service."""
 
     manager: Manager
+
+    metrics: Metrics
+
+    async def read(self, fn: Callable[[], T]) -> T: ...
 
     async def shared(self, key: Hashable, fn: Callable[[], T]) -> T: ...
 
@@ -191,6 +197,11 @@ async def import_hypeman(svc: Runner, caller: Caller, req: Request) -> Record:
     return variants.record(report.to_record())
 
 
+async def get_metrics(svc: Runner, caller: Caller, req: Request) -> str:
+    # Not shared: a scrape wants the counters as they are, and the gauges are a few registry reads.
+    return await svc.read(lambda: svc.metrics.render(metrics.gauges(svc.manager.deps)))
+
+
 Adapter = Callable[[Runner, Caller, Request], Awaitable[Any]]
 ADAPTERS: dict[str, Adapter] = {
     "list_available": list_available,
@@ -210,4 +221,5 @@ ADAPTERS: dict[str, Adapter] = {
     "attach_vgpu": attach_vgpu,
     "set_virtual_functions": set_virtual_functions,
     "import_hypeman": import_hypeman,
+    "get_metrics": get_metrics,
 }

@@ -32,11 +32,12 @@ from vfiod.bus import logs
 from vfiod.bus.authz import Authorizer
 from vfiod.bus.calls import Caller
 from vfiod.bus.connection import Connection
+from vfiod.bus.metrics_file import TextfileWriter, textfile_path
 from vfiod.bus.names import BUS_NAME, SYSTEMD_NAME
 from vfiod.bus.service import Service
 from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.bus.uevents import NetlinkUevents, SimulatedUevents, UeventSource
-from vfiod.core import recovery
+from vfiod.core import metrics, recovery
 from vfiod.core.context import Report
 from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry, RegistryError
@@ -160,6 +161,7 @@ class Daemon:
         self._watchdog: asyncio.TimerHandle | None = None
         self.unfinished = 0
         self.recovery: asyncio.Future[None] | None = None  # start-up's background part
+        self.metrics_file: TextfileWriter | None = None
 
     # ----- start --------------------------------------------------------------------------------------
 
@@ -223,6 +225,13 @@ class Daemon:
         self.uevents.start()
 
         await self._request_name(bus, where)
+        service, deps = self.service, self.manager.deps
+        self.metrics_file = TextfileWriter(
+            lambda: service.read(lambda: service.metrics.render(metrics.gauges(deps))),
+            textfile_path(self.config.metrics.textfile, self.sim_root),
+            self.config.metrics.interval,
+        )
+        self.metrics_file.start()
         devices = len(self.service.device_ids)
         log.info(
             "serving %s on %s: %d registered device%s%s",
@@ -373,6 +382,10 @@ class Daemon:
             self.manager.host.deadlines = new.deadlines.policy()
         if self.service is not None:
             self.service.set_caps(new.per_caller)
+        if self.metrics_file is not None:
+            self.metrics_file.reconfigure(
+                textfile_path(new.metrics.textfile, self.sim_root), new.metrics.interval
+            )
         log.info(
             "configuration reloaded from %s",
             self.options.config_path or config_mod.DEFAULT_PATH,
@@ -401,6 +414,8 @@ class Daemon:
             self.bus.disconnect()
         if self.systemd is not None:
             self.systemd.close()
+        if self.metrics_file is not None:
+            await self.metrics_file.stop()  # the final state, while the registry is still open
         if self.service is not None:
             self.service.close()
         if self.registry is not None and not self.unfinished:

@@ -116,6 +116,7 @@ METHODS: Final[tuple[Method, ...]] = (
         "set_virtual_functions",
     ),
     Method("ImportHypeman", (("data_dir", "s"),), (("report", "a{sv}"),), {}, ACTION_ADMIN, "import_hypeman"),
+    Method("GetMetrics", (), (("metrics", "s"),), {}, ACTION_INSPECT, "get_metrics"),
 )
 
 BY_NAME: Final[dict[str, Method]] = {m.name: m for m in METHODS}

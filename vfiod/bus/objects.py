@@ -37,6 +37,10 @@ class DeviceObjects:
         self._pending: set[str] = set()
         self._flush: asyncio.Task[None] | None = None
 
+    def id_at(self, path: str) -> str | None:
+        """The id of the device whose object is at `path`, if one is."""
+        return next((i for i in self.props if device_path(i) == path), None)
+
     async def sync(self, *, announce: bool = True) -> None:
         """Re-read every registered device; add, remove and update objects (with their signals)."""
         # The read happens under the lock too, so an older snapshot is never applied after a newer one.

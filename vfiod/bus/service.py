@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
+from vfiod import __version__
 from vfiod.bus import adapters, errors, methods, requests, standard
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
 from vfiod.bus.call import Call
@@ -45,6 +46,7 @@ from vfiod.core.errors import (
     NotAuthorized,
 )
 from vfiod.core.manager import Manager
+from vfiod.core.metrics import Metrics
 from vfiod.core.records import Device
 from vfiod.host import procfs
 from vfiod.host.host import Host
@@ -85,8 +87,10 @@ class Service:
         read_workers: int = READ_WORKERS,
         call_workers: int = CALL_WORKERS,
         per_caller: PerCaller | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bus = bus
+        self.metrics = metrics or Metrics(__version__)
         self.manager = manager
         self.authz = authz
         self.loop = asyncio.get_running_loop()
@@ -114,7 +118,6 @@ class Service:
         self.refused_busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._machine_id: str | None = None
 
     # ----- life cycle ---------------------------------------------------------------------------------
 
@@ -125,6 +128,7 @@ class Service:
         await self.sync(announce=False)
         self.manager.add_change_listener(self._changed_from_thread)
         self.manager.host.add_write_listener(self._wrote)
+        self.manager.host.add_write_listener(self.metrics.observe_write)
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting calls and wait up to `timeout` s for those in flight; True if none is left."""
@@ -140,6 +144,7 @@ class Service:
         self._calls.shutdown(wait=False, cancel_futures=True)
         self._priority_reads.shutdown(wait=False, cancel_futures=True)
         self.manager.host.remove_write_listener(self._wrote)
+        self.manager.host.remove_write_listener(self.metrics.observe_write)
 
     @property
     def in_flight(self) -> int:
@@ -239,6 +244,7 @@ class Service:
             self._calls_of[sender] = calls + 1
             return None
         self.refused_busy += 1
+        self.metrics.observe_busy()
         if self.refused_busy == 1 or self.refused_busy % 1000 == 0:
             # Once, then every thousandth: a flood must not turn into a flood of log lines.
             log.warning(
@@ -314,10 +320,12 @@ class Service:
             result = await body(call)
         except Exception as e:
             err = errors.to_dbus_error(e, context=method)
+            self.metrics.observe_call(method, err.type.rsplit(".", 1)[-1], time.monotonic() - started)
             if call.action in MUTATING and call.who.uid >= 0:
                 call.outcome(err.type.rsplit(".", 1)[-1], started, err.text, e)
             raise err from None
         else:
+            self.metrics.observe_call(method, "ok", time.monotonic() - started)
             if call.action in MUTATING:
                 call.outcome("ok", started)
             return result
@@ -385,7 +393,7 @@ class Service:
         if member == "Ping":
             return Message.new_method_return(msg)
         if member == "GetMachineId":
-            return Message.new_method_return(msg, "s", [self._get_machine_id()])
+            return Message.new_method_return(msg, "s", [standard.machine_id()])
         if member == "GetManagedObjects":
             if path != MANAGER_PATH:
                 raise DBusError(ErrorType.UNKNOWN_METHOD, f"{path} is not an object manager")
@@ -400,7 +408,7 @@ class Service:
             if iface_name not in (MANAGER_IFACE, *STANDARD_IFACES):
                 raise DBusError(ErrorType.UNKNOWN_INTERFACE, f"{path} has no interface {iface_name!r}")
             return standard.manager_property_reply(msg, member, iface_name == MANAGER_IFACE)
-        device_id = self._device_at(path)
+        device_id = self.objects.id_at(path)
         if device_id is None:
             raise DBusError(ErrorType.UNKNOWN_OBJECT, f"there is no object at {path}")
         if iface_name != DEVICE_IFACE:
@@ -420,19 +428,8 @@ class Service:
             raise DBusError(ErrorType.PROPERTY_READ_ONLY, f"{DEVICE_IFACE}.{name} is read-only")
         return Message.new_method_return(msg, "v", [props[name]])
 
-    def _device_at(self, path: str) -> str | None:
-        for device_id in self.objects.props:
-            if device_path(device_id) == path:
-                return device_id
-        return None
-
     def _introspect(self, path: str) -> str:
         return standard.introspect(path, [device_path(i) for i in self.objects.props], self.interface)
-
-    def _get_machine_id(self) -> str:
-        if self._machine_id is None:
-            self._machine_id = standard.machine_id()
-        return self._machine_id
 
     # ----- device objects -----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ authorization and caps like any Manager method.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Final
 
@@ -52,7 +53,7 @@ def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
 
 
 # What this daemon offers, for clients to test before they rely on it (the Manager's `Features`).
-FEATURES: Final = ("sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers")
+FEATURES: Final = ("sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers", "metrics")
 MANAGER_PROPERTIES: Final[dict[str, str]] = {"Version": "s", "Features": "as"}
 
 
@@ -98,6 +99,7 @@ def introspect(path: str, device_paths: list[str], manager: ServiceInterface) ->
     return node.tostring()
 
 
+@functools.cache  # read once: it does not change while vfiod runs
 def machine_id() -> str:
     """This host's machine id (systemd's, or D-Bus's own); Failed if it has none."""
     for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):

@@ -335,6 +335,12 @@ async def cmd_profiles(ctx: Context) -> int:
     return EXIT_OK
 
 
+async def cmd_metrics(ctx: Context) -> int:
+    (text,) = await ctx.client.manager("GetMetrics", options())
+    ctx.write(str(text))  # the exposition as it is, in both modes (it ends with its newline)
+    return EXIT_OK
+
+
 async def cmd_vgpus(ctx: Context) -> int:
     opts = options(instance=("s", ctx.args.instance) if ctx.args.instance else None)
     (vgpus,) = await ctx.client.manager("ListVGPUs", opts)

@@ -98,6 +98,10 @@ func TestRecordsCarryEveryKeyOfTheContract(t *testing.T) {
 	if err := c.Detach(ctx, "vm-go", nil, false); err != nil {
 		t.Fatal(err)
 	}
+	metrics, err := c.Metrics(ctx)
+	if err != nil || !strings.Contains(metrics, `vfiod_calls_total{method="Attach",result="ok"} `) {
+		t.Fatalf("Metrics: %v\n%s", err, metrics)
+	}
 	version, err := c.Version(ctx)
 	if err != nil || version == "" {
 		t.Fatalf("Version: %q, %v", version, err)

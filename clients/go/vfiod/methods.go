@@ -215,3 +215,10 @@ func (c *Client) ImportHypeman(ctx context.Context, dataDir string) (Report, err
 	}
 	return decodeReport(rec, c.opts.Strict)
 }
+
+// Metrics returns the daemon's Prometheus metrics in the text exposition format (GetMetrics).
+func (c *Client) Metrics(ctx context.Context) (string, error) {
+	var text string
+	err := c.call(ctx, "GetMetrics", []interface{}{&text}, options{})
+	return text, err
+}

@@ -18,7 +18,12 @@ cat > /etc/vfiod/vfiod.toml <<'TOML'
 # e2e: the QEMU VGA's vendor is held like NVIDIA's would be
 [persistence_units]
 "1234" = ["fake-persistenced.service"]
+[metrics]
+interval = 1
 TOML
+# what prometheus-node-exporter's package makes: vfiod's metrics textfile goes there (through the unit's
+# ReadWritePaths=, under ProtectSystem=strict)
+mkdir -p /var/lib/prometheus/node-exporter
 
 cat > /etc/systemd/system/fake-persistenced.service <<'UNIT'
 [Unit]
