@@ -54,8 +54,9 @@ check:
 demo: venv
 	tools/demo.sh
 
+DIST ?= bookworm
 deb:
-	bash packaging/build-deb.sh
+	bash packaging/build-deb.sh --dist $(DIST)
 
 bench:
 	$(PY) bench/bench_core.py

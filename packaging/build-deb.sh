@@ -1,12 +1,14 @@
 #!/bin/bash
-# Build the vfiod Debian package: dist/vfiod_<version>_amd64.deb (bookworm, Debian's /usr/bin/python3).
+# Build the vfiod Debian package for one Debian release: dist/vfiod_<version>_amd64.deb, for that release's
+# /usr/bin/python3 (bookworm: 3.11, trixie: 3.13; packaging/dists.toml says what each takes from Debian).
 #
-#   bash packaging/build-deb.sh [--outdir DIR] [--builddir DIR] [--no-lintian]
+#   bash packaging/build-deb.sh [--dist bookworm|trixie] [--outdir DIR] [--builddir DIR] [--no-lintian]
 #
-# Output: DIR/vfiod_<version>_amd64.deb (default dist/); scratch in --builddir (default _build/deb).
+# Output: DIR/vfiod_<version>_amd64.deb (default dist/; trixie's version ends in +deb13); scratch in
+# --builddir (default _build/deb/DIST). Any Debian host builds either release's package.
 #
 # What it does:
-#  1. bundles the pinned Python dependencies (packaging/requirements.txt, sha256-checked) with
+#  1. bundles the release's pinned Python dependencies (its requirements file, sha256-checked) with
 #     `pip install --target` into a private tree /usr/lib/vfiod, from a wheel cache in ~/.cache/vfiod/wheels
 #     (filled from PyPI on first use; git-ignored), plus vfiod itself;
 #  2. lays out every file of the "Files on a host" table (packaging/stage.py) and generates
@@ -22,10 +24,13 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=$REPO/dist
-BUILD=$REPO/_build/deb
+BUILD=
+DIST=bookworm
 LINTIAN=1
 while [ $# -gt 0 ]; do
     case "$1" in
+        --dist) DIST=$2; shift 2 ;;
+        --dist=*) DIST=${1#--dist=}; shift ;;
         --outdir) OUTDIR=$2; shift 2 ;;
         --outdir=*) OUTDIR=${1#--outdir=}; shift ;;
         --builddir) BUILD=$2; shift 2 ;;
@@ -46,8 +51,7 @@ done
 if [ "$LINTIAN" = 1 ]; then
     command -v lintian >/dev/null || die "lintian not found: apt-get install lintian (or pass --no-lintian)"
 fi
-"$HOSTPY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-    || die "/usr/bin/python3 is not 3.11: this package is built for Debian 12 (bookworm)"
+[ -n "$BUILD" ] || BUILD=$REPO/_build/deb/$DIST
 
 PIPPY=${VFIOD_DEB_PYTHON:-}
 if [ -z "$PIPPY" ]; then
@@ -56,8 +60,12 @@ fi
 "$PIPPY" -m pip --version >/dev/null 2>&1 || die "$PIPPY has no pip: run make venv, or apt-get install python3-pip"
 
 STAGE=("$HOSTPY" "$REPO/packaging/stage.py")
-VERSION=$("${STAGE[@]}" version)
-"${STAGE[@]}" check-requirements
+VERSION=$("${STAGE[@]}" version "$DIST") || die "unknown --dist $DIST"
+PYVER=$("${STAGE[@]}" field "$DIST" python)
+ABI=$("${STAGE[@]}" field "$DIST" abi)
+REQUIREMENTS=$REPO/$("${STAGE[@]}" field "$DIST" requirements)
+"${STAGE[@]}" check-requirements "$DIST"
+step "vfiod $VERSION for $DIST (python $PYVER)"
 
 SRC=$BUILD/vfiod-$VERSION
 PAYLOAD=$SRC/payload
@@ -71,23 +79,23 @@ mkdir -p "$BUILD"
 rm -rf "$SRC" "$BUILD"/vfiod_"$VERSION"_* "$BUILD/dpkg-buildpackage.log"
 mkdir -p "$PRIVATE" "$CACHE" "$OUTDIR"
 
-# 1. Bundled dependencies: wheels for CPython 3.11 on x86_64 glibc (bookworm has glibc 2.36).
-WHEEL_TARGET=(--only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none
+# 1. Bundled dependencies: wheels for the release's CPython on x86_64 glibc (bookworm has glibc 2.36).
+WHEEL_TARGET=(--only-binary=:all: --implementation cp --python-version "$PYVER" --abi "$ABI" --abi abi3 --abi none
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
 HASHES=(--require-hashes)
 [ "${VFIOD_DEB_NO_HASHES:-0}" = 1 ] && HASHES=()
 pip_install() {
     "$PIPPY" -m pip install --quiet --no-deps --no-compile --disable-pip-version-check "${HASHES[@]}" \
         "${WHEEL_TARGET[@]}" --no-index --find-links "$CACHE" --target "$PRIVATE" \
-        -r "$REPO/packaging/requirements.txt"
+        -r "$REQUIREMENTS"
 }
 if ! pip_install 2>/dev/null; then
     step "fetching the pinned wheels into $CACHE"
     "$PIPPY" -m pip download --quiet --no-deps --disable-pip-version-check "${HASHES[@]}" "${WHEEL_TARGET[@]}" \
-        --dest "$CACHE" -r "$REPO/packaging/requirements.txt" \
-        || die "could not download the wheels of packaging/requirements.txt"
+        --dest "$CACHE" -r "$REQUIREMENTS" \
+        || die "could not download the wheels of $REQUIREMENTS"
     rm -rf "$PRIVATE" && mkdir -p "$PRIVATE"
-    pip_install || die "pip install --target of packaging/requirements.txt failed"
+    pip_install || die "pip install --target of $REQUIREMENTS failed"
 fi
 if [ "${VFIOD_DEB_NO_HASHES:-0}" = 1 ]; then
     (cd "$CACHE" && sha256sum ./*.whl) >&2
@@ -104,7 +112,7 @@ find "$PRIVATE" -type d -exec chmod 0755 {} + && find "$PRIVATE" -type f -exec c
 # 2. Everything else the package ships, and the generated debian/ files.
 "${STAGE[@]}" payload "$PAYLOAD"
 cp -a "$REPO/packaging/debian" "$SRC/debian"
-"${STAGE[@]}" debian "$SRC/debian" "$PAYLOAD"
+"${STAGE[@]}" debian "$SRC/debian" "$PAYLOAD" "$DIST"
 rm -f "$SRC/debian/copyright.in"
 
 # 3. The package. SOURCE_DATE_EPOCH comes from the generated changelog.

@@ -1,13 +1,17 @@
 """Staging helper of packaging/build-deb.sh: lays out everything the vfiod .deb ships.
 
-Run by Debian's /usr/bin/python3 (standard library only). Subcommands:
-  version                     print the version from pyproject.toml
-  check-requirements          packaging/requirements.txt pins exactly the runtime dependencies of
-                              pyproject.toml, minus systemd-python (Debian's python3-systemd is used)
+Run by Debian's /usr/bin/python3 (standard library only). DIST is a Debian release of
+packaging/dists.toml (bookworm, trixie). Subcommands:
+  version [DIST]              print the package version: pyproject.toml's, with DIST's suffix
+  field DIST KEY              print DIST's python, abi or requirements (for build-deb.sh)
+  check-requirements [DIST]   DIST's requirements file pins exactly the runtime dependencies of
+                              pyproject.toml, minus systemd-python and those DIST's own python3-*
+                              packages give (Debian's python3-systemd is always used)
   payload DIR                 install the launchers, bus/unit/polkit files, man pages, the interface XML
                               and the example drop-in under DIR (the bundled wheels are already there)
-  debian DIR PAYLOAD          write DIR/changelog and DIR/copyright (licenses of the bundled wheels
-                              taken from PAYLOAD, whose copies of the license files are then removed)
+  debian DIR PAYLOAD [DIST]   write DIR/changelog, DIR/copyright (licenses of the bundled wheels taken
+                              from PAYLOAD, whose copies of the license files are then removed) and
+                              DIR/python-depends (DIST's Python Depends, ${vfiod:Python} of control)
 """
 
 from __future__ import annotations
@@ -87,11 +91,36 @@ def project() -> dict[str, object]:
     return proj
 
 
-def version() -> str:
+DEFAULT_DIST = "bookworm"
+DIST_KEYS = {"python", "abi", "requirements", "from_debian", "depends", "version_suffix"}
+
+
+def dist(name: str = DEFAULT_DIST) -> dict[str, object]:
+    """A release's entry of packaging/dists.toml."""
+    with open(REPO / "packaging/dists.toml", "rb") as f:
+        dists = tomllib.load(f)
+    entry = dists.get(name)
+    if not isinstance(entry, dict):
+        raise StageError(
+            f"unknown Debian release {name!r}: packaging/dists.toml has {', '.join(sorted(dists))}"
+        )
+    if set(entry) != DIST_KEYS:
+        raise StageError(f"packaging/dists.toml [{name}] must have exactly {', '.join(sorted(DIST_KEYS))}")
+    return entry
+
+
+def _strings(entry: dict[str, object], key: str) -> list[str]:
+    value = entry[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise StageError(f"packaging/dists.toml: {key} must be a list of strings")
+    return [str(v) for v in value]
+
+
+def version(dist_name: str = DEFAULT_DIST) -> str:
     v = project().get("version")
     if not isinstance(v, str) or not re.fullmatch(r"[0-9][0-9A-Za-z.+~]*", v):
         raise StageError(f"pyproject.toml [project].version {v!r} is not usable as a Debian version")
-    return v
+    return v + str(dist(dist_name)["version_suffix"])
 
 
 def _norm(name: str) -> str:
@@ -105,26 +134,30 @@ def _dep_name(spec: str) -> str:
     return _norm(m.group(1))
 
 
-def check_requirements() -> None:
+def check_requirements(dist_name: str = DEFAULT_DIST) -> None:
+    entry = dist(dist_name)
     deps = project().get("dependencies", [])
     if not isinstance(deps, list):
         raise StageError("[project].dependencies is not a list")
-    wanted = {_dep_name(str(d)) for d in deps} - {"systemd-python"}
+    from_debian = {_norm(d) for d in _strings(entry, "from_debian")}
+    wanted = {_dep_name(str(d)) for d in deps} - {"systemd-python"} - from_debian
+    requirements = str(entry["requirements"])
     pinned: dict[str, str] = {}
-    for raw in (REPO / "packaging/requirements.txt").read_text().splitlines():
+    for raw in (REPO / requirements).read_text().splitlines():
         m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", raw.split("#", 1)[0].strip())
         if m:
             pinned[_norm(m.group(1))] = m.group(2)
     missing = sorted(wanted - pinned.keys())
     if missing:
         raise StageError(
-            f"packaging/requirements.txt does not pin {', '.join(missing)} (a runtime dependency in "
+            f"{requirements} does not pin {', '.join(missing)} (a runtime dependency in "
             "pyproject.toml): add it with its hash"
         )
     if "systemd-python" in pinned:
-        raise StageError(
-            "packaging/requirements.txt must not bundle systemd-python: Depends: python3-systemd"
-        )
+        raise StageError(f"{requirements} must not bundle systemd-python: Depends: python3-systemd")
+    both = sorted(from_debian & pinned.keys())
+    if both:
+        raise StageError(f"{requirements} bundles {', '.join(both)}, which {dist_name}'s own packages give")
 
 
 def _install(src: Path, dest: Path, mode: int) -> None:
@@ -219,9 +252,11 @@ _SPDX = {
 }
 
 
-def debian(debdir: Path, payload_root: Path) -> None:
-    ver = version()
+def debian(debdir: Path, payload_root: Path, dist_name: str = DEFAULT_DIST) -> None:
+    ver = version(dist_name)
     maint = _maintainer(debdir / "control")
+    depends = ", ".join(_strings(dist(dist_name), "depends"))
+    (debdir / "python-depends").write_text(depends + "\n")  # rules passes it as ${vfiod:Python}
     (debdir / "changelog").write_text(
         f"vfiod ({ver}) unstable; urgency=medium\n\n"
         f"  * vfiod {ver} (changelog generated by packaging/build-deb.sh).\n\n"
@@ -244,7 +279,7 @@ def debian(debdir: Path, payload_root: Path) -> None:
         body = "\n\n".join(texts)
         parts.append(
             f"\nFiles: {globs}\n"
-            f"Comment: {name} {dist_version}, bundled from its PyPI wheel (see packaging/requirements.txt)\n"
+            f"Comment: {name} {dist_version}, bundled from its PyPI wheel (see packaging/requirements*.txt)\n"
             f"Copyright: {holders[0] if holders else f'the {name} authors'}\n"
             + "".join(f" {h}\n" for h in holders[1:])
             + f"License: {short}\n"
@@ -262,14 +297,16 @@ def debian(debdir: Path, payload_root: Path) -> None:
 def main(argv: list[str]) -> int:
     try:
         match argv:
-            case ["version"]:
-                print(version())
-            case ["check-requirements"]:
-                check_requirements()
+            case ["version", *name] if len(name) <= 1:
+                print(version(*name))
+            case ["field", name, key] if key in ("python", "abi", "requirements"):
+                print(dist(name)[key])
+            case ["check-requirements", *name] if len(name) <= 1:
+                check_requirements(*name)
             case ["payload", root]:
                 payload(Path(root))
-            case ["debian", debdir, root]:
-                debian(Path(debdir), Path(root))
+            case ["debian", debdir, root, *name] if len(name) <= 1:
+                debian(Path(debdir), Path(root), *name)
             case _:
                 print(__doc__, file=sys.stderr)
                 return 2

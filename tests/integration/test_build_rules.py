@@ -67,3 +67,29 @@ def test_a_console_script_whose_module_is_missing_fails_the_build(tmp_path: Path
     (tmp_path / "usr/lib/vfiod/vfiod/cli/vfioctl.py").unlink()
     with pytest.raises(stage.StageError, match="vfioctl"):
         stage.payload(tmp_path)
+
+
+def test_each_debian_release_pins_what_it_does_not_take_from_debian() -> None:
+    """bookworm bundles every runtime dependency but systemd-python; trixie takes pydantic from its own
+    python3-pydantic and bundles only dbus-fast; a requirements file that bundles what the release gives,
+    or misses what it does not, is refused; the versions differ so an upgraded host takes trixie's."""
+    stage = _stage()
+    for name in ("bookworm", "trixie"):
+        stage.check_requirements(name)
+    assert stage.version("bookworm") == stage.version() and stage.version("trixie").endswith("+deb13")
+    assert "python3-pydantic (>= 2.6)" in stage.dist("trixie")["depends"]
+    assert stage.dist("bookworm")["abi"] == "cp311" and stage.dist("trixie")["abi"] == "cp313"
+    with pytest.raises(stage.StageError, match="unknown Debian release 'sid'"):
+        stage.dist("sid")
+
+
+def test_a_release_may_not_bundle_what_it_takes_from_debian(monkeypatch: pytest.MonkeyPatch) -> None:
+    stage = _stage()
+    real = stage.dist
+
+    def bundling_pydantic(name: str = "bookworm") -> dict[str, object]:
+        return {**real(name), "requirements": "packaging/requirements.txt"}  # bookworm's: pydantic in it
+
+    monkeypatch.setattr(stage, "dist", bundling_pydantic)
+    with pytest.raises(stage.StageError, match="bundles pydantic, which trixie's own packages give"):
+        stage.check_requirements("trixie")
