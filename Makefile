@@ -7,7 +7,7 @@ APT_PACKAGES := dbus polkitd pkexec pci.ids pkg-config gcc libsystemd-dev libdbu
 	systemd util-linux procps python3-systemd \
 	dpkg-dev debhelper lintian libglib2.0-bin man-db \
 	qemu-system-x86 busybox-static kmod mmdebstrap e2fsprogs make gcc-12 xz-utils \
-	golang-go golang-dbus-dev prometheus-node-exporter prometheus
+	golang-go golang-dbus-dev prometheus-node-exporter prometheus pciutils
 
 .PHONY: deps venv test lint typecheck unit test-e2e demo check deb bench clean
 
@@ -60,6 +60,7 @@ deb:
 
 bench:
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_compare.py
 	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/bench_flood.py; else echo "bench_flood.py skipped: it needs root"; fi
 
 clean:
