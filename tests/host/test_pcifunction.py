@@ -3,6 +3,7 @@ that a snapshot reads each attribute once, and the rules judged on it (bridge, D
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,8 @@ def test_a_snapshot_reads_each_attribute_once(sim: SimFactory, monkeypatch: pyte
     reads: list[str] = []
     real = Host.read_text
 
-    def counting(path: Path) -> str | None:
-        reads.append(path.name)
+    def counting(path: Path | str) -> str | None:
+        reads.append(os.path.basename(path))
         return real(path)
 
     monkeypatch.setattr(Host, "read_text", staticmethod(counting))

@@ -14,6 +14,7 @@ Also the one parser of sysfs hex ids (`parse_hex`) and the one normaliser of mod
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -68,14 +69,19 @@ class Identity:
 class PciFunction:
     """One function as this snapshot sees it. Every property reads its sysfs file once, on first use."""
 
-    def __init__(self, host: Host, address: PciAddress, directory: Path) -> None:
+    def __init__(self, host: Host, address: PciAddress, directory: Path | str) -> None:
         self._host = host
         self.address = address
-        self.dir = directory
+        # Reads join names to this string: a listing of thousands of functions makes no Path per read.
+        self._prefix = os.fspath(directory).rstrip("/") + "/"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self._prefix)
 
     def attr(self, name: str) -> str | None:
         """A raw attribute, read now (not kept): for what the model does not name."""
-        return self._host.read_text(self.dir / name)
+        return self._host.read_text(self._prefix + name)
 
     @cached_property
     def present(self) -> bool:
@@ -193,17 +199,17 @@ class PciFunction:
     @cached_property
     def physfn(self) -> PciAddress | None:
         """The physical function of a virtual function (its `physfn` link), None for anything else."""
-        return _address(self._host.link_name(self.dir / "physfn"))
+        return _address(self._host.link_name(self._prefix + "physfn"))
 
     @cached_property
     def virtfns(self) -> tuple[PciAddress, ...]:
         """The enabled VFs of a physical function (`virtfnN` links), in VF order."""
         if not self.sriov_numvfs:
             return ()  # not a PF, or none enabled: no directory listing for every function of a listing
-        names = [n for n in self._host.list_dir(self.dir) if n.startswith("virtfn") and n[6:].isdigit()]
+        names = [n for n in self._host.list_dir(self._prefix) if n.startswith("virtfn") and n[6:].isdigit()]
         out = []
         for n in sorted(names, key=lambda n: int(n[6:])):
-            addr = _address(self._host.link_name(self.dir / n))
+            addr = _address(self._host.link_name(self._prefix + n))
             if addr is not None:
                 out.append(addr)
         return tuple(out)
@@ -216,17 +222,17 @@ class PciFunction:
     @cached_property
     def mdev_types(self) -> tuple[str, ...]:
         """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
-        return tuple(self._host.list_dir(self.dir / "mdev_supported_types"))
+        return tuple(self._host.list_dir(self._prefix + "mdev_supported_types"))
 
     @cached_property
     def mdev_children(self) -> tuple[str, ...]:
         """The uuids of the mediated devices created on this parent: the kernel puts each under its
         parent's directory (`<dev>/<uuid>/`, with an `mdev_type` link; drivers/vfio/mdev/mdev_core.c)."""
-        names = self._host.list_dir(self.dir) if self.mdev_types else []
+        names = self._host.list_dir(self._prefix) if self.mdev_types else []
         return tuple(
             n
             for n in sorted(names)
-            if UUID_RE.fullmatch(n) and self._host.link_name(self.dir / n / "mdev_type") is not None
+            if UUID_RE.fullmatch(n) and self._host.link_name(f"{self._prefix}{n}/mdev_type") is not None
         )
 
     # ----- the rules judged on a function ------------------------------------------------------------
@@ -290,7 +296,7 @@ class PciSnapshot:
     def __init__(self, host: Host) -> None:
         self.host = host
         # Path joins cost more than the reads on a large host: build each directory once.
-        self._devices_dir = host.pci_devices_dir
+        self._devices_dir = os.fspath(host.pci_devices_dir)
         self._functions: dict[PciAddress, PciFunction] = {}
         self._members: dict[int, tuple[PciAddress, ...]] = {}
         self._addresses: list[PciAddress] | None = None
@@ -304,7 +310,7 @@ class PciSnapshot:
     def function(self, addr: PciAddress) -> PciFunction:
         fn = self._functions.get(addr)
         if fn is None:
-            fn = self._functions[addr] = PciFunction(self.host, addr, self._devices_dir / addr)
+            fn = self._functions[addr] = PciFunction(self.host, addr, f"{self._devices_dir}/{addr}")
         return fn
 
     def functions(self) -> list[PciFunction]:
