@@ -133,7 +133,7 @@ def _textfile(value: str) -> str:
     return value
 
 
-class Metrics(BaseModel):
+class MetricsConfig(BaseModel):
     """The node_exporter textfile: where (empty: none) and how often it is written."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -152,7 +152,7 @@ class Config(BaseModel):
     register_allow: list[AllowEntry] = Field(default_factory=list)
     vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
     per_caller: PerCaller = Field(default_factory=PerCaller)
-    metrics: Metrics = Field(default_factory=Metrics)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("persistence_units", mode="after")
     @classmethod

@@ -13,7 +13,7 @@ from tests.bus.support.harness import PolkitMock
 from tests.bus.support.helpers import GPU, attach, b, ok, register
 from tests.core.test_metrics import samples
 from vfiod.bus.names import ACTION_INSPECT
-from vfiod.config import Config, Metrics
+from vfiod.config import Config, MetricsConfig
 
 
 def test_get_metrics_counts_calls_and_reads_the_registry(
@@ -44,7 +44,7 @@ def wait_for(path: Path, timeout: float = 10) -> None:
 
 
 def test_the_textfile_is_off_until_its_directory_exists(start_vfiod: StartVfiod, clients: Clients) -> None:
-    vfiod = start_vfiod(config=Config(metrics=Metrics(interval=1)))
+    vfiod = start_vfiod(config=Config(metrics=MetricsConfig(interval=1)))
     directory = vfiod.root / "var/lib/prometheus/node-exporter"  # the default, under the simulated root
     path = directory / "vfiod.prom"
     time.sleep(1.5)
@@ -61,7 +61,7 @@ def test_the_textfile_is_off_until_its_directory_exists(start_vfiod: StartVfiod,
 
 
 def test_an_empty_textfile_setting_writes_nothing(start_vfiod: StartVfiod) -> None:
-    vfiod = start_vfiod(config=Config(metrics=Metrics(textfile="", interval=1)))
+    vfiod = start_vfiod(config=Config(metrics=MetricsConfig(textfile="", interval=1)))
     directory = vfiod.root / "var/lib/prometheus/node-exporter"
     directory.mkdir(parents=True)
     time.sleep(1.5)

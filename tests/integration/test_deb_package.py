@@ -62,25 +62,7 @@ def deb() -> Iterator[Path]:
         unavailable(f"missing {', '.join(missing)} (apt-get install dpkg-dev debhelper lintian)")
     out = Path(tempfile.mkdtemp(prefix="vfiod-deb-"))
     try:
-        r = subprocess.run(
-            [
-                "bash",
-                str(REPO / "packaging/build-deb.sh"),
-                "--outdir",
-                str(out),
-                "--builddir",
-                str(out / "build"),
-                "--no-lintian",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        assert r.returncode == 0, f"build-deb.sh failed:\n{r.stderr[-6000:]}"
-        debs = sorted(out.glob("vfiod_*_amd64.deb"))
-        assert len(debs) == 1, f"expected one vfiod_<version>_amd64.deb in {out}: {debs}"
-        yield debs[0]
+        yield _build_deb("bookworm", out, lintian=False)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -326,18 +308,20 @@ def _base_root(dist: str, deb: Path) -> Path:
     return tarball
 
 
-def _build_deb(dist: str, out: Path) -> Path:
+def _build_deb(dist: str, out: Path, *, lintian: bool = True) -> Path:
+    """`packaging/build-deb.sh --dist DIST` into `out`: the one vfiod_<version>_amd64.deb it made."""
     r = subprocess.run(
         ["bash", str(REPO / "packaging/build-deb.sh"), "--dist", dist, "--outdir", str(out), "--builddir",
-         str(out / "build")],
+         str(out / "build"), *([] if lintian else ["--no-lintian"])],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )  # fmt: skip
     assert r.returncode == 0, f"build-deb.sh --dist {dist} failed:\n{r.stderr[-6000:]}"
-    (deb,) = out.glob("vfiod_*_amd64.deb")
-    return deb
+    debs = sorted(out.glob("vfiod_*_amd64.deb"))
+    assert len(debs) == 1, f"expected one vfiod_<version>_amd64.deb in {out}: {debs}"
+    return debs[0]
 
 
 @pytest.mark.parametrize("dist", CLEAN_DISTS)

@@ -14,10 +14,8 @@ from dbus_fast import Variant
 from vfiod.bus import variants
 from vfiod.bus.names import device_path
 from vfiod.bus.requests import Request
-from vfiod.core import metrics
 from vfiod.core.context import Caller
 from vfiod.core.manager import Manager
-from vfiod.core.metrics import Metrics
 from vfiod.core.records import Device
 
 T = TypeVar("T")
@@ -29,9 +27,7 @@ class Runner(Protocol):
 
     manager: Manager
 
-    metrics: Metrics
-
-    async def read(self, fn: Callable[[], T]) -> T: ...
+    async def render_metrics(self) -> str: ...
 
     async def shared(self, key: Hashable, fn: Callable[[], T]) -> T: ...
 
@@ -198,8 +194,7 @@ async def import_hypeman(svc: Runner, caller: Caller, req: Request) -> Record:
 
 
 async def get_metrics(svc: Runner, caller: Caller, req: Request) -> str:
-    # Not shared: a scrape wants the counters as they are, and the gauges are a few registry reads.
-    return await svc.read(lambda: svc.metrics.render(metrics.gauges(svc.manager.deps)))
+    return await svc.render_metrics()
 
 
 Adapter = Callable[[Runner, Caller, Request], Awaitable[Any]]

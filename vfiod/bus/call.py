@@ -20,7 +20,7 @@ from dbus_fast import Message, MessageFlag
 
 from vfiod.bus.authz import MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
 from vfiod.bus.names import ACTION_ADMIN, MANAGER_IFACE
-from vfiod.core.context import Caller
+from vfiod.core.context import Caller, add_new
 from vfiod.core.errors import (
     Failed,
     HostCritical,
@@ -119,10 +119,10 @@ class Call:
         for key, value in (details or {}).items():
             if key == "instance" and value:
                 self.instance = value
-            elif key == "pci_address" and value and value not in self.touched:
-                self.touched.append(value)
-            elif key == "device" and value and value not in self.devices:
-                self.devices.append(value)
+            elif key == "pci_address" and value:
+                add_new(self.touched, [value])
+            elif key == "device" and value:
+                add_new(self.devices, [value])
 
     def audit(self, action: str, decision: Decision, details: Mapping[str, str] | None) -> None:
         level = logging.INFO if decision.allowed else logging.WARNING
@@ -154,7 +154,7 @@ class Call:
         instance and the PCI addresses it named or acted on, at the level its result deserves."""
         level, fields = _severity(error)
         if isinstance(error, VfiodError):
-            self.touched.extend(a for a in map(str, error.stuck) if a not in self.touched)
+            add_new(self.touched, error.stuck)
         where = [f"instance {self.instance}"] if self.instance else []
         where += [", ".join(self.touched or self.devices)] if self.touched or self.devices else []
         audit.log(

@@ -37,7 +37,7 @@ from vfiod.bus.names import BUS_NAME, SYSTEMD_NAME
 from vfiod.bus.service import Service
 from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.bus.uevents import NetlinkUevents, SimulatedUevents, UeventSource
-from vfiod.core import metrics, recovery
+from vfiod.core import recovery
 from vfiod.core.context import Report
 from vfiod.core.manager import Manager, ManagerConfig
 from vfiod.core.registry import Registry, RegistryError
@@ -225,9 +225,8 @@ class Daemon:
         self.uevents.start()
 
         await self._request_name(bus, where)
-        service, deps = self.service, self.manager.deps
         self.metrics_file = TextfileWriter(
-            lambda: service.read(lambda: service.metrics.render(metrics.gauges(deps))),
+            self.service.render_metrics,
             textfile_path(self.config.metrics.textfile, self.sim_root),
             self.config.metrics.interval,
         )

@@ -4,7 +4,7 @@ read it; off while its directory does not exist (said once in the log, and again
 
 Debian's prometheus-node-exporter reads /var/lib/prometheus/node-exporter/*.prom (its textfile
 collector's directory), which is the default; the unit has a matching ReadWritePaths=. A scrape then shows
-vfiod's metrics with node_textfile_mtime_seconds{file="vfiod.prom"} telling how fresh they are.
+vfiod's metrics with node_textfile_mtime_seconds{file="<the file's path>"} telling how fresh they are.
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ from vfiod.bus.objects import DeviceObjects
 from vfiod.bus.shared_reads import FairLanes, Snapshots
 from vfiod.bus.uevents import Uevent
 from vfiod.config import PerCaller
+from vfiod.core import metrics
 from vfiod.core.errors import (
     Busy,
     NotAuthorized,
 )
 from vfiod.core.manager import Manager
-from vfiod.core.metrics import Metrics
 from vfiod.core.records import Device
 from vfiod.host import procfs
 from vfiod.host.host import Host
@@ -87,10 +87,9 @@ class Service:
         read_workers: int = READ_WORKERS,
         call_workers: int = CALL_WORKERS,
         per_caller: PerCaller | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
         self.bus = bus
-        self.metrics = metrics or Metrics(__version__)
+        self.metrics = metrics.Metrics(__version__)
         self.manager = manager
         self.authz = authz
         self.loop = asyncio.get_running_loop()
@@ -176,6 +175,10 @@ class Service:
         if isinstance(self.bus, Connection):
             self.bus.frozen.freeze(value)  # the same object answers many calls: marshal its body once
         return value
+
+    async def render_metrics(self) -> str:
+        """GetMetrics and the textfile: counters as they are now (not shared), gauges read afresh."""
+        return await self.read(lambda: self.metrics.render(metrics.gauges(self.manager.deps)))
 
     def _wrote(self, record: WriteRecord) -> None:
         self.snapshots.invalidate()  # a sysfs write by vfiod (called on the writing thread)

@@ -18,12 +18,17 @@ class Caller:
 
     def acted(self, addresses: Iterable[object]) -> None:
         if self.touched is not None:
-            self.touched.extend(a for a in map(str, addresses) if a not in self.touched)
+            add_new(self.touched, addresses)
 
     def is_admin(self, details: Mapping[str, str] | None = None) -> bool:
         if self.uid == 0:
             return True
         return bool(self.check_admin is not None and self.check_admin(dict(details or {})))
+
+
+def add_new(into: list[str], addresses: Iterable[object]) -> None:
+    """Append each address not already in `into`, in order (the addresses a call named or acted on)."""
+    into.extend(a for a in dict.fromkeys(map(str, addresses)) if a not in into)
 
 
 ROOT = Caller(uid=0)
@@ -43,4 +48,4 @@ class Report:
         return out
 
 
-__all__ = ["ROOT", "Caller", "Report"]
+__all__ = ["ROOT", "Caller", "Report", "add_new"]

@@ -15,40 +15,41 @@ from vfiod.logevents import Action, MessageId
 log = logging.getLogger("vfiod.manager")
 
 
-def attached(
-    caller: Caller, instance: str, owner: int, addresses: Sequence[object], action: Action = Action.ATTACH
-) -> None:
-    caller.acted(addresses)
-    log.info(
-        "attached %s to %s for uid %d",
-        ", ".join(map(str, addresses)),
-        instance,
-        owner,
-        extra={
-            "MESSAGE_ID": MessageId.ATTACHED,
-            "ACTION": action,
-            "INSTANCE_ID": instance,
-            "PCI_ADDRESS": ",".join(map(str, addresses)),
-            "OWNER_UID": owner,
-            "CALLER_UID": caller.uid,
-        },
+def attached(caller: Caller, instance: str, owner: int, addresses: Sequence[object]) -> None:
+    tail = f"to {instance} for uid {owner}"
+    _handover(
+        caller, MessageId.ATTACHED, Action.ATTACH, instance, addresses, "attached", tail, OWNER_UID=owner
     )
 
 
-def detached(
-    caller: Caller, instance: str, addresses: Sequence[object], action: Action = Action.DETACH
+def detached(caller: Caller, instance: str, addresses: Sequence[object]) -> None:
+    _handover(caller, MessageId.DETACHED, Action.DETACH, instance, addresses, "detached", f"from {instance}")
+
+
+def _handover(
+    caller: Caller,
+    message_id: str,
+    action: Action,
+    instance: str,
+    addresses: Sequence[object],
+    verb: str,
+    tail: str,
+    **extra: object,
 ) -> None:
+    """One line of devices handed over or taken back: it also tells the call's outcome line about them."""
     caller.acted(addresses)
     log.info(
-        "detached %s from %s",
+        "%s %s %s",
+        verb,
         ", ".join(map(str, addresses)),
-        instance,
+        tail,
         extra={
-            "MESSAGE_ID": MessageId.DETACHED,
+            "MESSAGE_ID": message_id,
             "ACTION": action,
             "INSTANCE_ID": instance,
             "PCI_ADDRESS": ",".join(map(str, addresses)),
             "CALLER_UID": caller.uid,
+            **extra,
         },
     )
 

@@ -197,56 +197,46 @@ class Metrics:
         ]
         for name, help_text, value in simple:
             family(name, "gauge", help_text, [f"{name} {value}"])
-        with self._lock:
-            calls = dict(self._calls)
-            call_seconds = {k: _copy(h) for k, h in self._call_seconds.items()}
-            writes = dict(self._writes)
-            write_seconds = {k: _copy(h) for k, h in self._write_seconds.items()}
-            busy = self._busy_refusals
-        family(
-            "vfiod_calls_total",
-            "counter",
-            "Manager method calls answered, by method and result (ok or the error's name).",
-            [f"vfiod_calls_total{_labels(k)} {n}" for k, n in sorted(calls.items())],
-        )
-        family(
-            "vfiod_call_duration_seconds",
-            "histogram",
-            "How long Manager method calls took, by method.",
-            [
-                line
-                for k, h in sorted(call_seconds.items())
-                for line in h.lines("vfiod_call_duration_seconds", k)
-            ],
-        )
-        family(
-            "vfiod_calls_refused_busy_total",
-            "counter",
-            "Calls answered Busy at once: their connection had too many calls or replies outstanding.",
-            [f"vfiod_calls_refused_busy_total {busy}"],
-        )
-        family(
-            "vfiod_sysfs_writes_total",
-            "counter",
-            "sysfs writes by attribute and result (an errno name, timeout, or late-<result> when one "
-            "returned after its deadline).",
-            [f"vfiod_sysfs_writes_total{_labels(k)} {n}" for k, n in sorted(writes.items())],
-        )
-        family(
-            "vfiod_sysfs_write_duration_seconds",
-            "histogram",
-            "How long sysfs writes took inside the kernel, by attribute.",
-            [
-                line
-                for k, h in sorted(write_seconds.items())
-                for line in h.lines("vfiod_sysfs_write_duration_seconds", k)
-            ],
-        )
+
+        def counter(name: str, help_text: str, counts: dict[Labels, int]) -> None:
+            family(name, "counter", help_text, [f"{name}{_labels(k)} {n}" for k, n in sorted(counts.items())])
+
+        def histogram(name: str, help_text: str, hists: dict[Labels, _Histogram]) -> None:
+            family(
+                name,
+                "histogram",
+                help_text,
+                [ln for k, h in sorted(hists.items()) for ln in h.lines(name, k)],
+            )
+
+        with self._lock:  # rendered under the lock: a consistent view, and no copies
+            counter(
+                "vfiod_calls_total",
+                "Manager method calls answered, by method and result (ok or the error's name).",
+                self._calls,
+            )
+            histogram(
+                "vfiod_call_duration_seconds",
+                "How long Manager method calls took, by method.",
+                self._call_seconds,
+            )
+            counter(
+                "vfiod_calls_refused_busy_total",
+                "Calls answered Busy at once: their connection had too many calls or replies outstanding.",
+                {(): self._busy_refusals},
+            )
+            counter(
+                "vfiod_sysfs_writes_total",
+                "sysfs writes by attribute and result (an errno name, timeout, or late-<result> when one "
+                "returned after its deadline).",
+                self._writes,
+            )
+            histogram(
+                "vfiod_sysfs_write_duration_seconds",
+                "How long sysfs writes took inside the kernel, by attribute.",
+                self._write_seconds,
+            )
         return "\n".join(out) + "\n"
-
-
-def _copy(h: _Histogram) -> _Histogram:
-    return _Histogram(h.buckets, list(h.counts), h.total, h.count)
 
 
 def gauges(deps: CoreDeps) -> Gauges:
