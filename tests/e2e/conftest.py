@@ -8,7 +8,9 @@ scenario of that guest as its own test.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +86,37 @@ def kernel_id(suite: str) -> str:
         return f"{suite}-{guest.resolve_kernel_package(suite).removeprefix('linux-image-')}"
     except guest.SetupError:
         return suite
+
+
+_KERNEL_IN_ID = re.compile(r"\[((?:bullseye|bookworm|trixie)-[^\]]*?-amd64)-")
+_TIME_PER_KERNEL: dict[str, float] = {}
+
+
+def _kernel_of(nodeid: str) -> str:
+    """The kernel a test ran on: named in its id, the variant-driver tarball, else bookworm's."""
+    found = _KERNEL_IN_ID.search(nodeid)
+    if found:
+        return found.group(1)
+    if nodeid.startswith("tests/e2e/test_variants.py"):
+        return os.path.basename(os.environ.get("VFIOD_E2E_KERNEL_TARBALL", "variant-driver kernel"))
+    return _default_kernel()
+
+
+@functools.cache
+def _default_kernel() -> str:
+    return kernel_id("bookworm")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Setup carries each guest's boot (a module-scoped fixture), so it counts toward its kernel too.
+    if enabled():
+        kernel = _kernel_of(report.nodeid)
+        _TIME_PER_KERNEL[kernel] = _TIME_PER_KERNEL.get(kernel, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _TIME_PER_KERNEL:
+        return
+    terminalreporter.write_sep("-", "real-kernel suite: time per kernel (boot, set-up and scenarios)")
+    for kernel, seconds in sorted(_TIME_PER_KERNEL.items()):
+        terminalreporter.write_line(f"{kernel:48} {seconds:7.1f} s")
