@@ -200,14 +200,16 @@ def discover(
     all_devices: bool = False,
     registered: Mapping[str, str] | None = None,
     critical: Mapping[PciAddress, str] | None = None,
+    snap: PciSnapshot | None = None,
 ) -> list[AvailableDevice]:
     """Every candidate (display controllers; every function with `all_devices`), sorted by address.
 
     `registered` maps PCI address -> registered device id (`registered_as`). `critical` is a
-    `host_critical()` result the caller already has; by default it is computed once here.
+    `host_critical()` result the caller already has; by default it is computed once here. `snap` is the
+    caller's read of the bus when it goes on reading the same functions (a new one by default).
     """
     names = pci_ids if pci_ids is not None else default_pci_ids()
-    snap = PciSnapshot(host)
+    snap = snap if snap is not None else PciSnapshot(host)
     reg = _normalise_registered(registered)
     crit = critical if critical is not None else scan_host_critical(host)
     aliases = kernel_aliases(host)

@@ -183,6 +183,10 @@ class Host:
     def attr(self, addr: PciAddress, name: str) -> str | None:
         return self.read_text(self._dev(addr) + name)
 
+    def has_attr(self, addr: PciAddress, name: str) -> bool:
+        """Whether the device has the attribute file `name` (a relative path such as `nvidia/...`)."""
+        return os.path.isfile(self._dev(addr) + name)
+
     def driver(self, addr: PciAddress) -> DriverName | None:
         name = self.link_name(self._dev(addr) + "driver")
         if name is None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
+from vfiod.host.kept import kept
 from vfiod.host.mdev import UUID_RE
 from vfiod.host.pciaddr import DriverName, PciAddress, is_vfio_driver
 
@@ -83,27 +83,27 @@ class PciFunction:
         """A raw attribute, read now (not kept): for what the model does not name."""
         return self._host.read_text(self._prefix + name)
 
-    @cached_property
+    @kept
     def present(self) -> bool:
         return self.dir.is_dir()
 
-    @cached_property
+    @kept
     def vendor(self) -> str:
         return parse_hex(self.attr("vendor"))
 
-    @cached_property
+    @kept
     def device(self) -> str:
         return parse_hex(self.attr("device"))
 
-    @cached_property
+    @kept
     def subsystem_vendor(self) -> str:
         return parse_hex(self.attr("subsystem_vendor"))
 
-    @cached_property
+    @kept
     def subsystem_device(self) -> str:
         return parse_hex(self.attr("subsystem_device"))
 
-    @cached_property
+    @kept
     def class_code(self) -> str:
         """Six hex digits (base class, sub-class, prog-if), "" if unreadable."""
         code = parse_hex(self.attr("class"))
@@ -124,7 +124,7 @@ class PciFunction:
             f"bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}i{cls & 0xFF:02X}"
         )
 
-    @cached_property
+    @kept
     def header_type(self) -> int | None:
         """The config header's type (0 endpoint, 1 PCI-to-PCI bridge, 2 CardBus), None if unreadable."""
         try:
@@ -135,73 +135,73 @@ class PciFunction:
             return None
         return data[0] & 0x7F if data else None
 
-    @cached_property
+    @kept
     def driver(self) -> DriverName | None:
         return self._host.driver(self.address)
 
-    @cached_property
+    @kept
     def module(self) -> DriverName | None:
         """The module providing the bound driver (`driver/module`), None if built in or unbound."""
         return self._host.driver_module(self.address)
 
-    @cached_property
+    @kept
     def driver_override(self) -> str | None:
         return self._host.driver_override(self.address)
 
-    @cached_property
+    @kept
     def iommu_group(self) -> int | None:
         return self._host.iommu_group(self.address)
 
-    @cached_property
+    @kept
     def has_vfio_dev(self) -> bool:
         """A `vfio-dev/` directory: the function is registered with VFIO (vfio-pci or a variant driver)."""
         return self._host.has_vfio_dev(self.address)
 
-    @cached_property
+    @kept
     def numa_node(self) -> int:
         try:
             return int(self.attr("numa_node") or "-1")
         except ValueError:
             return -1
 
-    @cached_property
+    @kept
     def boot_vga(self) -> bool:
         return self.attr("boot_vga") == "1"
 
-    @cached_property
+    @kept
     def reset_methods(self) -> tuple[str, ...]:
         """The resets the kernel will try, in order (`reset_method`, 5.15+; hidden when there is none)."""
         return tuple((self.attr("reset_method") or "").split())
 
-    @cached_property
+    @kept
     def has_reset(self) -> bool:
         """The `reset` attribute: present only when the function has some reset (every kernel)."""
         return (self.dir / "reset").exists()
 
-    @cached_property
+    @kept
     def sriov_totalvfs(self) -> int | None:
         """VFs the device supports (an SR-IOV physical function), None if it has no SR-IOV capability."""
         return _optional_int(self.attr("sriov_totalvfs"))
 
-    @cached_property
+    @kept
     def sriov_numvfs(self) -> int | None:
         if self.sriov_totalvfs is None:
             return None  # no SR-IOV capability: spare the read on every function of a listing
         return _optional_int(self.attr("sriov_numvfs"))
 
-    @cached_property
+    @kept
     def sriov_autoprobe(self) -> bool | None:
         """Whether VFs are probed by a host driver when they are enabled (`sriov_drivers_autoprobe`)."""
         if self.sriov_totalvfs is None:
             return None
         return self.attr("sriov_drivers_autoprobe") == "1"
 
-    @cached_property
+    @kept
     def physfn(self) -> PciAddress | None:
         """The physical function of a virtual function (its `physfn` link), None for anything else."""
         return _address(self._host.link_name(self._prefix + "physfn"))
 
-    @cached_property
+    @kept
     def virtfns(self) -> tuple[PciAddress, ...]:
         """The enabled VFs of a physical function (`virtfnN` links), in VF order."""
         if not self.sriov_numvfs:
@@ -214,17 +214,17 @@ class PciFunction:
                 out.append(addr)
         return tuple(out)
 
-    @cached_property
+    @kept
     def vendor_vgpu_host(self) -> bool:
         """An NVIDIA vendor-VFIO VF: `nvidia` is its VFIO driver and it has `nvidia/` (vGPU 17+)."""
         return self.physfn is not None and vendor_vgpu.is_vendor_vf(self._host, self.address)
 
-    @cached_property
+    @kept
     def mdev_types(self) -> tuple[str, ...]:
         """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
         return tuple(self._host.list_dir(self._prefix + "mdev_supported_types"))
 
-    @cached_property
+    @kept
     def mdev_children(self) -> tuple[str, ...]:
         """The uuids of the mediated devices created on this parent: the kernel puts each under its
         parent's directory (`<dev>/<uuid>/`, with an `mdev_type` link; drivers/vfio/mdev/mdev_core.c)."""

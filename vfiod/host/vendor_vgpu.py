@@ -55,7 +55,7 @@ def current_type(host: Host, vf: PciAddress) -> str | None:
 
 
 def is_vendor_vf(host: Host, addr: PciAddress) -> bool:
-    return (host.device_dir(addr) / "nvidia" / "current_vgpu_type").is_file()
+    return host.has_attr(addr, "nvidia/current_vgpu_type")
 
 
 def _listing(host: Host, vf: PciAddress) -> tuple[str, dict[str, str]] | None:
