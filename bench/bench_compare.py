@@ -13,7 +13,7 @@ Rows (medians; every reference is measured here, now, not quoted):
 It asserts nothing: these machines are shared and noisy. A private bus (dbus-daemon --session) and
 simulated hosts; no privileges needed.
 
-    .venv/bin/python bench/bench_compare.py [--functions 4096] [--runs 7] [--json]
+    .venv/bin/python bench/bench_compare.py [--functions 4096] [--runs 7] [--json] [--only GROUP ...]
 """
 
 from __future__ import annotations
@@ -264,15 +264,25 @@ def call_rows(address: str, work: Path, runs: int) -> list[Row]:
     return [Row("GetDevice p50, sequential", median_ms(ours), "ms", median_ms(theirs), what, "<= 2x")]
 
 
-def bench(functions: int, runs: int) -> list[Row]:
+GROUPS = ("discovery", "start", "calls", "persistence")
+
+
+def bench(functions: int, runs: int, groups: tuple[str, ...] = GROUPS) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="vfiod-bench-"))
+    rows: list[Row] = []
     try:
         with private_bus(work) as address:
-            rows = discovery_rows(address, work, functions, runs)
-            rows += start_rows(address, work, runs)
-            rows += call_rows(address, work, runs)
-            cycles = parallel_attach_cycles(address, work)
-            rows.append(Row("persistence stop/start cycles, 8 parallel Attaches", cycles, "", None, "", "1"))
+            if "discovery" in groups:
+                rows += discovery_rows(address, work, functions, runs)
+            if "start" in groups:
+                rows += start_rows(address, work, runs)
+            if "calls" in groups:
+                rows += call_rows(address, work, runs)
+            if "persistence" in groups:
+                cycles = parallel_attach_cycles(address, work)
+                rows.append(
+                    Row("persistence stop/start cycles, 8 parallel Attaches", cycles, "", None, "", "1")
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -312,9 +322,12 @@ def main() -> None:
     parser.add_argument("--functions", type=int, default=4096)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    parser.add_argument(
+        "--only", choices=GROUPS, action="append", help="measure only these rows (repeatable; default all)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    rows = bench(args.functions, args.runs)
+    rows = bench(args.functions, args.runs, tuple(args.only or GROUPS))
     if args.json:
         out = {
             r.figure: {

@@ -141,6 +141,9 @@ def test_life_of_the_daemon(tmp_path: Path, bus: PrivateBus, root_client: Client
         wait_until(lambda: any(m.startswith(b"READY=1") for m in messages))
         wait_until(lambda: any(m == b"WATCHDOG=1" for m in messages))
         register(root_client, GPU, "gpu")
+        # No OpenSSL in a root daemon that speaks no TLS (vfiod/cli/daemon.py keeps ssl and _hashlib out).
+        maps = Path(f"/proc/{proc.pid}/maps").read_text(encoding="utf-8")
+        assert "libcrypto" not in maps and "libssl" not in maps
 
         # a second vfiod on the same bus cannot take the name
         second = vfiod("--bus", bus.address, "--simulate", "workstation-l4")

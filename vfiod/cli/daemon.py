@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vfiod import __version__
-from vfiod.cli import check
+from vfiod.cli import check_args
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -34,9 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "as it stands. Exit status 0 when no check fails (warnings or not), 1 when one fails, 2 for bad "
         "input.",
     )
-    check.add_arguments(check_parser)
-    handler: Handler = check.run
-    check_parser.set_defaults(handler=handler)
+    check_args.add_arguments(check_parser)
+    check_parser.set_defaults(handler=_check)
 
     run_parser = sub.add_parser(
         "run",
@@ -96,10 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace) -> int:
+    from vfiod.cli import check  # noqa: PLC0415 -- `vfiod run` never needs the report's modules
+
+    return check.run(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.sim_root is not None and args.simulate is None:
         print("vfiod run: --sim-root needs --simulate PROFILE", file=sys.stderr)
         return 2
+    # vfiod speaks no TLS and needs no OpenSSL hash: asyncio imports ssl only if it can, and hashlib falls
+    # back to Python's own sha256 (dbus-fast's one use) without _hashlib, so OpenSSL's libssl and libcrypto
+    # stay out of a root daemon's address space (5 MB resident). Kept where something imported them already.
+    for openssl_module in ("ssl", "_hashlib"):
+        sys.modules.setdefault(openssl_module, None)  # type: ignore[arg-type]
     # Imported here so that `vfiod check` does not load D-Bus and pydantic.
     from vfiod.bus import daemon  # noqa: PLC0415
 
