@@ -25,6 +25,9 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     # (hypeman creates the vGPU before it starts the VM, so a young one is not yet an orphan).
     vgpu_orphan_grace = 300
 
+    # Seconds the persistence units stay stopped after the last bind/unbind, for the next one to share.
+    persistence_linger = 2
+
     # What one D-Bus connection may cost vfiod at a time: calls being handled, and bytes of replies
     # marshalled but not yet taken by the bus socket. A call beyond either gets Error.Busy at once.
     [per_caller]
@@ -54,6 +57,7 @@ os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vfiod.core.persistence import DEFAULT_UNITS
+from vfiod.core.settings import ManagerConfig
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
 from vfiod.host.writes import SLOW_DRIVERS, DeadlinePolicy
 
@@ -157,8 +161,18 @@ class Config(BaseModel):
     deadlines: Deadlines = Field(default_factory=Deadlines)
     register_allow: list[AllowEntry] = Field(default_factory=list)
     vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
+    persistence_linger: float = Field(default=2.0, ge=0, le=60)
     per_caller: PerCaller = Field(default_factory=PerCaller)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    def manager_config(self) -> ManagerConfig:
+        """The core's view of these settings."""
+        return ManagerConfig(
+            units_by_vendor={k: list(v) for k, v in self.persistence_units.items()},
+            register_allow=list(self.register_allow),
+            vgpu_orphan_grace=self.vgpu_orphan_grace,
+            persistence_linger=self.persistence_linger,
+        )
 
     @field_validator("persistence_units", mode="after")
     @classmethod

@@ -15,8 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfiod.core.manager import Manager, ManagerConfig
+from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry
+from vfiod.core.settings import ManagerConfig
 from vfiod.core.system import ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
 from vfiod.host.writes import DeadlinePolicy

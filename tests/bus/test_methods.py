@@ -251,7 +251,8 @@ def test_kernel_errors(start_vfiod: StartVfiod, clients: Clients) -> None:
 
 
 def test_vfio_not_available(start_vfiod: StartVfiod, clients: Clients) -> None:
-    vfiod = start_vfiod(systemd=True)
+    # No persistence linger: the unit is started again before Attach answers (tests/core covers the linger).
+    vfiod = start_vfiod(systemd=True, config=Config(persistence_linger=0))
     assert vfiod.standin is not None
     vfiod.kernel.unload_module("vfio_pci")
     vfiod.standin.modprobe_works = False

@@ -173,5 +173,9 @@ def test_vfiod_holds_units_while_owning_its_name(
         root.close()
     calls = vfiod.standin.calls
     stop = calls.index(("StopUnit", UNIT))
+    # Started again through systemd once the persistence linger (2 s by default) has passed.
+    deadline = time.monotonic() + 15
+    while ("StartUnit", UNIT) not in calls[stop:] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert ("StartUnit", UNIT) in calls[stop:]
     assert processes.unit_active(vfiod.root, UNIT)

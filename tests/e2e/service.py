@@ -1216,9 +1216,21 @@ def sc_systemd_activation(g: Guest) -> None:
     check(result == "success" and entered not in ("", "0"), "modprobe@vfio_pci.service did not run")
 
 
+def wait_restarted(unit: str, before: str, what: str) -> str:
+    """The unit's new MainPID once vfiod started it again: after the persistence linger (2 s by default)."""
+    deadline = time.monotonic() + 20
+    while True:
+        pid = unit_prop(unit, "MainPID")
+        if pid not in ("", "0") and pid != before:
+            return pid
+        check(time.monotonic() < deadline, f"{what}: {unit} was not restarted ({before} -> {pid})")
+        time.sleep(0.2)
+
+
 def sc_persistence_attach(g: Guest) -> None:
     """Attach of the VGA group under systemd: fake-persistenced (vendor 1234 in vfiod.toml) is stopped
-    before the first bind write and started after the last; the group is usable by hypeman."""
+    before the first bind write and started after the last, once the linger has passed; the group is usable
+    by hypeman."""
     for path in glob.glob("/sys/class/vtconsole/*/bind"):
         if "frame buffer" in Path(path).parent.joinpath("name").read_text():
             Path(path).write_text("0")
@@ -1228,9 +1240,8 @@ def sc_persistence_attach(g: Guest) -> None:
     reply = g.attach(HYPEMAN, "vm-vga", ["vga"], include_group=True)
     check(reply.ok, f"Attach failed: {reply.describe()}")
     g.expect_drivers({VGA: "vfio-pci", HDA: "vfio-pci"}, "after Attach")
-    after = unit_prop(FAKE_UNIT, "MainPID")
+    after = wait_restarted(FAKE_UNIT, before, "Attach")
     g.say(f"{FAKE_UNIT}: pid {before} before, {after} after")
-    check(after not in ("", "0") and after != before, f"{FAKE_UNIT} was not restarted ({before} -> {after})")
     entries = journal_since(cursor)
     check_hold_order(g, entries, "Attach")
     check_key_event(g, entries, MessageId.ATTACHED, "Attach", "vm-vga", {VGA, HDA})
@@ -1241,13 +1252,44 @@ def sc_persistence_attach(g: Guest) -> None:
 def sc_persistence_detach(g: Guest) -> None:
     """Detach: the unit is held stopped again around the unbinds; both functions are back."""
     cursor = journal_cursor()
+    before = unit_prop(FAKE_UNIT, "MainPID")
     reply = g.detach(HYPEMAN, "vm-vga")
     check(reply.ok, f"Detach failed: {reply.describe()}")
     g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
+    wait_restarted(FAKE_UNIT, before, "Detach")
     entries = journal_since(cursor)
     check_hold_order(g, entries, "Detach")
     check_key_event(g, entries, MessageId.DETACHED, "Detach", "vm-vga", {VGA, HDA})
     check(unit_prop(FAKE_UNIT, "ActiveState") == "active", f"{FAKE_UNIT} is not running after Detach")
+
+
+def sc_persistence_linger(g: Guest) -> None:
+    """An Attach and a Detach back to back share one stop/start cycle of the persistence unit: the Detach
+    comes within the linger, finds the unit still stopped and takes the hold without a new stop."""
+    for path in glob.glob("/sys/class/vtconsole/*/bind"):  # bochs-drm took the console back at Detach
+        if "frame buffer" in Path(path).parent.joinpath("name").read_text():
+            Path(path).write_text("0")
+    cursor = journal_cursor()
+    before = unit_prop(FAKE_UNIT, "MainPID")
+    started = time.monotonic()
+    check(g.attach(HYPEMAN, "vm-linger", ["vga"], include_group=True).ok, "Attach failed")
+    check(g.detach(HYPEMAN, "vm-linger").ok, "Detach failed")
+    took = time.monotonic() - started
+    g.expect_drivers({VGA: "bochs-drm", HDA: "snd_hda_intel"}, "after Detach")
+    wait_restarted(FAKE_UNIT, before, "Attach + Detach")
+    entries = journal_since(cursor)
+
+    def jobs(kind: str) -> int:
+        return sum(
+            1
+            for e in entries
+            if e.get("UNIT") == FAKE_UNIT and e.get("JOB_TYPE") == kind and e.get("JOB_RESULT") == "done"
+        )
+
+    shared = [e for e in entries if "held again without a new stop" in str(e.get("MESSAGE", ""))]
+    g.say(f"Attach + Detach in {took:.2f} s: {jobs('stop')} stop(s), {jobs('start')} start(s) of {FAKE_UNIT}")
+    check(jobs("stop") == 1 and jobs("start") == 1, f"{FAKE_UNIT}: not one stop/start cycle for both calls")
+    check(len(shared) == 1, f"vfiod logged {len(shared)} shared holds, not 1")
 
 
 def sc_metrics_textfile(g: Guest) -> None:
@@ -1275,6 +1317,7 @@ SYSTEMD: dict[str, Scenario] = {
     "systemd-activation": sc_systemd_activation,
     "persistence-attach": sc_persistence_attach,
     "persistence-detach": sc_persistence_detach,
+    "persistence-linger": sc_persistence_linger,
     "metrics-textfile": sc_metrics_textfile,
 }
 
@@ -1282,5 +1325,6 @@ SYSTEMD_DEPENDS: dict[str, str] = {
     "systemd-activation": "systemd-boot",
     "persistence-attach": "systemd-activation",
     "persistence-detach": "persistence-attach",
-    "metrics-textfile": "persistence-detach",
+    "persistence-linger": "persistence-detach",
+    "metrics-textfile": "persistence-linger",
 }

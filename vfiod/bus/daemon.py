@@ -39,7 +39,7 @@ from vfiod.bus.systemd import SystemdClient, UnitsLeftAlone
 from vfiod.bus.uevents import NetlinkUevents, SimulatedUevents, UeventSource
 from vfiod.core import recovery
 from vfiod.core.context import Report
-from vfiod.core.manager import Manager, ManagerConfig
+from vfiod.core.manager import Manager
 from vfiod.core.registry import Registry, RegistryError
 from vfiod.core.system import LoadedModulesOnly, ModuleLoader, UnitController
 from vfiod.host.host import Host, HostRoots
@@ -60,15 +60,6 @@ DRAIN_TIMEOUT: Final = 30.0
 EXIT_OK: Final = 0
 EXIT_START: Final = 1
 EXIT_CONFIG: Final = 2
-
-
-def manager_config(cfg: config_mod.Config) -> ManagerConfig:
-    """The core's view of the configuration file's settings."""
-    return ManagerConfig(
-        units_by_vendor={k: list(v) for k, v in cfg.persistence_units.items()},
-        register_allow=list(cfg.register_allow),
-        vgpu_orphan_grace=cfg.vgpu_orphan_grace,
-    )
 
 
 class StartupError(Exception):
@@ -205,7 +196,7 @@ class Daemon:
             self.registry,
             modules,
             units,
-            config=manager_config(self.config),
+            config=self.config.manager_config(),
             gpu_sriov=self.simulation.gpu_sriov if self.simulation is not None else None,
         )
         # Only the quick part before the name: what was interrupted. Finishing it can take a write's
@@ -377,7 +368,7 @@ class Daemon:
             return False
         self.config = new
         if self.manager is not None:
-            self.manager.reconfigure(manager_config(new))
+            self.manager.reconfigure(new.manager_config())
             self.manager.host.deadlines = new.deadlines.policy()
         if self.service is not None:
             self.service.set_caps(new.per_caller)
@@ -407,6 +398,8 @@ class Daemon:
                 self.unfinished,
                 self.options.drain_timeout,
             )
+        if self.manager is not None:  # units kept stopped for a next bind run again now (through systemd)
+            await asyncio.get_running_loop().run_in_executor(None, self.manager.hold.end_lingering)
         if self.bus is not None and self.bus.connected:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.bus.release_name(BUS_NAME), 5.0)

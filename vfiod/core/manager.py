@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from vfiod.core import (
     discovery,
@@ -52,10 +51,11 @@ from vfiod.core.manager_sharing import SharingMethods
 from vfiod.core.ops import attach as attach_op
 from vfiod.core.ops import release
 from vfiod.core.pciids import PciIds, default_pci_ids
-from vfiod.core.persistence import DEFAULT_UNITS, PersistenceHold
+from vfiod.core.persistence import PersistenceHold
 from vfiod.core.records import Attachment, Device
 from vfiod.core.refresh import Refreshes
 from vfiod.core.registry import AttachmentRow, DeviceRow, Registry
+from vfiod.core.settings import ManagerConfig
 from vfiod.core.startup import Startup
 from vfiod.core.system import GpuSriov, ModuleLoader, UnitController
 from vfiod.core.vmm_checks import attach_warnings
@@ -66,15 +66,6 @@ from vfiod.host.sriov_manage import NvidiaSriovManage
 from vfiod.logevents import Action
 
 log = logging.getLogger("vfiod.manager")
-
-
-@dataclass
-class ManagerConfig:
-    units_by_vendor: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_UNITS))
-    # PCI addresses or vendor:device ids anyone allowed to `register` may register beyond the candidates.
-    register_allow: list[str] = field(default_factory=list)
-    # Seconds a vGPU vfiod created may outlive its instance before Reconcile destroys it.
-    vgpu_orphan_grace: float = 300.0
 
 
 class Manager(SharingMethods):
@@ -96,7 +87,10 @@ class Manager(SharingMethods):
         self.boot_id = host.boot_id() or "unknown-boot"
         self.modules = modules
         self.units = units
-        self.hold = PersistenceHold(registry, units, self.boot_id, self.config.units_by_vendor)
+        cfg = self.config
+        self.hold = PersistenceHold(
+            registry, units, self.boot_id, cfg.units_by_vendor, cfg.persistence_linger
+        )
         self.locks = GroupLocks()
         self.instances = InstanceLocks()
         self.placement = threading.Lock()  # vGPU placement and creation, one at a time
@@ -482,6 +476,7 @@ class Manager(SharingMethods):
         """SIGHUP: new persistence units and register allow-list for the calls that start from now on."""
         self.config = config
         self.hold.units_by_vendor = dict(config.units_by_vendor)
+        self.hold.linger = config.persistence_linger
 
     # ----- helpers -------------------------------------------------------------------------------------
 

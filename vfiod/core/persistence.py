@@ -6,6 +6,13 @@ were. Whether to stop is judged from the unit's real state (systemd's ActiveStat
 a holder that finds the unit running stops it, whatever a row says. The hold is journaled in the registry
 before the unit is touched, so after a crash or restart `recover()` starts again every unit a dead vfiod
 left stopped; a row this process cannot update never keeps a unit stopped.
+
+Binds come in bursts (hypeman starting several VMs one after the other), and every stop/start cycle of
+nvidia-persistenced costs seconds and tears down the driver state of every GPU. So a stop already in progress
+is shared (holders wait on it under the lock), and with a `linger` the last release does not start the units
+at once: they stay stopped for `linger` seconds, and a bind that comes meanwhile takes the hold without a
+new stop. The lingering hold keeps its row (holders 0), so a crash meanwhile is recovered like any hold;
+`end_lingering()` starts them at once (the daemon's stop).
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ class PersistenceHold:
         units: UnitController,
         boot_id: str,
         units_by_vendor: Mapping[str, Sequence[str]] | None = None,
+        linger: float = 0.0,
     ) -> None:
         self._registry = registry
         self._units = units
         self._boot_id = boot_id
         self.units_by_vendor = dict(units_by_vendor if units_by_vendor is not None else DEFAULT_UNITS)
+        self.linger = linger  # seconds the units stay stopped after the last release (0: start at once)
         self._lock = threading.Lock()
         # The live count is this process's: unit -> holds taken and not yet released, and whether the unit
         # ran before the first of them. The registry row is the journal of it, for a restart; a row this
@@ -44,6 +53,9 @@ class PersistenceHold:
         self._held: dict[str, int] = {}
         self._was_active: dict[str, bool] = {}
         self._kept: dict[str, list[str]] = {}  # PCI address -> units held while a write of it is pending
+        # unit -> the timer that starts it when its linger ends (held by nobody, still stopped by us)
+        self._lingering: dict[str, threading.Timer] = {}
+        self.cycles_saved = 0  # binds that found the units lingering and took them without a new stop
 
     def units_for(self, vendors: Iterable[str]) -> list[str]:
         out: set[str] = set()
@@ -84,7 +96,17 @@ class PersistenceHold:
             # Judged from the unit's real state, never from a row: a row left by a failure or a crash, or
             # a unit someone started meanwhile, would otherwise leave it running during the unbind.
             active = self._units.is_active(unit)
-            if holders and not active:
+            lingering = self._lingering.pop(unit, None)
+            if lingering is not None:
+                lingering.cancel()
+                if not active:
+                    self.cycles_saved += 1
+                    log.info(
+                        "%s is still stopped from the last bind/unbind: held again without a new stop",
+                        unit,
+                        extra={"ACTION": Action.HOLD_UNITS, "UNIT": unit},
+                    )
+            if (holders or lingering is not None) and not active:
                 self._held[unit] = holders + 1
                 self._journal(unit, holders + 1)
                 return
@@ -116,9 +138,53 @@ class PersistenceHold:
                     self._journal(unit, holders)
                     continue
                 self._held.pop(unit, None)
+                if self.linger > 0 and self._linger(unit):
+                    continue
                 row = self._read_row(unit)
                 was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
                 self._start_if(unit, was_active)
+
+    def _linger(self, unit: str) -> bool:
+        """Keep `unit` stopped for `linger` seconds after its last release (under the lock); False when
+        there is nothing to linger for (it was not running before the hold)."""
+        row = self._read_row(unit)
+        if not (self._was_active.get(unit, False) or (row is not None and row.was_active)):
+            return False
+        self._journal(unit, 0)
+        timer = threading.Timer(self.linger, self._linger_ended, args=(unit,))
+        timer.daemon = True
+        self._lingering[unit] = timer
+        timer.start()
+        log.info(
+            "keeping %s stopped for %g s in case another bind/unbind follows",
+            unit,
+            self.linger,
+            extra={"ACTION": Action.HOLD_UNITS, "UNIT": unit},
+        )
+        return True
+
+    def _linger_ended(self, unit: str) -> None:
+        with self._lock:
+            if self._lingering.pop(unit, None) is None or self._held.get(unit):
+                return  # a bind took it meanwhile (its release lingers or starts it again)
+            self._end(unit)
+
+    def end_lingering(self) -> list[str]:
+        """Start now every unit whose linger has not ended (vfiod is stopping); return their names."""
+        ended = []
+        with self._lock:
+            for unit, timer in list(self._lingering.items()):
+                timer.cancel()
+                del self._lingering[unit]
+                if not self._held.get(unit):
+                    self._end(unit)
+                    ended.append(unit)
+        return ended
+
+    def _end(self, unit: str) -> None:
+        row = self._read_row(unit)
+        was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
+        self._start_if(unit, was_active)
 
     def keep_for(self, pci_address: str, units: Sequence[str]) -> None:
         """Hold `units` until `release_kept(pci_address)`: a write to that function is still inside the
@@ -154,8 +220,8 @@ class PersistenceHold:
         started: list[str] = []
         with self._lock:
             for row in self._registry.all_holds():
-                if self._held.get(row.unit):
-                    continue  # held by a call of this process right now
+                if self._held.get(row.unit) or row.unit in self._lingering:
+                    continue  # held by a call of this process right now, or lingering after one
                 if self._start_if(row.unit, row.was_active):
                     started.append(row.unit)
         return started
