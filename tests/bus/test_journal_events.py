@@ -14,6 +14,7 @@ from tests.bus.support.harness import PolkitMock
 from tests.bus.support.helpers import AUDIO, GPU, IGPU, attach, b, detach, ok, register
 from tests.journal_catalog import assert_catalogued
 from vfiod.bus.names import ACTION_INSPECT
+from vfiod.config import Config
 from vfiod.logevents import MessageId
 from vfiod_sim import faults
 
@@ -86,3 +87,32 @@ def test_refusals_for_the_host_and_by_polkit_are_warnings(
     assert [(r.levelno, r.__dict__["CALLER_UID"], r.__dict__["PCI_ADDRESS"]) for r in denied] == [
         (logging.WARNING, clients.alice.uid, IGPU)
     ]
+
+
+def test_attach_and_detach_say_where_their_time_went(
+    start_vfiod: StartVfiod, clients: Clients, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Through the systemd stand-in, so the persistence hold is part of it (linger 0: started in the call).
+    start_vfiod(systemd=True, config=Config(persistence_linger=0))
+    caplog.set_level(logging.INFO, logger="vfiod")
+    register(clients.root, GPU, "gpu")
+    ok(attach(clients.root, "vm1", "gpu", include_group=b(True)))
+    ok(detach(clients.root, "vm1"))
+    expected = {
+        "Attach": {"IDENTIFY", "AUTHORIZE", "PLAN", "HOLDERS", "PERSISTENCE_STOP", "PERSISTENCE_START",
+                   "MODULE_LOAD", "WRITE_DRIVER_OVERRIDE", "WRITE_UNBIND", "WRITE_DRIVERS_PROBE",
+                   "VERIFY_WAIT", "VIABILITY", "GRANT", "REGISTRY_COMMIT"},
+        "Detach": {"IDENTIFY", "AUTHORIZE", "HOLDERS", "PERSISTENCE_STOP", "PERSISTENCE_START", "GRANT",
+                   "WRITE_DRIVER_OVERRIDE", "WRITE_UNBIND", "WRITE_DRIVERS_PROBE", "VERIFY_WAIT",
+                   "REGISTRY_COMMIT"},
+    }  # fmt: skip
+    for method, phases in expected.items():
+        [line] = outcomes(caplog, method)
+        fields = line.__dict__
+        found = {k.removeprefix("PHASE_").removesuffix("_MS") for k in fields if k.startswith("PHASE_")}
+        assert phases <= found, f"{method}: {sorted(phases - found)} missing from {sorted(found)}"
+        spent = sum(float(fields[f"PHASE_{p}_MS"]) for p in found)
+        # The phases do not overlap, so together they are at most the whole call.
+        assert "OTHER" in found  # what no phase accounts for makes up the rest
+        assert 0 < spent <= float(fields["DURATION_MS"]) + 1.0  # each field is rounded to 0.1 ms
+        assert "write drivers_probe" in line.getMessage() and " ms" in line.getMessage()

@@ -18,6 +18,7 @@ from typing import Final
 
 from dbus_fast import Message, MessageFlag
 
+from vfiod import phases
 from vfiod.bus.authz import MUTATING, Authorizer, CallerId, Decision, action_for, denial_message
 from vfiod.bus.names import ACTION_ADMIN, MANAGER_IFACE
 from vfiod.core.context import Caller, add_new
@@ -68,6 +69,7 @@ class Call:
         self.instance = ""
         self.touched: list[str] = []  # PCI addresses: those polkit was asked about, then those acted on
         self.devices: list[str] = []
+        self.phases = phases.begin()  # current in this call's context: the core adds its phases too
 
     @property
     def exe(self) -> str:
@@ -76,13 +78,15 @@ class Call:
         return self._exe
 
     async def identify(self) -> None:
-        self.who = await self.authz.identify(self.msg.sender or "")
+        with phases.timed("identify"):
+            self.who = await self.authz.identify(self.msg.sender or "")
 
     async def authorize(self, details: Mapping[str, str] | None = None, action: str | None = None) -> None:
         """The method's action (or `action`); NotAuthorized when polkit says no. Logged for mutating calls."""
         act = action or self.action
         self._note(details)
-        decision = await self.authz.check(self.who, act, details, interactive=self.interactive)
+        with phases.timed("authorize"):
+            decision = await self.authz.check(self.who, act, details, interactive=self.interactive)
         if act in MUTATING or not decision.allowed:
             self.audit(act, decision, details)
         if not decision.allowed:
@@ -94,7 +98,8 @@ class Call:
         self._note(details)
         if self.admin_granted:
             return True
-        decision = await self.authz.check(self.who, ACTION_ADMIN, details, interactive=self.interactive)
+        with phases.timed("authorize"):
+            decision = await self.authz.check(self.who, ACTION_ADMIN, details, interactive=self.interactive)
         self.audit(ACTION_ADMIN, decision, details)
         if decision.allowed:
             self.admin_granted = True
@@ -151,20 +156,25 @@ class Call:
         self, result: str, started: float, text: str = "", error: BaseException | None = None
     ) -> None:
         """The audit line of a mutating call's result ("ok" or the error's name) and duration, with the
-        instance and the PCI addresses it named or acted on, at the level its result deserves."""
+        instance and the PCI addresses it named or acted on, at the level its result deserves, and where
+        the time went (vfiod.phases: PHASE_*_MS fields)."""
         level, fields = _severity(error)
         if isinstance(error, VfiodError):
             add_new(self.touched, error.stuck)
         where = [f"instance {self.instance}"] if self.instance else []
         where += [", ".join(self.touched or self.devices)] if self.touched or self.devices else []
+        elapsed = time.monotonic() - started
+        # What no phase accounts for: Python, thread hand-offs, the bus; the kernel's own work is in phases.
+        self.phases.add("other", max(0.0, elapsed - sum(self.phases.seconds.values())))
         audit.log(
             level,
-            "%s by uid %d%s: %s (%.3f s)%s",
+            "%s by uid %d%s: %s (%.3f s%s)%s",
             self.method,
             self.who.uid,
             f" ({'; '.join(where)})" if where else "",
             result,
-            time.monotonic() - started,
+            elapsed,
+            f": {self.phases.text()}",
             f": {text}" if text else "",
             extra={
                 **self._fields(),
@@ -172,6 +182,8 @@ class Call:
                 "INSTANCE_ID": self.instance,
                 "PCI_ADDRESS": ",".join(self.touched),
                 "DEVICE": ",".join(self.devices),
+                "DURATION_MS": f"{elapsed * 1000:.1f}",
+                **self.phases.fields(),
                 **fields,
             },
         )

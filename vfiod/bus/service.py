@@ -184,7 +184,8 @@ class Service:
         self.snapshots.invalidate()  # a sysfs write by vfiod (called on the writing thread)
 
     async def change(self, fn: Callable[[], T]) -> T:
-        return await self.loop.run_in_executor(self._calls, fn)
+        # In the call's context: the manager's phases (vfiod.phases) land in the call's outcome line.
+        return await self.loop.run_in_executor(self._calls, contextvars.copy_context().run, fn)
 
     def caller_exe(self, pid: int | None) -> str:
         if pid is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from vfiod import phases
 from vfiod.core.errors import Failed
 from vfiod.core.registry import Registry
 from vfiod.host.backend import NodeOwner
@@ -47,6 +48,7 @@ def previous_owner(host: Host, group: int, named_uids: set[int]) -> NodeOwner:
     return before
 
 
+@phases.timed_call("grant")
 def grant(host: Host, group: int, uid: int) -> None:
     """Give the node to `uid` (mode 0600, group kept). Journal `previous_owner` first."""
     before = current_owner(host, group)
@@ -58,6 +60,7 @@ def grant(host: Host, group: int, uid: int) -> None:
             raise Failed(f"cannot hand /dev/vfio/{group} to uid {uid}: {e.strerror or e}") from e
 
 
+@phases.timed_call("grant")
 def revoke(host: Host, group: int, previous: NodeOwner) -> None:
     """Give the node back to whoever had it before the grant. A node already gone needs nothing."""
     try:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vfiod import phases
 from vfiod.core import kernel_io, kernel_support
 from vfiod.core.errors import (
     DeviceBusy,
@@ -104,7 +105,8 @@ class Binder:
     def bind_group(self, plan: GroupPlan) -> list[BoundFunction]:
         """Move every function of `plan` to its VFIO driver and check the group is viable; all or nothing."""
         kernel_support.require_supported(self.host)
-        self.modules.load("vfio_pci")
+        with phases.timed("module load"):
+            self.modules.load("vfio_pci")
         done: list[BoundFunction] = []
         in_flight: tuple[PciAddress, NativeDriver] | None = None
         try:
@@ -134,7 +136,8 @@ class Binder:
         table is override-only, so nothing loads it on its own)."""
         target = intended_driver(self.host, addr)
         if target != VFIO_PCI and not self.host.driver_loaded(target):
-            self.modules.load(target.replace("-", "_"))
+            with phases.timed("module load"):
+                self.modules.load(target.replace("-", "_"))
             log.info(
                 "%s: the kernel's vfio_pci aliases pick the variant driver %s",
                 addr,
@@ -164,6 +167,7 @@ class Binder:
         if not self._wait(node.exists):
             raise Failed(f"{addr} is on {target} but {self.host.logical(node)} did not appear")
 
+    @phases.timed_call("viability")
     def _require_viable(self, group: int) -> None:
         try:
             flags = self.host.group_status(group)
@@ -244,7 +248,8 @@ class Binder:
                     "to load",
                     stuck=(addr,),
                 )
-            self.modules.load(native.module)
+            with phases.timed("module load"):
+                self.modules.load(native.module)
         self._step(addr, "override", current, target, lambda: self.host.set_driver_override(addr, target))
         # Each step reads the driver again rather than trusting the first read: an earlier attempt that
         # was cut short (a killed writer, a probe the kernel finished late) may have moved it meanwhile.
@@ -297,6 +302,7 @@ class Binder:
         finally:
             self.observer.after(step, ok)
 
+    @phases.timed_call("verify wait")
     def _wait(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         return kernel_io.wait_until(
             predicate, self.verify_timeout if timeout is None else timeout, self.poll_interval

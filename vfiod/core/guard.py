@@ -11,6 +11,7 @@ import errno
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from vfiod import phases
 from vfiod.core import eventlog, kernel_support
 from vfiod.core.errors import (
     DeviceBusy,
@@ -81,6 +82,7 @@ class GroupPlan:
         return sorted(set(self.to_bind) | set(self.joined) | set(self.already_bound))
 
 
+@phases.timed_call("plan")
 def plan_groups(
     host: Host,
     requested: Collection[PciAddress],
@@ -247,6 +249,7 @@ def vfio_holders(host: Host, addrs: Iterable[PciAddress]) -> list[Holder]:
     return _holders(host, paths, lambda _info: False)
 
 
+@phases.timed_call("holders")
 def require_not_held(host: Host, addrs: Iterable[PciAddress], what: str) -> None:
     """Refuse with DeviceBusy while a process holds a group node, a cdev or a VFIO device file: an unbind
     would block in the kernel, uninterruptibly, until the holder lets go.
@@ -367,6 +370,7 @@ def unit_of(info: ProcessInfo) -> str | None:
     return None
 
 
+@phases.timed_call("holders")
 def require_not_in_use(host: Host, addrs: Iterable[PciAddress], ignore_units: Collection[str]) -> None:
     """Refuse with DeviceBusy while host processes (other than the persistence units' own) use a device
     on its native driver: unbinding nvidia from a GPU in use blocks until they let go."""

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from vfiod import phases
 from vfiod.core.errors import Failed
 from vfiod.core.registry import HoldRow, Registry, RegistryError
 from vfiod.core.system import UnitController
@@ -80,6 +81,7 @@ class PersistenceHold:
         finally:
             self.release(units)
 
+    @phases.timed_call("persistence stop")
     def acquire(self, units: Sequence[str]) -> None:
         taken: list[str] = []
         try:
@@ -129,6 +131,7 @@ class PersistenceHold:
                 raise Failed(f"could not stop {unit} before touching the GPU driver: {e}") from e
             log.info("stopped %s for a bind/unbind", unit, extra={"ACTION": Action.HOLD_UNITS, "UNIT": unit})
 
+    @phases.timed_call("persistence start")
     def release(self, units: Sequence[str]) -> None:
         for unit in reversed(units):
             with self._lock:

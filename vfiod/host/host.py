@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfiod import phases
 from vfiod.host.backend import KernelBackend, LinuxKernel, NodeOwner
 from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
 from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
@@ -359,12 +360,14 @@ class Host:
                             logical, value, str(addr) if addr else None, wall_start
                         )
             if state.abandoned:
+                phases.add(f"write {path.name}", time.monotonic() - started)
                 record = WriteRecord(
                     logical, value, "timeout", time.monotonic() - started, str(addr) if addr else None
                 )
                 self._log_write(record)
                 self._notify(record)
                 raise SysfsTimeout(logical, value, deadline)
+        phases.add(f"write {path.name}", state.duration)  # the kernel's own time for it
         record = WriteRecord(
             logical, value, result_name(state.err), state.duration, str(addr) if addr else None
         )

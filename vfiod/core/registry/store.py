@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Self
 
+from vfiod import phases
 from vfiod.core.registry import files, schema
 from vfiod.core.registry.files import DB_NAME, RegistryError
 
@@ -197,7 +198,8 @@ class Store:
                     raise
                 self._depth = 0
                 try:
-                    self._control("COMMIT")
+                    with phases.timed("registry commit"):  # SQLite's fsync of the journal
+                        self._control("COMMIT")
                 except BaseException:
                     self._abandon("ROLLBACK")
                     raise
