@@ -9,6 +9,7 @@ timed (start-up, the simulator, the tests of the core). Like `logevents`, this m
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 import threading
@@ -90,3 +91,16 @@ def timed_call(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return timed_fn
 
     return wrap
+
+
+def carried(fn: Callable[[], R]) -> Callable[[], R]:
+    """`fn`, to run on a worker thread in this context (the call's phases go with it); the wait until a
+    thread takes it is the phase "queue"."""
+    context = contextvars.copy_context()
+    submitted = time.monotonic()
+
+    def run() -> R:
+        context.run(add, "queue", time.monotonic() - submitted)
+        return context.run(fn)
+
+    return run

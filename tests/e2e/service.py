@@ -14,6 +14,7 @@ Standard library only: runs with Debian's /usr/bin/python3 in the guest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -1047,6 +1048,87 @@ def sc_crash_mid_attach(g: Guest) -> None:
     registry_matches_kernel(g)
 
 
+_OUTCOME_RE = re.compile(
+    r"(Attach|Detach) by uid (\d+) \(instance vm-timing[^)]*\): ok \(([\d.]+) s: ([^)]*)\)"
+)
+RAW_TO_VFIO = """set -e
+for a in "$@"; do echo vfio-pci > /sys/bus/pci/devices/$a/driver_override; done
+for a in "$@"; do echo $a > /sys/bus/pci/devices/$a/driver/unbind; done
+for a in "$@"; do echo $a > /sys/bus/pci/drivers_probe; done
+"""
+RAW_BACK = """set -e
+for a in "$@"; do echo > /sys/bus/pci/devices/$a/driver_override; done
+for a in "$@"; do echo $a > /sys/bus/pci/drivers/vfio-pci/unbind; done
+for a in "$@"; do echo $a > /sys/bus/pci/drivers_probe; done
+"""
+
+
+def sc_attach_timing(g: Guest) -> None:
+    """Attach and Detach of the VGA group (GPU + audio) beside the raw shell sequence that does the same
+    writes (driver_override, unbind, drivers_probe per function, and back), medians of 3 rounds each: the
+    raw sequence as root, vfiod as root and as hypeman (polkit's decision included), each call's round trip
+    through busctl and vfiod's own time with the phases of its outcome line. Printed, not asserted."""
+    fns, natives = [VGA, HDA], g.drivers(VGA, HDA)
+    group = g.group(VGA)
+
+    def raw(script: str, want: dict[str, str | None]) -> float:
+        started = time.monotonic()
+        proc = sh(["sh", "-c", script, "raw", *fns])
+        check(proc.returncode == 0, f"the raw sequence failed: {proc.stderr.strip()}")
+        check(wait_for(lambda: g.drivers(*fns) == want, 15), f"raw: drivers are {g.drivers(*fns)}")
+        return time.monotonic() - started
+
+    rows: list[tuple[str, float, float, str, str]] = []
+    attach_raw, detach_raw = [], []
+    for _ in range(3):
+        unbind_console(g)  # bochs-drm takes the console again whenever it comes back
+        attach_raw.append(raw(RAW_TO_VFIO, dict.fromkeys(fns, "vfio-pci")))
+        check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} did not appear")
+        detach_raw.append(raw(RAW_BACK, natives))
+    rows.append(("raw shell sequence (root)", _median(attach_raw), _median(detach_raw), "-", "-"))
+    phases_seen: dict[str, str] = {}
+    for user in ("root", HYPEMAN):
+        pos = g.log_position()
+        client: dict[str, list[float]] = {"Attach": [], "Detach": []}
+        for _ in range(3):
+            unbind_console(g)
+            reply = g.attach(user, "vm-timing", ["vga"], include_group=True)
+            check(reply.ok, f"Attach as {user} failed: {reply.describe()}")
+            client["Attach"].append(reply.seconds)
+            reply = g.detach(user, "vm-timing")
+            check(reply.ok, f"Detach as {user} failed: {reply.describe()}")
+            client["Detach"].append(reply.seconds)
+            g.expect_drivers(natives, f"after Detach as {user}")
+        own: dict[str, list[float]] = {"Attach": [], "Detach": []}
+        check(wait_for(functools.partial(_outcomes_logged, g, pos, 6), 10), "no outcome lines in the log")
+        for method, _uid, seconds, spent in _OUTCOME_RE.findall(g.log_since(pos)):
+            own[method].append(float(seconds))
+            phases_seen[f"{method} as {user}"] = spent
+        rows.append(
+            (
+                f"vfiod as {user} (busctl round trip)",
+                _median(client["Attach"]),
+                _median(client["Detach"]),
+                f"{_median(own['Attach']):.3f} s",
+                f"{_median(own['Detach']):.3f} s",
+            )
+        )
+    g.say(f"Attach/Detach of {VGA} + {HDA} on Linux {os.uname().release}, medians of 3:")
+    g.say(f"  {'':36} {'attach':>8} {'detach':>8}   vfiod's own: attach  detach")
+    for what, att, det, own_att, own_det in rows:
+        g.say(f"  {what:36} {att:7.3f}s {det:7.3f}s   {own_att:>19} {own_det:>7}")
+    for what, spent in phases_seen.items():
+        g.say(f"  phases of the last {what}: {spent}")
+
+
+def _outcomes_logged(g: Guest, pos: int, count: int) -> bool:
+    return len(_OUTCOME_RE.findall(g.log_since(pos))) >= count
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 Scenario = Callable[[Guest], None]
 
 FAST_INIT: dict[str, Scenario] = {
@@ -1075,6 +1157,7 @@ FAST_INIT: dict[str, Scenario] = {
     "mdev-mdevctl": sc_mdev_mdevctl,
     "mdev-crash": sc_mdev_crash,
     "crash-mid-attach": sc_crash_mid_attach,
+    "attach-timing": sc_attach_timing,
 }
 
 # Scenarios that make no sense once an earlier one failed (they build on its state).
@@ -1103,6 +1186,7 @@ DEPENDS: dict[str, str] = {
     "mdev-mdevctl": "mdev-profiles",
     "mdev-crash": "mdev-profiles",
     "crash-mid-attach": "bridge-group",
+    "attach-timing": "alsa-holder",
 }
 
 

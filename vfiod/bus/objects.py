@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Message, Variant
 
+from vfiod import phases
 from vfiod.bus import variants
 from vfiod.bus.names import DEVICE_IFACE, MANAGER_PATH, OBJECT_MANAGER_IFACE, PROPERTIES_IFACE, device_path
 from vfiod.core.errors import NotFound
@@ -43,6 +44,10 @@ class DeviceObjects:
 
     async def sync(self, *, announce: bool = True) -> None:
         """Re-read every registered device; add, remove and update objects (with their signals)."""
+        with phases.timed("objects sync"):  # after a call, before its reply
+            await self._sync(announce)
+
+    async def _sync(self, announce: bool) -> None:
         # The read happens under the lock too, so an older snapshot is never applied after a newer one.
         async with self._tree_lock:
             recs = await self._read(lambda: [d.to_record() for d in self._manager.list_devices()])

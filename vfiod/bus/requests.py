@@ -14,6 +14,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
+from vfiod import phases
 from vfiod.bus import variants
 from vfiod.bus.methods import Method
 from vfiod.bus.names import ACTION_INSPECT
@@ -97,7 +98,8 @@ async def prepare(
     elif method.action == ACTION_INSPECT:
         req.details = [{"device": k} for k in keys] or [{}]
     elif keys:
-        req.devices = await resolve(keys)
+        with phases.timed("request"):  # the devices named, read from the registry and the kernel
+            req.devices = await resolve(keys)
         for device in req.devices:
             one = {"device": device.name, "pci_address": device.pci_address}
             req.details.append({**one, "instance": instance} if instance else one)

@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 from dbus_fast import DBusError, ErrorType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from vfiod import __version__
+from vfiod import __version__, phases
 from vfiod.bus import adapters, errors, methods, requests, standard
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
 from vfiod.bus.call import Call
@@ -185,7 +185,7 @@ class Service:
 
     async def change(self, fn: Callable[[], T]) -> T:
         # In the call's context: the manager's phases (vfiod.phases) land in the call's outcome line.
-        return await self.loop.run_in_executor(self._calls, contextvars.copy_context().run, fn)
+        return await self.loop.run_in_executor(self._calls, phases.carried(fn))
 
     def caller_exe(self, pid: int | None) -> str:
         if pid is None:

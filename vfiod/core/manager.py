@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from vfiod import phases
 from vfiod.core import (
     discovery,
     eventlog,
@@ -248,9 +249,10 @@ class Manager(SharingMethods):
                 force=force,
             )
         eventlog.attached(caller, instance, owner, [a.pci_address for a in result])
-        return result, attach_warnings(
-            self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in result]
-        )
+        with phases.timed("warnings"):
+            return result, attach_warnings(
+                self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in result]
+            )
 
     def detach(
         self,

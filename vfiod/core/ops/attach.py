@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 
+from vfiod import phases
 from vfiod.core import access, guard
 from vfiod.core.binder import BoundFunction
 from vfiod.core.deps import CoreDeps
@@ -139,7 +140,8 @@ def attach(
         _revoke_quietly(deps, granted)
         raise
     deps.changed(r.id for r in bound_rows.values())
-    return attachment_records(deps, instance, {p.group for p in plans}, made_before=before)
+    with phases.timed("records"):
+        return attachment_records(deps, instance, {p.group for p in plans}, made_before=before)
 
 
 def bind(deps: CoreDeps, row: DeviceRow, *, include_group: bool, force: bool) -> list[DeviceRow]:
