@@ -141,11 +141,8 @@ class PersistenceHold:
                     self._journal(unit, holders)
                     continue
                 self._held.pop(unit, None)
-                if self.linger > 0 and self._linger(unit):
-                    continue
-                row = self._read_row(unit)
-                was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
-                self._start_if(unit, was_active)
+                if not (self.linger > 0 and self._linger(unit)):
+                    self._end(unit)
 
     def _linger(self, unit: str) -> bool:
         """Keep `unit` stopped for `linger` seconds after its last release (under the lock); False when
@@ -185,6 +182,7 @@ class PersistenceHold:
         return ended
 
     def _end(self, unit: str) -> None:
+        """Held by nobody any more: start the unit again if it ran before the hold."""
         row = self._read_row(unit)
         was_active = self._was_active.pop(unit, False) or (row is not None and row.was_active)
         self._start_if(unit, was_active)
