@@ -1048,6 +1048,32 @@ def sc_crash_mid_attach(g: Guest) -> None:
     registry_matches_kernel(g)
 
 
+def sc_reset_warnings(g: Guest) -> None:
+    """What the kernel shows of each function's resets (reset_method, 5.15+, and reset, both absent for a
+    function without one) beside what `vfiod check --all --json` warns: a function with no reset at all
+    is warned about, one with a function-level reset is not."""
+    proc = sh(["/usr/sbin/vfiod", "check", "--all", "--json"])
+    check(proc.returncode in (0, 1), f"vfiod check failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    records = {r["pci_address"]: r for r in json.loads(proc.stdout)["devices"]}
+    seen = {"none": 0, "flr": 0}
+    for addr, rec in sorted(records.items()):
+        sysfs = Path(f"/sys/bus/pci/devices/{addr}")
+        methods = (sysfs / "reset_method").read_text().split() if (sysfs / "reset_method").exists() else []
+        has_reset = (sysfs / "reset").exists()
+        warned = [w for w in rec["warnings"] if "reset" in w]
+        shown = f"reset_method {' '.join(methods) or '-'}, reset {'yes' if has_reset else 'no'}"
+        g.say(f"{addr} {rec['class']}: {shown}: {'; '.join(warned) or 'no warning'}")
+        check(rec["reset_methods"] == methods, f"{addr}: vfiod reads {rec['reset_methods']}, sysfs {methods}")
+        if not methods and not has_reset and not rec["blockers"]:
+            seen["none"] += 1
+            check(any("no reset method" in w for w in warned), f"{addr} has no reset and no warning")
+        if "flr" in methods:
+            seen["flr"] += 1
+            check(not warned, f"{addr} has an FLR and is warned about: {warned}")
+    g.say(f"functions without any reset: {seen['none']}, with an FLR: {seen['flr']}")
+    check(seen["none"] >= 1, "no function without a reset was found (QEMU's edu has none)")
+
+
 _OUTCOME_RE = re.compile(
     r"(Attach|Detach) by uid (\d+) \(instance vm-timing[^)]*\): ok \(([\d.]+) s: ([^)]*)\)"
 )
@@ -1158,6 +1184,7 @@ FAST_INIT: dict[str, Scenario] = {
     "mdev-crash": sc_mdev_crash,
     "crash-mid-attach": sc_crash_mid_attach,
     "attach-timing": sc_attach_timing,
+    "reset-warnings": sc_reset_warnings,
 }
 
 # Scenarios that make no sense once an earlier one failed (they build on its state).
@@ -1187,6 +1214,7 @@ DEPENDS: dict[str, str] = {
     "mdev-crash": "mdev-profiles",
     "crash-mid-attach": "bridge-group",
     "attach-timing": "alsa-holder",
+    "reset-warnings": "bus-activation",
 }
 
 
