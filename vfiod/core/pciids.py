@@ -41,40 +41,64 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ID4_RE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{4})")
 
 
+# A top-level line (a vendor, a `C` class, another section's entry), never a comment or an indented line.
+_TOP_RE = re.compile(r"^[^\t#\n][^\n]*", re.MULTILINE)
+
+
 class _Tables:
-    """The indexed database. Keys are concatenated lowercase hex, which is compact and cheap to build."""
+    """The indexed database: vendor names at once, each vendor's devices when first asked for (a listing
+    names a few vendors; parsing all ~40k device lines took most of the load). Keys are lowercase hex."""
 
-    __slots__ = ("devices", "vendors")
+    __slots__ = ("_blocks", "_devices", "_lock", "_text", "vendors")
 
-    def __init__(self) -> None:
+    def __init__(self, text: str) -> None:
+        self._text = text
         self.vendors: dict[str, str] = {}
-        self.devices: dict[str, str] = {}  # vvvvdddd
+        self._blocks: dict[str, list[tuple[int, int]]] = {}  # vendor -> its indented lines' spans
+        self._devices: dict[str, dict[str, str]] = {}  # vendor -> device id -> name, parsed on demand
+        self._lock = threading.Lock()
+
+    def device(self, vendor: str, device: str) -> str | None:
+        found = self._devices.get(vendor)
+        if found is None:
+            with self._lock:
+                found = self._devices.setdefault(vendor, self._parse_devices(vendor))
+        return found.get(device)
+
+    def _parse_devices(self, vendor: str) -> dict[str, str]:
+        """The device lines of every block of `vendor` (the first name of a repeated id wins); subsystem
+        lines (two tabs) are skipped."""
+        out: dict[str, str] = {}
+        for begin, end in self._blocks.get(vendor, ()):
+            # split("\n"), not splitlines(): splitlines also breaks on \x85 and \u2028, which names may hold.
+            for line in self._text[begin:end].split("\n"):
+                if line[:1] == "\t" and line[1:2] != "\t":
+                    m = _DEVICE_RE.fullmatch(line)
+                    if m is not None:
+                        out.setdefault(m[1].lower(), m[2].rstrip())
+        return out
 
 
 def _parse(text: str) -> _Tables:
-    """Vendors and their devices. Subsystem lines (two tabs) and every other section (`C` classes, `L`
-    languages...) are skipped, and the indented lines of a skipped or malformed entry are never filed
-    under the entry before it."""
-    t = _Tables()
+    """Vendors, and where each one's device lines are. Every other section (`C` classes, `L`
+    languages...) is skipped, and the indented lines of a skipped or malformed entry are never filed under
+    the entry before it (a vendor's lines end at the next top-level line; comments do not end them)."""
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if _CONTROL_RE.search(text) is not None:
         text = _CONTROL_RE.sub("?", text)
-    vendor = ""  # "" means "no valid parent" for the indented lines that follow
-    # split("\n"), not splitlines(): splitlines also breaks on \x85 and \u2028, which can occur in names.
-    for line in text.split("\n"):
-        if not line or line[0] == "#":
+    t = _Tables(text)
+    tops = list(_TOP_RE.finditer(text))
+    for i, top in enumerate(tops):
+        line = top[0]
+        m = _VENDOR_RE.fullmatch(line) if not (line[0] == "C" and line[1:2] == " ") else None
+        if m is None:
             continue
-        if line[0] != "\t":
-            m = _VENDOR_RE.fullmatch(line) if not (line[0] == "C" and line[1:2] == " ") else None
-            vendor = m[1].lower() if m is not None else ""
-            if m is not None:
-                t.vendors.setdefault(vendor, m[2].rstrip())
-            continue
-        if vendor and line[1:2] != "\t":
-            m = _DEVICE_RE.fullmatch(line)
-            if m is not None:
-                t.devices.setdefault(vendor + m[1].lower(), m[2].rstrip())
+        vendor = m[1].lower()
+        t.vendors.setdefault(vendor, m[2].rstrip())
+        t._blocks.setdefault(vendor, []).append(
+            (top.end(), tops[i + 1].start() if i + 1 < len(tops) else len(text))
+        )
     return t
 
 
@@ -165,7 +189,7 @@ class PciIds:
         t = self._load()
         if v is None or d is None or t is None:
             return None
-        return t.devices.get(v + d)
+        return t.device(v, d)
 
 
 @functools.cache
