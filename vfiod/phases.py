@@ -31,7 +31,7 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()  # a write's own thread and the call's may add at once
+        self._lock = threading.Lock()  # the call's worker thread and the event loop (polkit) both add
 
     def add(self, name: str, seconds: float) -> None:
         with self._lock:

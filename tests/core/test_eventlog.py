@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.core.support.vgpus import break_mbochs_create
 from tests.core.support.worlds import ADMIN, HM, MakeEnv
 from tests.journal_catalog import assert_catalogued
 from tests.machines import IGPU, L4, L4_AUDIO
@@ -83,13 +84,7 @@ def test_handing_over_and_taking_back_name_the_instance_and_every_function(
 def test_a_parent_is_quarantined_once_with_an_error(env: MakeEnv, caplog: pytest.LogCaptureFixture) -> None:
     e = env("mdev-samples")
     caplog.set_level(logging.INFO)
-    faults.inject(
-        e.root,
-        "create",
-        kind="errno",
-        errno="EIO",
-        path="/sys/class/mdev_bus/mbochs/mdev_supported_types/*/create",
-    )
+    break_mbochs_create(e.root)
     for _ in range(3):
         with pytest.raises((Failed, NoCapacity)):
             e.manager.attach_vgpu(HM, "vm1", "mbochs-small")  # the third: NoCapacity

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests.core.support.vgpus import break_mbochs_create
 from tests.core.support.worlds import HM, OTHER, Env, MakeEnv
 from vfiod.core.errors import (
     AlreadyExists,
@@ -135,13 +136,7 @@ def test_keep_bound_keeps_it_for_its_owner(env: MakeEnv) -> None:
 def test_a_failing_parent_is_rolled_back_and_quarantined(env: MakeEnv) -> None:
     e = env("mdev-samples")
     m = e.manager
-    faults.inject(
-        e.root,
-        "create",
-        kind="errno",
-        errno="EIO",
-        path="/sys/class/mdev_bus/mbochs/mdev_supported_types/*/create",
-    )
+    break_mbochs_create(e.root)
     for _ in range(2):
         with pytest.raises(Failed, match="create on mbochs failed"):
             m.attach_vgpu(HM, "vm1", "mbochs-small")

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1111,7 +1112,9 @@ def sc_attach_timing(g: Guest) -> None:
         attach_raw.append(raw(RAW_TO_VFIO, dict.fromkeys(fns, "vfio-pci")))
         check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} did not appear")
         detach_raw.append(raw(RAW_BACK, natives))
-    rows.append(("raw shell sequence (root)", _median(attach_raw), _median(detach_raw), "-", "-"))
+    rows.append(
+        ("raw shell sequence (root)", statistics.median(attach_raw), statistics.median(detach_raw), "-", "-")
+    )
     phases_seen: dict[str, str] = {}
     for user in ("root", HYPEMAN):
         pos = g.log_position()
@@ -1133,10 +1136,10 @@ def sc_attach_timing(g: Guest) -> None:
         rows.append(
             (
                 f"vfiod as {user} (busctl round trip)",
-                _median(client["Attach"]),
-                _median(client["Detach"]),
-                f"{_median(own['Attach']):.3f} s",
-                f"{_median(own['Detach']):.3f} s",
+                statistics.median(client["Attach"]),
+                statistics.median(client["Detach"]),
+                f"{statistics.median(own['Attach']):.3f} s",
+                f"{statistics.median(own['Detach']):.3f} s",
             )
         )
     g.say(f"Attach/Detach of {VGA} + {HDA} on Linux {os.uname().release}, medians of 3:")
@@ -1149,10 +1152,6 @@ def sc_attach_timing(g: Guest) -> None:
 
 def _outcomes_logged(g: Guest, pos: int, count: int) -> bool:
     return len(_OUTCOME_RE.findall(g.log_since(pos))) >= count
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 Scenario = Callable[[Guest], None]
@@ -1343,9 +1342,7 @@ def sc_persistence_attach(g: Guest) -> None:
     """Attach of the VGA group under systemd: fake-persistenced (vendor 1234 in vfiod.toml) is stopped
     before the first bind write and started after the last, once the linger has passed; the group is usable
     by hypeman."""
-    for path in glob.glob("/sys/class/vtconsole/*/bind"):
-        if "frame buffer" in Path(path).parent.joinpath("name").read_text():
-            Path(path).write_text("0")
+    unbind_console(g)
     g.register(HYPEMAN, VGA, "vga")
     before = unit_prop(FAKE_UNIT, "MainPID")
     cursor = journal_cursor()
@@ -1378,9 +1375,7 @@ def sc_persistence_detach(g: Guest) -> None:
 def sc_persistence_linger(g: Guest) -> None:
     """An Attach and a Detach back to back share one stop/start cycle of the persistence unit: the Detach
     comes within the linger, finds the unit still stopped and takes the hold without a new stop."""
-    for path in glob.glob("/sys/class/vtconsole/*/bind"):  # bochs-drm took the console back at Detach
-        if "frame buffer" in Path(path).parent.joinpath("name").read_text():
-            Path(path).write_text("0")
+    unbind_console(g)  # bochs-drm took the console back at Detach
     cursor = journal_cursor()
     before = unit_prop(FAKE_UNIT, "MainPID")
     started = time.monotonic()
@@ -1408,9 +1403,7 @@ def sc_metrics_textfile(g: Guest) -> None:
     """Under the unit's sandbox (ProtectSystem=strict, UMask=0077) vfiod writes its metrics textfile where
     Debian's prometheus-node-exporter reads it, mode 0644, and it follows the device's state."""
     path = Path("/var/lib/prometheus/node-exporter/vfiod.prom")
-    for bind in glob.glob("/sys/class/vtconsole/*/bind"):  # bochs-drm took the console back at Detach
-        if "frame buffer" in Path(bind).parent.joinpath("name").read_text():
-            Path(bind).write_text("0")
+    unbind_console(g)  # bochs-drm took the console back at Detach
     reply = g.attach(HYPEMAN, "vm-metrics", ["vga"], include_group=True)
     check(reply.ok, f"Attach failed: {reply.describe()}")
     deadline = time.monotonic() + 10

@@ -47,7 +47,11 @@ _TOP_RE = re.compile(r"^[^\t#\n][^\n]*", re.MULTILINE)
 
 class _Tables:
     """The indexed database: vendor names at once, each vendor's devices when first asked for (a listing
-    names a few vendors; parsing all ~40k device lines took most of the load). Keys are lowercase hex."""
+    names a few vendors; parsing all ~40k device lines took most of the load). Keys are lowercase hex.
+
+    Every section but the vendors (`C` classes, `L` languages...) is skipped, and the indented lines of a
+    skipped or malformed entry are never filed under the entry before it: a vendor's lines end at the next
+    top-level line (comments do not end them)."""
 
     __slots__ = ("_blocks", "_devices", "_lock", "_text", "vendors")
 
@@ -57,6 +61,16 @@ class _Tables:
         self._blocks: dict[str, list[tuple[int, int]]] = {}  # vendor -> its indented lines' spans
         self._devices: dict[str, dict[str, str]] = {}  # vendor -> device id -> name, parsed on demand
         self._lock = threading.Lock()
+        tops = list(_TOP_RE.finditer(text))
+        for i, top in enumerate(tops):
+            line = top[0]
+            m = _VENDOR_RE.fullmatch(line) if not (line[0] == "C" and line[1:2] == " ") else None
+            if m is None:
+                continue
+            vendor = m[1].lower()
+            self.vendors.setdefault(vendor, m[2].rstrip())
+            end = tops[i + 1].start() if i + 1 < len(tops) else len(text)
+            self._blocks.setdefault(vendor, []).append((top.end(), end))
 
     def device(self, vendor: str, device: str) -> str | None:
         found = self._devices.get(vendor)
@@ -80,26 +94,12 @@ class _Tables:
 
 
 def _parse(text: str) -> _Tables:
-    """Vendors, and where each one's device lines are. Every other section (`C` classes, `L`
-    languages...) is skipped, and the indented lines of a skipped or malformed entry are never filed under
-    the entry before it (a vendor's lines end at the next top-level line; comments do not end them)."""
+    """The file's text, with CRLF and control characters made harmless, indexed."""
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if _CONTROL_RE.search(text) is not None:
         text = _CONTROL_RE.sub("?", text)
-    t = _Tables(text)
-    tops = list(_TOP_RE.finditer(text))
-    for i, top in enumerate(tops):
-        line = top[0]
-        m = _VENDOR_RE.fullmatch(line) if not (line[0] == "C" and line[1:2] == " ") else None
-        if m is None:
-            continue
-        vendor = m[1].lower()
-        t.vendors.setdefault(vendor, m[2].rstrip())
-        t._blocks.setdefault(vendor, []).append(
-            (top.end(), tops[i + 1].start() if i + 1 < len(tops) else len(text))
-        )
-    return t
+    return _Tables(text)
 
 
 def _read(path: Path) -> str:

@@ -56,7 +56,6 @@ class PersistenceHold:
         self._kept: dict[str, list[str]] = {}  # PCI address -> units held while a write of it is pending
         # unit -> the timer that starts it when its linger ends (held by nobody, still stopped by us)
         self._lingering: dict[str, threading.Timer] = {}
-        self.cycles_saved = 0  # binds that found the units lingering and took them without a new stop
 
     def units_for(self, vendors: Iterable[str]) -> list[str]:
         out: set[str] = set()
@@ -102,7 +101,6 @@ class PersistenceHold:
             if lingering is not None:
                 lingering.cancel()
                 if not active:
-                    self.cycles_saved += 1
                     log.info(
                         "%s is still stopped from the last bind/unbind: held again without a new stop",
                         unit,

@@ -1,13 +1,15 @@
-"""vGPU test helpers shared by the placement and vendor-VFIO tests."""
+"""vGPU test helpers shared by the placement, vendor-VFIO, vGPU and event-log tests."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from pathlib import Path
 
 from tests.core.support.worlds import HM
 from vfiod.core.errors import VfiodError
 from vfiod.core.manager import Manager
+from vfiod_sim import faults
 
 
 def attach_vgpus_concurrently(m: Manager, profile: str, count: int) -> Counter[str]:
@@ -28,3 +30,14 @@ def attach_vgpus_concurrently(m: Manager, profile: str, count: int) -> Counter[s
     for t in threads:
         t.join()
     return Counter(results.values())
+
+
+def break_mbochs_create(root: Path) -> None:
+    """Every mdev create on mbochs fails with EIO (the fault's name: "create")."""
+    faults.inject(
+        root,
+        "create",
+        kind="errno",
+        errno="EIO",
+        path="/sys/class/mdev_bus/mbochs/mdev_supported_types/*/create",
+    )
