@@ -87,3 +87,47 @@ def test_a_snapshot_reads_each_attribute_once(sim: SimFactory, monkeypatch: pyte
     # a new snapshot reads the kernel again: decisions are never made on an old read
     assert PciSnapshot(sh.host).function(L4).vendor == "10de"
     assert reads.count("vendor") == 2
+
+
+LISTED = (
+    "vendor",
+    "device",
+    "subsystem_vendor",
+    "subsystem_device",
+    "class_code",
+    "numa_node",
+    "boot_vga",
+    "reset_methods",
+    "sriov_totalvfs",
+    "sriov_numvfs",
+    "driver",
+    "iommu_group",
+    "physfn",
+    "virtfns",
+    "mdev_types",
+    "mdev_children",
+    "has_vfio_dev",
+)
+
+
+@pytest.mark.parametrize(
+    "profile", ["workstation-l4", "dgx-h100", "qemu-q35-iommufd", "mdev-samples", "a40-mdev", "l40s-vgpu"]
+)
+def test_a_loaded_function_answers_as_one_read_attribute_by_attribute(
+    sim: SimFactory, monkeypatch: pytest.MonkeyPatch, profile: str
+) -> None:
+    """`load` (one pass over the directory) gives every property the value per-attribute reads give, and
+    a listing's properties then read nothing more through the per-attribute path."""
+    sh = sim(profile)
+    one_by_one = {fn.address: {k: getattr(fn, k) for k in LISTED} for fn in PciSnapshot(sh.host).functions()}
+    loaded = PciSnapshot(sh.host).load_all()
+    reads: list[str] = []
+    real = Host.read_text
+
+    def counting(path: Path | str) -> str | None:
+        reads.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(Host, "read_text", staticmethod(counting))
+    assert {fn.address: {k: getattr(fn, k) for k in LISTED} for fn in loaded} == one_by_one
+    assert [r for r in reads if not r.endswith("/sriov_numvfs")] == []

@@ -66,11 +66,13 @@ def record(rec: Mapping[str, object]) -> dict[str, Variant]:
     for key, value in rec.items():
         # The common cases first, decided by the value's class and the key's table exactly as _typed
         # decides them (a listing of 4096 functions makes 100k variants); everything else goes there.
+        # Where the class check already is dbus-fast's whole verification of the value, it is not run
+        # again (verify=False); object paths and integers (their range) are still verified.
         cls = value.__class__
         if cls is str:
-            out[key] = Variant("o" if key in OBJECT_PATH_KEYS else "s", value)
+            out[key] = Variant("o", value) if key in OBJECT_PATH_KEYS else Variant("s", value, False)
         elif cls is bool:
-            out[key] = Variant("b", value)
+            out[key] = Variant("b", value, False)
         elif cls is int and key not in _NOT_UNSIGNED and cast(int, value) >= 0:
             out[key] = Variant("u", value)
         elif (
@@ -78,7 +80,7 @@ def record(rec: Mapping[str, object]) -> dict[str, Variant]:
             and key not in RECORD_LIST_KEYS
             and all(i.__class__ is str for i in cast(list[object], value))
         ):
-            out[key] = Variant("as", value)
+            out[key] = Variant("as", value, False)
         else:
             out[key] = _variant(key, value)
     return out

@@ -213,6 +213,8 @@ def discover(
     reg = _normalise_registered(registered)
     crit = critical if critical is not None else scan_host_critical(host)
     aliases = kernel_aliases(host)
+    if all_devices:
+        snap.load_all()  # each function in one pass over its directory, group members included
     out = []
     for addr in snap.addresses():
         if all_devices or is_candidate(snap.function(addr).class_code):

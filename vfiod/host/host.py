@@ -22,7 +22,13 @@ from pathlib import Path
 from vfiod import phases
 from vfiod.host.backend import KernelBackend, LinuxKernel, NodeOwner
 from vfiod.host.errors import SysfsBusy, SysfsTimeout, SysfsWriteError
-from vfiod.host.pciaddr import DriverName, InvalidDriverName, InvalidPciAddressText, PciAddress
+from vfiod.host.pciaddr import (
+    DriverName,
+    InvalidPciAddressText,
+    PciAddress,
+    driver_from_link,
+    group_from_link,
+)
 from vfiod.host.writes import (
     MAX_HUNG_WRITES,
     DeadlinePolicy,
@@ -189,23 +195,11 @@ class Host:
         return os.path.isfile(self._dev(addr) + name)
 
     def driver(self, addr: PciAddress) -> DriverName | None:
-        name = self.link_name(self._dev(addr) + "driver")
-        if name is None:
-            return None
-        try:
-            return DriverName.parse(name)
-        except InvalidDriverName:
-            return None
+        return driver_from_link(self.link_name(self._dev(addr) + "driver"))
 
     def driver_module(self, addr: PciAddress) -> DriverName | None:
         """The module providing the bound driver (`<dev>/driver/module`), None if built in or unbound."""
-        name = self.link_name(self._dev(addr) + "driver/module")
-        if name is None:
-            return None
-        try:
-            return DriverName.parse(name)
-        except InvalidDriverName:
-            return None
+        return driver_from_link(self.link_name(self._dev(addr) + "driver/module"))
 
     def driver_override(self, addr: PciAddress) -> str | None:
         raw = self.attr(addr, "driver_override")
@@ -215,13 +209,7 @@ class Host:
         return raw
 
     def iommu_group(self, addr: PciAddress) -> int | None:
-        name = self.link_name(self._dev(addr) + "iommu_group")
-        if name is None:
-            return None
-        try:
-            return int(name)
-        except ValueError:
-            return None
+        return group_from_link(self.link_name(self._dev(addr) + "iommu_group"))
 
     def iommu_groups(self) -> list[int]:
         out = []

@@ -93,6 +93,24 @@ class DriverName(str):
         return str.__new__(cls, text)
 
 
+def driver_from_link(name: str | None) -> DriverName | None:
+    """The driver (or module) a `driver` (`driver/module`) link's base name names; None without a link."""
+    if name is None:
+        return None
+    try:
+        return DriverName.parse(name)
+    except InvalidDriverName:
+        return None
+
+
+def group_from_link(name: str | None) -> int | None:
+    """The IOMMU group an `iommu_group` link's base name numbers; None without one."""
+    try:
+        return int(name) if name is not None else None
+    except ValueError:
+        return None
+
+
 VFIO_PCI = DriverName.parse("vfio-pci")
 # Every vfio variant driver is named `<device>_vfio_pci` (host/vfio_variants.py).
 _VARIANT_SUFFIX = "_vfio_pci"

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfiod.host import vendor_vgpu
+from vfiod.host.dirread import DirectoryRead, read_directory
 from vfiod.host.host import Host
 from vfiod.host.kept import kept
 from vfiod.host.mdev import UUID_RE
-from vfiod.host.pciaddr import DriverName, PciAddress, is_vfio_driver
+from vfiod.host.pciaddr import DriverName, PciAddress, driver_from_link, group_from_link, is_vfio_driver
 
 # Drivers that leave DMA ownership to the user (driver_managed_dma in Linux): a group member on one of
 # these does not make the group unviable. vfio variant drivers are recognised by name (vfio_variants) and
@@ -36,6 +37,20 @@ _BRIDGE_HEADER_CLASSES = frozenset({"0604", "0607", "0609"})
 _HEADER_TYPE_OFFSET = 0x0E
 # Display controllers (0300 VGA, 0301 XGA, 0302 3D, 0380 other): what vfiod calls a GPU.
 DISPLAY_BASE_CLASS = "03"
+# What a listing reads of every function (`PciFunction.load`): attributes, links, sub-directories.
+_LISTED_FILES = (
+    "vendor",
+    "device",
+    "subsystem_vendor",
+    "subsystem_device",
+    "class",
+    "numa_node",
+    "boot_vga",
+    "reset_method",
+    "sriov_totalvfs",
+)
+_LISTED_LINKS = ("driver", "iommu_group", "physfn")
+_LISTED_DIRS = ("mdev_supported_types",)
 
 
 def parse_hex(raw: str | None) -> str:
@@ -74,6 +89,25 @@ class PciFunction:
         self.address = address
         # Reads join names to this string: a listing of thousands of functions makes no Path per read.
         self._prefix = os.fspath(directory).rstrip("/") + "/"
+        self._loaded: DirectoryRead | None = None
+
+    def load(self) -> None:
+        """Read everything a listing asks of a function in one pass over its directory (one directory
+        descriptor, one read per attribute). The properties then answer from it; what it does not cover
+        is still read on first use."""
+        self._loaded = read_directory(self._prefix, _LISTED_FILES, _LISTED_LINKS, _LISTED_DIRS)
+
+    def _file(self, name: str) -> str | None:
+        loaded = self._loaded
+        if loaded is not None and name in loaded.files:
+            return loaded.files[name]
+        return self.attr(name)
+
+    def _link(self, name: str) -> str | None:
+        loaded = self._loaded
+        if loaded is not None and name in loaded.links:
+            return loaded.links[name]
+        return self._host.link_name(self._prefix + name)
 
     @property
     def dir(self) -> Path:
@@ -89,24 +123,24 @@ class PciFunction:
 
     @kept
     def vendor(self) -> str:
-        return parse_hex(self.attr("vendor"))
+        return parse_hex(self._file("vendor"))
 
     @kept
     def device(self) -> str:
-        return parse_hex(self.attr("device"))
+        return parse_hex(self._file("device"))
 
     @kept
     def subsystem_vendor(self) -> str:
-        return parse_hex(self.attr("subsystem_vendor"))
+        return parse_hex(self._file("subsystem_vendor"))
 
     @kept
     def subsystem_device(self) -> str:
-        return parse_hex(self.attr("subsystem_device"))
+        return parse_hex(self._file("subsystem_device"))
 
     @kept
     def class_code(self) -> str:
         """Six hex digits (base class, sub-class, prog-if), "" if unreadable."""
-        code = parse_hex(self.attr("class"))
+        code = parse_hex(self._file("class"))
         return code.rjust(6, "0") if code else ""
 
     @property
@@ -137,7 +171,7 @@ class PciFunction:
 
     @kept
     def driver(self) -> DriverName | None:
-        return self._host.driver(self.address)
+        return driver_from_link(self._link("driver"))
 
     @kept
     def module(self) -> DriverName | None:
@@ -150,7 +184,7 @@ class PciFunction:
 
     @kept
     def iommu_group(self) -> int | None:
-        return self._host.iommu_group(self.address)
+        return group_from_link(self._link("iommu_group"))
 
     @kept
     def has_vfio_dev(self) -> bool:
@@ -160,18 +194,18 @@ class PciFunction:
     @kept
     def numa_node(self) -> int:
         try:
-            return int(self.attr("numa_node") or "-1")
+            return int(self._file("numa_node") or "-1")
         except ValueError:
             return -1
 
     @kept
     def boot_vga(self) -> bool:
-        return self.attr("boot_vga") == "1"
+        return self._file("boot_vga") == "1"
 
     @kept
     def reset_methods(self) -> tuple[str, ...]:
         """The resets the kernel will try, in order (`reset_method`, 5.15+; hidden when there is none)."""
-        return tuple((self.attr("reset_method") or "").split())
+        return tuple((self._file("reset_method") or "").split())
 
     @kept
     def has_reset(self) -> bool:
@@ -181,7 +215,7 @@ class PciFunction:
     @kept
     def sriov_totalvfs(self) -> int | None:
         """VFs the device supports (an SR-IOV physical function), None if it has no SR-IOV capability."""
-        return _optional_int(self.attr("sriov_totalvfs"))
+        return _optional_int(self._file("sriov_totalvfs"))
 
     @kept
     def sriov_numvfs(self) -> int | None:
@@ -199,7 +233,7 @@ class PciFunction:
     @kept
     def physfn(self) -> PciAddress | None:
         """The physical function of a virtual function (its `physfn` link), None for anything else."""
-        return _address(self._host.link_name(self._prefix + "physfn"))
+        return _address(self._link("physfn"))
 
     @kept
     def virtfns(self) -> tuple[PciAddress, ...]:
@@ -222,6 +256,9 @@ class PciFunction:
     @kept
     def mdev_types(self) -> tuple[str, ...]:
         """The mediated device types this function offers as a parent (`mdev_supported_types/`)."""
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded.dirs["mdev_supported_types"]
         return tuple(self._host.list_dir(self._prefix + "mdev_supported_types"))
 
     @kept
@@ -315,6 +352,13 @@ class PciSnapshot:
 
     def functions(self) -> list[PciFunction]:
         return [self.function(a) for a in self.addresses()]
+
+    def load_all(self) -> list[PciFunction]:
+        """Every function, each read in one pass (`PciFunction.load`): for a listing of the whole bus."""
+        functions = self.functions()
+        for fn in functions:
+            fn.load()
+        return functions
 
     def members(self, group: int) -> tuple[PciAddress, ...]:
         """The functions of IOMMU group `group`, sorted."""
