@@ -28,6 +28,10 @@ what is wrong (`ConfigError`). The file is optional: without it every setting ha
     # Seconds the persistence units stay stopped after the last bind/unbind, for the next one to share.
     persistence_linger = 2
 
+    # How Attach hands devices over when the caller does not say: "node" (the group node is given to the
+    # owner) or "fd" (nodes stay root's; OpenDevices passes descriptors; needs VFIO cdevs and iommufd).
+    handoff = "node"
+
     # What one D-Bus connection may cost vfiod at a time: calls being handled, and bytes of replies
     # marshalled but not yet taken by the bus socket. A call beyond either gets Error.Busy at once.
     [per_caller]
@@ -47,7 +51,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 # No pydantic plugins in a root daemon: pydantic would otherwise scan every installed distribution's entry
 # points when the first model is built and import what they name (code vfiod never asked for, run as root;
@@ -162,6 +166,7 @@ class Config(BaseModel):
     register_allow: list[AllowEntry] = Field(default_factory=list)
     vgpu_orphan_grace: float = Field(default=300.0, ge=0, le=86400)
     persistence_linger: float = Field(default=2.0, ge=0, le=60)
+    handoff: Literal["node", "fd"] = "node"
     per_caller: PerCaller = Field(default_factory=PerCaller)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
@@ -172,6 +177,7 @@ class Config(BaseModel):
             register_allow=list(self.register_allow),
             vgpu_orphan_grace=self.vgpu_orphan_grace,
             persistence_linger=self.persistence_linger,
+            handoff=self.handoff,
         )
 
     @field_validator("persistence_units", mode="after")

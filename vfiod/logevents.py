@@ -35,6 +35,7 @@ class Action(StrEnum):
     SET_VIRTUAL_FUNCTIONS = "set-virtual-functions"
     IMPORT_HYPEMAN = "import-hypeman"
     GET_METRICS = "get-metrics"
+    OPEN_DEVICES = "open-devices"
     # a standard interface's call (Properties, Introspectable, Peer, ObjectManager); METHOD says which
     STANDARD_CALL = "standard-call"
     # steps inside a call, and the daemon's own work
@@ -45,6 +46,8 @@ class Action(StrEnum):
     GRANT = "grant"
     GRANT_CHECK = "grant-check"
     CHOWN_NODE = "chown-node"
+    OPEN_NODE = "open-node"
+    HAND_OVER = "hand-over"
     SETTLE = "settle"
     SYSFS_WRITE = "sysfs-write"
     SRIOV_MANAGE = "sriov-manage"

@@ -271,6 +271,27 @@ def test_vfio_not_available(start_vfiod: StartVfiod, clients: Clients) -> None:
     assert ("StartUnit", "nvidia-persistenced.service") in calls[stop:]
 
 
+def test_handoff_fd_on_a_kernel_without_cdevs(start_vfiod: StartVfiod, clients: Clients) -> None:
+    vfiod = start_vfiod()  # workstation-l4: Debian's 6.1, neither VFIO device cdevs nor iommufd
+    register(clients.root, GPU, "gpu")
+    mark = vfiod.trace_len()
+    text = expect(
+        clients.root,
+        "HandoffUnsupported",
+        "Attach",
+        "sasa{sv}",
+        "vm1",
+        ["gpu"],
+        {"include_group": b(True), "handoff": Variant("s", "fd")},
+    )
+    assert "no iommufd" in text and "handoff node" in text and vfiod.trace_len() == mark
+    text = expect(
+        clients.root, "InvalidArgument", "Attach", "sasa{sv}", "vm1", ["gpu"], {"handoff": Variant("s", "x")}
+    )
+    assert "handoff must be one of node, fd" in text
+    assert device(clients.root, "gpu")["driver"] == "nvidia"
+
+
 def test_busy_when_a_connection_is_at_its_cap(start_vfiod: StartVfiod, clients: Clients) -> None:
     vfiod = start_vfiod(config=Config(per_caller=PerCaller(max_calls_in_flight=1)))
     assert vfiod.service.max_calls_per_caller == 1

@@ -14,6 +14,9 @@ import pytest
 from tests.cli.support.completion import complete
 from tests.core.support.fake_sys import FakeSys, workstation
 from vfiod.cli.daemon import main
+from vfiod.cli.report import ABSENT, PASS, status_checks
+from vfiod.core.hoststatus import host_status
+from vfiod_sim.simulation import Simulation
 
 REPO = Path(__file__).resolve().parents[2]
 VFIOD = REPO / ".venv/bin/vfiod"
@@ -336,3 +339,28 @@ def test_bash_completion_of_vfiod() -> None:
     assert complete("vfiod", "ch") == ["check"]
     assert complete("vfiod", "check", "--si") == ["--simulate"]
     assert complete("vfiod", "check", "--simulate", "qemu") == ["qemu-q35", "qemu-q35-iommufd"]
+
+
+def test_the_hand_over_modes_this_host_supports(tmp_path: Path) -> None:
+    """`vfiod check` says whether Attach can hand descriptors over (handoff fd) and, if not, what the kernel
+    lacks: Debian's 6.1 has neither VFIO cdevs nor iommufd; QEMU's q35 on a 6.12 with both shows its cdevs
+    once vfio is loaded."""
+
+    def handoff_line(sim: Simulation) -> tuple[str, str]:
+        (line,) = [c for c in status_checks(host_status(sim.host).to_record()) if "hand-over" in c[1]]
+        return line
+
+    debian = Simulation.open(tmp_path / "l4", "workstation-l4")
+    mark, text = handoff_line(debian)
+    assert mark == ABSENT and text.endswith(
+        "fd: this kernel has no VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV); this kernel has no iommufd "
+        "(CONFIG_IOMMUFD)"
+    )
+    q35 = Simulation.open(tmp_path / "q35", "qemu-q35-iommufd")
+    mark, text = handoff_line(q35)
+    assert mark == ABSENT and "shows once vfio is loaded" in text and "iommufd" not in text
+    q35.kernel.load_module("vfio")
+    assert handoff_line(q35) == (
+        PASS,
+        "hand-over modes: node and fd (descriptors from OpenDevices; nodes stay root's)",
+    )

@@ -412,6 +412,7 @@ EXPECTED_STATUS = {
     "AlreadyBound": 5,
     "NotBound": 5,
     "NativeIsVfio": 5,
+    "HandoffUnsupported": 5,
     "Busy": 5,
     "Recovering": 5,
     "VFIONotAvailable": 6,

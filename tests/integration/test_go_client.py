@@ -1,7 +1,8 @@
 """The Go client (clients/go/vfiod) built with Debian's Go and godbus (golang-go, golang-dbus-dev), offline,
 and its tests run against a live vfiod on the real stack (private dbus-daemon with our policy, polkitd with
 our rules): as root on `workstation-l4` (records strict against every key the daemon sends, errors.Is,
-context deadlines, device signals), on `mdev-samples` (vGPUs), and as a user polkit refuses (NotAuthorized).
+context deadlines, device signals), on `mdev-samples` (vGPUs), on `qemu-q35-iommufd` (OpenDevices' files),
+and as a user polkit refuses (NotAuthorized).
 The seed's workflow (examples/workflow) runs too and its output is checked. gofmt and go vet are clean.
 
 The build cache lives in ~/.cache/vfiod/go-build (outside the clone); the module's go.mod names godbus by
@@ -127,6 +128,21 @@ def test_vgpus_against_the_live_daemon(gobuild: dict[str, str]) -> None:
         env = {"VFIOD_TEST_BUS": stack.address, "VFIOD_TEST_PROFILE": "mdev-samples"}
         out = go(gobuild, "test", "-count=1", "-v", "-run", "TestVGPUs", ".", extra=env)
         assert "--- PASS: TestVGPUs" in out, out
+
+
+def test_open_devices_against_the_live_daemon(gobuild: dict[str, str], tmp_path: Path) -> None:
+    """Attach with Handoff "fd" and OpenDevices: the *os.Files are the daemon's nodes (godbus receives the
+    descriptors the reply carries, nested in the a(ssh) too)."""
+    root = tmp_path / "host"
+    require_root_and_tools()
+    with start_stack([*vfiod_argv("qemu-q35-iommufd"), "--sim-root", str(root)]) as stack:
+        env = {
+            "VFIOD_TEST_BUS": stack.address,
+            "VFIOD_TEST_PROFILE": "qemu-q35-iommufd",
+            "VFIOD_TEST_ROOT": str(root),
+        }
+        out = go(gobuild, "test", "-count=1", "-v", "-run", "TestOpenDevices", ".", extra=env)
+        assert "--- PASS: TestOpenDevices" in out, out
 
 
 def test_the_workflow_example(gobuild: dict[str, str]) -> None:

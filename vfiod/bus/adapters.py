@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol, TypeVar
 
-from dbus_fast import Variant
+from dbus_fast import MessageFlag, Variant
+from dbus_fast.aio import MessageBus
 
 from vfiod.bus import variants
+from vfiod.bus.call import CURRENT_MESSAGE
+from vfiod.bus.connection import Connection
 from vfiod.bus.names import device_path
 from vfiod.bus.requests import Request
 from vfiod.core.context import Caller
+from vfiod.core.errors import Failed, InvalidArgument
 from vfiod.core.manager import Manager
 from vfiod.core.records import Device
 
@@ -26,6 +30,7 @@ class Runner(Protocol):
     """What an adapter needs from the service."""
 
     manager: Manager
+    bus: MessageBus
 
     async def render_metrics(self) -> str: ...
 
@@ -101,6 +106,7 @@ async def attach(svc: Runner, caller: Caller, req: Request) -> tuple[list[Record
             gpudirect_clique=req.options.get("gpudirect_clique"),
             force=req.flag("force"),
             caller_pid=caller.pid,
+            handoff_mode=req.options.get("handoff"),
         ),
     )
     return variants.records([a.to_record() for a in attachments]), list(warnings)
@@ -109,6 +115,26 @@ async def attach(svc: Runner, caller: Caller, req: Request) -> tuple[list[Record
 async def detach(svc: Runner, caller: Caller, req: Request) -> None:
     instance, keys = req.args["instance_id"], req.args["devices"]
     await _changed(svc, lambda: svc.manager.detach(caller, instance, keys, keep_bound=req.flag("keep_bound")))
+
+
+async def open_devices(svc: Runner, caller: Caller, req: Request) -> list[Any]:
+    msg = CURRENT_MESSAGE.get()
+    if msg is None or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+        raise InvalidArgument("OpenDevices hands the descriptors over in its reply: call it expecting one")
+    if not isinstance(svc.bus, Connection):
+        raise Failed("this bus connection cannot pass descriptors")
+    opened = await svc.change(
+        lambda: svc.manager.open_devices(
+            caller, req.args["instance_id"], req.args["devices"], caller_pid=caller.pid
+        )
+    )
+    try:
+        svc.bus.hand_over(opened.fds)  # from here the connection closes them, once they are written
+    except BaseException:
+        opened.close()
+        raise
+    # lists, not tuples: dbus-fast puts each descriptor's index in the reply in place of the number
+    return [opened.iommufd, [[i, p, fd] for i, p, fd in opened.devices], opened.warnings]
 
 
 async def bind(svc: Runner, caller: Caller, req: Request) -> None:
@@ -200,6 +226,7 @@ async def get_metrics(svc: Runner, caller: Caller, req: Request) -> str:
 Adapter = Callable[[Runner, Caller, Request], Awaitable[Any]]
 ADAPTERS: dict[str, Adapter] = {
     "list_available": list_available,
+    "open_devices": open_devices,
     "list_devices": list_devices,
     "get_device": get_device,
     "get_host_status": get_host_status,

@@ -11,6 +11,7 @@ polkit, or failed in the daemon; INFO for success and for a caller's mistake.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,12 @@ from vfiod.core.errors import (
     VFIONotAvailable,
 )
 from vfiod.logevents import Action, MessageId
+
+# The message being dispatched. dbus-fast creates each method's task right after the message handlers ran,
+# so the task's copy of the context holds its own message even with many calls in flight.
+CURRENT_MESSAGE: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "vfiod_message", default=None
+)
 
 log = logging.getLogger("vfiod.bus")
 audit = logging.getLogger("vfiod.audit")

@@ -13,6 +13,22 @@ small reply to root is not written after megabytes of replies to a flooding call
 each destination are counted, which is what the service's per-caller cap on queued replies reads
 (`queued_bytes`).
 
+Descriptors vfiod hands over in a reply (OpenDevices) are vfiod's until the reply is written: the writer
+closes them right after the `sendmsg` that carried them (the kernel has put copies in the socket by then),
+and the connection closes any still waiting when it goes. A reply is never written with a descriptor
+closed early, whose number could by then name another file.
+
+Negotiating descriptors changes how dbus-fast 5.2 reads, too: it then reads each message with as many
+`recvmsg` calls as it has parts (header, fields, body) and reads on until the socket is empty before it
+gives the event loop back, so a caller flooding vfiod with calls held every other caller's replies up for
+seconds. vfiod takes no descriptors, so the daemon's connection (`keep_received_fds=False`) reads as if
+none were negotiated: plain `recv` of whole buffers, and the kernel releases whatever descriptors a sender
+attached (a read without room for control data does; nothing is installed in vfiod's table). vfioctl's
+connection, which receives OpenDevices' descriptors, reads as upstream does. And dbus-fast looks for
+descriptors to send in every reply of a connection that negotiated them, variants included (a walk of a
+hundred thousand variants for a large ListAvailable): a method whose reply type has no `h` gets a handler
+built as if none were negotiated.
+
 The subclass reaches into dbus-fast's private writer, so dbus-fast is pinned to the 5.2 series in
 pyproject.toml; `tests/bus/test_connection.py` checks upstream still has the bug (then this module is
 still needed) and that the patched writer rides out a stopped dbus-daemon.
@@ -22,17 +38,41 @@ from __future__ import annotations
 
 import array
 import asyncio
+import os
 import socket
 from collections import Counter
+from collections.abc import Callable, Iterable
 from copy import copy
+from functools import partial
 from typing import Any
 
+import dbus_fast.aio.message_bus
 from dbus_fast import Message
+from dbus_fast._private.unmarshaller import Unmarshaller
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
+from dbus_fast.aio.message_reader import _message_reader
+from dbus_fast.service import ServiceInterface
 
 from vfiod.bus.frozen_bodies import FrozenBodies
 from vfiod.bus.outbox import Outbox
+
+
+def message_reader(
+    sock: socket.socket | None,
+    process: Callable[[Message], None],
+    finalize: Callable[[Exception | None], None],
+    negotiate_unix_fd: bool,
+) -> Callable[[], None]:
+    """dbus-fast's `build_message_reader`, but a `Connection` that keeps no received descriptors reads as
+    one that negotiated none (see the module docstring)."""
+    bus = getattr(process, "__self__", None)
+    receive = negotiate_unix_fd and not (isinstance(bus, Connection) and not bus.keeps_received_fds)
+    return partial(_message_reader, Unmarshaller(None, sock, receive), process, finalize, receive)
+
+
+# MessageBus.connect builds its reader through this module global (dbus-fast 5.2).
+dbus_fast.aio.message_bus.build_message_reader = message_reader  # type: ignore[attr-defined]
 
 
 def _settle(fut: asyncio.Future[Any] | None, exc: Exception | None = None) -> None:
@@ -87,7 +127,9 @@ class PatientWriter(_MessageWriter):
                     if self.unix_fds and self.negotiate_unix_fd:
                         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
                         self.offset += sock.sendmsg([self.buf[self.offset :]], ancdata)
-                        self.unix_fds = None
+                        sent, self.unix_fds = self.unix_fds, None
+                        if isinstance(self.bus, Connection):
+                            self.bus.handed_over(sent)
                     else:
                         self.offset += sock.send(self.buf[self.offset :])
                 except (BlockingIOError, InterruptedError):
@@ -111,9 +153,42 @@ class PatientWriter(_MessageWriter):
 class Connection(MessageBus):
     """A `MessageBus` whose writer is a `PatientWriter`, with reply bodies that can be frozen."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_received_fds: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.frozen = FrozenBodies()
+        self._handing_over: set[int] = set()  # descriptors in replies not written yet: vfiod's to close
+        # False (the daemon): descriptors are negotiated only to be sent; any a sender attaches is dropped
+        # by the kernel on arrival (message_reader)
+        self.keeps_received_fds = keep_received_fds
+
+    def _make_method_handler(self, interface: ServiceInterface, method: Any) -> Callable[..., None]:
+        if "h" in method.out_signature:
+            return super()._make_method_handler(interface, method)
+        negotiated, self._negotiate_unix_fd = self._negotiate_unix_fd, False
+        try:  # dbus-fast 5.2 takes the flag once, when it builds the handler (at export)
+            return super()._make_method_handler(interface, method)
+        finally:
+            self._negotiate_unix_fd = negotiated
+
+    def hand_over(self, fds: Iterable[int]) -> None:
+        """`fds` go out in a reply about to be sent: close each once the message carrying it is written
+        (or the connection goes). Only for a connection that passes descriptors."""
+        if not self._negotiate_unix_fd:
+            raise RuntimeError("this bus connection does not pass unix descriptors")
+        self._handing_over.update(fds)
+
+    def handed_over(self, fds: Iterable[int]) -> None:
+        """A message carrying `fds` was written: close those that vfiod handed over."""
+        for fd in fds:
+            if fd in self._handing_over:
+                self._handing_over.discard(fd)
+                os.close(fd)
+
+    def _finalize(self, err: Exception | None = None) -> None:
+        try:
+            super()._finalize(err)
+        finally:
+            self.handed_over(list(self._handing_over))  # never written: nobody received them
 
     async def connect(self) -> Connection:
         await super().connect()

@@ -271,12 +271,14 @@ class Daemon:
     async def _connect(self) -> MessageBus:
         bus_opt = self.options.bus
         try:
+            # Descriptors are negotiated for OpenDevices' replies; any a caller sends is closed on arrival.
+            fds = {"negotiate_unix_fd": True, "keep_received_fds": False}
             if bus_opt == "system":
-                bus = Connection(bus_type=BusType.SYSTEM)
+                bus = Connection(bus_type=BusType.SYSTEM, **fds)
             elif bus_opt == "session":
-                bus = Connection(bus_type=BusType.SESSION)
+                bus = Connection(bus_type=BusType.SESSION, **fds)
             else:
-                bus = Connection(bus_address=bus_opt)
+                bus = Connection(bus_address=bus_opt, **fds)
             return await bus.connect()
         except Exception as e:
             raise StartupError(

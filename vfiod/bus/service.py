@@ -28,7 +28,7 @@ from dbus_fast.aio import MessageBus
 from vfiod import __version__, phases
 from vfiod.bus import adapters, errors, methods, requests, standard
 from vfiod.bus.authz import ACTIONS, MUTATING, Authorizer, action_for, denial_message
-from vfiod.bus.call import Call
+from vfiod.bus.call import CURRENT_MESSAGE, Call
 from vfiod.bus.connection import Connection
 from vfiod.bus.names import (
     DEVICE_IFACE,
@@ -57,11 +57,6 @@ log = logging.getLogger("vfiod.bus")
 
 T = TypeVar("T")
 
-# The message being dispatched. dbus-fast creates each method's task right after the message handlers ran,
-# so the task's copy of the context holds its own message even with many calls in flight.
-CURRENT_MESSAGE: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
-    "vfiod_message", default=None
-)
 # Whose turn a read of this task waits for: the caller's unique name for an unprivileged inspect call,
 # None (the priority pool) for mutating and uid-0 calls and for vfiod's own housekeeping.
 READ_LANE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vfiod_read_lane", default=None)

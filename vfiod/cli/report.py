@@ -115,6 +115,7 @@ def status_checks(status: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     out.append((PASS if cdev else ABSENT, "VFIO device cdev (/dev/vfio/devices)"))
     out.append((PASS if status.get("iommufd") else ABSENT, "iommufd (/dev/iommu)"))
+    out.append(_handoff_modes(cdev, bool(status.get("iommufd")), loaded))
     hugepages = int_field(status, "hugepages_2m", 0)
     out.append((PASS if hugepages > 0 else ABSENT, f"2 MiB huge pages reserved: {hugepages}"))
     mode = field(status, "gpu_mode", "none")
@@ -140,6 +141,22 @@ def status_checks(status: Mapping[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return out
+
+
+def _handoff_modes(cdev: bool, iommufd: bool, vfio_loaded: bool) -> tuple[str, str]:
+    """Which ways Attach can hand a device over here (`handoff`), and what fd mode lacks."""
+    if cdev and iommufd:
+        return PASS, "hand-over modes: node and fd (descriptors from OpenDevices; nodes stay root's)"
+    why = []
+    if not cdev and not vfio_loaded:
+        why.append(
+            "whether the kernel gives VFIO devices cdevs shows once vfio is loaded (on the first bind)"
+        )
+    elif not cdev:
+        why.append("this kernel has no VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV)")
+    if not iommufd:
+        why.append("this kernel has no iommufd (CONFIG_IOMMUFD)")
+    return ABSENT, f"hand-over modes: node only (group nodes given to the owner); fd: {'; '.join(why)}"
 
 
 def failures(status: Mapping[str, Any]) -> list[str]:

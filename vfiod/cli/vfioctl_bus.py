@@ -67,6 +67,7 @@ _CONTRACT_EXIT: dict[str, int] = {
     "AlreadyBound": EXIT_CONFLICT,
     "NotBound": EXIT_CONFLICT,
     "NativeIsVfio": EXIT_CONFLICT,
+    "HandoffUnsupported": EXIT_CONFLICT,
     "Busy": EXIT_CONFLICT,
     "Recovering": EXIT_CONFLICT,
     "VFIONotAvailable": EXIT_VFIO_UNAVAILABLE,
@@ -101,7 +102,7 @@ EXIT_TABLE: tuple[tuple[int, str], ...] = (
     (
         EXIT_CONFLICT,
         "InUse, DeviceBusy, IOMMUGroupConflict, HostCritical, SriovEnabled, NoCapacity, NameExists, "
-        "AlreadyExists, AlreadyBound, NotBound, NativeIsVfio, Busy, Recovering",
+        "AlreadyExists, AlreadyBound, NotBound, NativeIsVfio, HandoffUnsupported, Busy, Recovering",
     ),
     (EXIT_VFIO_UNAVAILABLE, "VFIONotAvailable"),
     (EXIT_TIMEOUT, "Timeout, NativeDriverNotRestored: a device was left stuck"),

@@ -118,6 +118,14 @@ class NativeIsVfio(VfiodError):
     name = "NativeIsVfio"
 
 
+class HandoffUnsupported(VfiodError):
+    """A descriptor hand-over (`handoff` fd, OpenDevices) this host, device or attachment cannot do: the
+    kernel has no VFIO device cdevs or no iommufd, the device has no cdev, or the attachment is in node
+    mode. The message says which."""
+
+    name = "HandoffUnsupported"
+
+
 class Timeout(VfiodError):
     name = "Timeout"
 
@@ -163,6 +171,7 @@ ALL_ERRORS: tuple[type[VfiodError], ...] = (
     VFIONotAvailable,
     NativeDriverNotRestored,
     NativeIsVfio,
+    HandoffUnsupported,
     Timeout,
     NotAuthorized,
     Busy,

@@ -8,7 +8,8 @@ listens to the `vfio` subsystem's uevents and, once udev has had time to act, re
 attached group: its owner, its mode, and that it is the group's node at all (the device number
 `/sys/class/vfio/<n>/dev` names). A changed owner or mode is put back (a chmod to 0600 also masks away any
 ACL entry) and logged as a warning; a node with another device number is left alone and logged as an
-error (it is not the group's node, and chown-ing it would hand over something else).
+error (it is not the group's node, and chown-ing it would hand over something else). A group attached with
+`handoff` fd is kept root 0600 the same way: its owner holds descriptors, never the node.
 
 A group a call is working on is never waited for: it is looked at again when the call lets go (an Attach
 that is still binding when udev handles the node's `add` would otherwise miss the check).
@@ -28,7 +29,8 @@ log = logging.getLogger("vfiod.access")
 
 
 def attached_groups(deps: CoreDeps) -> list[int]:
-    """Groups with an attachment of this boot (whose node vfiod handed to the attachment's owner)."""
+    """Groups with an attachment of this boot (whose node vfiod handed to the attachment's owner, or keeps
+    root's in fd mode)."""
     return sorted({a.iommu_group for a in deps.registry.all_attachments() if a.boot_id == deps.boot_id})
 
 
@@ -49,7 +51,12 @@ def recheck(deps: CoreDeps, groups: Iterable[int] | None = None) -> tuple[list[s
 
 
 def _recheck_one(deps: CoreDeps, group: int) -> str | None:
-    owners = {a.owner_uid for a in deps.registry.attachments_in_group(group) if a.boot_id == deps.boot_id}
+    # fd mode hands over descriptors, and the node is kept as the kernel made it: root's, 0600.
+    owners = {
+        0 if a.handoff == "fd" else a.owner_uid
+        for a in deps.registry.attachments_in_group(group)
+        if a.boot_id == deps.boot_id
+    }
     if len(owners) != 1:
         return None  # not attached (or detached meanwhile): not a grant of vfiod's to keep
     uid = owners.pop()

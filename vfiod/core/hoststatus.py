@@ -22,7 +22,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vfiod.core import kernel_support
+from vfiod.core import handoff, kernel_support
 from vfiod.core.discovery import AvailableDevice, discover
 from vfiod.core.pciids import PciIds
 from vfiod.host import procfs, vendor_vgpu
@@ -131,9 +131,9 @@ def host_status(
     iommu_enabled = groups > 0
     vfio_pci_loaded = host.module_loaded(_VFIO_PCI) or (host.pci_drivers_dir / "vfio-pci").is_dir()
     vfio_container = (host.roots.dev / "vfio/vfio").exists()
-    # /sys/class/vfio-dev exists whenever vfio is loaded (6.1 too); only /dev/vfio/devices proves the cdev.
-    vfio_cdev = (host.roots.dev / "vfio/devices").is_dir()
-    iommufd = (host.roots.dev / "iommu").exists()
+    # /sys/class/vfio-dev exists whenever vfio is loaded (6.1 too): handoff tells the cdev by what proves it.
+    vfio_cdev = handoff.cdev_missing(host) is None
+    iommufd = handoff.iommufd_missing(host) is None
     ir = _interrupt_remapping(host, params)
     hugepages = _int(host.read_text(host.roots.sys / "kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"))
 

@@ -20,6 +20,7 @@ from vfiod import phases
 from vfiod.core import (
     discovery,
     eventlog,
+    handoff,
     hypeman_import,
     reads,
     reconcile,
@@ -48,6 +49,7 @@ from vfiod.core.errors import (
     NotOwner,
 )
 from vfiod.core.locks import GroupLocks, InstanceLocks
+from vfiod.core.manager_handover import HandoverMethods
 from vfiod.core.manager_sharing import SharingMethods
 from vfiod.core.ops import attach as attach_op
 from vfiod.core.ops import release
@@ -69,7 +71,7 @@ from vfiod.logevents import Action
 log = logging.getLogger("vfiod.manager")
 
 
-class Manager(SharingMethods):
+class Manager(SharingMethods, HandoverMethods):
     def __init__(
         self,
         host: Host,
@@ -207,8 +209,10 @@ class Manager(SharingMethods):
         gpudirect_clique: int | None = None,
         force: bool = False,
         caller_pid: int | None = None,
+        handoff_mode: object = None,
     ) -> tuple[list[Attachment], list[str]]:
         instance = validation.instance_id(instance_id)
+        mode = self.config.handoff if handoff_mode is None else handoff.parse(handoff_mode)
         if not devices:
             raise InvalidArgument("Attach needs at least one device id or name")
         rows = _unique([self.resolve(d) for d in devices])
@@ -233,7 +237,7 @@ class Manager(SharingMethods):
                         f"device {row.name!r} is attached to instance {att.instance_id!r} (uid "
                         f"{att.owner_uid})"
                     )
-            done = attach_op.already_attached(self.deps, instance, owner, rows, gpudirect_clique)
+            done = attach_op.already_attached(self.deps, instance, owner, rows, gpudirect_clique, mode)
             if done is not None:
                 caller.acted(a.pci_address for a in done)
                 return done, attach_warnings(
@@ -247,12 +251,12 @@ class Manager(SharingMethods):
                 include_group=include_group,
                 clique=gpudirect_clique,
                 force=force,
+                mode=mode,
             )
         eventlog.attached(caller, instance, owner, [a.pci_address for a in result])
         with phases.timed("warnings"):
-            return result, attach_warnings(
-                self.host, caller_pid, [PciAddress.parse(a.pci_address) for a in result]
-            )
+            addrs = [PciAddress.parse(a.pci_address) for a in result]
+            return result, attach_warnings(self.host, caller_pid, addrs, container=mode == "node")
 
     def detach(
         self,

@@ -164,6 +164,8 @@ class Attachment:
     iommu_group: int
     vfio_group_path: str
     gpudirect_clique: int | None = None
+    handoff: str = "node"  # node: vfio_group_path is the owner's; fd: OpenDevices hands descriptors over
+    vfio_cdev_path: str = ""  # the function's /dev/vfio/devices/vfioN (fd mode), "" otherwise
     mdev_uuid: str = ""  # an mdev vGPU's uuid
     vgpu_uuid: str = ""  # a vendor-VFIO vGPU's uuid (vfiod's, or the VM's when the VMM chose it)
     changed: bool = True  # this call made it (False: the idempotent repeat of an earlier one)
@@ -186,6 +188,8 @@ class Attachment:
             "role": self.role,
             "sysfs_path": self.sysfs_path,
             "vfio_group_path": self.vfio_group_path,
+            "vfio_cdev_path": self.vfio_cdev_path,
+            "handoff": self.handoff,
             "iommu_group": self.iommu_group,
             "device_config": config,
             "changed": self.changed,

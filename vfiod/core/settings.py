@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vfiod.core.persistence import DEFAULT_UNITS
+from vfiod.core.registry import HandoffMode
 
 
 @dataclass
@@ -19,3 +20,5 @@ class ManagerConfig:
     vgpu_orphan_grace: float = 300.0
     # Seconds the persistence units stay stopped after the last bind/unbind, for the next one to share.
     persistence_linger: float = 0.0
+    # How Attach hands devices over when the caller does not say (vfiod/core/handoff.py).
+    handoff: HandoffMode = "node"

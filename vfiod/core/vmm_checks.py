@@ -13,14 +13,17 @@ from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import PciSnapshot
 
 MEMLOCK_HINT = (
-    "LimitMEMLOCK=infinity on hypeman's unit (or prlimit --memlock=unlimited on the VMM): VFIO type1 pins "
-    "all guest RAM"
+    "LimitMEMLOCK=infinity on hypeman's unit (or prlimit --memlock=unlimited on the VMM): VFIO pins all "
+    "guest RAM (type1 and iommufd alike)"
 )
 
 
-def attach_warnings(host: Host, pid: int | None, functions: Sequence[PciAddress] = ()) -> list[str]:
+def attach_warnings(
+    host: Host, pid: int | None, functions: Sequence[PciAddress] = (), *, container: bool = True
+) -> list[str]:
     """Warnings for the process `pid` that asked for the attachment (its VMM inherits its limits), and
-    for the attached `functions` that have no usable reset."""
+    for the attached `functions` that have no usable reset. `container`: the VMM opens /dev/vfio/vfio
+    (node mode; with descriptors it gets an iommufd instead)."""
     out: list[str] = []
     snap = PciSnapshot(host)
     out += [w for a in functions if (w := resets.problem(snap, a, functions))]
@@ -31,13 +34,13 @@ def attach_warnings(host: Host, pid: int | None, functions: Sequence[PciAddress]
                 f"RLIMIT_MEMLOCK of the caller (pid {pid}) is {limits[0] // 1024} KiB; the VMM inherits "
                 f"it and must be able to lock all guest RAM: set {MEMLOCK_HINT}"
             )
-    container = host.roots.dev / "vfio/vfio"
     try:
-        mode = container.stat().st_mode & 0o777
-        if mode & 0o006 != 0o006:
+        mode = (host.roots.dev / "vfio/vfio").stat().st_mode & 0o777
+        if container and mode & 0o006 != 0o006:
             out.append(f"/dev/vfio/vfio is mode {mode:04o}; the VMM needs to open it (0666 is the default)")
     except OSError:
-        out.append("/dev/vfio/vfio is missing; the vfio module is not loaded")
+        if container:
+            out.append("/dev/vfio/vfio is missing; the vfio module is not loaded")
     if not (host.roots.dev / "kvm").exists():
         out.append("/dev/kvm is missing: the VMM needs KVM (load kvm_intel or kvm_amd)")
     return out

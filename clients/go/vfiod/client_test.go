@@ -137,7 +137,7 @@ func TestErrorsMatchTheContractNames(t *testing.T) {
 	if HTTPStatus(context.DeadlineExceeded) != 500 || HTTPStatus(ErrBusy) != 503 {
 		t.Fatal("HTTPStatus of a transport error or Busy")
 	}
-	if len(Errors) != 25 {
+	if len(Errors) != 26 {
 		t.Fatalf("%d sentinels", len(Errors))
 	}
 }
@@ -216,6 +216,40 @@ func TestVGPUs(t *testing.T) {
 	}
 	if _, _, err := c.AttachVGPU(ctx, "vm-vgpu", "no-such-profile", AttachVGPUOptions{}); !errors.Is(err, ErrProfileNotFound) {
 		t.Fatalf("AttachVGPU of an unknown profile: %v", err)
+	}
+}
+
+func TestOpenDevices(t *testing.T) {
+	c := live(t, "qemu-q35-iommufd")
+	asRoot(t)
+	ctx := context.Background()
+	if _, _, err := c.RegisterDevice(ctx, "0000:00:07.0", "go-edu", nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.UnregisterDevice(context.Background(), "go-edu") })
+	atts, _, err := c.Attach(ctx, "vm-fd", []string{"go-edu"}, AttachOptions{Handoff: "fd"})
+	if err != nil || len(atts) != 1 || atts[0].Handoff != "fd" || atts[0].VFIOGroupPath != "" ||
+		!strings.HasPrefix(atts[0].VFIOCdevPath, "/dev/vfio/devices/vfio") {
+		t.Fatalf("Attach with Handoff fd: %+v, %v", atts, err)
+	}
+	t.Cleanup(func() { _ = c.Detach(context.Background(), "vm-fd", nil, false) })
+	iommufd, devs, _, err := c.OpenDevices(ctx, "vm-fd", nil)
+	if err != nil || len(devs) != 1 || devs[0].ID != atts[0].ID || devs[0].SysfsPath != atts[0].SysfsPath {
+		t.Fatalf("OpenDevices: %+v, %v", devs, err)
+	}
+	defer iommufd.Close()
+	defer devs[0].Cdev.Close()
+	// the files are the daemon's nodes (its simulated tree, as VFIOD_TEST_ROOT names it)
+	root := os.Getenv("VFIOD_TEST_ROOT")
+	for f, node := range map[*os.File]string{iommufd: "/dev/iommu", devs[0].Cdev: atts[0].VFIOCdevPath} {
+		got, err1 := f.Stat()
+		want, err2 := os.Stat(root + node)
+		if err1 != nil || err2 != nil || !os.SameFile(got, want) {
+			t.Fatalf("%s: %v %v %v", node, got, err1, err2)
+		}
+	}
+	if _, _, _, err := c.OpenDevices(ctx, "vm-none", nil); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("OpenDevices of an instance with nothing attached: %v", err)
 	}
 }
 

@@ -49,6 +49,7 @@ var (
 	ErrVFIONotAvailable        = &Error{Name: "VFIONotAvailable"}
 	ErrNativeDriverNotRestored = &Error{Name: "NativeDriverNotRestored"}
 	ErrNativeIsVfio            = &Error{Name: "NativeIsVfio"}
+	ErrHandoffUnsupported      = &Error{Name: "HandoffUnsupported"}
 	ErrTimeout                 = &Error{Name: "Timeout"}
 	ErrNotAuthorized           = &Error{Name: "NotAuthorized"}
 	ErrBusy                    = &Error{Name: "Busy"}
@@ -61,8 +62,8 @@ var Errors = []*Error{
 	ErrNotFound, ErrDeviceNotFound, ErrInvalidPCIAddress, ErrInvalidName, ErrInvalidArgument, ErrNameExists,
 	ErrAlreadyExists, ErrInUse, ErrNotOwner, ErrAlreadyBound, ErrNotBound, ErrIOMMUGroupConflict,
 	ErrHostCritical, ErrSriovEnabled, ErrProfileNotFound, ErrNoCapacity, ErrDeviceBusy, ErrVFIONotAvailable,
-	ErrNativeDriverNotRestored, ErrNativeIsVfio, ErrTimeout, ErrNotAuthorized, ErrBusy, ErrRecovering,
-	ErrFailed,
+	ErrNativeDriverNotRestored, ErrNativeIsVfio, ErrHandoffUnsupported, ErrTimeout, ErrNotAuthorized, ErrBusy,
+	ErrRecovering, ErrFailed,
 }
 
 // LeavesDeviceStuck reports whether err says a device was left stuck (only an admin's Recover returns it).
@@ -97,7 +98,8 @@ func HTTPStatus(err error) int {
 	case isAny(err, ErrInvalidArgument, ErrInvalidName, ErrInvalidPCIAddress):
 		return 400
 	case isAny(err, ErrInUse, ErrNameExists, ErrAlreadyExists, ErrIOMMUGroupConflict, ErrHostCritical,
-		ErrSriovEnabled, ErrNoCapacity, ErrDeviceBusy, ErrAlreadyBound, ErrNotBound, ErrNativeIsVfio):
+		ErrSriovEnabled, ErrNoCapacity, ErrDeviceBusy, ErrAlreadyBound, ErrNotBound, ErrNativeIsVfio,
+		ErrHandoffUnsupported):
 		return 409
 	case isAny(err, ErrVFIONotAvailable, ErrBusy, ErrRecovering):
 		return 503

@@ -2,6 +2,7 @@ package vfiod
 
 import (
 	"context"
+	"os"
 
 	"github.com/godbus/dbus/v5"
 )
@@ -82,6 +83,9 @@ type AttachOptions struct {
 	OwnerUID        *uint32 // admin: attach for another uid (default: the caller's)
 	GPUDirectClique *uint8  // add x_nv_gpudirect_clique to each DeviceConfig
 	Force           bool    // admin: override HostCritical
+	// Handoff is "node" (the group node is given to the owner), "fd" (no node changes owner; OpenDevices
+	// hands over descriptors) or "" for the daemon's default (handoff in vfiod.toml).
+	Handoff string
 }
 
 // Attach binds the devices (ids or names) for the instance and hands their group nodes to the owner. It
@@ -95,6 +99,9 @@ func (c *Client) Attach(
 	}
 	if o.GPUDirectClique != nil {
 		opts["gpudirect_clique"] = dbus.MakeVariant(*o.GPUDirectClique)
+	}
+	if o.Handoff != "" {
+		opts["handoff"] = dbus.MakeVariant(o.Handoff)
 	}
 	var recs []map[string]dbus.Variant
 	var warnings []string
@@ -205,6 +212,39 @@ func (c *Client) SetVirtualFunctions(ctx context.Context, pf string, count uint3
 	var vfs []string
 	err := c.call(ctx, "SetVirtualFunctions", []interface{}{&vfs}, pf, count, options{}.flag("autoprobe", autoprobe))
 	return vfs, err
+}
+
+// OpenedDevice is one device of an OpenDevices reply: its id, sysfs path and an open descriptor of its
+// VFIO device cdev (/dev/vfio/devices/vfioN).
+type OpenedDevice struct {
+	ID        string
+	SysfsPath string
+	Cdev      *os.File
+}
+
+// OpenDevices opens, in vfiod, a new /dev/iommu and each VFIO device cdev of the instance's devices
+// attached with Handoff "fd" (all of them when devices is empty) and returns the descriptors. The caller
+// owns the files: hand them to the VMM (exec.Cmd.ExtraFiles; QEMU: -object iommufd,id=i0,fd=N -device
+// vfio-pci,fd=M,iommufd=i0) and close its copies. The warnings say what the VMM still needs.
+func (c *Client) OpenDevices(
+	ctx context.Context, instanceID string, devices []string,
+) (*os.File, []OpenedDevice, []string, error) {
+	var iommufd dbus.UnixFD
+	var devs []struct {
+		ID        string
+		SysfsPath string
+		FD        dbus.UnixFD
+	}
+	var warnings []string
+	err := c.call(ctx, "OpenDevices", []interface{}{&iommufd, &devs, &warnings}, instanceID, strv(devices), options{})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	opened := make([]OpenedDevice, len(devs))
+	for i, d := range devs {
+		opened[i] = OpenedDevice{ID: d.ID, SysfsPath: d.SysfsPath, Cdev: os.NewFile(uintptr(d.FD), d.SysfsPath)}
+	}
+	return os.NewFile(uintptr(iommufd), "/dev/iommu"), opened, warnings, nil
 }
 
 // ImportHypeman (admin) imports the devices hypeman's Go code registered under dataDir.

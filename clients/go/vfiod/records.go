@@ -111,7 +111,9 @@ type Attachment struct {
 	PCIAddress    string       `vfiod:"pci_address"`
 	Role          string       `vfiod:"role"` // requested or companion
 	SysfsPath     string       `vfiod:"sysfs_path"`
-	VFIOGroupPath string       `vfiod:"vfio_group_path"` // /dev/vfio/N, now the owner's (mode 0600)
+	VFIOGroupPath string       `vfiod:"vfio_group_path"`         // /dev/vfio/N, now the owner's (mode 0600); "" in fd mode
+	VFIOCdevPath  string       `vfiod:"vfio_cdev_path,optional"` // fd mode: /dev/vfio/devices/vfioN (root's)
+	Handoff       string       `vfiod:"handoff,optional"`        // node or fd
 	IOMMUGroup    int32        `vfiod:"iommu_group"`
 	DeviceConfig  DeviceConfig `vfiod:"device_config"`
 	Changed       bool         `vfiod:"changed"` // false for the idempotent repeat of an earlier Attach

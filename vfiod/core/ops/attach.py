@@ -12,16 +12,16 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 
 from vfiod import phases
-from vfiod.core import access, guard
+from vfiod.core import access, guard, handoff
 from vfiod.core.binder import BoundFunction
 from vfiod.core.deps import CoreDeps
 from vfiod.core.devstate import identity_of, settled_state
-from vfiod.core.errors import InUse, VfiodError
+from vfiod.core.errors import HandoffUnsupported, InUse, VfiodError
 from vfiod.core.journal import Operation
 from vfiod.core.ops.settle import keep_hold_for_stuck, settle
 from vfiod.core.records import Attachment, vfio_group_path
 from vfiod.core.registration import register_companion
-from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, RegistryError
+from vfiod.core.registry import AttachmentRole, AttachmentRow, DeviceRow, HandoffMode, RegistryError
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
 from vfiod.host.pcifunction import read_function
@@ -32,11 +32,16 @@ log = logging.getLogger("vfiod.manager")
 
 
 def already_attached(
-    deps: CoreDeps, instance: str, owner: int, rows: Sequence[DeviceRow], clique: int | None = None
+    deps: CoreDeps,
+    instance: str,
+    owner: int,
+    rows: Sequence[DeviceRow],
+    clique: int | None = None,
+    mode: HandoffMode | None = None,
 ) -> list[Attachment] | None:
     """Idempotent repeat: every device attached in this boot to the same instance and owner. Asking for
-    another gpudirect_clique than the one handed over is refused (InUse): the VMM may already have the
-    device_config, so the attachment is not changed under it."""
+    another gpudirect_clique or hand-over mode than the one handed over is refused (InUse): the VMM may
+    already have the device_config or the node, so the attachment is not changed under it."""
     groups: set[int] = set()
     for row in rows:
         att = deps.registry.attachment_of_device(row.id)
@@ -50,6 +55,11 @@ def already_attached(
                 f"device {row.name!r} is already attached to instance {instance!r} with gpudirect_clique "
                 f"{had}, not {clique}: the attachment was handed over as it is; detach and attach again to "
                 "change it"
+            )
+        if mode is not None and att.handoff != mode:
+            raise InUse(
+                f"device {row.name!r} is already attached to instance {instance!r} with handoff "
+                f"{att.handoff}, not {mode}: detach and attach again to change it"
             )
         groups.add(att.iommu_group)
     return attachment_records(
@@ -68,14 +78,18 @@ def attachment_records(
         row = deps.registry.get_device(att.device_id)
         if row is None:
             continue
+        fd = att.handoff == "fd"
         out.append(
             Attachment(
                 id=row.id,
                 pci_address=str(row.pci_address),
                 role=att.role,
                 iommu_group=att.iommu_group,
-                vfio_group_path=vfio_group_path(deps.host, att.iommu_group),
+                # fd mode: the node stays root's, so there is no path for the VMM to open
+                vfio_group_path="" if fd else vfio_group_path(deps.host, att.iommu_group),
                 gpudirect_clique=att.gpudirect_clique,
+                handoff=att.handoff,
+                vfio_cdev_path=handoff.cdev_path(deps.host, row.pci_address) if fd else "",
                 changed=att.id not in made_before,
             )
         )
@@ -103,8 +117,11 @@ def attach(
     include_group: bool,
     clique: int | None,
     force: bool,
+    mode: HandoffMode = "node",
 ) -> list[Attachment]:
     addrs = [r.pci_address for r in rows]
+    if mode == "fd" and (why := handoff.fd_mode_refused(deps.host)):
+        raise HandoffUnsupported(f"handoff fd cannot work here: {why}; attach with handoff node")
     for row in rows:
         guard.check_identity(deps.host, row.pci_address, identity_of(row))
     plans = guard.plan_groups(
@@ -113,15 +130,19 @@ def attach(
         include_group=include_group,
         attached_elsewhere=attached_elsewhere(deps, instance, owner),
     )
+    for plan in plans:
+        _require_one_mode(deps, plan.group, mode)
     before = {a.id for a in deps.registry.attachments_of_instance(instance)}
     op = Operation(deps.registry, deps.boot_id, "attach")
     bound_rows, bound = bind_plans(deps, plans, op, force)
     op.checkpoint("bound")
     granted: list[tuple[int, NodeOwner]] = []
     try:
+        if mode == "fd":
+            _require_cdevs(deps, bound)
         for plan in plans:
-            if _group_granted_to(deps, plan.group, instance, owner):
-                continue
+            if mode == "fd" or _group_granted_to(deps, plan.group, instance, owner):
+                continue  # fd mode changes no node; a node already granted to this owner stays so
             named = {a.owner_uid for a in deps.registry.attachments_in_group(plan.group)}
             previous = access.previous_owner(deps.host, plan.group, named)
             # Journal first: a crash between here and the attachment's row finds the grant to undo.
@@ -131,7 +152,7 @@ def attach(
             op.checkpoint("grant")
             access.grant(deps.host, plan.group, owner)
         op.checkpoint("granted")
-        _record_attachments(deps, op, instance, owner, bound_rows, bound, dict(granted), clique)
+        _record_attachments(deps, op, instance, owner, bound_rows, bound, dict(granted), clique, mode)
     except VfiodError as e:
         _undo_attach(deps, op, bound_rows, bound, granted, e)
         raise
@@ -184,11 +205,16 @@ def _record_attachments(
     bound: Sequence[BoundFunction],
     prev_by_group: Mapping[int, NodeOwner],
     clique: int | None,
+    mode: HandoffMode,
 ) -> None:
     with deps.registry.transaction():
         for fn in bound:
             row = bound_rows[fn.pci_address]
-            prev = prev_by_group.get(fn.group) or access.previous_grant(deps.registry, fn.group, instance)
+            prev = (
+                None
+                if mode == "fd"
+                else prev_by_group.get(fn.group) or access.previous_grant(deps.registry, fn.group, instance)
+            )
             existing = deps.registry.attachment_of_device(row.id)
             if existing is not None:
                 deps.registry.remove_attachment(row.id)  # a reservation from an earlier boot
@@ -202,10 +228,33 @@ def _record_attachments(
                     role=existing.role if existing else _role(fn.role),
                     node_prev=prev,
                     gpudirect_clique=clique if fn.role == "requested" else None,
+                    handoff=mode,
                 )
             )
             deps.registry.update_device(row.id, state="attached")
         op.finish()
+
+
+def _require_one_mode(deps: CoreDeps, group: int, mode: HandoffMode) -> None:
+    """A group is handed over one way: its node given to the owner (node) or left to root (fd), never both
+    (a node granted for one member would let the owner open the group of an fd-mode member)."""
+    for att in deps.registry.attachments_in_group(group):
+        if att.boot_id == deps.boot_id and att.handoff != mode:
+            raise InUse(
+                f"IOMMU group {group} is already attached with handoff {att.handoff} (instance "
+                f"{att.instance_id!r}); its other functions go the same way, not with handoff {mode}"
+            )
+
+
+def _require_cdevs(deps: CoreDeps, bound: Sequence[BoundFunction]) -> None:
+    """fd mode: every bound function has its VFIO cdev (the host said it would; a device whose VFIO
+    driver registers none is refused here, and the attach is rolled back)."""
+    missing = [str(f.pci_address) for f in bound if not handoff.cdev_path(deps.host, f.pci_address)]
+    if missing:
+        raise HandoffUnsupported(
+            f"{', '.join(missing)} got no VFIO device cdev under /dev/vfio/devices on its VFIO driver; "
+            "attach with handoff node"
+        )
 
 
 def _group_granted_to(deps: CoreDeps, group: int, instance: str, owner: int) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Final
 from vfiod.core.registry.rows import (
     ATTACHMENT_ROLES,
     DEVICE_STATES,
+    HANDOFF_MODES,
     INTENT_KINDS,
     VGPU_FRAMEWORKS,
     AttachmentRow,
@@ -184,6 +185,7 @@ ATTACHMENT_COLUMNS: Final[dict[str, Encoder]] = {
     "node_prev_gid": _optional(_at_least(0)),
     "node_prev_mode": _optional(_at_least(0)),
     "gpudirect_clique": _optional(_at_least(0)),
+    "handoff": _choice(HANDOFF_MODES),
 }
 INTENT_COLUMNS: Final[dict[str, Encoder]] = {
     "id": _at_least(0),

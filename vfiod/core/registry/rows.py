@@ -22,6 +22,9 @@ DeviceState = Literal[
 DEVICE_STATES: Final[tuple[DeviceState, ...]] = get_args(DeviceState)
 AttachmentRole = Literal["requested", "companion"]
 ATTACHMENT_ROLES: Final[tuple[AttachmentRole, ...]] = get_args(AttachmentRole)
+# How an attachment reaches its VMM (vfiod/core/handoff.py): the group node, or descriptors.
+HandoffMode = Literal["node", "fd"]
+HANDOFF_MODES: Final[tuple[HandoffMode, ...]] = get_args(HandoffMode)
 # What an intent journals: `function`, that an operation (its `action`: attach, detach, bind, ...) moves
 # one function; `write`, one sysfs write about to happen (override, unbind, probe, clear-override);
 # `grant`, that a group node is about to be handed over; `claim`, that a vGPU is about to be created.
@@ -114,6 +117,8 @@ class AttachmentRow:
     node_prev: NodeOwner | None = None
     # cloud-hypervisor's x_nv_gpudirect_clique for this function (GPUDirect P2P), None when not asked.
     gpudirect_clique: int | None = None
+    # How the VMM gets the device: the group node given to the owner, or descriptors (OpenDevices).
+    handoff: HandoffMode = "node"
     id: int = 0  # assigned by add_attachment; never reused
 
 

@@ -6,7 +6,8 @@ device's generation in the journal (`settled_through`). Version 3: the journal's
 becomes explicit columns (`kind`, `native_module`, the granted node's previous owner, a vGPU claim's
 parent, uuid and type); devices lose what is derivable (`type`, `previous_state`), may have no PCI address
 (an mdev vGPU) and may be `creating` or `destroying`; vGPUs and per-parent failure counters get their
-tables.
+tables. Version 4: each attachment's hand-over mode (`handoff`: `node`, the group node given to the owner,
+or `fd`, descriptors opened by vfiod and the nodes left as they are).
 """
 
 from __future__ import annotations
@@ -269,6 +270,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         "explicit intent columns instead of step; vGPUs, their claims and per-parent failure counters; "
         "devices without type and previous_state",
         _V3,
+    ),
+    Migration(
+        4,
+        "attachments.handoff: node (the group node given to the owner) or fd (descriptors; nodes untouched)",
+        (
+            "ALTER TABLE attachments ADD COLUMN handoff TEXT NOT NULL DEFAULT 'node' "
+            "CHECK (handoff IN ('node', 'fd'))",
+        ),
     ),
 )
 """Every schema version in order: version N is MIGRATIONS[N - 1]. Read at open time (tests extend it)."""

@@ -1,0 +1,141 @@
+"""OpenDevices through a real dbus-daemon (`--simulate qemu-q35-iommufd`): the reply carries descriptors
+(unix fd passing, which vfiod's connection negotiates), vfiod's own copies are closed once the reply is
+written, every call opens anew, and descriptors a caller attaches to any call are closed on arrival (no
+method takes one: a caller cannot fill vfiod's descriptor table)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from tests.bus.conftest import Clients, Running, StartVfiod
+from tests.bus.support.harness import LoopThread
+from tests.bus.support.helpers import register
+from vfiod.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from vfiod.host.backend import NodeOwner
+
+EDU = "0000:00:07.0"
+
+
+def holding(*targets: str) -> set[int]:
+    """This process's descriptors (the daemon's and the clients': it runs in-process) of `targets`."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") in targets:
+                out.add(int(name))
+        except OSError:
+            continue  # closed meanwhile (another thread's)
+    return out
+
+
+class FdClient:
+    """A connection that accepts descriptors, as busctl, gdbus and godbus do (the harness's does not)."""
+
+    def __init__(self, lt: LoopThread, address: str) -> None:
+        self.lt = lt
+
+        async def connect() -> MessageBus:
+            return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+
+        self.bus: MessageBus = lt.run(connect())
+
+    def call(
+        self, member: str, signature: str, body: list[Any], unix_fds: list[int] | None = None
+    ) -> Message:
+        msg = Message(
+            destination=BUS_NAME,
+            path=MANAGER_PATH,
+            interface=MANAGER_IFACE,
+            member=member,
+            signature=signature,
+            body=body,
+            unix_fds=unix_fds or [],
+        )
+
+        async def go() -> Message:
+            return await self.bus.call(msg)
+
+        reply: Message = self.lt.run(go(), 30)
+        return reply
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+
+@pytest.fixture
+def attached(start_vfiod: StartVfiod, clients: Clients) -> Iterator[tuple[Running, FdClient]]:
+    vfiod = start_vfiod("qemu-q35-iommufd")
+    register(clients.root, EDU, "edu")
+    reply = clients.root.m("Attach", "sasa{sv}", "vm1", ["edu"], {"handoff": Variant("s", "fd")})
+    assert reply.ok, reply.text
+    (rec,) = reply.body[0]
+    assert (rec["handoff"].value, rec["vfio_group_path"].value) == ("fd", "")
+    assert rec["vfio_cdev_path"].value.startswith("/dev/vfio/devices/vfio")
+    fdc = FdClient(clients.root.lt, clients.root.address)
+    yield vfiod, fdc
+    fdc.close()
+
+
+def test_open_devices_passes_descriptors_and_keeps_none(attached: tuple[Running, FdClient]) -> None:
+    vfiod, fdc = attached
+    root = vfiod.root
+    cdev_file = next((root / "dev/vfio/devices").iterdir())
+    nodes = (str(cdev_file), str(root / "dev/iommu"))
+    assert holding(*nodes) == set()
+    reply = fdc.call("OpenDevices", "sasa{sv}", ["vm1", [], {}])
+    assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+    assert reply.signature == "ha(ssh)as"
+    iommufd_idx, devices, _warnings = reply.body
+    ((dev_id, sysfs, cdev_idx),) = devices
+    iommufd, cdev = reply.unix_fds[iommufd_idx], reply.unix_fds[cdev_idx]
+    try:
+        assert sysfs == f"/sys/bus/pci/devices/{EDU}/" and len(dev_id) == 24
+        assert os.path.samestat(os.fstat(cdev), os.stat(cdev_file))
+        assert os.path.samestat(os.fstat(iommufd), os.stat(root / "dev/iommu"))
+        # the only descriptors of the nodes left are the two received: vfiod kept no copy
+        assert holding(*nodes) == {iommufd, cdev}
+        again = fdc.call("OpenDevices", "sasa{sv}", ["vm1", ["edu"], {}])
+        assert again.message_type is MessageType.METHOD_RETURN and len(again.unix_fds) == 2
+        assert holding(*nodes) == {iommufd, cdev, *again.unix_fds}  # opened anew
+        for fd in again.unix_fds:
+            os.close(fd)
+    finally:
+        os.close(iommufd)
+        os.close(cdev)
+    assert holding(*nodes) == set()
+    assert vfiod.manager.host.node_owner(6) == NodeOwner(uid=0, gid=0, mode=0o600)  # no node changed owner
+
+
+def test_descriptors_a_caller_sends_are_closed_on_arrival(attached: tuple[Running, FdClient]) -> None:
+    _, fdc = attached
+    r, w = os.pipe()
+    pipe = os.readlink(f"/proc/self/fd/{r}")
+    try:
+        for _ in range(20):
+            reply = fdc.call("ListDevices", "a{sv}", [{}], unix_fds=[r, w])
+            assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        # vfiod (in this process) received 40 descriptors of the pipe and closed every one
+        assert holding(pipe) == {r, w}
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_open_devices_of_a_node_mode_attachment(start_vfiod: StartVfiod, clients: Clients) -> None:
+    start_vfiod("qemu-q35-iommufd")
+    register(clients.root, EDU, "edu")
+    assert clients.root.m("Attach", "sasa{sv}", "vm1", ["edu"], {}).ok
+    fdc = FdClient(clients.root.lt, clients.root.address)
+    try:
+        reply = fdc.call("OpenDevices", "sasa{sv}", ["vm1", [], {}])
+        assert reply.message_type is MessageType.ERROR
+        assert reply.error_name == "org.hypeman.Devices1.Error.HandoffUnsupported"
+        assert "handoff node" in reply.body[0] and reply.unix_fds == []
+    finally:
+        fdc.close()

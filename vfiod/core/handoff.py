@@ -1,0 +1,99 @@
+"""How an attached device reaches its VMM, and what the descriptor hand-over needs of the host.
+
+Two modes, chosen per Attach (option `handoff`, default from vfiod.toml):
+
+- `node` (the default): vfiod gives `/dev/vfio/<group>` to the attachment's owner, mode 0600
+  (vfiod/core/access.py); the VMM opens the group and `/dev/vfio/vfio` itself.
+- `fd`: no node ever changes owner (root 0600 stays). The owner calls `OpenDevices` and receives
+  descriptors vfiod opened as root: each function's VFIO device cdev (`/dev/vfio/devices/vfioN`) and a
+  fresh `/dev/iommu` (QEMU: `-object iommufd,id=i0,fd=N -device vfio-pci,fd=M,iommufd=i0`). Nothing is
+  left to leak: a descriptor lives as long as the process holding it.
+
+fd mode needs a kernel with `CONFIG_VFIO_DEVICE_CDEV` and `CONFIG_IOMMUFD` (Linux 6.6+; drivers/vfio/
+device_cdev.c, drivers/iommu/iommufd/main.c). The cdev support shows as `/dev/vfio/devices/` once any
+device is on VFIO (devtmpfs removes the directory with its last node), as a `dev` attribute of a VFIO
+device's `vfio-dev/vfioN`, and as the `vfio-dev` character device region in /proc/devices once vfio is
+loaded (`vfio_cdev_init`); iommufd as the misc device `/dev/iommu`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from vfiod.core.errors import InvalidArgument
+from vfiod.core.registry import HANDOFF_MODES, HandoffMode
+from vfiod.host.host import Host
+from vfiod.host.pciaddr import PciAddress
+
+MODES: Final[tuple[HandoffMode, ...]] = HANDOFF_MODES
+CDEV_DIR: Final = "/dev/vfio/devices"
+
+
+def parse(value: object, what: str = "handoff") -> HandoffMode:
+    if value not in MODES:
+        raise InvalidArgument(f"{what} must be one of {', '.join(MODES)}, not {value!r}")
+    return value
+
+
+def has_cdevs(host: Host) -> bool | None:
+    """Whether this kernel gives VFIO devices a cdev; None when that cannot be told yet (vfio is not
+    loaded and no sign of a cdev is there: loading vfio-pci, which a bind does, tells)."""
+    if host.from_logical(CDEV_DIR).is_dir():
+        return True
+    if any(host.read_text(f"{d}/dev") for d in _vfio_dev_dirs(host)):
+        return True
+    devices = host.read_text(host.roots.proc / "devices") or ""
+    if any(line.split()[1:] == ["vfio-dev"] for line in devices.partition("Block devices:")[0].splitlines()):
+        return True
+    return False if host.module_loaded("vfio") else None
+
+
+def cdev_missing(host: Host) -> str | None:
+    """Why this host's VFIO devices have no cdev (or cannot be told to have one yet); None when they have."""
+    has = has_cdevs(host)
+    if has:
+        return None
+    if has is None:
+        return "vfio is not loaded, so whether this kernel gives VFIO devices a cdev cannot be told yet"
+    return (
+        "this kernel has no VFIO device cdevs (/dev/vfio/devices; CONFIG_VFIO_DEVICE_CDEV, Linux 6.6 and "
+        "later)"
+    )
+
+
+def iommufd_missing(host: Host) -> str | None:
+    """Why this host has no iommufd; None when `/dev/iommu` is there."""
+    if host.from_logical("/dev/iommu").exists():
+        return None
+    return "this kernel has no iommufd (/dev/iommu; CONFIG_IOMMUFD, Linux 6.2 and later)"
+
+
+def fd_mode_refused(host: Host) -> str | None:
+    """Why an Attach in fd mode is refused before any write; None when it may go ahead. A kernel whose cdev
+    support cannot be told yet (vfio not loaded) is given the benefit of the doubt: the bind loads vfio,
+    and a function that then has no cdev is refused and put back (ops/attach.py)."""
+    return iommufd_missing(host) or (cdev_missing(host) if has_cdevs(host) is False else None)
+
+
+def cdev_name(host: Host, addr: PciAddress) -> str | None:
+    """The function's VFIO device cdev (`vfioN`, its `vfio-dev/vfioN` with a device number); None when it
+    is not on VFIO or the kernel gives its VFIO devices no cdev."""
+    base = f"{host.device_dir(addr)}/vfio-dev"
+    for name in host.list_dir(base):
+        if name.startswith("vfio") and name[4:].isdigit() and host.read_text(f"{base}/{name}/dev"):
+            return name
+    return None
+
+
+def cdev_path(host: Host, addr: PciAddress) -> str:
+    """`/dev/vfio/devices/vfioN` of a function on VFIO when the node exists, else ""."""
+    name = cdev_name(host, addr)
+    if name is None:
+        return ""
+    path = f"{CDEV_DIR}/{name}"
+    return path if host.from_logical(path).exists() else ""
+
+
+def _vfio_dev_dirs(host: Host) -> list[str]:
+    base = host.roots.sys / "class/vfio-dev"
+    return [f"{base}/{n}" for n in host.list_dir(base)]
