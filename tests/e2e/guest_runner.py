@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tests.e2e import service, tap, trace, variants
+from tests.e2e import handoff, service, tap, trace, variants
 
 
 def _echo(text: str) -> None:
@@ -132,8 +132,13 @@ def run_systemd_suite(out: Path, only: Sequence[str] = ()) -> int:
 
 
 def run_variants_suite(out: Path, only: Sequence[str] = ()) -> int:
-    """vfio variant drivers, under systemd as PID 1 on a kernel that builds them (tests/e2e/variants.py)."""
-    return _under_systemd(out, variants.VARIANTS, variants.VARIANTS_DEPENDS)
+    """vfio variant drivers and the descriptor hand-over, under systemd as PID 1 on a kernel that builds
+    them and has VFIO cdevs and iommufd (tests/e2e/variants.py, tests/e2e/handoff.py)."""
+    return _under_systemd(
+        out,
+        {**variants.VARIANTS, **handoff.HANDOFF},
+        {**variants.VARIANTS_DEPENDS, **handoff.HANDOFF_DEPENDS},
+    )
 
 
 def _under_systemd(

@@ -4,7 +4,8 @@ mlx5/virtio/pds/qat variants as modules; CI points it at its prebuilt copy), boo
 with the installed package and one more device, a modern virtio-net that virtio_vfio_pci's alias names.
 No Debian kernel builds a variant driver, so without the tarball these tests skip and say so.
 
-One boot; each scenario of `variants.VARIANTS` is its own test (tests/e2e/variants.py).
+One boot; each scenario of `variants.VARIANTS` is its own test (tests/e2e/variants.py), and so is each of
+`handoff.HANDOFF`, the descriptor hand-over on the same kernel (tests/e2e/handoff.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import guest, variants
+from tests.e2e import guest, handoff, variants
 from tests.e2e.conftest import report
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -33,4 +34,10 @@ def variants_run(deb: Path) -> guest.GuestRun:
 
 @pytest.mark.parametrize("name", list(variants.VARIANTS))
 def test_variant(variants_run: guest.GuestRun, name: str) -> None:
+    report(variants_run, name)
+
+
+@pytest.mark.parametrize("name", list(handoff.HANDOFF))
+def test_fd_handoff(variants_run: guest.GuestRun, name: str) -> None:
+    """Attach with handoff fd and OpenDevices on the same boot (tests/e2e/handoff.py)."""
     report(variants_run, name)

@@ -1,0 +1,197 @@
+"""A VMM that gets its device as descriptors (OpenDevices: iommufd and a VFIO device cdev), as hypeman
+would start one in fd mode (ctypes ioctls; the D-Bus call through the dbus_fast the package installs in
+/usr/lib/vfiod).
+
+    python3 -m tests.e2e.fd_vmm INSTANCE PCI_ADDRESS [--dma-mib N] [--hold]
+
+Calls OpenDevices(INSTANCE) on the system bus, whose reply carries the descriptors, and takes the cdev of
+PCI_ADDRESS: binds it to the iommufd (VFIO_DEVICE_BIND_IOMMUFD), allocates an IOAS and attaches the device
+to it, reads the vendor and device ids from the config region and maps then unmaps N MiB of DMA through
+the IOAS (default 1). No device node is opened by this process. Prints one JSON object (what worked, and
+the errno name of what did not; `nodes` is what /proc/self/fd shows for the descriptors); with --hold it
+prints `holding` and keeps them until its standard input closes. Exit status 0 when every step worked.
+
+Run in the guest as the unprivileged user, with PYTHONPATH naming the sources and /usr/lib/vfiod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import errno
+import json
+import mmap
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tests.e2e.vmm import (
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_PCI_CONFIG_REGION_INDEX,
+    RegionInfo,
+    StepFailed,
+    _io,
+    ioctl,
+)
+
+VFIO_DEVICE_BIND_IOMMUFD = _io(18)  # include/uapi/linux/vfio.h (6.6+)
+VFIO_DEVICE_ATTACH_IOMMUFD_PT = _io(19)
+IOMMUFD_TYPE = ord(";")  # include/uapi/linux/iommufd.h
+
+
+def _iommufd(nr: int) -> int:
+    return (IOMMUFD_TYPE << 8) | nr
+
+
+IOMMU_IOAS_ALLOC = _iommufd(0x81)
+IOMMU_IOAS_MAP = _iommufd(0x85)
+IOMMU_IOAS_UNMAP = _iommufd(0x86)
+IOMMU_IOAS_MAP_FIXED_IOVA = 1
+IOMMU_IOAS_MAP_WRITEABLE = 2
+IOMMU_IOAS_MAP_READABLE = 4
+IOVA = 0x100000
+
+
+class BindIommufd(ctypes.Structure):
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iommufd", ctypes.c_int32),
+        ("out_devid", ctypes.c_uint32),
+    )
+
+
+class AttachPt(ctypes.Structure):
+    _fields_ = (("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("pt_id", ctypes.c_uint32))
+
+
+class IoasAlloc(ctypes.Structure):
+    _fields_ = (("size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("out_ioas_id", ctypes.c_uint32))
+
+
+class IoasMap(ctypes.Structure):
+    _fields_ = (
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("ioas_id", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("user_va", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+        ("iova", ctypes.c_uint64),
+    )
+
+
+class IoasUnmap(ctypes.Structure):
+    _fields_ = (
+        ("size", ctypes.c_uint32),
+        ("ioas_id", ctypes.c_uint32),
+        ("iova", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+    )
+
+
+async def open_devices(instance: str) -> tuple[int, list[tuple[str, str, int]], list[str]]:
+    """OpenDevices on the system bus: (iommufd, [(device id, sysfs path, cdev fd)], warnings)."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+    try:
+        reply = await bus.call(
+            Message(
+                destination="org.hypeman.Devices1",
+                path="/org/hypeman/Devices1",
+                interface="org.hypeman.Devices1.Manager",
+                member="OpenDevices",
+                signature="sasa{sv}",
+                body=[instance, [], {}],
+            )
+        )
+    finally:
+        bus.disconnect()
+    if reply.message_type is MessageType.ERROR:
+        raise RuntimeError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+    fds = reply.unix_fds
+    iommufd_idx, devices, warnings = reply.body
+    return fds[iommufd_idx], [(i, p, fds[idx]) for i, p, idx in devices], list(warnings)
+
+
+def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address, "steps": []}
+    steps: list[str] = out["steps"]
+    fds: list[int] = []
+    try:
+        try:
+            iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
+        except Exception as e:
+            out["open_devices"] = str(e)
+            raise StepFailed("OpenDevices", errno.EACCES) from e
+        fds += [iommufd, *(fd for _, _, fd in devices)]
+        out["nodes"] = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+        steps.append("open-devices")
+        wanted = f"/sys/bus/pci/devices/{address}/"
+        cdev = next((fd for _, path, fd in devices if path == wanted), None)
+        if cdev is None:
+            raise StepFailed(f"a descriptor for {address}", errno.ENOENT)
+        bind = BindIommufd(argsz=ctypes.sizeof(BindIommufd), flags=0, iommufd=iommufd)
+        ioctl(cdev, VFIO_DEVICE_BIND_IOMMUFD, ctypes.byref(bind), "VFIO_DEVICE_BIND_IOMMUFD")
+        steps.append("bind")
+        ioas = IoasAlloc(size=ctypes.sizeof(IoasAlloc), flags=0)
+        ioctl(iommufd, IOMMU_IOAS_ALLOC, ctypes.byref(ioas), "IOMMU_IOAS_ALLOC")
+        attach = AttachPt(argsz=ctypes.sizeof(AttachPt), flags=0, pt_id=ioas.out_ioas_id)
+        ioctl(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, ctypes.byref(attach), "VFIO_DEVICE_ATTACH_IOMMUFD_PT")
+        steps.append("attach")
+        region = RegionInfo(argsz=ctypes.sizeof(RegionInfo), index=VFIO_PCI_CONFIG_REGION_INDEX)
+        ioctl(cdev, VFIO_DEVICE_GET_REGION_INFO, ctypes.byref(region), "GET_REGION_INFO(config)")
+        config = os.pread(cdev, 4, region.offset)
+        out["vendor_id"] = f"{int.from_bytes(config[0:2], 'little'):04x}"
+        out["device_id"] = f"{int.from_bytes(config[2:4], 'little'):04x}"
+        steps.append("config")
+        size = dma_mib * 1024 * 1024
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE
+        dma = IoasMap(
+            size=ctypes.sizeof(IoasMap),
+            flags=flags,
+            ioas_id=ioas.out_ioas_id,
+            user_va=vaddr,
+            length=size,
+            iova=IOVA,
+        )
+        ioctl(iommufd, IOMMU_IOAS_MAP, ctypes.byref(dma), f"IOMMU_IOAS_MAP {dma_mib} MiB")
+        steps.append("map")
+        unmap = IoasUnmap(size=ctypes.sizeof(IoasUnmap), ioas_id=ioas.out_ioas_id, iova=IOVA, length=size)
+        ioctl(iommufd, IOMMU_IOAS_UNMAP, ctypes.byref(unmap), "IOMMU_IOAS_UNMAP")
+        steps.append("unmap")
+        out["ok"] = True
+        if hold:
+            print(json.dumps(out), flush=True)
+            print("holding", flush=True)
+            sys.stdin.read()
+    except StepFailed as e:
+        out["ok"] = False
+        out["failed_step"] = e.step
+        out["errno"] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fd_vmm")
+    parser.add_argument("instance")
+    parser.add_argument("address")
+    parser.add_argument("--dma-mib", type=int, default=1)
+    parser.add_argument("--hold", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.instance, args.address, args.dma_mib, args.hold)
+    print(json.dumps(result), flush=True)
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

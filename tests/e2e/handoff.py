@@ -1,0 +1,158 @@
+"""Guest side of the descriptor hand-over (Attach with `handoff` fd, OpenDevices) on the kernel with VFIO
+device cdevs and iommufd (`VFIOD_E2E_KERNEL_TARBALL`), in the variant-driver boot: the installed package
+under systemd, real dbus-daemon with the shipped policy, real polkitd with the shipped rules.
+
+As hypeman: Attach in fd mode leaves `/dev/vfio/<group>` and the cdev root 0600 (a VMM that opens the
+group itself is refused); OpenDevices hands a program the descriptors, with which it binds the device to
+iommufd, reads its config space and maps DMA; Detach while it holds them answers DeviceBusy naming it, and
+after it has exited the device goes home. The stranger may not open devices.
+Standard library only, but for the fd VMM's D-Bus call (the package's own dbus_fast, /usr/lib/vfiod).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.service import (
+    HYPEMAN,
+    PYTHON,
+    SRC,
+    STRANGER,
+    Guest,
+    Scenario,
+    as_user,
+    registry_matches_kernel,
+    sh,
+)
+from tests.e2e.trace import EDU, ScenarioFailed, check
+
+FD_VMM = ["-m", "tests.e2e.fd_vmm"]
+PACKAGE_LIBS = "/usr/lib/vfiod"
+INSTANCE = "vm-fd"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=f"{SRC}:{PACKAGE_LIBS}")
+
+
+def _argv(extra: list[str]) -> list[str]:
+    # memlock unlimited, as hypeman's drop-in sets it: iommufd charges pinned pages to RLIMIT_MEMLOCK
+    return ["prlimit", "--memlock=unlimited:unlimited", *as_user(HYPEMAN, [PYTHON, *FD_VMM, *extra])]
+
+
+def _fd_vmm(g: Guest) -> dict[str, Any]:
+    proc = sh(_argv([INSTANCE, EDU]), timeout=120, env=_env())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ScenarioFailed(f"the fd VMM printed nothing: {proc.stderr.strip()[-1500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    g.say(f"{HYPEMAN}$ fd_vmm {INSTANCE} {EDU}: {result}")
+    return result
+
+
+@contextlib.contextmanager
+def _holding(g: Guest) -> Iterator[int]:
+    proc = subprocess.Popen(
+        _argv([INSTANCE, EDU, "--hold"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "holding":
+                break
+            if line.startswith("{") and '"ok": false' in line:
+                raise ScenarioFailed(f"the fd VMM could not take the device: {line.strip()}")
+        else:
+            raise ScenarioFailed(f"the fd VMM exited before holding the device ({proc.wait()})")
+        g.say(f"{HYPEMAN}$ fd_vmm holds the descriptors (pid {proc.pid})")
+        yield proc.pid
+    finally:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _owner(path: str) -> tuple[int, str]:
+    st = os.stat(path)
+    return st.st_uid, oct(stat.S_IMODE(st.st_mode))
+
+
+def sc_fd_handoff_attach(g: Guest) -> None:
+    """The host says fd mode works; as hypeman, Attach with handoff fd binds the edu and changes no node:
+    the group node and the cdev stay root 0600, and a VMM that opens the group itself is refused."""
+    status = g.expect_ok("root", "GetHostStatus", "a{sv}", "0")[0]
+    devices = Path("/proc/devices").read_text(encoding="ascii").split("Block devices:")[0]
+    g.say(
+        f"GetHostStatus vfio_cdev={status['vfio_cdev']} iommufd={status['iommufd']}; /proc/devices "
+        f"has vfio-dev: {' vfio-dev' in devices}"
+    )
+    check(status["vfio_cdev"] is True and status["iommufd"] is True, f"GetHostStatus: {status}")
+    g.register("root", EDU, "edu")
+    reply = g.call(HYPEMAN, "Attach", "sasa{sv}", INSTANCE, "1", "edu", "1", "handoff", "s", "fd")
+    check(reply.ok, f"Attach with handoff fd failed: {reply.describe()}")
+    (rec,) = reply.data[0]
+    g.expect_drivers({EDU: "vfio-pci"}, "after Attach")
+    cdev = rec["vfio_cdev_path"]
+    check(rec["handoff"] == "fd" and rec["vfio_group_path"] == "", f"the record: {rec}")
+    name = os.path.basename(cdev)
+    check(os.path.isfile(f"/sys/bus/pci/devices/{EDU}/vfio-dev/{name}/dev"), f"{cdev} is not {EDU}'s cdev")
+    node = f"/dev/vfio/{g.group(EDU)}"
+    owners = {node: _owner(node), cdev: _owner(cdev)}
+    g.say(f"nodes after Attach in fd mode: {owners}")
+    check(all(o == (0, "0o600") for o in owners.values()), f"a node changed owner: {owners}")
+    res = g.vmm(HYPEMAN, node, EDU)  # the group interface, by itself: the node is not hypeman's
+    check(res.get("ok") is False and res.get("errno") == "EACCES", f"hypeman opened the group node: {res}")
+
+
+def sc_fd_handoff_open(g: Guest) -> None:
+    """OpenDevices as hypeman: the program gets /dev/iommu and the cdev as descriptors, binds the device
+    to iommufd, reads its ids (1234:11e8) from config space and maps 1 MiB of DMA; each call opens anew.
+    The stranger is refused by polkit."""
+    res = _fd_vmm(g)
+    check(res.get("ok") is True, f"the fd VMM failed: {res}")
+    check((res.get("vendor_id"), res.get("device_id")) == ("1234", "11e8"), f"config space: {res}")
+    nodes = sorted(res.get("nodes", {}).values())
+    check(nodes[0].startswith("/dev/iommu") and nodes[1].startswith("/dev/vfio/devices/vfio"), f"{nodes}")
+    check(_fd_vmm(g).get("ok") is True, "a second OpenDevices did not work")
+    reply = g.call(STRANGER, "OpenDevices", "sasa{sv}", INSTANCE, "0", "0")
+    check(reply.error == "NotAuthorized", f"the stranger's OpenDevices: {reply.describe()}")
+
+
+def sc_fd_handoff_detach(g: Guest) -> None:
+    """While the program holds the descriptors, Detach answers DeviceBusy naming it (opening a cdev never
+    answers EBUSY: the /proc scan is the truth); after it exits, Detach returns the edu to no driver."""
+    with _holding(g) as pid:
+        reply = g.detach(HYPEMAN, INSTANCE)
+        check(
+            reply.error == "DeviceBusy" and str(pid) in reply.message,
+            f"Detach while held: {reply.describe()}",
+        )
+        g.expect_drivers({EDU: "vfio-pci"}, "after the refused Detach")
+    reply = g.detach(HYPEMAN, INSTANCE)
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    g.expect_drivers({EDU: None}, "after Detach")
+    registry_matches_kernel(g)
+
+
+HANDOFF: dict[str, Scenario] = {
+    "fd-handoff-attach": sc_fd_handoff_attach,
+    "fd-handoff-open": sc_fd_handoff_open,
+    "fd-handoff-detach": sc_fd_handoff_detach,
+}
+
+HANDOFF_DEPENDS: dict[str, str] = {
+    "fd-handoff-open": "fd-handoff-attach",
+    "fd-handoff-detach": "fd-handoff-attach",
+}
