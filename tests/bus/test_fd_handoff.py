@@ -6,7 +6,8 @@ method takes one: a caller cannot fill vfiod's descriptor table)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +33,16 @@ def holding(*targets: str) -> set[int]:
         except OSError:
             continue  # closed meanwhile (another thread's)
     return out
+
+
+def settled(read: Callable[[], set[int]], want: set[int]) -> bool:
+    """`read()` is `want` now or within a few seconds (vfiod's loop runs on another thread)."""
+    deadline = time.monotonic() + 5
+    while read() != want:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class FdClient:
@@ -98,11 +109,12 @@ def test_open_devices_passes_descriptors_and_keeps_none(attached: tuple[Running,
         assert sysfs == f"/sys/bus/pci/devices/{EDU}/" and len(dev_id) == 24
         assert os.path.samestat(os.fstat(cdev), os.stat(cdev_file))
         assert os.path.samestat(os.fstat(iommufd), os.stat(root / "dev/iommu"))
-        # the only descriptors of the nodes left are the two received: vfiod kept no copy
-        assert holding(*nodes) == {iommufd, cdev}
+        # the only descriptors of the nodes left are the two received: vfiod kept no copy (it closes its
+        # own right after the sendmsg that carried them, on its own thread: the reply may arrive first)
+        assert settled(lambda: holding(*nodes), {iommufd, cdev})
         again = fdc.call("OpenDevices", "sasa{sv}", ["vm1", ["edu"], {}])
         assert again.message_type is MessageType.METHOD_RETURN and len(again.unix_fds) == 2
-        assert holding(*nodes) == {iommufd, cdev, *again.unix_fds}  # opened anew
+        assert settled(lambda: holding(*nodes), {iommufd, cdev, *again.unix_fds})  # opened anew
         for fd in again.unix_fds:
             os.close(fd)
     finally:

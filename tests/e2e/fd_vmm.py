@@ -2,7 +2,7 @@
 would start one in fd mode (ctypes ioctls; the D-Bus call through the dbus_fast the package installs in
 /usr/lib/vfiod).
 
-    python3 -m tests.e2e.fd_vmm INSTANCE PCI_ADDRESS [--dma-mib N] [--hold]
+    python3 -m tests.e2e.fd_vmm INSTANCE PCI_ADDRESS [--dma-mib N] [--hold] [--qemu ROOT]
 
 Calls OpenDevices(INSTANCE) on the system bus, whose reply carries the descriptors, and takes the cdev of
 PCI_ADDRESS: binds it to the iommufd (VFIO_DEVICE_BIND_IOMMUFD), allocates an IOAS and attaches the device
@@ -10,6 +10,8 @@ to it, reads the vendor and device ids from the config region and maps then unma
 the IOAS (default 1). No device node is opened by this process. Prints one JSON object (what worked, and
 the errno name of what did not; `nodes` is what /proc/self/fd shows for the descriptors); with --hold it
 prints `holding` and keeps them until its standard input closes. Exit status 0 when every step worked.
+With --qemu, the descriptors go to a real QEMU instead (`-object iommufd,fd= -device vfio-pci,fd=`, the
+binary unpacked under ROOT), paused, and `query-pci` says what it realized.
 
 Run in the guest as the unprivileged user, with PYTHONPATH naming the sources and /usr/lib/vfiod.
 """
@@ -27,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tests.e2e import qemu_vmm
 from tests.e2e.vmm import (
     VFIO_DEVICE_GET_REGION_INFO,
     VFIO_PCI_CONFIG_REGION_INDEX,
@@ -181,14 +184,68 @@ def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]
     return out
 
 
+def run_qemu(instance: str, address: str, qemu_root: str, hold: bool) -> dict[str, Any]:
+    """The descriptors handed to a real QEMU (its binary under `qemu_root`, QEMU 8.2 or later): iommufd
+    as `-object iommufd,fd=`, the cdev as `-device vfio-pci,fd=`; this process keeps no copy. What
+    `query-pci` lists of the device, QEMU's command line and its pid."""
+    out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address}
+    try:
+        iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
+    except Exception as e:
+        return {**out, "ok": False, "failed_step": "OpenDevices", "error": str(e)}
+    fds = [iommufd, *(fd for _, _, fd in devices)]
+    wanted = f"/sys/bus/pci/devices/{address}/"
+    cdev = next((fd for _, path, fd in devices if path == wanted), None)
+    if cdev is None:
+        return {**out, "ok": False, "failed_step": f"a descriptor for {address}"}
+    root = qemu_root.rstrip("/")
+    extra = [
+        *("-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"),
+        *("-object", f"iommufd,id=iommufd0,fd={iommufd}"),
+        *("-device", f"vfio-pci,fd={cdev},iommufd=iommufd0,id=hostdev0"),
+    ]
+    env = dict(os.environ, QEMU_MODULE_DIR=f"{root}/usr/lib/x86_64-linux-gnu/qemu")
+    out["qemu"] = " ".join(extra)
+    try:
+        with qemu_vmm.running(
+            [],
+            os.getuid(),
+            [],
+            binary=f"{root}/usr/bin/qemu-system-x86_64",
+            extra=extra,
+            pass_fds=fds,
+            env=env,
+        ) as q:
+            for fd in fds:  # QEMU has its own copies now
+                os.close(fd)
+            fds = []
+            out["pid"] = q.pid
+            out["passed"] = {k: [f.vendor_id, f.device_id, f.address] for k, f in q.passed().items()}
+            out["ok"] = True
+            if hold:
+                print(json.dumps(out), flush=True)
+                print("holding", flush=True)
+                sys.stdin.read()
+    except qemu_vmm.QemuFailed as e:
+        out.update(ok=False, failed_step="qemu", error=str(e))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fd_vmm")
     parser.add_argument("instance")
     parser.add_argument("address")
     parser.add_argument("--dma-mib", type=int, default=1)
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--qemu", metavar="ROOT", help="hand the descriptors to the QEMU unpacked under ROOT")
     args = parser.parse_args(argv)
-    result = run(args.instance, args.address, args.dma_mib, args.hold)
+    if args.qemu:
+        result = run_qemu(args.instance, args.address, args.qemu, args.hold)
+    else:
+        result = run(args.instance, args.address, args.dma_mib, args.hold)
     print(json.dumps(result), flush=True)
     return 0 if result.get("ok") else 1
 

@@ -136,6 +136,9 @@ def _run(cmd: Sequence[str | Path], *, cwd: Path | None = None, timeout: float =
     return proc.stdout
 
 
+run_command = _run  # the set-up's command runner (SetupError with the output), for the fetching modules
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive flock: two test runs building the same cache entry take turns."""

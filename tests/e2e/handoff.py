@@ -4,14 +4,16 @@ under systemd, real dbus-daemon with the shipped policy, real polkitd with the s
 
 As hypeman: Attach in fd mode leaves `/dev/vfio/<group>` and the cdev root 0600 (a VMM that opens the
 group itself is refused); OpenDevices hands a program the descriptors, with which it binds the device to
-iommufd, reads its config space and maps DMA; Detach while it holds them answers DeviceBusy naming it, and
-after it has exited the device goes home. The stranger may not open devices.
+iommufd, reads its config space and maps DMA; a real QEMU 10 (fetched by the host, tests/e2e/qemu10.py)
+takes them and lists the device; Detach while it runs answers DeviceBusy naming it, and after it has quit
+the device goes home. The stranger may not open devices.
 Standard library only, but for the fd VMM's D-Bus call (the package's own dbus_fast, /usr/lib/vfiod).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import stat
@@ -57,28 +59,46 @@ def _fd_vmm(g: Guest) -> dict[str, Any]:
     return result
 
 
+def _qemu_root() -> str:
+    """The QEMU 10 the host unpacked into the cache (tests/e2e/qemu10.py), the newest if several."""
+    found = sorted(glob.glob("/mnt/hostroot/qemu-*/usr/bin/qemu-system-x86_64"))
+    if not found:
+        raise ScenarioFailed("no QEMU 10 under /mnt/hostroot (the host fetches it before the boot)")
+    return found[-1].removesuffix("/usr/bin/qemu-system-x86_64")
+
+
 @contextlib.contextmanager
-def _holding(g: Guest) -> Iterator[int]:
+def _qemu_holding(g: Guest) -> Iterator[dict[str, Any]]:
+    """A real QEMU 10 as hypeman, given the descriptors OpenDevices passed (fd_vmm --qemu --hold)."""
     proc = subprocess.Popen(
-        _argv([INSTANCE, EDU, "--hold"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+        _argv([INSTANCE, EDU, "--qemu", _qemu_root(), "--hold"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     try:
         assert proc.stdout is not None
+        result: dict[str, Any] = {}
         for line in proc.stdout:
+            if line.startswith("{"):
+                result = json.loads(line)
+                if not result.get("ok"):
+                    raise ScenarioFailed(f"QEMU could not take the descriptors: {line.strip()}")
             if line.strip() == "holding":
                 break
-            if line.startswith("{") and '"ok": false' in line:
-                raise ScenarioFailed(f"the fd VMM could not take the device: {line.strip()}")
         else:
-            raise ScenarioFailed(f"the fd VMM exited before holding the device ({proc.wait()})")
-        g.say(f"{HYPEMAN}$ fd_vmm holds the descriptors (pid {proc.pid})")
-        yield proc.pid
+            raise ScenarioFailed(f"fd_vmm --qemu exited before QEMU ran ({proc.wait()}): {result}")
+        g.say(
+            f"{HYPEMAN}$ qemu-system-x86_64 -S ... {result.get('qemu')} (pid {result.get('pid')}): {result}"
+        )
+        yield result
     finally:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -130,14 +150,18 @@ def sc_fd_handoff_open(g: Guest) -> None:
     check(reply.error == "NotAuthorized", f"the stranger's OpenDevices: {reply.describe()}")
 
 
-def sc_fd_handoff_detach(g: Guest) -> None:
-    """While the program holds the descriptors, Detach answers DeviceBusy naming it (opening a cdev never
-    answers EBUSY: the /proc scan is the truth); after it exits, Detach returns the edu to no driver."""
-    with _holding(g) as pid:
+def sc_fd_handoff_qemu(g: Guest) -> None:
+    """A real QEMU 10 as hypeman takes the descriptors (`-object iommufd,fd= -device vfio-pci,fd=`), the
+    program that asked for them keeping no copy: `query-pci` lists 1234:11e8. While it runs, Detach
+    answers DeviceBusy naming QEMU (opening a cdev never answers EBUSY: the /proc scan is the truth); after
+    it has quit, Detach returns the edu to no driver."""
+    with _qemu_holding(g) as q:
+        passed = q.get("passed", {})
+        check(passed.get("hostdev0", [None])[:2] == ["1234", "11e8"], f"query-pci: {passed}")
         reply = g.detach(HYPEMAN, INSTANCE)
         check(
-            reply.error == "DeviceBusy" and str(pid) in reply.message,
-            f"Detach while held: {reply.describe()}",
+            reply.error == "DeviceBusy" and str(q.get("pid")) in reply.message and "qemu" in reply.message,
+            f"Detach while QEMU runs: {reply.describe()}",
         )
         g.expect_drivers({EDU: "vfio-pci"}, "after the refused Detach")
     reply = g.detach(HYPEMAN, INSTANCE)
@@ -149,10 +173,10 @@ def sc_fd_handoff_detach(g: Guest) -> None:
 HANDOFF: dict[str, Scenario] = {
     "fd-handoff-attach": sc_fd_handoff_attach,
     "fd-handoff-open": sc_fd_handoff_open,
-    "fd-handoff-detach": sc_fd_handoff_detach,
+    "fd-handoff-qemu": sc_fd_handoff_qemu,
 }
 
 HANDOFF_DEPENDS: dict[str, str] = {
     "fd-handoff-open": "fd-handoff-attach",
-    "fd-handoff-detach": "fd-handoff-attach",
+    "fd-handoff-qemu": "fd-handoff-open",
 }

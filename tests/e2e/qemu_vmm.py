@@ -128,16 +128,25 @@ def _exited(proc: subprocess.Popen[str]) -> QemuFailed:
 
 @contextlib.contextmanager
 def running(
-    as_user: Sequence[str], owner_uid: int, devices: Sequence[str], timeout: float = 90
+    as_user: Sequence[str],
+    owner_uid: int,
+    devices: Sequence[str],
+    timeout: float = 90,
+    *,
+    binary: str = QEMU,
+    extra: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningQemu]:
     """QEMU (prefixed by `as_user`, e.g. setpriv to `owner_uid`, the node's owner, and an unlimited memlock)
-    with the devices; yields once QMP answered `query-pci`, quits it on the way out."""
+    with the devices (and `extra` arguments, `pass_fds` inherited); yields once QMP answered `query-pci`,
+    quits it on the way out."""
     workdir = tempfile.mkdtemp(prefix="qemu-vmm-")
     os.chown(workdir, owner_uid, -1)  # the unprivileged QEMU creates its socket here
     sock = os.path.join(workdir, "qmp.sock")
     argv = [
         *as_user,
-        QEMU,
+        binary,
         "-machine",
         "q35",
         "-accel",
@@ -151,8 +160,11 @@ def running(
         "-qmp",
         f"unix:{sock},server=on,wait=off",
         *device_args(devices),
+        *extra,
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=tuple(pass_fds), env=env
+    )
     qmp = None
     try:
         deadline = time.monotonic() + timeout

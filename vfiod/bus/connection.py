@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import logging
 import os
 import socket
 from collections import Counter
@@ -56,6 +57,9 @@ from dbus_fast.service import ServiceInterface
 
 from vfiod.bus.frozen_bodies import FrozenBodies
 from vfiod.bus.outbox import Outbox
+from vfiod.logevents import Action
+
+log = logging.getLogger("vfiod.bus")
 
 
 def message_reader(
@@ -177,18 +181,27 @@ class Connection(MessageBus):
             raise RuntimeError("this bus connection does not pass unix descriptors")
         self._handing_over.update(fds)
 
-    def handed_over(self, fds: Iterable[int]) -> None:
-        """A message carrying `fds` was written: close those that vfiod handed over."""
+    def handed_over(self, fds: Iterable[int], sent: bool = True) -> None:
+        """A message carrying `fds` was written (`sent`), or will never be: close those vfiod handed over."""
+        closed = 0
         for fd in fds:
             if fd in self._handing_over:
                 self._handing_over.discard(fd)
                 os.close(fd)
+                closed += 1
+        if closed:
+            log.info(
+                "%d descriptors %s; vfiod's copies closed",
+                closed,
+                "handed over in a reply" if sent else "not handed over (the bus connection went)",
+                extra={"ACTION": Action.HAND_OVER},
+            )
 
     def _finalize(self, err: Exception | None = None) -> None:
         try:
             super()._finalize(err)
         finally:
-            self.handed_over(list(self._handing_over))  # never written: nobody received them
+            self.handed_over(list(self._handing_over), sent=False)  # never written: nobody received them
 
     async def connect(self) -> Connection:
         await super().connect()

@@ -18,6 +18,7 @@ from vfiod.core.ops import gpu_recover, sriov, vgpu
 from vfiod.core.records import Attachment
 from vfiod.core.refresh import Refreshes
 from vfiod.core.registry import AttachmentRow, DeviceRow, Registry, VgpuRow
+from vfiod.core.settings import ManagerConfig
 from vfiod.core.vmm_checks import attach_warnings
 from vfiod.host.host import Host
 from vfiod.host.mdev import UUID_RE
@@ -33,6 +34,7 @@ class SharingMethods:
     instances: InstanceLocks
     locks: GroupLocks
     placement: threading.Lock
+    config: ManagerConfig
 
     def resolve(self, id_or_name: object) -> DeviceRow:
         raise NotImplementedError
@@ -108,7 +110,15 @@ class SharingMethods:
                     self.deps, instance, owner, wanted, pin=pin, uuid=chosen, wait=self.deps.verify_timeout
                 )
         self._changed([""])
-        return done, attach_warnings(self.host, caller_pid)
+        warnings = attach_warnings(self.host, caller_pid)
+        if self.config.handoff == "fd":
+            warnings.append(
+                f"this vGPU is handed over by its group node {done.vfio_group_path or '(none)'}, now the "
+                "owner's, although handoff fd is this host's default: AttachVGPU always hands a vGPU's node "
+                "over (QEMU recognises a mediated device only by its sysfsdev= path, and would treat one "
+                "passed as a descriptor as a plain PCI device)"
+            )
+        return done, warnings
 
     def recover_sharing(self, target: str, dry_run: bool) -> Report | None:
         """Recover of a vGPU parent (its quarantine cleared) or of a physical GPU whose VFs host vGPUs (an
