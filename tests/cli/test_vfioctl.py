@@ -49,6 +49,8 @@ def test_subcommand_arguments() -> None:
         3,
         False,
     )
+    assert a.handoff is None  # the daemon's default
+    assert parse("attach", "vm-1", "edu", "--handoff", "fd").handoff == "fd"
     a = parse("detach", "vm-1")
     assert (a.devices, a.keep_bound) == ([], False)
     a = parse("register", "0000:a2:00.0", "--tag", "k=v=w", "--tag", "empty=")
@@ -205,6 +207,15 @@ def test_attach_rendering() -> None:
             "device_config": {"path": "/sys/bus/pci/devices/0000:a2:00.1/"},
         },
     ]
+    fd = {
+        **atts[0],
+        "vfio_group_path": "",
+        "vfio_cdev_path": "/dev/vfio/devices/vfio0",
+        "handoff": "fd",
+    }
+    shown = render.render_attach("vm", [fd], [])
+    assert "/dev/vfio/devices/vfio0 (root's)" in shown and "launcher calls OpenDevices" in shown
+    assert "OpenDevices" not in render.render_attach("vm", atts, [])
     text = render.render_attach("ml-training", atts, ["/dev/kvm is missing"])
     assert text.splitlines()[0] == "Attached to ml-training:"
     assert "  --device path=/sys/bus/pci/devices/0000:a2:00.1/" in text

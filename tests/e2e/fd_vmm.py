@@ -23,21 +23,13 @@ import asyncio
 import ctypes
 import errno
 import json
-import mmap
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tests.e2e import qemu_vmm
-from tests.e2e.vmm import (
-    VFIO_DEVICE_GET_REGION_INFO,
-    VFIO_PCI_CONFIG_REGION_INDEX,
-    RegionInfo,
-    StepFailed,
-    _io,
-    ioctl,
-)
+from tests.e2e import qemu_vmm, vmm
+from tests.e2e.vmm import StepFailed, _io, config_ids, dma_buffer, ioctl
 
 VFIO_DEVICE_BIND_IOMMUFD = _io(18)  # include/uapi/linux/vfio.h (6.6+)
 VFIO_DEVICE_ATTACH_IOMMUFD_PT = _io(19)
@@ -146,15 +138,10 @@ def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]
         attach = AttachPt(argsz=ctypes.sizeof(AttachPt), flags=0, pt_id=ioas.out_ioas_id)
         ioctl(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, ctypes.byref(attach), "VFIO_DEVICE_ATTACH_IOMMUFD_PT")
         steps.append("attach")
-        region = RegionInfo(argsz=ctypes.sizeof(RegionInfo), index=VFIO_PCI_CONFIG_REGION_INDEX)
-        ioctl(cdev, VFIO_DEVICE_GET_REGION_INFO, ctypes.byref(region), "GET_REGION_INFO(config)")
-        config = os.pread(cdev, 4, region.offset)
-        out["vendor_id"] = f"{int.from_bytes(config[0:2], 'little'):04x}"
-        out["device_id"] = f"{int.from_bytes(config[2:4], 'little'):04x}"
+        out["vendor_id"], out["device_id"] = config_ids(cdev)
         steps.append("config")
         size = dma_mib * 1024 * 1024
-        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        _buf, vaddr = dma_buffer(dma_mib)
         flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE
         dma = IoasMap(
             size=ctypes.sizeof(IoasMap),
@@ -171,9 +158,7 @@ def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]
         steps.append("unmap")
         out["ok"] = True
         if hold:
-            print(json.dumps(out), flush=True)
-            print("holding", flush=True)
-            sys.stdin.read()
+            vmm.hold(out)
     except StepFailed as e:
         out["ok"] = False
         out["failed_step"] = e.step
@@ -223,9 +208,7 @@ def run_qemu(instance: str, address: str, qemu_root: str, hold: bool) -> dict[st
             out["passed"] = {k: [f.vendor_id, f.device_id, f.address] for k, f in q.passed().items()}
             out["ok"] = True
             if hold:
-                print(json.dumps(out), flush=True)
-                print("holding", flush=True)
-                sys.stdin.read()
+                vmm.hold(out)
     except qemu_vmm.QemuFailed as e:
         out.update(ok=False, failed_step="qemu", error=str(e))
     finally:

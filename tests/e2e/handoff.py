@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.e2e.service import (
     Guest,
     Scenario,
     as_user,
+    holding,
     registry_matches_kernel,
     sh,
 )
@@ -70,38 +70,12 @@ def _qemu_root() -> str:
 @contextlib.contextmanager
 def _qemu_holding(g: Guest) -> Iterator[dict[str, Any]]:
     """A real QEMU 10 as hypeman, given the descriptors OpenDevices passed (fd_vmm --qemu --hold)."""
-    proc = subprocess.Popen(
-        _argv([INSTANCE, EDU, "--qemu", _qemu_root(), "--hold"]),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
-    try:
-        assert proc.stdout is not None
-        result: dict[str, Any] = {}
-        for line in proc.stdout:
-            if line.startswith("{"):
-                result = json.loads(line)
-                if not result.get("ok"):
-                    raise ScenarioFailed(f"QEMU could not take the descriptors: {line.strip()}")
-            if line.strip() == "holding":
-                break
-        else:
-            raise ScenarioFailed(f"fd_vmm --qemu exited before QEMU ran ({proc.wait()}): {result}")
+    argv = _argv([INSTANCE, EDU, "--qemu", _qemu_root(), "--hold"])
+    with holding(argv, _env(), "QEMU") as (_, result):
         g.say(
             f"{HYPEMAN}$ qemu-system-x86_64 -S ... {result.get('qemu')} (pid {result.get('pid')}): {result}"
         )
         yield result
-    finally:
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _owner(path: str) -> tuple[int, str]:

@@ -76,6 +76,35 @@ def must(argv: Sequence[str], timeout: float = 120) -> str:
     return proc.stdout
 
 
+@contextlib.contextmanager
+def holding(argv: Sequence[str], env: dict[str, str], what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A program that prints its JSON result, then `holding`, and keeps what it holds until its standard
+    input closes (tests/e2e/vmm.py, fd_vmm.py): its pid and last result while it holds."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        result: dict[str, Any] = {}
+        for line in proc.stdout:
+            if line.startswith("{"):
+                result = json.loads(line)
+                if result.get("ok") is False:
+                    raise ScenarioFailed(f"{what} could not take the device: {line.strip()}")
+            if line.strip() == "holding":
+                break
+        else:
+            raise ScenarioFailed(f"{what} exited before holding the device ({proc.wait()}): {result}")
+        yield proc.pid, result
+    finally:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def kernel_before(major: int, minor: int) -> bool:
     """The guest's kernel is older than major.minor (as vfiod reads a release)."""
     found = kernel_support.version(os.uname().release)
@@ -264,33 +293,9 @@ class Guest:
         argv = as_user(
             user, [PYTHON, *VMM, node, addr, "--hold-device", *(["--only-device"] if only_device else [])]
         )
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONPATH=SRC),
-        )
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.strip() == "holding":
-                    break
-                if line.startswith("{") and '"ok": false' in line:
-                    raise ScenarioFailed(f"the VMM could not take the device: {line.strip()}")
-            else:
-                raise ScenarioFailed(f"the VMM exited before holding the device ({proc.wait()})")
-            self.say(f"{user}$ vmm {node} {addr} holds the device fd (pid {proc.pid})")
-            yield proc.pid
-        finally:
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with holding(argv, dict(os.environ, PYTHONPATH=SRC), "the VMM") as (pid, _):
+            self.say(f"{user}$ vmm {node} {addr} holds the device fd (pid {pid})")
+            yield pid
 
     @contextlib.contextmanager
     def qemu(self, user: str, devices: Sequence[str]) -> Iterator[qemu_vmm.RunningQemu]:

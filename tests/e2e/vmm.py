@@ -104,7 +104,30 @@ def ioctl(fd: int, request: int, arg: Any, step: str) -> int:
     return rc
 
 
-def run(node: str, address: str, dma_mib: int, hold: bool, only_device: bool = False) -> dict[str, Any]:
+def config_ids(device: int) -> tuple[str, str]:
+    """The vendor and device ids a VFIO device's config region shows (4 hex digits each)."""
+    region = RegionInfo(argsz=ctypes.sizeof(RegionInfo), index=VFIO_PCI_CONFIG_REGION_INDEX)
+    ioctl(device, VFIO_DEVICE_GET_REGION_INFO, ctypes.byref(region), "GET_REGION_INFO(config)")
+    config = os.pread(device, 4, region.offset)
+    return f"{int.from_bytes(config[0:2], 'little'):04x}", f"{int.from_bytes(config[2:4], 'little'):04x}"
+
+
+def dma_buffer(mib: int) -> tuple[mmap.mmap, int]:
+    """`mib` MiB of anonymous memory to map for DMA, and its address (valid while the buffer lives)."""
+    buf = mmap.mmap(-1, mib * 1024 * 1024, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return buf, ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def hold(out: dict[str, Any]) -> None:
+    """Say what worked and `holding`, then keep everything open until standard input closes."""
+    print(json.dumps(out), flush=True)
+    print("holding", flush=True)
+    sys.stdin.read()
+
+
+def run(
+    node: str, address: str, dma_mib: int, hold_device: bool, only_device: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": os.getuid(), "node": node, "device": address, "steps": []}
     steps: list[str] = out["steps"]
     fds: list[int] = []
@@ -136,15 +159,10 @@ def run(node: str, address: str, dma_mib: int, hold: bool, only_device: bool = F
         device = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, ctypes.c_char_p(address.encode()), "GET_DEVICE_FD")
         fds.append(device)
         steps.append("device-fd")
-        region = RegionInfo(argsz=ctypes.sizeof(RegionInfo), index=VFIO_PCI_CONFIG_REGION_INDEX)
-        ioctl(device, VFIO_DEVICE_GET_REGION_INFO, ctypes.byref(region), "GET_REGION_INFO(config)")
-        config = os.pread(device, 4, region.offset)
-        out["vendor_id"] = f"{int.from_bytes(config[0:2], 'little'):04x}"
-        out["device_id"] = f"{int.from_bytes(config[2:4], 'little'):04x}"
+        out["vendor_id"], out["device_id"] = config_ids(device)
         steps.append("config")
         size = dma_mib * 1024 * 1024
-        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        _buf, vaddr = dma_buffer(dma_mib)
         dma = DmaMap(
             argsz=ctypes.sizeof(DmaMap),
             flags=VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
@@ -158,15 +176,13 @@ def run(node: str, address: str, dma_mib: int, hold: bool, only_device: bool = F
         ioctl(container, VFIO_IOMMU_UNMAP_DMA, ctypes.byref(unmap), "UNMAP_DMA")
         steps.append("unmap")
         out["ok"] = True
-        if hold and only_device:
+        if hold_device and only_device:
             for fd in (group, container):
                 os.close(fd)
                 fds.remove(fd)
             steps.append("only-device")
-        if hold:
-            print(json.dumps(out), flush=True)
-            print("holding", flush=True)
-            sys.stdin.read()
+        if hold_device:
+            hold(out)
     except StepFailed as e:
         out["ok"] = False
         out["failed_step"] = e.step

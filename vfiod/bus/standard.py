@@ -53,7 +53,15 @@ def standard_interfaces(*, object_manager: bool) -> list[intr.Interface]:
 
 
 # What this daemon offers, for clients to test before they rely on it (the Manager's `Features`).
-FEATURES: Final = ("sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers", "metrics")
+FEATURES: Final = (
+    "sriov",
+    "mdev",
+    "vgpu-mdev",
+    "vgpu-vendor",
+    "vfio-variant-drivers",
+    "metrics",
+    "fd-handoff",
+)
 MANAGER_PROPERTIES: Final[dict[str, str]] = {"Version": "s", "Features": "as"}
 
 

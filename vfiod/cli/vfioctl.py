@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="NVIDIA GPUDirect P2P clique (0-255) for cloud-hypervisor's x_nv_gpudirect_clique",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="even if the host needs the device (admin)")
+    p.add_argument(
+        "--handoff", choices=("node", "fd"),
+        help="node: give the group node to the owner; fd: change no node, the VMM gets descriptors "
+        "from OpenDevices (default: vfiod.toml's handoff)",
+    )  # fmt: skip
     p = add("detach", cmd_detach)
     p.add_argument("instance", metavar="INSTANCE")
     p.add_argument("devices", metavar="DEV", nargs="*", help="device ids or names (default: all)")

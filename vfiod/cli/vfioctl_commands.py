@@ -162,6 +162,7 @@ async def cmd_attach(ctx: Context) -> int:
         owner_uid=("u", a.owner_uid) if a.owner_uid is not None else None,
         gpudirect_clique=("y", a.gpudirect_clique) if a.gpudirect_clique is not None else None,
         force=("b", True) if a.force else None,
+        handoff=("s", a.handoff) if a.handoff else None,
     )
     attachments, warnings = await ctx.client.manager("Attach", a.instance, list(a.devices), opts)
     records = list_of_dicts(attachments)

@@ -182,6 +182,11 @@ def attach_document(
     }
 
 
+def _cdev_text(attachment: Mapping[str, Any]) -> str:
+    cdev = field(attachment, "vfio_cdev_path")
+    return f"{cdev} (root's)" if cdev else "-"
+
+
 def render_attach(instance: str, attachments: Sequence[Mapping[str, Any]], warnings: Sequence[str]) -> str:
     lines = [f"Attached to {instance}:"]
     header = ("ADDRESS", "ROLE", "GROUP", "GROUP NODE", "DEVICE ID")
@@ -190,12 +195,18 @@ def render_attach(instance: str, attachments: Sequence[Mapping[str, Any]], warni
             field(a, "pci_address"),
             field(a, "role") or "-",
             group_text(a),
-            field(a, "vfio_group_path") or "-",
+            field(a, "vfio_group_path") or _cdev_text(a),
             field(a, "id") or "-",
         )
         for a in attachments
     ]
     lines += table(header, rows, "  ")
+    if any(field(a, "handoff") == "fd" for a in attachments):
+        lines += [
+            "",
+            "handoff fd: no node changed owner; the VMM's launcher calls OpenDevices for descriptors of",
+            "/dev/iommu and each cdev (QEMU: -object iommufd,id=i0,fd=N -device vfio-pci,fd=M,iommufd=i0)",
+        ]
     lines += ["", "cloud-hypervisor:"]
     lines += [f"  --device {device_argument(a)}" for a in attachments]
     if warnings:
