@@ -136,7 +136,10 @@ def test_one_group_is_handed_over_one_way(env: MakeEnv) -> None:
         e.manager.attach(HM, "vm1", ["edu2"], handoff_mode="node")
     assert e.writes[mark:] == [] and e.host.node_owner(14) == ROOT_0600
     atts, _ = e.manager.attach(HM, "vm1", ["edu2"], handoff_mode="fd")
-    assert [(a.pci_address, a.handoff) for a in atts] == [("0000:02:01.0", "fd"), ("0000:02:02.0", "fd")]
+    assert [(a.pci_address, a.handoff, a.changed) for a in atts] == [
+        ("0000:02:01.0", "fd", False),  # attached by the call before, and kept as it was
+        ("0000:02:02.0", "fd", True),
+    ]
     assert all(a.vfio_cdev_path for a in atts) and e.host.node_owner(14) == ROOT_0600
 
 

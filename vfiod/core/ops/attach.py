@@ -216,6 +216,8 @@ def _record_attachments(
                 else prev_by_group.get(fn.group) or access.previous_grant(deps.registry, fn.group, instance)
             )
             existing = deps.registry.attachment_of_device(row.id)
+            if existing is not None and existing.boot_id == deps.boot_id and existing.instance_id == instance:
+                continue  # attached to this instance by an earlier call (a group member): kept as it is
             if existing is not None:
                 deps.registry.remove_attachment(row.id)  # a reservation from an earlier boot
             deps.registry.add_attachment(
