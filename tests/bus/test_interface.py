@@ -125,7 +125,7 @@ def test_manager_version_and_features(start_vfiod: StartVfiod, clients: Clients)
     assert props("Get", "ss", MANAGER_IFACE, "Version").value().value == vfiod.__version__
     everything = {k: v.value for k, v in props("GetAll", "s", MANAGER_IFACE).value().items()}
     assert everything["Version"] == vfiod.__version__
-    assert {"sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers", "fd-handoff"} <= set(
+    assert {"sriov", "mdev", "vgpu-mdev", "vgpu-vendor", "vfio-variant-drivers", "iommufd"} <= set(
         everything["Features"]
     )
     refused = props("Set", "ssv", MANAGER_IFACE, "Version", Variant("s", "9.9"))

@@ -49,6 +49,14 @@ def hold(registry: Registry, units: Units, linger: float) -> PersistenceHold:
     return PersistenceHold(registry, units, "boot-1", {"10de": [UNIT]}, linger)
 
 
+def lingering(registry: Registry, units: Units) -> PersistenceHold:
+    """A hold with a 30 s linger whose one bind has just ended: the unit stopped, lingering."""
+    h = hold(registry, units, 30.0)
+    with h.held(["10de"]):
+        pass
+    return h
+
+
 def test_without_a_linger_the_last_release_starts_the_unit_at_once(registry: Registry) -> None:
     units = Units()
     h = hold(registry, units, 0.0)
@@ -67,9 +75,7 @@ def test_a_bind_during_the_linger_shares_the_stop(
 ) -> None:
     caplog.set_level(logging.INFO, logger="vfiod.persistence")
     units = Units()
-    h = hold(registry, units, 30.0)
-    with h.held(["10de"]):
-        pass
+    h = lingering(registry, units)
     # lingering: still stopped, the row still says it was running (a crash now is recovered)
     assert not units.is_active(UNIT) and units.calls == [("stop", UNIT)]
     row = registry.get_hold(UNIT)
@@ -101,9 +107,7 @@ def test_a_unit_started_by_someone_during_the_linger_is_stopped_again(
 ) -> None:
     caplog.set_level(logging.INFO, logger="vfiod.persistence")
     units = Units()
-    h = hold(registry, units, 30.0)
-    with h.held(["10de"]):
-        pass
+    h = lingering(registry, units)
     units.running.add(UNIT)  # an admin's systemctl start meanwhile
     with h.held(["10de"]):
         assert not units.is_active(UNIT)
@@ -115,18 +119,14 @@ def test_a_unit_started_by_someone_during_the_linger_is_stopped_again(
 def test_a_unit_that_was_not_running_does_not_linger(registry: Registry) -> None:
     units = Units()
     units.running.clear()
-    h = hold(registry, units, 30.0)
-    with h.held(["10de"]):
-        pass
+    h = lingering(registry, units)
     assert units.calls == [] and registry.get_hold(UNIT) is None
     assert h.end_lingering() == []
 
 
 def test_recovery_leaves_a_lingering_unit_to_its_timer(registry: Registry) -> None:
     units = Units()
-    h = hold(registry, units, 30.0)
-    with h.held(["10de"]):
-        pass
+    h = lingering(registry, units)
     assert h.release_stale() == [] and not units.is_active(UNIT)
     # a crash while it lingers: the next vfiod's recovery starts it from the row
     after_crash = hold(registry, units, 30.0)

@@ -113,23 +113,33 @@ async def open_devices(instance: str) -> tuple[int, list[tuple[str, str, int]], 
     return fds[iommufd_idx], [(i, p, fds[idx]) for i, p, idx in devices], list(warnings)
 
 
+def descriptors(instance: str, address: str, out: dict[str, Any]) -> tuple[int, int, list[int]]:
+    """OpenDevices' iommufd and the cdev of `address`, with every descriptor received (the caller's to
+    close); the warnings and what /proc/self/fd shows for them go into `out`."""
+    try:
+        iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
+    except Exception as e:
+        out["open_devices"] = str(e)
+        raise StepFailed("OpenDevices", errno.EACCES) from e
+    fds = [iommufd, *(fd for _, _, fd in devices)]
+    out["nodes"] = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+    wanted = f"/sys/bus/pci/devices/{address}/"
+    cdev = next((fd for _, path, fd in devices if path == wanted), None)
+    if cdev is None:
+        for fd in fds:
+            os.close(fd)
+        raise StepFailed(f"a descriptor for {address}", errno.ENOENT)
+    return iommufd, cdev, fds
+
+
 def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address, "steps": []}
     steps: list[str] = out["steps"]
     fds: list[int] = []
     try:
-        try:
-            iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
-        except Exception as e:
-            out["open_devices"] = str(e)
-            raise StepFailed("OpenDevices", errno.EACCES) from e
-        fds += [iommufd, *(fd for _, _, fd in devices)]
-        out["nodes"] = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+        iommufd, cdev, received = descriptors(instance, address, out)
+        fds += received
         steps.append("open-devices")
-        wanted = f"/sys/bus/pci/devices/{address}/"
-        cdev = next((fd for _, path, fd in devices if path == wanted), None)
-        if cdev is None:
-            raise StepFailed(f"a descriptor for {address}", errno.ENOENT)
         bind = BindIommufd(argsz=ctypes.sizeof(BindIommufd), flags=0, iommufd=iommufd)
         ioctl(cdev, VFIO_DEVICE_BIND_IOMMUFD, ctypes.byref(bind), "VFIO_DEVICE_BIND_IOMMUFD")
         steps.append("bind")
@@ -175,14 +185,9 @@ def run_qemu(instance: str, address: str, qemu_root: str, hold: bool) -> dict[st
     `query-pci` lists of the device, QEMU's command line and its pid."""
     out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address}
     try:
-        iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
-    except Exception as e:
-        return {**out, "ok": False, "failed_step": "OpenDevices", "error": str(e)}
-    fds = [iommufd, *(fd for _, _, fd in devices)]
-    wanted = f"/sys/bus/pci/devices/{address}/"
-    cdev = next((fd for _, path, fd in devices if path == wanted), None)
-    if cdev is None:
-        return {**out, "ok": False, "failed_step": f"a descriptor for {address}"}
+        iommufd, cdev, fds = descriptors(instance, address, out)
+    except StepFailed as e:
+        return {**out, "ok": False, "failed_step": e.step}
     root = qemu_root.rstrip("/")
     extra = [
         *("-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"),

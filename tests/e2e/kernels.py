@@ -73,14 +73,18 @@ class PrivateApt:
         run(["apt-get", *self.options(), "download", *packages], cwd=dest, timeout=900)
 
 
-def private_apt(cache: Path, suite: str, run: Run) -> PrivateApt:
-    if suite not in SUITES:
-        raise ValueError(f"no kernel suite {suite!r} (known: {', '.join(SUITES)})")
-    apt = PrivateApt(cache / "apt" / suite, suite)
+def ready(apt: PrivateApt, run: Run) -> PrivateApt:
+    """`apt` set up, with its lists (fetched the first time)."""
     apt.set_up()
     if not apt.has_lists():
         apt.update(run)
     return apt
+
+
+def private_apt(cache: Path, suite: str, run: Run) -> PrivateApt:
+    if suite not in SUITES:
+        raise ValueError(f"no kernel suite {suite!r} (known: {', '.join(SUITES)})")
+    return ready(PrivateApt(cache / "apt" / suite, suite), run)
 
 
 def resolve_package(apt: PrivateApt, run: Run) -> str:
@@ -94,14 +98,19 @@ def resolve_package(apt: PrivateApt, run: Run) -> str:
     raise LookupError(f"apt-cache depends {METAPACKAGE} ({apt.suite}) names no kernel package:\n{out}")
 
 
-def fetch(apt: PrivateApt, run: Run, package: str, work: Path) -> Path:
-    """`apt-get download` of the package into `work` (lists refreshed once if the mirror moved on)."""
+def fetch_all(apt: PrivateApt, run: Run, packages: Sequence[str], work: Path) -> list[Path]:
+    """`apt-get download` of the packages into `work` (lists refreshed once if the mirror moved on)."""
     try:
-        apt.download(run, [package], work)
+        apt.download(run, packages, work)
     except Exception:  # stale lists name a version the mirror dropped: refresh them once
         apt.update(run)
-        apt.download(run, [package], work)
-    debs = sorted(work.glob("*.deb"))
+        apt.download(run, packages, work)
+    return sorted(work.glob("*.deb"))
+
+
+def fetch(apt: PrivateApt, run: Run, package: str, work: Path) -> Path:
+    """The one package's .deb, downloaded into `work` (`fetch_all`)."""
+    debs = fetch_all(apt, run, [package], work)
     if len(debs) != 1:
         raise LookupError(f"apt-get download {package} left {len(debs)} .deb files in {work}")
     return debs[0]

@@ -35,7 +35,7 @@ class BackportsApt(kernels.PrivateApt):
         )
 
 
-def _version(apt: BackportsApt, run: kernels.Run) -> str:
+def _version(apt: kernels.PrivateApt, run: kernels.Run) -> str:
     out = apt.cache(run, "show", "--no-all-versions", f"qemu-system-x86/{SUITE}")
     for line in out.splitlines():
         if line.startswith("Version:"):
@@ -43,30 +43,28 @@ def _version(apt: BackportsApt, run: kernels.Run) -> str:
     raise LookupError(f"apt-cache show qemu-system-x86/{SUITE} names no version:\n{out}")
 
 
+def _dest(cache: Path, version: str) -> Path:
+    return cache / f"qemu-{version.replace(':', '_')}"
+
+
 def ensure(cache: Path, run: kernels.Run) -> Path:
-    """The unpacked QEMU 10 (its root: `BINARY`, `DATA_DIRS`, `MODULE_DIR` below it), fetched once."""
-    apt = BackportsApt(cache / "apt" / SUITE, "bookworm")
-    apt.set_up()
-    if not apt.has_lists():
-        apt.update(run)
-    version = _version(apt, run)
-    dest = cache / f"qemu-{version.replace(':', '_')}"
-    if (dest / BINARY).is_file():
-        return dest
-    work = dest.with_name(dest.name + ".tmp")
+    """The unpacked QEMU 10 (its root: `BINARY`, `DATA_DIRS`, `MODULE_DIR` below it), fetched once per
+    version (the folder is named by the version the downloaded package carries)."""
+    apt = kernels.ready(BackportsApt(cache / "apt" / SUITE, "bookworm"), run)
+    cached = _dest(cache, _version(apt, run))
+    if (cached / BINARY).is_file():
+        return cached
+    work = cache / "qemu.tmp"
     run(["rm", "-rf", work], timeout=120)
-    work.mkdir(parents=True)
-    debs = work / "debs"
-    debs.mkdir()
-    try:
-        apt.download(run, [f"{p}/{SUITE}" for p in PACKAGES], debs)
-    except Exception:  # stale lists name a version the mirror dropped: refresh them once
-        apt.update(run)
-        return ensure(cache, run)
-    for deb in sorted(debs.glob("*.deb")):
+    (work / "debs").mkdir(parents=True)
+    debs = kernels.fetch_all(apt, run, [f"{p}/{SUITE}" for p in PACKAGES], work / "debs")
+    for deb in debs:
         run(["dpkg", "-x", deb, work], timeout=600)
-    run(["rm", "-rf", debs], timeout=120)
+    (qemu,) = [d for d in debs if d.name.startswith("qemu-system-x86_")]
+    dest = _dest(cache, run(["dpkg-deb", "-f", qemu, "Version"], timeout=60).strip())
+    run(["rm", "-rf", work / "debs"], timeout=120)
     if not (work / BINARY).is_file():
-        raise LookupError(f"{', '.join(PACKAGES)} ({version}) have no {BINARY}")
+        raise LookupError(f"{', '.join(PACKAGES)} ({dest.name}) have no {BINARY}")
+    run(["rm", "-rf", dest], timeout=120)
     work.rename(dest)
     return dest

@@ -271,7 +271,7 @@ class Daemon:
     async def _connect(self) -> MessageBus:
         bus_opt = self.options.bus
         try:
-            # Descriptors are negotiated for OpenDevices' replies; any a caller sends is closed on arrival.
+            # Descriptors are negotiated for OpenDevices' replies; any a caller sends is dropped.
             fds = {"negotiate_unix_fd": True, "keep_received_fds": False}
             if bus_opt == "system":
                 bus = Connection(bus_type=BusType.SYSTEM, **fds)

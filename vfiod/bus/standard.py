@@ -60,7 +60,7 @@ FEATURES: Final = (
     "vgpu-vendor",
     "vfio-variant-drivers",
     "metrics",
-    "fd-handoff",
+    "iommufd",
 )
 MANAGER_PROPERTIES: Final[dict[str, str]] = {"Version": "s", "Features": "as"}
 

@@ -77,6 +77,17 @@ def revoke(host: Host, group: int, previous: NodeOwner) -> None:
         raise Failed(f"cannot give /dev/vfio/{group} back to uid {previous.uid}: {e.strerror or e}") from e
 
 
+def node_uids(registry: Registry, group: int, boot_id: str) -> set[int]:
+    """Whom `/dev/vfio/<group>` belongs to while this boot's attachments in the group last: each one's
+    owner in node mode; root in fd mode, where the owner gets descriptors (OpenDevices) and the node stays
+    as the kernel made it."""
+    return {
+        0 if a.handoff == "fd" else a.owner_uid
+        for a in registry.attachments_in_group(group)
+        if a.boot_id == boot_id
+    }
+
+
 def previous_grant(registry: Registry, group: int, instance: str) -> NodeOwner | None:
     """Who owned `/dev/vfio/<group>` before `instance`'s attachment took it (journaled with it)."""
     for a in registry.attachments_in_group(group):

@@ -51,12 +51,7 @@ def recheck(deps: CoreDeps, groups: Iterable[int] | None = None) -> tuple[list[s
 
 
 def _recheck_one(deps: CoreDeps, group: int) -> str | None:
-    # fd mode hands over descriptors, and the node is kept as the kernel made it: root's, 0600.
-    owners = {
-        0 if a.handoff == "fd" else a.owner_uid
-        for a in deps.registry.attachments_in_group(group)
-        if a.boot_id == deps.boot_id
-    }
+    owners = access.node_uids(deps.registry, group, deps.boot_id)
     if len(owners) != 1:
         return None  # not attached (or detached meanwhile): not a grant of vfiod's to keep
     uid = owners.pop()

@@ -25,13 +25,12 @@ from vfiod.core.registry import HANDOFF_MODES, HandoffMode
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
 
-MODES: Final[tuple[HandoffMode, ...]] = HANDOFF_MODES
 CDEV_DIR: Final = "/dev/vfio/devices"
 
 
-def parse(value: object, what: str = "handoff") -> HandoffMode:
-    if value not in MODES:
-        raise InvalidArgument(f"{what} must be one of {', '.join(MODES)}, not {value!r}")
+def parse(value: object) -> HandoffMode:
+    if value not in HANDOFF_MODES:
+        raise InvalidArgument(f"handoff must be one of {', '.join(HANDOFF_MODES)}, not {value!r}")
     return value
 
 
@@ -50,7 +49,10 @@ def has_cdevs(host: Host) -> bool | None:
 
 def cdev_missing(host: Host) -> str | None:
     """Why this host's VFIO devices have no cdev (or cannot be told to have one yet); None when they have."""
-    has = has_cdevs(host)
+    return _cdev_reason(has_cdevs(host))
+
+
+def _cdev_reason(has: bool | None) -> str | None:
     if has:
         return None
     if has is None:
@@ -72,7 +74,8 @@ def fd_mode_refused(host: Host) -> str | None:
     """Why an Attach in fd mode is refused before any write; None when it may go ahead. A kernel whose cdev
     support cannot be told yet (vfio not loaded) is given the benefit of the doubt: the bind loads vfio,
     and a function that then has no cdev is refused and put back (ops/attach.py)."""
-    return iommufd_missing(host) or (cdev_missing(host) if has_cdevs(host) is False else None)
+    has = has_cdevs(host)
+    return iommufd_missing(host) or (_cdev_reason(has) if has is False else None)
 
 
 def cdev_name(host: Host, addr: PciAddress) -> str | None:

@@ -132,7 +132,7 @@ def host_status(
     vfio_pci_loaded = host.module_loaded(_VFIO_PCI) or (host.pci_drivers_dir / "vfio-pci").is_dir()
     vfio_container = (host.roots.dev / "vfio/vfio").exists()
     # /sys/class/vfio-dev exists whenever vfio is loaded (6.1 too): handoff tells the cdev by what proves it.
-    vfio_cdev = handoff.cdev_missing(host) is None
+    vfio_cdev = handoff.has_cdevs(host) is True
     iommufd = handoff.iommufd_missing(host) is None
     ir = _interrupt_remapping(host, params)
     hugepages = _int(host.read_text(host.roots.sys / "kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from vfiod.core.registry import AttachmentRow, DeviceRow, VgpuRow, format_timestamp
+from vfiod.core.registry import AttachmentRow, DeviceRow, HandoffMode, VgpuRow, format_timestamp
 from vfiod.host import vendor_vgpu
 from vfiod.host.host import Host
 from vfiod.host.pciaddr import PciAddress
@@ -164,7 +164,9 @@ class Attachment:
     iommu_group: int
     vfio_group_path: str
     gpudirect_clique: int | None = None
-    handoff: str = "node"  # node: vfio_group_path is the owner's; fd: OpenDevices hands descriptors over
+    handoff: HandoffMode = (
+        "node"  # node: vfio_group_path is the owner's; fd: OpenDevices hands descriptors over
+    )
     vfio_cdev_path: str = ""  # the function's /dev/vfio/devices/vfioN (fd mode), "" otherwise
     mdev_uuid: str = ""  # an mdev vGPU's uuid
     vgpu_uuid: str = ""  # a vendor-VFIO vGPU's uuid (vfiod's, or the VM's when the VMM chose it)

@@ -248,11 +248,7 @@ def _sweep_group_node(deps: CoreDeps, group: int, report: Report) -> None:
         owner = deps.host.node_owner(group)
     except OSError:
         return
-    named = {
-        a.owner_uid
-        for a in deps.registry.attachments_in_group(group)
-        if a.boot_id == deps.boot_id and a.handoff == "node"  # fd mode: nobody but root owns the node
-    }
+    named = access.node_uids(deps.registry, group, deps.boot_id)
     if owner.uid == 0 or owner.uid in named:
         return
     try:
