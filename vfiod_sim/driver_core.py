@@ -189,6 +189,8 @@ class Core:
         used = self._minor_cache.get(kind)
         if used is None:
             used = {d.minors[kind] for d in self.st.devices.values() if kind in d.minors}
+            if kind == "vfio":  # one ida numbers every VFIO device, mediated ones too
+                used |= {m.vfio for m in self.st.mdevs.values() if m.vfio >= 0}
             self._minor_cache[kind] = used
         return used
 
@@ -210,6 +212,10 @@ class Core:
         while any(base + i in used for i in range(count)):
             base += 1
         return base
+
+    def forget_minor(self, kind: str) -> None:
+        """A minor of `kind` held outside `devices` (an mdev's) was freed."""
+        self._minor_cache.pop(kind, None)
 
     def free_minors(self, ds: DevState, kinds: Iterable[str] | None = None) -> None:
         for kind in list(ds.minors) if kinds is None else list(kinds):

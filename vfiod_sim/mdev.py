@@ -83,8 +83,18 @@ def store_create(c: Core, parent: str, type_id: str, data: bytes) -> None:
     if available(c.topo, c.st, parent, type_id) < 1:
         code = getattr(errno, c.topo.mdev_parents[parent].full_errno)
         raise oserror(code, f"{type_id}: no instance can be created on {parent} now")
-    c.st.mdevs[uuid] = MdevState(parent=parent, type=type_id, group=_new_group(c))
+    # the driver's probe registers the VFIO device (vfio_register_emulated_iommu_dev): 6.1 and later give
+    # it a struct device, vfioN, under the mdev (and a cdev with CONFIG_VFIO_DEVICE_CDEV)
+    vfio = c.alloc("vfio") if c.profile.vfio_dev_class else -1
+    c.st.mdevs[uuid] = MdevState(parent=parent, type=type_id, group=_new_group(c), vfio=vfio)
     c.mdev_uevent("add", uuid)
+
+
+def mdev_cdevs(c: Core, uuid: str) -> list[str]:
+    """The mdev's VFIO device cdev, on kernels with them: an open one holds the device as a device file
+    does (vfio_device_fops_cdev_open takes a registration reference)."""
+    m = c.st.mdevs[uuid]
+    return [f"/dev/vfio/devices/vfio{m.vfio}"] if c.profile.vfio_cdev and m.vfio >= 0 else []
 
 
 def store_remove(c: Core, uuid: str, data: bytes) -> None:
@@ -98,8 +108,9 @@ def store_remove(c: Core, uuid: str, data: bytes) -> None:
         raise oserror(errno.EINVAL)
     if not value:
         return
-    holders = c.device_file_holders([uuid])
+    holders = c.device_file_holders([uuid]) + c.holders(mdev_cdevs(c, uuid))
     if holders:
         raise Blocked(uuid, holders)
+    c.forget_minor("vfio")
     del c.st.mdevs[uuid]
     c.mdev_uevent("remove", uuid)

@@ -134,6 +134,8 @@ class Renderer:
         put_link(t, f"{base}/devices/{uuid}", p)
         put_link(t, f"{p}/iommu_group", base)
         t[f"dev/vfio/{m.group}"] = file_entry(b"", 0o600)
+        if m.vfio >= 0:
+            self.vfio_device(t, p, m.vfio)
 
     # -- a PCI function ------------------------------------------------------------------------------
 
@@ -251,6 +253,23 @@ class Renderer:
             return f"0-{self.profile.numa_nodes * n - 1}"
         return f"{node * n}-{(node + 1) * n - 1}"
 
+    def vfio_device(self, t: Tree, p: str, n: int) -> None:
+        """A VFIO device's struct device under its device `p` (6.1+): `vfio-dev/vfioN`, in the vfio-dev
+        class, with its cdev and node on kernels with CONFIG_VFIO_DEVICE_CDEV."""
+        d = f"{p}/vfio-dev/vfio{n}"
+        t[f"{p}/vfio-dev"] = DIR
+        t[d] = DIR
+        put_link(t, f"{d}/device", p)
+        put_link(t, f"sys/class/vfio-dev/vfio{n}", d)
+        if self.profile.vfio_cdev:
+            t[f"{d}/dev"] = file_entry(f"{VFIO_CDEV_MAJOR}:{n}\n")
+            t[f"{d}/uevent"] = file_entry(
+                f"MAJOR={VFIO_CDEV_MAJOR}\nMINOR={n}\nDEVNAME=vfio/devices/vfio{n}\n", 0o644
+            )
+            t[f"dev/vfio/devices/vfio{n}"] = file_entry(b"", 0o600)
+        else:
+            t[f"{d}/uevent"] = file_entry(b"", 0o644)
+
     def side_effects(self, t: Tree, addr: str, ds: DevState, p: str) -> None:
         """What a bound driver creates for the device: class devices under it and nodes in /dev."""
         m = ds.minors
@@ -261,20 +280,7 @@ class Renderer:
             put_link(t, f"{path}/device", p)
 
         if "vfio" in m and prof.vfio_dev_class:
-            n = m["vfio"]
-            d = f"{p}/vfio-dev/vfio{n}"
-            t[f"{p}/vfio-dev"] = DIR
-            t[d] = DIR
-            put_link(t, f"{d}/device", p)
-            put_link(t, f"sys/class/vfio-dev/vfio{n}", d)
-            if prof.vfio_cdev:
-                t[f"{d}/dev"] = file_entry(f"{VFIO_CDEV_MAJOR}:{n}\n")
-                t[f"{d}/uevent"] = file_entry(
-                    f"MAJOR={VFIO_CDEV_MAJOR}\nMINOR={n}\nDEVNAME=vfio/devices/vfio{n}\n", 0o644
-                )
-                t[f"dev/vfio/devices/vfio{n}"] = file_entry(b"", 0o600)
-            else:
-                t[f"{d}/uevent"] = file_entry(b"", 0o644)
+            self.vfio_device(t, p, m["vfio"])
         # virtio-gpu's DRM device and fbdev are the PCI function's too, not its virtio child's (measured)
         if "drm" in m:
             n = m["drm"]

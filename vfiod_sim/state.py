@@ -138,12 +138,14 @@ class DevState(Codec):
 
 @dataclass(config=CONFIG)
 class MdevState(Codec):
-    """One mediated device: its parent, its type and the IOMMU group the kernel gave it (a group of its
-    own, numbered like any new group: the lowest free id)."""
+    """One mediated device: its parent, its type, the IOMMU group the kernel gave it (a group of its own,
+    numbered like any new group: the lowest free id) and, on 6.1 and later, the index of its VFIO device
+    (`vfio-dev/vfioN`, from the same ida as every VFIO device's; -1 before 6.1)."""
 
     parent: str
     type: str
     group: int
+    vfio: int = -1
 
 
 @dataclass(config=CONFIG)

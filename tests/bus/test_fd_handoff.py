@@ -151,3 +151,33 @@ def test_open_devices_of_a_node_mode_attachment(start_vfiod: StartVfiod, clients
         assert "handoff node" in reply.body[0] and reply.unix_fds == []
     finally:
         fdc.close()
+
+
+def test_an_mdev_by_descriptor_through_the_bus(start_vfiod: StartVfiod, clients: Clients) -> None:
+    """AttachVGPU's handoff option and OpenDevices' allow_mdev reach the core: an mdev in fd mode keeps its
+    node root's, OpenDevices refuses it without allow_mdev (a named error, no descriptor) and passes its
+    cdev with it, saying so."""
+    vfiod = start_vfiod("mdev-samples-iommufd")
+    reply = clients.root.m("AttachVGPU", "ssa{sv}", "vm1", "mtty-2", {"handoff": Variant("s", "fd")})
+    assert reply.ok, reply.text
+    rec = reply.body[0]
+    uuid, cdev_path = rec["device_config"].value["uuid"].value, rec["vfio_cdev_path"].value
+    assert (rec["handoff"].value, rec["vfio_group_path"].value) == ("fd", "")
+    assert any("allow_mdev" in w for w in reply.body[1])
+    fdc = FdClient(clients.root.lt, clients.root.address)
+    try:
+        refused = fdc.call("OpenDevices", "sasa{sv}", ["vm1", [], {}])
+        assert refused.error_name == "org.hypeman.Devices1.Error.HandoffUnsupported"
+        assert "allow_mdev" in refused.body[0] and refused.unix_fds == []
+        allow = {"allow_mdev": Variant("b", True)}
+        opened = fdc.call("OpenDevices", "sasa{sv}", ["vm1", [f"vgpu-{uuid}"], allow])
+        assert opened.message_type is MessageType.METHOD_RETURN, opened.body
+        _, ((_, sysfs, idx),), warnings = opened.body
+        try:
+            assert sysfs == f"/sys/bus/mdev/devices/{uuid}/" and any("allow_mdev" in w for w in warnings)
+            assert os.path.samestat(os.fstat(opened.unix_fds[idx]), os.stat(vfiod.root / cdev_path[1:]))
+        finally:
+            for fd in opened.unix_fds:
+                os.close(fd)
+    finally:
+        fdc.close()

@@ -287,6 +287,11 @@ def test_attach_vgpu_prints_both_vmm_forms(stub: Stub, capsys: pytest.CaptureFix
     doc = json.loads(out)
     assert doc["cloud_hypervisor_args"] == ["--device", f"path={path}"]
     assert doc["qemu_args"] == ["-device", f"vfio-pci,sysfsdev={path.rstrip('/')}"]
+    fd = {**record, "vfio_group_path": v("s", ""), "vfio_cdev_path": v("s", "/dev/vfio/devices/vfio2")}
+    stub.reply("AttachVGPU", "a{sv}as", fd, [])
+    code, out, _ = ctl(capsys, stub.address, "attach-vgpu", "vm1", "mtty-2", "--handoff", "fd")
+    assert code == 0 and stub.last("AttachVGPU").body == ["vm1", "mtty-2", {"handoff": "fd"}]
+    assert out.startswith(f"vGPU {uuid} for vm1: cdev /dev/vfio/devices/vfio2 (root's), device id ")
 
 
 def test_attach_prints_attachments_device_lines_and_warnings(

@@ -213,14 +213,3 @@ def test_a_failed_open_closes_what_the_call_opened(env: MakeEnv, monkeypatch: py
     with pytest.raises(Failed, match=r"the kernel refused to open /dev/vfio/devices/vfio\d+: No such device"):
         e.manager.open_devices(HM, "vm1")
     assert len(calls) == 3 and open_fds() == before
-
-
-def test_vgpus_stay_in_node_mode_and_say_so_where_fd_is_the_default(env: MakeEnv) -> None:
-    e = env("mdev-samples")
-    _, warnings = e.manager.attach_vgpu(HM, "vm1", "mtty-2")
-    assert not any("handoff fd" in w for w in warnings)
-    e.manager.reconfigure(ManagerConfig(handoff="fd"))
-    att2, warnings = e.manager.attach_vgpu(HM, "vm2", "mtty-2")
-    (said,) = [w for w in warnings if "handoff fd" in w]
-    assert f"by its group node {att2.vfio_group_path}" in said and "sysfsdev=" in said
-    assert e.host.node_owner(att2.iommu_group).uid == HM.uid  # the node, as in node mode

@@ -2,16 +2,19 @@
 would start one in fd mode (ctypes ioctls; the D-Bus call through the dbus_fast the package installs in
 /usr/lib/vfiod).
 
-    python3 -m tests.e2e.fd_vmm INSTANCE PCI_ADDRESS [--dma-mib N] [--hold] [--qemu ROOT]
+    python3 -m tests.e2e.fd_vmm INSTANCE DEVICE [--dma-mib N] [--hold] [--qemu ROOT [--sysfsdev]]
+        [--allow-mdev]
 
-Calls OpenDevices(INSTANCE) on the system bus, whose reply carries the descriptors, and takes the cdev of
-PCI_ADDRESS: binds it to the iommufd (VFIO_DEVICE_BIND_IOMMUFD), allocates an IOAS and attaches the device
-to it, reads the vendor and device ids from the config region and maps then unmaps N MiB of DMA through
-the IOAS (default 1). No device node is opened by this process. Prints one JSON object (what worked, and
-the errno name of what did not; `nodes` is what /proc/self/fd shows for the descriptors); with --hold it
-prints `holding` and keeps them until its standard input closes. Exit status 0 when every step worked.
+Calls OpenDevices(INSTANCE) on the system bus (with `allow_mdev` when asked), whose reply carries the
+descriptors, and takes the cdev of DEVICE (a PCI address, or an mdev's uuid): binds it to the iommufd
+(VFIO_DEVICE_BIND_IOMMUFD), allocates an IOAS and attaches the device to it, reads the vendor and device
+ids from the config region and maps then unmaps N MiB of DMA through the IOAS (default 1). No device
+node is opened by this process. Prints one JSON object (what worked, and the errno name of what did not;
+`nodes` is what /proc/self/fd shows for the descriptors); with --hold it prints `holding` and keeps them
+until its standard input closes. Exit status 0 when every step worked.
 With --qemu, the descriptors go to a real QEMU instead (`-object iommufd,fd= -device vfio-pci,fd=`, the
-binary unpacked under ROOT), paused, and `query-pci` says what it realized.
+binary unpacked under ROOT), paused, and `query-pci` says what it realized; --sysfsdev adds the device's
+sysfs path (`sysfsdev=`) beside `fd=`.
 
 Run in the guest as the unprivileged user, with PYTHONPATH naming the sources and /usr/lib/vfiod.
 """
@@ -87,9 +90,11 @@ class IoasUnmap(ctypes.Structure):
     )
 
 
-async def open_devices(instance: str) -> tuple[int, list[tuple[str, str, int]], list[str]]:
+async def open_devices(
+    instance: str, allow_mdev: bool = False
+) -> tuple[int, list[tuple[str, str, int]], list[str]]:
     """OpenDevices on the system bus: (iommufd, [(device id, sysfs path, cdev fd)], warnings)."""
-    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast import BusType, Message, MessageType, Variant
     from dbus_fast.aio import MessageBus
 
     bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
@@ -101,7 +106,7 @@ async def open_devices(instance: str) -> tuple[int, list[tuple[str, str, int]], 
                 interface="org.hypeman.Devices1.Manager",
                 member="OpenDevices",
                 signature="sasa{sv}",
-                body=[instance, [], {}],
+                body=[instance, [], {"allow_mdev": Variant("b", True)} if allow_mdev else {}],
             )
         )
     finally:
@@ -113,18 +118,23 @@ async def open_devices(instance: str) -> tuple[int, list[tuple[str, str, int]], 
     return fds[iommufd_idx], [(i, p, fds[idx]) for i, p, idx in devices], list(warnings)
 
 
-def descriptors(instance: str, address: str, out: dict[str, Any]) -> tuple[int, int, list[int]]:
-    """OpenDevices' iommufd and the cdev of `address`, with every descriptor received (the caller's to
-    close); the warnings and what /proc/self/fd shows for them go into `out`."""
+def descriptors(
+    instance: str, address: str, out: dict[str, Any], allow_mdev: bool = False
+) -> tuple[int, int, list[int]]:
+    """OpenDevices' iommufd and the cdev of `address` (a PCI address or an mdev's uuid), with every
+    descriptor received (the caller's to close); the warnings and what /proc/self/fd shows for them go
+    into `out`."""
     try:
-        iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance))
+        iommufd, devices, out["warnings"] = asyncio.run(open_devices(instance, allow_mdev))
     except Exception as e:
         out["open_devices"] = str(e)
         raise StepFailed("OpenDevices", errno.EACCES) from e
     fds = [iommufd, *(fd for _, _, fd in devices)]
     out["nodes"] = {str(fd): os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
-    wanted = f"/sys/bus/pci/devices/{address}/"
+    bus = "mdev" if len(address) == 36 else "pci"  # a uuid, or dddd:bb:ss.f
+    wanted = f"/sys/bus/{bus}/devices/{address}/"
     cdev = next((fd for _, path, fd in devices if path == wanted), None)
+    out["sysfs_path"] = wanted
     if cdev is None:
         for fd in fds:
             os.close(fd)
@@ -132,12 +142,12 @@ def descriptors(instance: str, address: str, out: dict[str, Any]) -> tuple[int, 
     return iommufd, cdev, fds
 
 
-def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]:
+def run(instance: str, address: str, dma_mib: int, hold: bool, allow_mdev: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address, "steps": []}
     steps: list[str] = out["steps"]
     fds: list[int] = []
     try:
-        iommufd, cdev, received = descriptors(instance, address, out)
+        iommufd, cdev, received = descriptors(instance, address, out, allow_mdev)
         fds += received
         steps.append("open-devices")
         bind = BindIommufd(argsz=ctypes.sizeof(BindIommufd), flags=0, iommufd=iommufd)
@@ -179,20 +189,25 @@ def run(instance: str, address: str, dma_mib: int, hold: bool) -> dict[str, Any]
     return out
 
 
-def run_qemu(instance: str, address: str, qemu_root: str, hold: bool) -> dict[str, Any]:
+def run_qemu(
+    instance: str, address: str, qemu_root: str, hold: bool, allow_mdev: bool = False, sysfsdev: bool = False
+) -> dict[str, Any]:
     """The descriptors handed to a real QEMU (its binary under `qemu_root`, QEMU 8.2 or later): iommufd
     as `-object iommufd,fd=`, the cdev as `-device vfio-pci,fd=`; this process keeps no copy. What
     `query-pci` lists of the device, QEMU's command line and its pid."""
     out: dict[str, Any] = {"uid": os.getuid(), "instance": instance, "device": address}
     try:
-        iommufd, cdev, fds = descriptors(instance, address, out)
+        iommufd, cdev, fds = descriptors(instance, address, out, allow_mdev)
     except StepFailed as e:
         return {**out, "ok": False, "failed_step": e.step}
     root = qemu_root.rstrip("/")
+    # sysfsdev= beside fd=: QEMU names the device by the path and recognises an mdev by it, and still
+    # opens nothing (it uses the descriptor)
+    path = f",sysfsdev={out['sysfs_path'].rstrip('/')}" if sysfsdev else ""
     extra = [
         *("-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"),
         *("-object", f"iommufd,id=iommufd0,fd={iommufd}"),
-        *("-device", f"vfio-pci,fd={cdev},iommufd=iommufd0,id=hostdev0"),
+        *("-device", f"vfio-pci,fd={cdev},iommufd=iommufd0,id=hostdev0{path}"),
     ]
     env = dict(os.environ, QEMU_MODULE_DIR=f"{root}/usr/lib/x86_64-linux-gnu/qemu")
     out["qemu"] = " ".join(extra)
@@ -229,11 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dma-mib", type=int, default=1)
     parser.add_argument("--hold", action="store_true")
     parser.add_argument("--qemu", metavar="ROOT", help="hand the descriptors to the QEMU unpacked under ROOT")
+    parser.add_argument("--allow-mdev", action="store_true", help="OpenDevices with allow_mdev")
+    parser.add_argument("--sysfsdev", action="store_true", help="--qemu: the device's sysfsdev= beside fd=")
     args = parser.parse_args(argv)
     if args.qemu:
-        result = run_qemu(args.instance, args.address, args.qemu, args.hold)
+        result = run_qemu(args.instance, args.address, args.qemu, args.hold, args.allow_mdev, args.sysfsdev)
     else:
-        result = run(args.instance, args.address, args.dma_mib, args.hold)
+        result = run(args.instance, args.address, args.dma_mib, args.hold, args.allow_mdev)
     print(json.dumps(result), flush=True)
     return 0 if result.get("ok") else 1
 

@@ -6,7 +6,9 @@ As hypeman: Attach in fd mode leaves `/dev/vfio/<group>` and the cdev root 0600 
 group itself is refused); OpenDevices hands a program the descriptors, with which it binds the device to
 iommufd, reads its config space and maps DMA; a real QEMU 10 (fetched by the host, tests/e2e/qemu10.py)
 takes them and lists the device; Detach while it runs answers DeviceBusy naming it, and after it has quit
-the device goes home. The stranger may not open devices.
+the device goes home. The stranger may not open devices. An mdev of the kernel's `mtty` sample, asked for
+in fd mode, gets its own cdev, which OpenDevices passes only with `allow_mdev`; QEMU 10 refuses it given by
+`fd=` alone and runs it given `sysfsdev=` beside `fd=`.
 Standard library only, but for the fd VMM's D-Bus call (the package's own dbus_fast, /usr/lib/vfiod).
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from tests.e2e.service import (
     HYPEMAN,
+    MTTY_IDS,
     PYTHON,
     SRC,
     STRANGER,
@@ -30,6 +33,7 @@ from tests.e2e.service import (
     Scenario,
     as_user,
     holding,
+    must,
     registry_matches_kernel,
     sh,
 )
@@ -38,6 +42,7 @@ from tests.e2e.trace import EDU, ScenarioFailed, check
 FD_VMM = ["-m", "tests.e2e.fd_vmm"]
 PACKAGE_LIBS = "/usr/lib/vfiod"
 INSTANCE = "vm-fd"
+MDEV_INSTANCE = "vm-fd-mdev"
 
 
 def _env() -> dict[str, str]:
@@ -49,13 +54,13 @@ def _argv(extra: list[str]) -> list[str]:
     return ["prlimit", "--memlock=unlimited:unlimited", *as_user(HYPEMAN, [PYTHON, *FD_VMM, *extra])]
 
 
-def _fd_vmm(g: Guest) -> dict[str, Any]:
-    proc = sh(_argv([INSTANCE, EDU]), timeout=120, env=_env())
+def _fd_vmm(g: Guest, instance: str = INSTANCE, device: str = EDU, *flags: str) -> dict[str, Any]:
+    proc = sh(_argv([instance, device, *flags]), timeout=120, env=_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise ScenarioFailed(f"the fd VMM printed nothing: {proc.stderr.strip()[-1500:]}")
     result: dict[str, Any] = json.loads(lines[-1])
-    g.say(f"{HYPEMAN}$ fd_vmm {INSTANCE} {EDU}: {result}")
+    g.say(f"{HYPEMAN}$ fd_vmm {instance} {device} {' '.join(flags)}: {result}")
     return result
 
 
@@ -68,9 +73,11 @@ def _qemu_root() -> str:
 
 
 @contextlib.contextmanager
-def _qemu_holding(g: Guest) -> Iterator[dict[str, Any]]:
+def _qemu_holding(
+    g: Guest, instance: str = INSTANCE, device: str = EDU, *flags: str
+) -> Iterator[dict[str, Any]]:
     """A real QEMU 10 as hypeman, given the descriptors OpenDevices passed (fd_vmm --qemu --hold)."""
-    argv = _argv([INSTANCE, EDU, "--qemu", _qemu_root(), "--hold"])
+    argv = _argv([instance, device, "--qemu", _qemu_root(), "--hold", *flags])
     with holding(argv, _env(), "QEMU") as (_, result):
         g.say(
             f"{HYPEMAN}$ qemu-system-x86_64 -S ... {result.get('qemu')} (pid {result.get('pid')}): {result}"
@@ -144,10 +151,60 @@ def sc_fd_handoff_qemu(g: Guest) -> None:
     registry_matches_kernel(g)
 
 
+def sc_fd_handoff_mdev(g: Guest) -> None:
+    """`mtty` on the same kernel: AttachVGPU of mtty-2 as hypeman with handoff fd creates an mdev with its
+    own cdev (`<uuid>/vfio-dev/vfioN`, the rule the simulator follows) and changes no node, warning that a
+    VMM needs its sysfs path. OpenDevices without allow_mdev: HandoffUnsupported. With it, a program binds
+    the mdev's cdev to iommufd, reads mtty's 4348:3253 from config space and maps DMA; a real QEMU 10 given
+    the descriptors with `fd=` alone fails (it asks iommufd for the hardware IOMMU's info), and with
+    `sysfsdev=` beside `fd=` lists the card; Detach while QEMU runs: DeviceBusy naming it; after it has
+    quit, Detach removes the mdev."""
+    must(["modprobe", "mtty"])
+    reply = g.call(HYPEMAN, "AttachVGPU", "ssa{sv}", MDEV_INSTANCE, "mtty-2", "1", "handoff", "s", "fd")
+    check(reply.ok, f"AttachVGPU with handoff fd failed: {reply.describe()}")
+    rec, warnings = reply.data[0], reply.data[1]
+    uuid, cdev = rec["device_config"]["uuid"], rec["vfio_cdev_path"]
+    check(rec["handoff"] == "fd" and rec["vfio_group_path"] == "", f"the record: {rec}")
+    vfio_dev = f"/sys/bus/mdev/devices/{uuid}/vfio-dev"
+    names = sorted(os.listdir(vfio_dev)) if os.path.isdir(vfio_dev) else []
+    g.say(f"{vfio_dev}: {names}; the record's cdev {cdev}")
+    check(names == [os.path.basename(cdev)] and os.path.isfile(f"{vfio_dev}/{names[0]}/dev"), f"{names}")
+    node = f"/dev/vfio/{rec['iommu_group']}"
+    owners = {node: _owner(node), cdev: _owner(cdev)}
+    check(all(o == (0, "0o600") for o in owners.values()), f"a node changed owner: {owners}")
+    check(any("allow_mdev" in w for w in warnings), f"no warning about the mdev: {warnings}")
+    refused = g.call(HYPEMAN, "OpenDevices", "sasa{sv}", MDEV_INSTANCE, "0", "0")
+    check(
+        refused.error == "HandoffUnsupported" and "allow_mdev" in refused.message,
+        f"OpenDevices of an mdev without allow_mdev: {refused.describe()}",
+    )
+    res = _fd_vmm(g, MDEV_INSTANCE, uuid, "--allow-mdev")
+    check(res.get("ok") is True and (res.get("vendor_id"), res.get("device_id")) == MTTY_IDS, f"{res}")
+    check(any("allow_mdev" in w for w in res.get("warnings", [])), f"OpenDevices said nothing: {res}")
+    # fd= alone: QEMU takes the mdev for a physical device and asks iommufd for its IOMMU's hardware info
+    alone = _fd_vmm(g, MDEV_INSTANCE, uuid, "--qemu", _qemu_root(), "--allow-mdev")
+    g.say(f"QEMU with fd= alone: ok={alone.get('ok')} {alone.get('error', '')}")
+    check(alone.get("ok") is False and "hardware info" in alone.get("error", ""), f"fd= alone: {alone}")
+    with _qemu_holding(g, MDEV_INSTANCE, uuid, "--allow-mdev", "--sysfsdev") as q:
+        passed = q.get("passed", {})
+        check(passed.get("hostdev0", [None])[:2] == list(MTTY_IDS), f"query-pci: {passed}")
+        reply = g.detach(HYPEMAN, MDEV_INSTANCE)
+        check(
+            reply.error == "DeviceBusy" and str(q.get("pid")) in reply.message,
+            f"Detach while QEMU runs: {reply.describe()}",
+        )
+        check(os.path.isdir(f"/sys/bus/mdev/devices/{uuid}"), "the mdev went away while QEMU held it")
+    reply = g.detach(HYPEMAN, MDEV_INSTANCE)
+    check(reply.ok, f"Detach failed: {reply.describe()}")
+    check(not os.path.exists(f"/sys/bus/mdev/devices/{uuid}"), f"the mdev {uuid} is still there")
+    registry_matches_kernel(g)
+
+
 HANDOFF: dict[str, Scenario] = {
     "fd-handoff-attach": sc_fd_handoff_attach,
     "fd-handoff-open": sc_fd_handoff_open,
     "fd-handoff-qemu": sc_fd_handoff_qemu,
+    "fd-handoff-mdev": sc_fd_handoff_mdev,
 }
 
 HANDOFF_DEPENDS: dict[str, str] = {

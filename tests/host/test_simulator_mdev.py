@@ -1,7 +1,8 @@
 """The simulated kernel's mediated devices (drivers/vfio/mdev and samples/vfio-mdev, Linux 6.1) on
 `mdev-samples`: the parents and types, available_instances shrinking and growing from a shared budget,
 create's and remove's errnos, each mdev in a group of its own with its node, remove waiting while a VFIO
-device file of it is open, and a reboot taking every mdev away; and NVIDIA's vGPU on the VFs of
+device file or its cdev is open, its VFIO device (and cdev on `mdev-samples-iommufd`), and a reboot
+taking every mdev away; and NVIDIA's vGPU on the VFs of
 `a40-mdev`."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import pytest
 
 from tests.conftest import SimFactory, SimHost
-from vfiod.host.pciaddr import PciAddress
+from vfiod.host.pciaddr import DriverName, PciAddress
 from vfiod_sim import processes
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
@@ -143,6 +144,54 @@ def test_remove_waits_while_a_device_file_is_open(sim: SimFactory) -> None:
     processes.remove_process(sh.root, pid)
     assert done.wait(2.0)
     assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+
+
+def test_an_mdev_has_its_vfio_device_and_cdev(sim: SimFactory) -> None:
+    """6.1+: `<uuid>/vfio-dev/vfioN` from the ida every VFIO device uses (a function bound first takes
+    vfio0); only with VFIO cdevs its `dev` and /dev/vfio/devices/vfioN; remove takes them away."""
+    plain = sim("mdev-samples")
+    create(plain, "mtty", "mtty-2", U1)
+    assert os.listdir(plain.host.from_logical(f"/sys/bus/mdev/devices/{U1}/vfio-dev")) == ["vfio0"]
+    assert not plain.host.from_logical(f"/sys/bus/mdev/devices/{U1}/vfio-dev/vfio0/dev").exists()
+    assert not plain.host.from_logical("/dev/vfio/devices").exists()
+    sh = sim("mdev-samples-iommufd")
+    edu = PciAddress.parse("0000:00:07.0")  # no driver: vfio-pci binds it and its device takes vfio0
+    sh.kernel.load_module("vfio_pci")
+    sh.host.set_driver_override(edu, DriverName("vfio-pci"))
+    sh.host.probe(edu)
+    create(sh, "mtty", "mtty-2", U1)
+    create(sh, "mtty", "mtty-1", U2)
+    names = [os.listdir(sh.host.from_logical(f"/sys/bus/mdev/devices/{u}/vfio-dev")) for u in (U1, U2)]
+    assert names == [["vfio1"], ["vfio2"]]
+    assert attr(sh, f"/sys/bus/mdev/devices/{U2}/vfio-dev/vfio2/dev").endswith(":2")
+    node = sh.host.from_logical("/dev/vfio/devices/vfio2")
+    assert node.exists() and node.stat().st_mode & 0o777 == 0o600
+    assert os.readlink(sh.host.from_logical("/sys/class/vfio-dev/vfio2")).endswith(f"{U2}/vfio-dev/vfio2")
+    remove(sh, U1)
+    assert not sh.host.from_logical("/dev/vfio/devices/vfio1").exists()
+    create(sh, "mtty", "mtty-1", U1)  # the lowest free index again
+    assert os.listdir(sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}/vfio-dev")) == ["vfio1"]
+
+
+def test_remove_waits_while_the_cdev_is_open(sim: SimFactory) -> None:
+    sh = sim("mdev-samples-iommufd")
+    create(sh, "mtty", "mtty-2", U1)
+    (cdev,) = os.listdir(sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}/vfio-dev"))
+    pid = processes.add_process(
+        sh.root, exe="/usr/bin/qemu-system-x86_64", uid=1000, fds=[f"/dev/vfio/devices/{cdev}"]
+    )
+    done = threading.Event()
+
+    def removing() -> None:
+        remove(sh, U1)
+        done.set()
+
+    threading.Thread(target=removing, daemon=True).start()
+    assert sh.kernel.wait_blocked(U1, 2.0)
+    assert not done.is_set() and sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+    processes.remove_process(sh.root, pid)
+    assert done.wait(2.0)
+    assert not sh.host.from_logical(f"/dev/vfio/devices/{cdev}").exists()
 
 
 def test_a_reboot_takes_every_mdev_away(sim: SimFactory) -> None:

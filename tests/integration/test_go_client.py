@@ -123,9 +123,17 @@ def test_client_against_the_live_daemon(gobuild: dict[str, str]) -> None:
         assert r.returncode == 0 and "--- PASS: TestDenied" in r.stdout, r.stdout + r.stderr
 
 
-def test_vgpus_against_the_live_daemon(gobuild: dict[str, str]) -> None:
-    for stack in _stack("mdev-samples"):
-        env = {"VFIOD_TEST_BUS": stack.address, "VFIOD_TEST_PROFILE": "mdev-samples"}
+def test_vgpus_against_the_live_daemon(gobuild: dict[str, str], tmp_path: Path) -> None:
+    """ListProfiles, AttachVGPU (node mode, and an mdev with Handoff "fd"), ListVGPUs, Detach, and
+    OpenDevices of the mdev: refused without AllowMdev, its cdev's *os.File with it."""
+    root = tmp_path / "host"
+    require_root_and_tools()
+    with start_stack([*vfiod_argv("mdev-samples-iommufd"), "--sim-root", str(root)]) as stack:
+        env = {
+            "VFIOD_TEST_BUS": stack.address,
+            "VFIOD_TEST_PROFILE": "mdev-samples-iommufd",
+            "VFIOD_TEST_ROOT": str(root),
+        }
         out = go(gobuild, "test", "-count=1", "-v", "-run", "TestVGPUs", ".", extra=env)
         assert "--- PASS: TestVGPUs" in out, out
 

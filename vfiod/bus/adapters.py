@@ -125,7 +125,11 @@ async def open_devices(svc: Runner, caller: Caller, req: Request) -> list[Any]:
         raise Failed("this bus connection cannot pass descriptors")
     opened = await svc.change(
         lambda: svc.manager.open_devices(
-            caller, req.args["instance_id"], req.args["devices"], caller_pid=caller.pid
+            caller,
+            req.args["instance_id"],
+            req.args["devices"],
+            allow_mdev=req.flag("allow_mdev"),
+            caller_pid=caller.pid,
         )
     )
     try:
@@ -200,6 +204,7 @@ async def attach_vgpu(svc: Runner, caller: Caller, req: Request) -> tuple[Record
             uuid=req.options.get("uuid"),
             owner_uid=req.options.get("owner_uid"),
             caller_pid=caller.pid,
+            handoff_mode=req.options.get("handoff"),
         ),
     )
     return variants.record(attachment.to_record()), list(warnings)

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--simulate",
         metavar="PROFILE",
         help="check a simulated host (workstation-l4, dgx-h100, no-iommu, qemu-q35, qemu-q35-iommufd, "
-        "mdev-samples, a40-mdev, l40s-vgpu, synthetic:N)",
+        "mdev-samples, mdev-samples-iommufd, a40-mdev, l40s-vgpu, synthetic:N)",
     )
     where.add_argument(
         "--sysfs-root",

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--simulate",
         metavar="PROFILE",
         help="run on the kernel simulator instead of this host (workstation-l4, dgx-h100, no-iommu, "
-        "qemu-q35, qemu-q35-iommufd, mdev-samples, a40-mdev, l40s-vgpu, synthetic:N); needs no privileges",
+        "qemu-q35, qemu-q35-iommufd, mdev-samples, mdev-samples-iommufd, a40-mdev, l40s-vgpu, synthetic:N); "
+        "needs no privileges",
     )
     run_parser.add_argument(
         "--sim-root",

@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", metavar="PARENT", help="only this parent (or the parents on this PCI GPU)")
     p.add_argument("--uuid", metavar="UUID", help="the mdev uuid to create (default: a new one)")
     p.add_argument("--owner-uid", metavar="UID", type=_uint32, help="give the group node to UID (admin)")
+    p.add_argument(
+        "--handoff", choices=("node", "fd"),
+        help="node: give the group node to the owner; fd: change no node, the VMM gets the vGPU's cdev "
+        "from OpenDevices (default: vfiod.toml's handoff for a vendor-VFIO vGPU, node for an mdev)",
+    )  # fmt: skip
     add("metrics", cmd_metrics)
     p = add("vfs", cmd_vfs)
     p.add_argument(

@@ -180,6 +180,7 @@ async def cmd_attach_vgpu(ctx: Context) -> int:
         parent=("s", a.parent) if a.parent else None,
         uuid=("s", a.uuid) if a.uuid else None,
         owner_uid=("u", a.owner_uid) if a.owner_uid is not None else None,
+        handoff=("s", a.handoff) if a.handoff else None,
     )
     attachment, warnings = await ctx.client.manager("AttachVGPU", a.instance, a.profile, opts)
     record = dict_of(attachment)

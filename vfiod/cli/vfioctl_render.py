@@ -231,9 +231,10 @@ def render_vgpu_attach(instance: str, attachment: Mapping[str, Any], warnings: S
     doc = vgpu_document(instance, attachment, warnings)
     config = attachment.get("device_config")
     uuid = config.get("uuid", "") if isinstance(config, Mapping) else ""
+    node = field(attachment, "vfio_group_path")
     lines = [
-        f"vGPU {uuid} for {instance}: group node {field(attachment, 'vfio_group_path') or '-'}, device id "
-        f"{field(attachment, 'id') or '-'}",
+        f"vGPU {uuid} for {instance}: {f'group node {node}' if node else f'cdev {_cdev_text(attachment)}'}, "
+        f"device id {field(attachment, 'id') or '-'}",
         "",
         "cloud-hypervisor:",
         f"  --device {device_argument(attachment)}",

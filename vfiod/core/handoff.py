@@ -9,6 +9,9 @@ Two modes, chosen per Attach (option `handoff`, default from vfiod.toml):
   fresh `/dev/iommu` (QEMU: `-object iommufd,id=i0,fd=N -device vfio-pci,fd=M,iommufd=i0`). Nothing is
   left to leak: a descriptor lives as long as the process holding it.
 
+A vGPU takes the same modes (`vgpu_mode`): a vendor-VFIO vGPU is a PCI function to the VMM and follows the
+default; an mdev is in fd mode only when AttachVGPU asks, and its own cdev is under the mdev's directory.
+
 fd mode needs a kernel with `CONFIG_VFIO_DEVICE_CDEV` and `CONFIG_IOMMUFD` (Linux 6.6+; drivers/vfio/
 device_cdev.c, drivers/iommu/iommufd/main.c). The cdev support shows as `/dev/vfio/devices/` once any
 device is on VFIO (devtmpfs removes the directory with its last node), as a `dev` attribute of a VFIO
@@ -18,6 +21,7 @@ loaded (`vfio_cdev_init`); iommufd as the misc device `/dev/iommu`.
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from vfiod.core.errors import InvalidArgument
@@ -78,10 +82,11 @@ def fd_mode_refused(host: Host) -> str | None:
     return iommufd_missing(host) or (_cdev_reason(has) if has is False else None)
 
 
-def cdev_name(host: Host, addr: PciAddress) -> str | None:
-    """The function's VFIO device cdev (`vfioN`, its `vfio-dev/vfioN` with a device number); None when it
-    is not on VFIO or the kernel gives its VFIO devices no cdev."""
-    base = f"{host.device_dir(addr)}/vfio-dev"
+def cdev_name(host: Host, device_dir: str | os.PathLike[str]) -> str | None:
+    """The VFIO device cdev (`vfioN`) of the device at `device_dir` (a PCI function's or an mdev's
+    directory: its `vfio-dev/vfioN` with a device number); None when it is not on VFIO or the kernel gives
+    its VFIO devices no cdev."""
+    base = f"{device_dir}/vfio-dev"
     for name in host.list_dir(base):
         if name.startswith("vfio") and name[4:].isdigit() and host.read_text(f"{base}/{name}/dev"):
             return name
@@ -90,7 +95,30 @@ def cdev_name(host: Host, addr: PciAddress) -> str | None:
 
 def cdev_path(host: Host, addr: PciAddress) -> str:
     """`/dev/vfio/devices/vfioN` of a function on VFIO when the node exists, else ""."""
-    name = cdev_name(host, addr)
+    return _node(host, cdev_name(host, host.device_dir(addr)))
+
+
+def mdev_cdev_path(host: Host, uuid: str) -> str:
+    """`/dev/vfio/devices/vfioN` of a mediated device (its `vfio-dev/` under the mdev bus) when the node
+    exists, else ""."""
+    return _node(host, cdev_name(host, host.mdev_devices_dir / uuid))
+
+
+def vgpu_cdev_path(host: Host, vendor: bool, parent: str, uuid: str) -> str:
+    """A vGPU's cdev: a vendor-VFIO vGPU's is its VF's (`parent`), an mdev's its own; "" when none."""
+    return cdev_path(host, PciAddress.parse(parent)) if vendor else mdev_cdev_path(host, uuid)
+
+
+def vgpu_mode(vendor: bool, asked: HandoffMode | None, default: HandoffMode) -> HandoffMode:
+    """The hand-over mode of a new vGPU: what the caller asked for; otherwise the host's default for a
+    vendor-VFIO vGPU (a PCI function to the VMM) and node for an mdev, which a VMM recognises only by its
+    sysfs path (QEMU 10 given an mdev's cdev by `fd=` alone takes it for a physical device and fails)."""
+    if asked is not None:
+        return asked
+    return default if vendor else "node"
+
+
+def _node(host: Host, name: str | None) -> str:
     if name is None:
         return ""
     path = f"{CDEV_DIR}/{name}"

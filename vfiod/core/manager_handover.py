@@ -29,12 +29,14 @@ class HandoverMethods:
         instance_id: object,
         devices: Sequence[object] = (),
         *,
+        allow_mdev: bool = False,
         caller_pid: int | None = None,
     ) -> handover.OpenedDevices:
-        """Descriptors of the instance's fd-mode devices (all of them when `devices` is empty) and of a
-        fresh /dev/iommu; the caller must own the attachment (the admin may open another uid's)."""
+        """Descriptors of the instance's fd-mode devices and vGPUs (all of them when `devices` is empty;
+        an mdev's only with `allow_mdev`) and of a fresh /dev/iommu; the caller must own the attachment (the
+        admin may open another uid's)."""
         instance = validation.instance_id(instance_id)
-        rows = [self.resolve(d) for d in devices]
+        rows = [self._named(d) for d in devices]
         with self.instances.hold(instance):
             wanted = handover.attachments_to_open(self.deps, instance, rows)
             others = sorted({a.owner_uid for a, _ in wanted if a.owner_uid != caller.uid})
@@ -46,6 +48,11 @@ class HandoverMethods:
             with self.locks.hold(sorted({a.iommu_group for a, _ in wanted})):
                 # again under the groups' locks: a Detach may have finished meanwhile
                 wanted = handover.attachments_to_open(self.deps, instance, rows)
-                opened = handover.open_devices(self.deps, instance, wanted)
-        opened.warnings = attach_warnings(self.deps.host, caller_pid, container=False)
+                opened = handover.open_devices(self.deps, instance, wanted, allow_mdev=allow_mdev)
+        opened.warnings += attach_warnings(self.deps.host, caller_pid, container=False)
         return opened
+
+    def _named(self, key: object) -> handover.Opened:
+        """A registered device or a vGPU, by its id or name."""
+        text = validation.id_or_name(key)
+        return self.deps.registry.find_vgpu(text) or self.resolve(text)

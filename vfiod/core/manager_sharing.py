@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 
-from vfiod.core import profiles, validation
+from vfiod.core import handoff, profiles, validation
 from vfiod.core.context import Caller, Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import InvalidArgument, NotAuthorized
@@ -94,29 +94,46 @@ class SharingMethods:
         uuid: object = None,
         owner_uid: int | None = None,
         caller_pid: int | None = None,
+        handoff_mode: object = None,
     ) -> tuple[Attachment, list[str]]:
         """Create a vGPU of `profile` for the instance and hand it over (see ops/vgpu)."""
         instance = validation.instance_id(instance_id)
         wanted = _text("profile", profile)
         pin = None if parent in (None, "") else _text("parent", parent)
         chosen = None if uuid in (None, "") else _uuid(uuid)
+        mode = None if handoff_mode is None else handoff.parse(handoff_mode)
         owner = caller.uid if owner_uid is None else owner_uid
         if owner != caller.uid and not caller.is_admin({"instance": instance}):
             raise NotAuthorized("attaching for another uid (owner_uid) needs the admin authorization")
         with self.instances.hold(instance), self.placement:
-            done = vgpu.already_attached(self.deps, instance, owner, wanted, chosen)
+            done = vgpu.already_attached(self.deps, instance, owner, wanted, chosen, mode)
             if done is None:
                 done = vgpu.attach_vgpu(
-                    self.deps, instance, owner, wanted, pin=pin, uuid=chosen, wait=self.deps.verify_timeout
+                    self.deps,
+                    instance,
+                    owner,
+                    wanted,
+                    pin=pin,
+                    uuid=chosen,
+                    wait=self.deps.verify_timeout,
+                    mode=mode,
+                    default_mode=self.config.handoff,
                 )
         self._changed([""])
-        warnings = attach_warnings(self.host, caller_pid)
-        if self.config.handoff == "fd":
+        warnings = attach_warnings(self.host, caller_pid, container=done.handoff == "node")
+        if done.mdev_uuid and done.handoff == "fd":
+            warnings.append(
+                f"the mdev {done.mdev_uuid} is to be handed over by descriptor: OpenDevices gives its cdev "
+                "only when asked with allow_mdev, and QEMU recognises a mediated device only by its sysfs "
+                f"path, so give it sysfsdev={done.sysfs_path.rstrip('/')} beside fd= (given fd= alone, QEMU "
+                "takes it for a physical device and fails)"
+            )
+        elif done.mdev_uuid and self.config.handoff == "fd":
             warnings.append(
                 f"this vGPU is handed over by its group node {done.vfio_group_path or '(none)'}, now the "
-                "owner's, although handoff fd is this host's default: AttachVGPU always hands a vGPU's node "
-                "over (QEMU recognises a mediated device only by its sysfsdev= path, and would treat one "
-                "passed as a descriptor as a plain PCI device)"
+                "owner's, although handoff fd is this host's default: an mdev stays in node mode unless "
+                "AttachVGPU asks for handoff fd (QEMU recognises a mediated device only by its sysfsdev= "
+                "path, and fails on one given by descriptor alone)"
             )
         return done, warnings
 

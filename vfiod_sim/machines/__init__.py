@@ -1,6 +1,7 @@
-"""The built-in machines, one file each: `workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35`,
-`qemu-q35-iommufd`, `mdev-samples`, `a40-mdev`, `l40s-vgpu` and `synthetic:N`. A machine is a function
-returning a `Profile`; `get_profile(name)` builds one by name.
+"""The built-in machines, one file each (`mdev-samples-iommufd` shares `mdev-samples`' file):
+`workstation-l4`, `dgx-h100`, `no-iommu`, `qemu-q35`, `qemu-q35-iommufd`, `mdev-samples`,
+`mdev-samples-iommufd`, `a40-mdev`, `l40s-vgpu` and `synthetic:N`. A machine is a function returning a
+`Profile`; `get_profile(name)` builds one by name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from vfiod_sim.machines.a40_mdev import a40_mdev
 from vfiod_sim.machines.dgx_h100 import dgx_h100
 from vfiod_sim.machines.l40s_vgpu import l40s_vgpu
-from vfiod_sim.machines.mdev_samples import mdev_samples
+from vfiod_sim.machines.mdev_samples import mdev_samples, mdev_samples_iommufd
 from vfiod_sim.machines.no_iommu import no_iommu
 from vfiod_sim.machines.qemu_q35 import qemu_q35
 from vfiod_sim.machines.qemu_q35_iommufd import qemu_q35_iommufd
@@ -25,6 +26,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
     "qemu-q35": qemu_q35,
     "qemu-q35-iommufd": qemu_q35_iommufd,
     "mdev-samples": mdev_samples,
+    "mdev-samples-iommufd": mdev_samples_iommufd,
     "a40-mdev": a40_mdev,
     "l40s-vgpu": l40s_vgpu,
 }

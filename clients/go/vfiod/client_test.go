@@ -193,7 +193,7 @@ func TestWatchDevicesReportsAddedChangedRemoved(t *testing.T) {
 }
 
 func TestVGPUs(t *testing.T) {
-	c := live(t, "mdev-samples")
+	c := live(t, "mdev-samples-iommufd")
 	asRoot(t)
 	ctx := context.Background()
 	profiles, err := c.ListProfiles(ctx, "")
@@ -217,6 +217,26 @@ func TestVGPUs(t *testing.T) {
 	if _, _, err := c.AttachVGPU(ctx, "vm-vgpu", "no-such-profile", AttachVGPUOptions{}); !errors.Is(err, ErrProfileNotFound) {
 		t.Fatalf("AttachVGPU of an unknown profile: %v", err)
 	}
+	// an mdev by descriptor: asked for with Handoff "fd", opened only with AllowMdev
+	fd, _, err := c.AttachVGPU(ctx, "vm-vgpu-fd", "mtty-1", AttachVGPUOptions{Handoff: "fd"})
+	if err != nil || fd.Handoff != "fd" || fd.VFIOGroupPath != "" || !strings.HasPrefix(fd.VFIOCdevPath, "/dev/vfio/devices/") {
+		t.Fatalf("AttachVGPU with Handoff fd: %+v, %v", fd, err)
+	}
+	t.Cleanup(func() { _ = c.Detach(context.Background(), "vm-vgpu-fd", nil, false) })
+	if _, _, _, err := c.OpenDevices(ctx, "vm-vgpu-fd", nil, OpenDevicesOptions{}); !errors.Is(err, ErrHandoffUnsupported) {
+		t.Fatalf("OpenDevices of an mdev without AllowMdev: %v", err)
+	}
+	iommufd, devs, warnings, err := c.OpenDevices(ctx, "vm-vgpu-fd", nil, OpenDevicesOptions{AllowMdev: true})
+	if err != nil || len(devs) != 1 || devs[0].SysfsPath != fd.SysfsPath || len(warnings) == 0 {
+		t.Fatalf("OpenDevices with AllowMdev: %+v %v, %v", devs, warnings, err)
+	}
+	defer iommufd.Close()
+	defer devs[0].Cdev.Close()
+	got, err1 := devs[0].Cdev.Stat()
+	want, err2 := os.Stat(os.Getenv("VFIOD_TEST_ROOT") + fd.VFIOCdevPath)
+	if err1 != nil || err2 != nil || !os.SameFile(got, want) {
+		t.Fatalf("%s: %v %v %v", fd.VFIOCdevPath, got, err1, err2)
+	}
 }
 
 func TestOpenDevices(t *testing.T) {
@@ -233,7 +253,7 @@ func TestOpenDevices(t *testing.T) {
 		t.Fatalf("Attach with Handoff fd: %+v, %v", atts, err)
 	}
 	t.Cleanup(func() { _ = c.Detach(context.Background(), "vm-fd", nil, false) })
-	iommufd, devs, _, err := c.OpenDevices(ctx, "vm-fd", nil)
+	iommufd, devs, _, err := c.OpenDevices(ctx, "vm-fd", nil, OpenDevicesOptions{})
 	if err != nil || len(devs) != 1 || devs[0].ID != atts[0].ID || devs[0].SysfsPath != atts[0].SysfsPath {
 		t.Fatalf("OpenDevices: %+v, %v", devs, err)
 	}
@@ -248,7 +268,7 @@ func TestOpenDevices(t *testing.T) {
 			t.Fatalf("%s: %v %v %v", node, got, err1, err2)
 		}
 	}
-	if _, _, _, err := c.OpenDevices(ctx, "vm-none", nil); !errors.Is(err, ErrNotFound) {
+	if _, _, _, err := c.OpenDevices(ctx, "vm-none", nil, OpenDevicesOptions{}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("OpenDevices of an instance with nothing attached: %v", err)
 	}
 }

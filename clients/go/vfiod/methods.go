@@ -187,13 +187,16 @@ type AttachVGPUOptions struct {
 	Parent   string  // pin the parent (default: the least loaded that offers the profile)
 	UUID     string  // the vGPU's UUID (default: a new one)
 	OwnerUID *uint32 // admin: for another uid
+	// Handoff is "node" or "fd" as for Attach; default: the host's for a vendor-VFIO vGPU, "node" for an
+	// mdev (QEMU recognises an mdev only by its sysfsdev= path).
+	Handoff string
 }
 
 // AttachVGPU creates a vGPU of the profile (name or type id) for the instance and hands it over.
 func (c *Client) AttachVGPU(
 	ctx context.Context, instanceID, profile string, o AttachVGPUOptions,
 ) (Attachment, []string, error) {
-	opts := options{}.str("parent", o.Parent).str("uuid", o.UUID)
+	opts := options{}.str("parent", o.Parent).str("uuid", o.UUID).str("handoff", o.Handoff)
 	if o.OwnerUID != nil {
 		opts["owner_uid"] = dbus.MakeVariant(*o.OwnerUID)
 	}
@@ -222,12 +225,18 @@ type OpenedDevice struct {
 	Cdev      *os.File
 }
 
+// OpenDevicesOptions are OpenDevices' options.
+type OpenDevicesOptions struct {
+	// AllowMdev hands over an fd-mode mdev's cdev too; QEMU needs its sysfsdev= path beside fd=.
+	AllowMdev bool
+}
+
 // OpenDevices opens, in vfiod, a new /dev/iommu and each VFIO device cdev of the instance's devices
 // attached with Handoff "fd" (all of them when devices is empty) and returns the descriptors. The caller
 // owns the files: hand them to the VMM (exec.Cmd.ExtraFiles; QEMU: -object iommufd,id=i0,fd=N -device
 // vfio-pci,fd=M,iommufd=i0) and close its copies. The warnings say what the VMM still needs.
 func (c *Client) OpenDevices(
-	ctx context.Context, instanceID string, devices []string,
+	ctx context.Context, instanceID string, devices []string, o OpenDevicesOptions,
 ) (*os.File, []OpenedDevice, []string, error) {
 	var iommufd dbus.UnixFD
 	var devs []struct {
@@ -236,7 +245,8 @@ func (c *Client) OpenDevices(
 		FD        dbus.UnixFD
 	}
 	var warnings []string
-	err := c.call(ctx, "OpenDevices", []interface{}{&iommufd, &devs, &warnings}, instanceID, strv(devices), options{})
+	err := c.call(ctx, "OpenDevices", []interface{}{&iommufd, &devs, &warnings}, instanceID, strv(devices),
+		options{}.flag("allow_mdev", o.AllowMdev))
 	if err != nil {
 		return nil, nil, nil, err
 	}

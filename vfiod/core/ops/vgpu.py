@@ -1,5 +1,6 @@
 """AttachVGPU and the release of vGPUs in Detach: creating a vGPU for an instance on a parent that offers
-the profile, handing its group node to the owner, and destroying it again; and finishing either at
+the profile, handing it over (its group node to the owner, or in fd mode nothing: the owner asks
+OpenDevices for its cdev), and destroying it again; and finishing either at
 start-up when a crash interrupted it. Two frameworks: an mdev (its uuid written to the type's `create`,
 `remove` to destroy it) and NVIDIA's vendor-specific VFIO (the type id written to the VF's
 `nvidia/current_vgpu_type` and read back, `0` to destroy it; the VF stays bound to `nvidia`, its VFIO
@@ -11,6 +12,11 @@ Start-up rolls an interrupted AttachVGPU back (the node back, the mdev removed, 
 completes an interrupted release. An mdev whose group node a process holds is never removed: its release
 answers DeviceBusy, and start-up leaves it `stuck` for an admin. mdevs vfiod did not create are never
 touched (they have no vGPU row).
+
+Hand-over modes (core/handoff.py): a vendor-VFIO vGPU is a PCI function to the VMM and follows the host's
+default; an mdev stays in node mode unless the caller asks for fd, because QEMU recognises an mdev only by
+its sysfs path (given `fd=` alone it takes one for a physical device and fails; `sysfsdev=` beside `fd=`
+works), so a VMM that only knows descriptors would fail.
 
 Placement is `core/placement.py`: the physical GPU with the most free framebuffer that can take the profile,
 then a clean parent before one that failed last time, then the one with the most instances left, never a
@@ -24,13 +30,15 @@ import logging
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 
-from vfiod.core import access, eventlog, guard, kernel_io, placement, validation
+from vfiod.core import access, eventlog, guard, handoff, kernel_io, placement, validation
 from vfiod.core.context import Report
 from vfiod.core.deps import CoreDeps
 from vfiod.core.errors import (
     AlreadyExists,
     DeviceBusy,
     Failed,
+    HandoffUnsupported,
+    InUse,
     InvalidArgument,
     NoCapacity,
     ProfileNotFound,
@@ -40,7 +48,7 @@ from vfiod.core.journal import Operation
 from vfiod.core.placement import physical_gpu
 from vfiod.core.profiles import QUARANTINE_FAILURES, quarantined
 from vfiod.core.records import Attachment, vfio_group_path
-from vfiod.core.registry import AttachmentRow, IntentRow, VgpuRow
+from vfiod.core.registry import AttachmentRow, HandoffMode, IntentRow, VgpuRow
 from vfiod.host import mdev, vendor_vgpu, vgpus
 from vfiod.host.errors import SysfsWriteError
 from vfiod.host.mdev import Mdev, MdevParent, MdevType
@@ -54,14 +62,23 @@ RELEASE = "detach-vgpu"
 KEPT_FOR = "vfiod.kept-for-uid"  # tag of a vGPU kept with keep_bound: whose it stays
 
 
+def cdev_path(deps: CoreDeps, row: VgpuRow) -> str:
+    """The vGPU's `/dev/vfio/devices/vfioN` (the VF's for vendor-VFIO, the mdev's own), or ""."""
+    return handoff.vgpu_cdev_path(deps.host, row.framework == vgpus.VENDOR, row.parent, row.uuid)
+
+
 def attachment(deps: CoreDeps, row: VgpuRow, att: AttachmentRow) -> Attachment:
     vendor = row.framework == vgpus.VENDOR
+    fd = att.handoff == "fd"
     return Attachment(
         id=row.id,
         pci_address=row.parent if vendor else "",
         role=att.role,
         iommu_group=att.iommu_group,
-        vfio_group_path=vfio_group_path(deps.host, att.iommu_group),
+        # fd mode: the node stays root's, so there is no path for the VMM to open
+        vfio_group_path="" if fd else vfio_group_path(deps.host, att.iommu_group),
+        handoff=att.handoff,
+        vfio_cdev_path=cdev_path(deps, row) if fd else "",
         mdev_uuid="" if vendor else row.uuid,
         vgpu_uuid=row.uuid if vendor else "",
     )
@@ -77,10 +94,11 @@ def _matches(row: VgpuRow, profile: str) -> bool:
 
 
 def already_attached(
-    deps: CoreDeps, instance: str, owner: int, profile: str, uuid: str | None
+    deps: CoreDeps, instance: str, owner: int, profile: str, uuid: str | None, mode: HandoffMode | None = None
 ) -> Attachment | None:
     """Idempotent repeat: this instance and owner already have a vGPU of this profile (with this uuid,
-    when one is asked for) that the kernel still has."""
+    when one is asked for) that the kernel still has. Asking for the other hand-over mode is refused
+    (InUse): the VMM may already hold the node or the descriptors."""
     for att in deps.registry.attachments_of_instance(instance):
         row = deps.registry.get_vgpu(att.device_id)
         if row is None or att.owner_uid != owner or not _matches(row, profile):
@@ -88,6 +106,11 @@ def already_attached(
         if uuid is not None and row.uuid != uuid:
             continue
         if att.boot_id == deps.boot_id and live(deps, row) is not None:
+            if mode is not None and att.handoff != mode:
+                raise InUse(
+                    f"the vGPU {row.uuid} ({row.profile}) is already attached to instance {instance!r} with "
+                    f"handoff {att.handoff}, not {mode}: detach and attach again to change it"
+                )
             return dataclasses.replace(attachment(deps, row, att), changed=False)
     return None
 
@@ -137,14 +160,20 @@ def attach_vgpu(
     pin: str | None,
     uuid: str | None,
     wait: float,
+    mode: HandoffMode | None = None,
+    default_mode: HandoffMode = "node",
 ) -> Attachment:
-    """Create a vGPU of `profile` for `instance`, verify it, hand its node to `owner` and record it. All or
-    nothing: a failure leaves nothing created. Runs under the instance lock and the manager's placement
-    lock."""
+    """Create a vGPU of `profile` for `instance`, verify it, hand it over to `owner` (in `mode`, or the
+    framework's default: handoff.vgpu_mode) and record it. All or nothing: a failure leaves nothing
+    created. Runs under the instance lock and the manager's placement lock."""
     kept = _kept(deps, owner, profile, uuid)
     if kept is not None:
-        return _attach_existing(deps, kept, instance, owner)
+        kept_mode = handoff.vgpu_mode(kept.framework == vgpus.VENDOR, mode, default_mode)
+        return _attach_existing(deps, kept, instance, owner, kept_mode)
     parent, typ = place(deps, profile, offers(deps, profile, pin))
+    chosen_mode = handoff.vgpu_mode(parent.framework == vgpus.VENDOR, mode, default_mode)
+    if chosen_mode == "fd" and (why := handoff.fd_mode_refused(deps.host)):
+        raise HandoffUnsupported(f"handoff fd cannot work here: {why}; attach with handoff node")
     uuid = uuid or str(uuidlib.uuid4())
     if mdev.read_mdev(deps.host, uuid) is not None or any(r.uuid == uuid for r in deps.registry.list_vgpus()):
         raise AlreadyExists(f"a vGPU with uuid {uuid} exists already")
@@ -171,7 +200,7 @@ def attach_vgpu(
         _create(deps, row)
         op.checkpoint("verify")
         group = _verify(deps, row, wait)
-        result = _hand_over(deps, op, row, group, instance, owner)
+        result = _hand_over(deps, op, row, group, instance, owner, chosen_mode)
     except Exception as e:
         _roll_back(deps, op, row, e)
         raise
@@ -222,13 +251,17 @@ def _kept(deps: CoreDeps, owner: int, profile: str, uuid: str | None) -> VgpuRow
     return None
 
 
-def _attach_existing(deps: CoreDeps, row: VgpuRow, instance: str, owner: int) -> Attachment:
+def _attach_existing(
+    deps: CoreDeps, row: VgpuRow, instance: str, owner: int, mode: HandoffMode
+) -> Attachment:
     found = live(deps, row)
     if found is None or found.iommu_group is None:
         raise Failed(f"the kept vGPU {row.uuid} has no IOMMU group any more")
+    if mode == "fd" and (why := handoff.fd_mode_refused(deps.host)):
+        raise HandoffUnsupported(f"handoff fd cannot work here: {why}; attach with handoff node")
     op = Operation(deps.registry, deps.boot_id, ATTACH)
     try:
-        return _hand_over(deps, op, row, found.iommu_group, instance, owner)
+        return _hand_over(deps, op, row, found.iommu_group, instance, owner, mode)
     except Exception:
         op.finish()
         raise
@@ -282,12 +315,21 @@ def _verify(deps: CoreDeps, row: VgpuRow, wait: float) -> int:
 
 
 def _hand_over(
-    deps: CoreDeps, op: Operation, row: VgpuRow, group: int, instance: str, owner: int
+    deps: CoreDeps, op: Operation, row: VgpuRow, group: int, instance: str, owner: int, mode: HandoffMode
 ) -> Attachment:
-    prev = access.previous_owner(deps.host, group, set())
-    op.grant(group, prev)
-    op.checkpoint("grant")
-    access.grant(deps.host, group, owner)
+    """Node mode: the group node to the owner (the grant journaled first). fd mode: no node changes
+    owner, and the vGPU must have its cdev for OpenDevices to open."""
+    prev = None
+    if mode == "node":
+        prev = access.previous_owner(deps.host, group, set())
+        op.grant(group, prev)
+        op.checkpoint("grant")
+        access.grant(deps.host, group, owner)
+    elif not cdev_path(deps, row):
+        raise HandoffUnsupported(
+            f"the vGPU {row.uuid} on {row.parent} has no VFIO device cdev under /dev/vfio/devices; attach "
+            "with handoff node"
+        )
     op.checkpoint("record")
     with deps.registry.transaction():
         tags = {k: v for k, v in row.tags.items() if k != KEPT_FOR}
@@ -300,6 +342,7 @@ def _hand_over(
                 iommu_group=group,
                 boot_id=deps.boot_id,
                 node_prev=prev,
+                handoff=mode,
             )
         )
         deps.registry.clear_parent_failures(row.parent)
@@ -384,7 +427,8 @@ def release(deps: CoreDeps, instance: str, rows: Sequence[VgpuRow], keep_bound: 
         op = claim(deps, RELEASE, row)
         op.checkpoint("release")
         if keep_bound and att is not None:
-            access.revoke(deps.host, att.iommu_group, att.node_prev or access.KERNEL_DEFAULT)
+            if att.handoff == "node":
+                access.revoke(deps.host, att.iommu_group, att.node_prev or access.KERNEL_DEFAULT)
             with deps.registry.transaction():
                 deps.registry.remove_attachment(row.id)
                 tags = {**row.tags, KEPT_FOR: str(att.owner_uid)}
