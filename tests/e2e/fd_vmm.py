@@ -2,8 +2,7 @@
 would start one in fd mode (ctypes ioctls; the D-Bus call through the dbus_fast the package installs in
 /usr/lib/vfiod).
 
-    python3 -m tests.e2e.fd_vmm INSTANCE DEVICE [--dma-mib N] [--hold] [--qemu ROOT [--sysfsdev]]
-        [--allow-mdev]
+    python3 -m tests.e2e.fd_vmm INSTANCE DEVICE [--dma-mib N] [--hold] [--qemu ROOT] [--allow-mdev]
 
 Calls OpenDevices(INSTANCE) on the system bus (with `allow_mdev` when asked), whose reply carries the
 descriptors, and takes the cdev of DEVICE (a PCI address, or an mdev's uuid): binds it to the iommufd
@@ -13,8 +12,7 @@ node is opened by this process. Prints one JSON object (what worked, and the err
 `nodes` is what /proc/self/fd shows for the descriptors); with --hold it prints `holding` and keeps them
 until its standard input closes. Exit status 0 when every step worked.
 With --qemu, the descriptors go to a real QEMU instead (`-object iommufd,fd= -device vfio-pci,fd=`, the
-binary unpacked under ROOT), paused, and `query-pci` says what it realized; --sysfsdev adds the device's
-sysfs path (`sysfsdev=`) beside `fd=`.
+binary unpacked under ROOT), paused, and `query-pci` says what it realized.
 
 Run in the guest as the unprivileged user, with PYTHONPATH naming the sources and /usr/lib/vfiod.
 """
@@ -134,7 +132,6 @@ def descriptors(
     bus = "mdev" if len(address) == 36 else "pci"  # a uuid, or dddd:bb:ss.f
     wanted = f"/sys/bus/{bus}/devices/{address}/"
     cdev = next((fd for _, path, fd in devices if path == wanted), None)
-    out["sysfs_path"] = wanted
     if cdev is None:
         for fd in fds:
             os.close(fd)
@@ -190,7 +187,7 @@ def run(instance: str, address: str, dma_mib: int, hold: bool, allow_mdev: bool 
 
 
 def run_qemu(
-    instance: str, address: str, qemu_root: str, hold: bool, allow_mdev: bool = False, sysfsdev: bool = False
+    instance: str, address: str, qemu_root: str, hold: bool, allow_mdev: bool = False
 ) -> dict[str, Any]:
     """The descriptors handed to a real QEMU (its binary under `qemu_root`, QEMU 8.2 or later): iommufd
     as `-object iommufd,fd=`, the cdev as `-device vfio-pci,fd=`; this process keeps no copy. What
@@ -201,13 +198,10 @@ def run_qemu(
     except StepFailed as e:
         return {**out, "ok": False, "failed_step": e.step}
     root = qemu_root.rstrip("/")
-    # sysfsdev= beside fd=: QEMU names the device by the path and recognises an mdev by it, and still
-    # opens nothing (it uses the descriptor)
-    path = f",sysfsdev={out['sysfs_path'].rstrip('/')}" if sysfsdev else ""
     extra = [
         *("-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"),
         *("-object", f"iommufd,id=iommufd0,fd={iommufd}"),
-        *("-device", f"vfio-pci,fd={cdev},iommufd=iommufd0,id=hostdev0{path}"),
+        *("-device", f"vfio-pci,fd={cdev},iommufd=iommufd0,id=hostdev0"),
     ]
     env = dict(os.environ, QEMU_MODULE_DIR=f"{root}/usr/lib/x86_64-linux-gnu/qemu")
     out["qemu"] = " ".join(extra)
@@ -245,10 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold", action="store_true")
     parser.add_argument("--qemu", metavar="ROOT", help="hand the descriptors to the QEMU unpacked under ROOT")
     parser.add_argument("--allow-mdev", action="store_true", help="OpenDevices with allow_mdev")
-    parser.add_argument("--sysfsdev", action="store_true", help="--qemu: the device's sysfsdev= beside fd=")
     args = parser.parse_args(argv)
     if args.qemu:
-        result = run_qemu(args.instance, args.address, args.qemu, args.hold, args.allow_mdev, args.sysfsdev)
+        result = run_qemu(args.instance, args.address, args.qemu, args.hold, args.allow_mdev)
     else:
         result = run(args.instance, args.address, args.dma_mib, args.hold, args.allow_mdev)
     print(json.dumps(result), flush=True)

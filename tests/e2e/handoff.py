@@ -8,7 +8,7 @@ iommufd, reads its config space and maps DMA; a real QEMU 10 (fetched by the hos
 takes them and lists the device; Detach while it runs answers DeviceBusy naming it, and after it has quit
 the device goes home. The stranger may not open devices. An mdev of the kernel's `mtty` sample, asked for
 in fd mode, gets its own cdev, which OpenDevices passes only with `allow_mdev`; QEMU 10 refuses it given by
-`fd=` alone and runs it given `sysfsdev=` beside `fd=`.
+`fd=` alone and runs it given `sysfsdev=` beside `fd=`, started by the installed `vfioctl open-devices`.
 Standard library only, but for the fd VMM's D-Bus call (the package's own dbus_fast, /usr/lib/vfiod).
 """
 
@@ -18,11 +18,13 @@ import contextlib
 import glob
 import json
 import os
+import pwd
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.e2e import qemu_vmm
 from tests.e2e.service import (
     HYPEMAN,
     MTTY_IDS,
@@ -83,6 +85,34 @@ def _qemu_holding(
             f"{HYPEMAN}$ qemu-system-x86_64 -S ... {result.get('qemu')} (pid {result.get('pid')}): {result}"
         )
         yield result
+
+
+@contextlib.contextmanager
+def _launched_by_vfioctl(
+    g: Guest, instance: str, device: str, *options: str
+) -> Iterator[qemu_vmm.RunningQemu]:
+    """A real QEMU 10 as hypeman, started by the installed `vfioctl open-devices INSTANCE -- QEMU ...`,
+    which writes the descriptors' numbers into `device` (-device's value) and execs QEMU with them."""
+    root = _qemu_root()
+    launcher = [*as_user(HYPEMAN, ["/usr/bin/vfioctl", "open-devices", *options, instance, "--"])]
+    extra = [
+        *("-L", f"{root}/usr/share/qemu", "-L", f"{root}/usr/share/seabios"),
+        *("-object", "iommufd,id=iommufd0,fd={iommufd}", "-device", device),
+    ]
+    env = dict(os.environ, QEMU_MODULE_DIR=f"{root}/usr/lib/x86_64-linux-gnu/qemu")
+    with qemu_vmm.running(
+        ["prlimit", "--memlock=unlimited:unlimited", *launcher],
+        pwd.getpwnam(HYPEMAN).pw_uid,
+        [],
+        binary=f"{root}/usr/bin/qemu-system-x86_64",
+        extra=extra,
+        env=env,
+    ) as q:
+        g.say(
+            f"{HYPEMAN}$ vfioctl open-devices {' '.join(options)} {instance} -- qemu-system-x86_64 -S ... "
+            f"{' '.join(extra[4:])} (pid {q.proc.pid}): query-pci {q.passed()}"
+        )
+        yield q
 
 
 def _owner(path: str) -> tuple[int, str]:
@@ -156,9 +186,9 @@ def sc_fd_handoff_mdev(g: Guest) -> None:
     own cdev (`<uuid>/vfio-dev/vfioN`, the rule the simulator follows) and changes no node, warning that a
     VMM needs its sysfs path. OpenDevices without allow_mdev: HandoffUnsupported. With it, a program binds
     the mdev's cdev to iommufd, reads mtty's 4348:3253 from config space and maps DMA; a real QEMU 10 given
-    the descriptors with `fd=` alone fails (it asks iommufd for the hardware IOMMU's info), and with
-    `sysfsdev=` beside `fd=` lists the card; Detach while QEMU runs: DeviceBusy naming it; after it has
-    quit, Detach removes the mdev."""
+    the descriptors with `fd=` alone fails (it asks iommufd for the hardware IOMMU's info), and started by
+    `vfioctl open-devices --allow-mdev` with `sysfsdev=` beside `fd=` lists the card; Detach while QEMU runs:
+    DeviceBusy naming it; after it has quit, Detach removes the mdev."""
     must(["modprobe", "mtty"])
     reply = g.call(HYPEMAN, "AttachVGPU", "ssa{sv}", MDEV_INSTANCE, "mtty-2", "1", "handoff", "s", "fd")
     check(reply.ok, f"AttachVGPU with handoff fd failed: {reply.describe()}")
@@ -185,12 +215,13 @@ def sc_fd_handoff_mdev(g: Guest) -> None:
     alone = _fd_vmm(g, MDEV_INSTANCE, uuid, "--qemu", _qemu_root(), "--allow-mdev")
     g.say(f"QEMU with fd= alone: ok={alone.get('ok')} {alone.get('error', '')}")
     check(alone.get("ok") is False and "hardware info" in alone.get("error", ""), f"fd= alone: {alone}")
-    with _qemu_holding(g, MDEV_INSTANCE, uuid, "--allow-mdev", "--sysfsdev") as q:
-        passed = q.get("passed", {})
-        check(passed.get("hostdev0", [None])[:2] == list(MTTY_IDS), f"query-pci: {passed}")
+    device = "vfio-pci,fd={fd},iommufd=iommufd0,sysfsdev={sysfs},id=hostdev0"
+    with _launched_by_vfioctl(g, MDEV_INSTANCE, device, "--allow-mdev") as q:
+        passed = {k: (f.vendor_id, f.device_id) for k, f in q.passed().items()}
+        check(passed.get("hostdev0") == MTTY_IDS, f"query-pci: {passed}")
         reply = g.detach(HYPEMAN, MDEV_INSTANCE)
         check(
-            reply.error == "DeviceBusy" and str(q.get("pid")) in reply.message,
+            reply.error == "DeviceBusy" and str(q.proc.pid) in reply.message,  # vfioctl became QEMU
             f"Detach while QEMU runs: {reply.describe()}",
         )
         check(os.path.isdir(f"/sys/bus/mdev/devices/{uuid}"), "the mdev went away while QEMU held it")

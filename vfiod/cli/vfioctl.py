@@ -58,6 +58,7 @@ from vfiod.cli.vfioctl_commands import (
     cmd_vgpus,
 )
 from vfiod.cli.vfioctl_help import EXAMPLES
+from vfiod.cli.vfioctl_launch import cmd_open_devices
 
 DEFAULT_TIMEOUT = 120.0
 UINT32_MAX = 0xFFFFFFFF
@@ -292,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         "from OpenDevices (default: vfiod.toml's handoff for a vendor-VFIO vGPU, node for an mdev)",
     )  # fmt: skip
     add("metrics", cmd_metrics)
+    p = add("open-devices", cmd_open_devices)
+    p.usage = "vfioctl open-devices [--allow-mdev] INSTANCE [DEV ...] -- COMMAND [ARG ...]"
+    p.add_argument("instance", metavar="INSTANCE")
+    p.add_argument("devices", metavar="DEV", nargs="*", help="a device or vGPU id or name (default: all)")
+    p.add_argument("--allow-mdev", action="store_true", help="pass an fd-mode mdev's cdev too")
+    p.set_defaults(vmm_command=[])  # what follows `--`, split off before parsing (main)
     p = add("vfs", cmd_vfs)
     p.add_argument(
         "pf",
@@ -321,7 +328,10 @@ def target_of(args: argparse.Namespace) -> BusTarget:
 
 async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     interactive = sys.stdin.isatty() and not args.no_ask_password
-    client = await Client.connect(target_of(args), timeout=args.timeout, interactive=interactive)
+    fds = args.command == "open-devices"  # the one command that receives descriptors
+    client = await Client.connect(
+        target_of(args), timeout=args.timeout, interactive=interactive, descriptors=fds
+    )
     handler: Command = args.handler
     try:
         with tty_agent(interactive and client.target.kind == "system" and args.command not in READ_ONLY):
@@ -337,11 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vfiod.cli import vfioctl_complete  # noqa: PLC0415 -- only when completing
 
         return vfioctl_complete.run(words[1:], parser)
+    # open-devices: everything after `--` is the VMM's command line, never vfioctl's options
+    vmm_command: list[str] = []
+    if "--" in words and "open-devices" in words[: words.index("--")]:
+        words, vmm_command = words[: words.index("--")], words[words.index("--") + 1 :]
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as e:
         # argparse exits for --help (0) and usage errors (2); the console script wants a status back.
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if hasattr(args, "vmm_command"):
+        args.vmm_command = vmm_command
     if getattr(args, "handler", None) is None:
         parser.print_usage(sys.stderr)
         print("vfioctl: a command is required (see vfioctl --help)", file=sys.stderr)

@@ -186,12 +186,16 @@ class Client:
         self.interactive = interactive
 
     @classmethod
-    async def connect(cls, target: BusTarget, *, timeout: float, interactive: bool) -> Client:
+    async def connect(
+        cls, target: BusTarget, *, timeout: float, interactive: bool, descriptors: bool = False
+    ) -> Client:
+        """`descriptors`: negotiate unix fd passing, to receive OpenDevices' descriptors."""
         try:
             if target.kind == "address":
-                bus = Connection(bus_address=target.address)
+                bus = Connection(bus_address=target.address, negotiate_unix_fd=descriptors)
             else:
-                bus = Connection(bus_type=BusType.SYSTEM if target.kind == "system" else BusType.SESSION)
+                kind = BusType.SYSTEM if target.kind == "system" else BusType.SESSION
+                bus = Connection(bus_type=kind, negotiate_unix_fd=descriptors)
         except InvalidAddressError as e:
             if target.kind == "address":
                 raise CallError(
@@ -227,6 +231,24 @@ class Client:
         timeout: float | None = None,
     ) -> list[Any]:
         """Call `member` and return the reply body unwrapped; a D-Bus error becomes a CallError."""
+        reply = await self.reply_to(
+            member, signature, body, interface=interface, path=path, destination=destination, timeout=timeout
+        )
+        return [unwrap(v) for v in reply.body]
+
+    async def reply_to(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[object] = (),
+        *,
+        interface: str = MANAGER_IFACE,
+        path: str = MANAGER_PATH,
+        destination: str = BUS_NAME,
+        timeout: float | None = None,
+    ) -> Message:
+        """Call `member` and return the reply message itself (with its `unix_fds`); a D-Bus error becomes
+        a CallError."""
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else MessageFlag.NONE
         msg = Message(
             destination=destination,
@@ -260,7 +282,7 @@ class Client:
             name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
             raise CallError(name, text or "(no message)")
-        return [unwrap(v) for v in reply.body]
+        return reply
 
     async def manager(self, member: str, *body: object) -> list[Any]:
         """Call a Manager method; its signature is the contract's (vfiod.bus.methods), never typed here."""

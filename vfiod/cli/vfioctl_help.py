@@ -110,6 +110,21 @@ EXAMPLES: dict[str, tuple[str, str, list[str]]] = {
         "removes it.",
         ["vfioctl attach-vgpu ml-training 'NVIDIA L40S-4Q'", "vfioctl attach-vgpu vm1 mtty-2 --json"],
     ),
+    "open-devices": (
+        "start a VMM with the descriptors of an instance's fd-mode devices (OpenDevices)",
+        "Asks vfiod for a new /dev/iommu and each device's VFIO cdev (all of the instance's when no DEV is "
+        "named), writes their numbers into the command where it says {iommufd}, {fd} (the only device's) or "
+        "{fd:KEY} (KEY: a device id, PCI address or mdev uuid), and {sysfs} or {sysfs:KEY} for a device's "
+        "sysfs path (other braces are left alone), prints OpenDevices' warnings and replaces itself with the "
+        "command, which inherits the descriptors and nothing else of vfioctl. The devices must be attached "
+        "with --handoff fd; an mdev needs --allow-mdev, and QEMU its sysfsdev= beside fd=.",
+        [
+            "vfioctl open-devices vm1 -- qemu-system-x86_64 -object iommufd,id=i0,fd={iommufd} "
+            "-device vfio-pci,fd={fd},iommufd=i0 ...",
+            "vfioctl open-devices --allow-mdev vm2 -- qemu-system-x86_64 -object iommufd,id=i0,fd={iommufd} "
+            "-device vfio-pci,fd={fd},iommufd=i0,sysfsdev={sysfs} ...",
+        ],
+    ),
     "vfs": (
         "set the number of SR-IOV virtual functions of a physical function (SetVirtualFunctions; admin)",
         "PF is a PCI address or a registered device. The VFs stay driverless unless --autoprobe lets host "
