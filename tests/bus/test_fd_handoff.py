@@ -1,7 +1,8 @@
 """OpenDevices through a real dbus-daemon (`--simulate qemu-q35-iommufd`): the reply carries descriptors
 (unix fd passing, which vfiod's connection negotiates), vfiod's own copies are closed once the reply is
 written, every call opens anew, and descriptors a caller attaches to any call never reach vfiod's table
-(no method takes one: its connection reads without room for them, and the kernel drops them)."""
+(no method takes one: its connection reads without room for them, and the kernel drops them). On
+`mdev-samples-iommufd`: AttachVGPU's handoff and OpenDevices' allow_mdev options reach the core."""
 
 from __future__ import annotations
 

@@ -55,6 +55,22 @@ def group_of(sh: SimHost, uuid: str) -> int:
     )
 
 
+def remove_waits_for(sh: SimHost, uuid: str, pid: int) -> None:
+    """The mdev's remove blocks while process `pid` lives, and goes through once it has exited."""
+    done = threading.Event()
+
+    def removing() -> None:
+        remove(sh, uuid)
+        done.set()
+
+    threading.Thread(target=removing, daemon=True).start()
+    assert sh.kernel.wait_blocked(uuid, 2.0)
+    assert not done.is_set() and sh.host.from_logical(f"/sys/bus/mdev/devices/{uuid}").exists()
+    processes.remove_process(sh.root, pid)
+    assert done.wait(2.0)
+    assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{uuid}").exists()
+
+
 def test_parents_and_types_as_the_samples_show_them(sim: SimFactory) -> None:
     sh = sim("mdev-samples")
     assert sorted(os.listdir(sh.host.from_logical("/sys/class/mdev_bus"))) == ["mbochs", "mtty"]
@@ -132,18 +148,7 @@ def test_remove_waits_while_a_device_file_is_open(sim: SimFactory) -> None:
     with pytest.raises(OSError) as e:
         sh.host.group_status(group)
     assert e.value.errno == errno.EBUSY
-    done = threading.Event()
-
-    def removing() -> None:
-        remove(sh, U1)
-        done.set()
-
-    threading.Thread(target=removing, daemon=True).start()
-    assert sh.kernel.wait_blocked(U1, 2.0)
-    assert not done.is_set() and sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
-    processes.remove_process(sh.root, pid)
-    assert done.wait(2.0)
-    assert not sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
+    remove_waits_for(sh, U1, pid)
 
 
 def test_an_mdev_has_its_vfio_device_and_cdev(sim: SimFactory) -> None:
@@ -180,17 +185,7 @@ def test_remove_waits_while_the_cdev_is_open(sim: SimFactory) -> None:
     pid = processes.add_process(
         sh.root, exe="/usr/bin/qemu-system-x86_64", uid=1000, fds=[f"/dev/vfio/devices/{cdev}"]
     )
-    done = threading.Event()
-
-    def removing() -> None:
-        remove(sh, U1)
-        done.set()
-
-    threading.Thread(target=removing, daemon=True).start()
-    assert sh.kernel.wait_blocked(U1, 2.0)
-    assert not done.is_set() and sh.host.from_logical(f"/sys/bus/mdev/devices/{U1}").exists()
-    processes.remove_process(sh.root, pid)
-    assert done.wait(2.0)
+    remove_waits_for(sh, U1, pid)
     assert not sh.host.from_logical(f"/dev/vfio/devices/{cdev}").exists()
 
 

@@ -123,34 +123,27 @@ def test_client_against_the_live_daemon(gobuild: dict[str, str]) -> None:
         assert r.returncode == 0 and "--- PASS: TestDenied" in r.stdout, r.stdout + r.stderr
 
 
+def _go_test_on(gobuild: dict[str, str], profile: str, root: Path, test: str) -> str:
+    """`go test -run TEST` against a live daemon on `profile` whose simulated host is at `root`
+    (VFIOD_TEST_ROOT: the Go test compares the files it receives with the host's nodes)."""
+    require_root_and_tools()
+    with start_stack([*vfiod_argv(profile), "--sim-root", str(root)]) as stack:
+        env = {"VFIOD_TEST_BUS": stack.address, "VFIOD_TEST_PROFILE": profile, "VFIOD_TEST_ROOT": str(root)}
+        return go(gobuild, "test", "-count=1", "-v", "-run", test, ".", extra=env)
+
+
 def test_vgpus_against_the_live_daemon(gobuild: dict[str, str], tmp_path: Path) -> None:
     """ListProfiles, AttachVGPU (node mode, and an mdev with Handoff "fd"), ListVGPUs, Detach, and
     OpenDevices of the mdev: refused without AllowMdev, its cdev's *os.File with it."""
-    root = tmp_path / "host"
-    require_root_and_tools()
-    with start_stack([*vfiod_argv("mdev-samples-iommufd"), "--sim-root", str(root)]) as stack:
-        env = {
-            "VFIOD_TEST_BUS": stack.address,
-            "VFIOD_TEST_PROFILE": "mdev-samples-iommufd",
-            "VFIOD_TEST_ROOT": str(root),
-        }
-        out = go(gobuild, "test", "-count=1", "-v", "-run", "TestVGPUs", ".", extra=env)
-        assert "--- PASS: TestVGPUs" in out, out
+    out = _go_test_on(gobuild, "mdev-samples-iommufd", tmp_path / "host", "TestVGPUs")
+    assert "--- PASS: TestVGPUs" in out, out
 
 
 def test_open_devices_against_the_live_daemon(gobuild: dict[str, str], tmp_path: Path) -> None:
     """Attach with Handoff "fd" and OpenDevices: the *os.Files are the daemon's nodes (godbus receives the
     descriptors the reply carries, nested in the a(ssh) too)."""
-    root = tmp_path / "host"
-    require_root_and_tools()
-    with start_stack([*vfiod_argv("qemu-q35-iommufd"), "--sim-root", str(root)]) as stack:
-        env = {
-            "VFIOD_TEST_BUS": stack.address,
-            "VFIOD_TEST_PROFILE": "qemu-q35-iommufd",
-            "VFIOD_TEST_ROOT": str(root),
-        }
-        out = go(gobuild, "test", "-count=1", "-v", "-run", "TestOpenDevices", ".", extra=env)
-        assert "--- PASS: TestOpenDevices" in out, out
+    out = _go_test_on(gobuild, "qemu-q35-iommufd", tmp_path / "host", "TestOpenDevices")
+    assert "--- PASS: TestOpenDevices" in out, out
 
 
 def test_the_workflow_example(gobuild: dict[str, str]) -> None:

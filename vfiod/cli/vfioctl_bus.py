@@ -220,20 +220,11 @@ class Client:
             self.bus.disconnect()
 
     async def call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[object] = (),
-        *,
-        interface: str = MANAGER_IFACE,
-        path: str = MANAGER_PATH,
-        destination: str = BUS_NAME,
-        timeout: float | None = None,
+        self, member: str, signature: str = "", body: Sequence[object] = (), **where: Any
     ) -> list[Any]:
-        """Call `member` and return the reply body unwrapped; a D-Bus error becomes a CallError."""
-        reply = await self.reply_to(
-            member, signature, body, interface=interface, path=path, destination=destination, timeout=timeout
-        )
+        """Call `member` and return the reply body unwrapped (`where`: reply_to's keywords); a D-Bus error
+        becomes a CallError."""
+        reply = await self.reply_to(member, signature, body, **where)
         return [unwrap(v) for v in reply.body]
 
     async def reply_to(

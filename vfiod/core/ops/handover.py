@@ -5,11 +5,11 @@ cdev, and the call one new descriptor of `/dev/iommu` (a VMM that has its own ma
 is given only when the caller asks with `allow_mdev`, and with a warning: QEMU recognises an mdev only by
 its sysfs path, so the VMM must be given `sysfsdev=` beside `fd=` (QEMU 10 refuses an mdev given by `fd=`
 alone: it takes it for a physical device and asks iommufd for its IOMMU's hardware info, which an mdev
-has none of; measured in the real-kernel suite). The nodes never change
-owner. Every check comes before the first open, and an open that fails closes what this call already
-opened, so a refusal leaves nothing open. The caller (the bus) sends the descriptors in its reply and closes
-vfiod's copies once they are written to the bus (or the reply is dropped): a descriptor lives only in the
-process that received it, and dies with it. A vfiod that dies before replying takes its copies along.
+has none of; measured in the real-kernel suite). The nodes never change owner. Every check comes before
+the first open, and an open that fails closes what this call already opened, so a refusal leaves nothing
+open. The caller (the bus) sends the descriptors in its reply and closes vfiod's copies once they are
+written to the bus (or the reply is dropped): a descriptor lives only in the process that received it,
+and dies with it. A vfiod that dies before replying takes its copies along.
 
 Runs under the instance lock and the groups' locks the manager holds, so no Detach unbinds a function
 between its checks and its open.
