@@ -833,7 +833,8 @@ def sc_mdev_profiles(g: Guest) -> None:
 
 
 def sc_mdev_attach_used(g: Guest) -> None:
-    """AttachVGPU of mtty-2 as hypeman: an mdev whose group node is hypeman's; the unprivileged VMM opens
+    """AttachVGPU of mtty-2 as hypeman: an mdev whose group node is hypeman's, with its VFIO device under it
+    (`vfio-dev/vfioN`, no cdev on Debian's 6.1: the simulator's rule M7); the unprivileged VMM opens
     the container and the group, gets the device by its uuid and reads 4348:3253 from its config space; the
     same call again gives the same vGPU; Detach while the VMM holds it is DeviceBusy naming it, after it
     exits the mdev and its node are gone. A stranger is refused."""
@@ -847,6 +848,14 @@ def sc_mdev_attach_used(g: Guest) -> None:
     check(att["device_config"]["sysfsdev"] == f"/sys/bus/mdev/devices/{uuid}", f"record: {att}")
     check(_mdevs() == [uuid], f"the mdev bus has {_mdevs()}")
     check(os.readlink(MDEV_BUS / uuid / "mdev_type").endswith("/mtty-2"), "the mdev is not of type mtty-2")
+    # 6.1: the mdev's VFIO device has its struct device under it, vfio-dev/vfioN (no cdev on Debian's)
+    vfio_dev = MDEV_BUS / uuid / "vfio-dev"
+    names = sorted(os.listdir(vfio_dev)) if vfio_dev.is_dir() else []
+    g.say(f"{vfio_dev}: {names}")
+    check(
+        len(names) == 1 and names[0].startswith("vfio") and not (vfio_dev / names[0] / "dev").exists(),
+        f"{vfio_dev}: {names}",
+    )
     st = os.stat(node)
     check(st.st_uid == pwd.getpwnam(HYPEMAN).pw_uid and st.st_mode & 0o777 == 0o600, f"{node}: {st}")
     res = g.vmm(HYPEMAN, node, uuid)
