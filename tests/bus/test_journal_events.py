@@ -5,6 +5,7 @@ device the host needs refused: WARNING; a polkit denial: WARNING); ACTION is the
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ from tests.bus.support.helpers import AUDIO, GPU, IGPU, attach, b, detach, ok, r
 from tests.journal_catalog import assert_catalogued
 from vfiod.bus.names import ACTION_INSPECT
 from vfiod.config import Config
-from vfiod.logevents import MessageId
+from vfiod.logevents import Action, MessageId
 from vfiod_sim import faults
 
 
@@ -116,3 +117,6 @@ def test_attach_and_detach_say_where_their_time_went(
         assert "OTHER" in found  # what no phase accounts for makes up the rest
         assert 0 < spent <= float(fields["DURATION_MS"]) + 1.0  # each field is rounded to 0.1 ms
         assert "write drivers_probe" in line.getMessage() and " ms" in line.getMessage()
+    # each sysfs write's own line carries its duration the same way (most writes take well under 1 ms)
+    writes = [r.__dict__ for r in caplog.records if r.__dict__.get("ACTION") == Action.SYSFS_WRITE]
+    assert writes and all(re.fullmatch(r"\d+\.\d", str(w["DURATION_MS"])) for w in writes), writes

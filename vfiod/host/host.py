@@ -400,7 +400,7 @@ class Host:
                 "SYSFS_PATH": logical,
                 "SYSFS_VALUE": value,
                 "RESULT": "refused",
-                "DURATION_MS": 0,
+                "DURATION_MS": "0.0",
                 "MESSAGE_ID": MessageId.WRITE_REFUSED,
                 **({"PCI_ADDRESS": str(addr)} if addr else {}),
             },
@@ -424,7 +424,7 @@ class Host:
                 "SYSFS_PATH": record.path,
                 "SYSFS_VALUE": record.value,
                 "RESULT": record.result,
-                "DURATION_MS": int(record.duration * 1000),
+                "DURATION_MS": f"{record.duration * 1000:.1f}",  # as the outcome line's: most take < 1 ms
                 "PCI_ADDRESS": record.pci_address or "",
                 "LATE": int(record.late),
                 **({"MESSAGE_ID": MessageId.LATE_WRITE} if record.late else {}),
