@@ -2,7 +2,9 @@
 unless AttachVGPU asks for fd (then no node changes owner and the record names the mdev's own cdev), and
 OpenDevices gives an mdev's cdev only with `allow_mdev`, with a warning; a vendor-VFIO vGPU (a PCI function
 to the VMM) follows the host's default and is opened like any function. A holder of the vGPU's cdev keeps
-Detach from destroying it; a host without cdevs or iommufd refuses fd mode before anything is created."""
+Detach from destroying it; a host without cdevs or iommufd refuses fd mode before anything is created. An
+fd-mode mdev's node widened behind vfiod's back goes back to root, and one whose AttachVGPU a crash
+interrupted is removed at the next start, its node never having changed owner."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 
 from tests.core.support.worlds import HM, OTHER, Env, MakeEnv
 from vfiod.core.errors import DeviceBusy, HandoffUnsupported, InUse, NotOwner
+from vfiod.core.ops import vgpu
 from vfiod.core.settings import ManagerConfig
 from vfiod.host.backend import NodeOwner
 from vfiod.host.pciaddr import PciAddress
@@ -136,3 +139,38 @@ def test_a_vendor_vgpu_in_fd_mode_on_a_host_without_iommufd_creates_nothing(env:
     with pytest.raises(HandoffUnsupported, match="no iommufd"):
         e.manager.attach_vgpu(HM, "vm1", "1155")
     assert creates(e) == [] and e.manager.list_vgpus() == []
+
+
+def test_an_fd_mode_mdev_node_stays_roots(env: MakeEnv) -> None:
+    e = env("mdev-samples-iommufd")
+    att, _ = e.manager.attach_vgpu(HM, "vm1", "mtty-2", handoff_mode="fd")
+    e.host.set_node_owner(att.iommu_group, NodeOwner(uid=HM.uid, gid=0, mode=0o666))  # a udev rule
+    (found,) = e.manager.refreshes.grants()
+    assert f"/dev/vfio/{att.iommu_group}" in found and "given back to uid 0" in found
+    assert e.host.node_owner(att.iommu_group) == ROOT_0600
+    e.host.set_node_owner(att.iommu_group, NodeOwner(uid=HM.uid, gid=0, mode=0o600))
+    m = e.reopen()  # a restart keeps the attachment, and its node root's
+    m.startup()
+    (again,) = [a for a in m.registry.all_attachments() if a.device_id == att.id]
+    assert again.handoff == "fd" and e.host.node_owner(att.iommu_group) == ROOT_0600
+
+
+def test_an_interrupted_fd_mode_attach_vgpu_is_rolled_back_at_start_up(env: MakeEnv) -> None:
+    """What a crash after the create and before the record leaves (rebuilt by hand: the claim intent and
+    the mdev; fd mode journals no grant): the next start removes the mdev and its node."""
+    e = env("mdev-samples-iommufd")
+    m = e.manager
+    att, _ = m.attach_vgpu(HM, "vm1", "mtty-2", handoff_mode="fd")
+    row = m.registry.get_vgpu(att.id)
+    assert row is not None
+    m.registry.remove_attachment(row.id)  # as before the attachment was recorded
+    m.registry.set_vgpu_state(row.id, "creating")
+    vgpu.claim(m.deps, vgpu.ATTACH, row)
+    m = e.reopen()
+    report = m.startup()
+    assert not e.host.from_logical(att.sysfs_path).exists() and m.registry.list_vgpus() == []
+    assert m.registry.open_intents() == [] and m.registry.all_attachments() == []
+    said = f"vGPU {att.mdev_uuid}: an interrupted attach-vgpu was rolled back"
+    assert any(said in f for f in report.findings), report.findings
+    assert not e.host.vfio_group_node(att.iommu_group).exists()  # gone with the mdev
+    m.attach_vgpu(HM, "vm1", "mtty-2", handoff_mode="fd")  # works afterwards
