@@ -21,7 +21,7 @@ import pytest
 from tests.cli.support.buses import private_bus
 from vfiod.cli import vfioctl
 from vfiod.cli.vfioctl_bus import CallError
-from vfiod.cli.vfioctl_launch import Opened, check_placeholders, substitute
+from vfiod.cli.vfioctl_launch import Received, check_placeholders, substitute
 
 REPO = Path(__file__).resolve().parents[2]
 VFIOD, VFIOCTL = REPO / ".venv/bin/vfiod", REPO / ".venv/bin/vfioctl"
@@ -40,13 +40,13 @@ SHOW = (
 
 
 def test_placeholders() -> None:
-    one = Opened(7, (("i" * 24, f"/sys/bus/pci/devices/{EDU}/", 8),))
+    one = Received(7, (("i" * 24, f"/sys/bus/pci/devices/{EDU}/", 8),))
     assert substitute(["fd={iommufd}", "vfio-pci,fd={fd},sysfsdev={sysfs}", '{"fd": "{fd}"}'], one) == [
         "fd=7",
         f"vfio-pci,fd=8,sysfsdev=/sys/bus/pci/devices/{EDU}",
         '{"fd": "8"}',  # other braces stay (QEMU's JSON options)
     ]
-    two = Opened(
+    two = Received(
         3, (("a" * 24, f"/sys/bus/pci/devices/{EDU}/", 4), ("b" * 24, f"/sys/bus/mdev/devices/{MDEV}/", 5))
     )
     assert substitute([f"{{fd:{EDU}}}", f"{{fd:{MDEV}}}", "{sysfs:" + "b" * 24 + "}"], two) == [

@@ -35,7 +35,7 @@ _PLACEHOLDER = re.compile(r"\{(iommufd|fd|sysfs)(?::([^{}\s]+))?\}")
 
 
 @dataclass(frozen=True)
-class Opened:
+class Received:
     """What OpenDevices passed: the iommufd and, per device, (id, sysfs path, descriptor)."""
 
     iommufd: int
@@ -70,7 +70,7 @@ def check_placeholders(argv: Sequence[str]) -> None:
                 raise CallError("InvalidArgument", f"{m.group(0)}: {{iommufd}} takes no key", EXIT_USAGE)
 
 
-def substitute(argv: Sequence[str], opened: Opened) -> list[str]:
+def substitute(argv: Sequence[str], opened: Received) -> list[str]:
     def one(m: re.Match[str]) -> str:
         if m.group(1) == "iommufd":
             return str(opened.iommufd)
@@ -94,7 +94,7 @@ async def cmd_open_devices(ctx: Context) -> int:
     reply = await ctx.client.reply_to("OpenDevices", method.in_signature, [a.instance, list(a.devices), opts])
     iommufd_index, devices, warnings = (unwrap(v) for v in reply.body)
     fds = reply.unix_fds
-    opened = Opened(fds[iommufd_index], tuple((i, p, fds[n]) for i, p, n in devices))
+    opened = Received(fds[iommufd_index], tuple((i, p, fds[n]) for i, p, n in devices))
     try:
         argv = substitute(command, opened)
         for warning in warnings:

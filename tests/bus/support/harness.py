@@ -154,6 +154,8 @@ class Reply:
     body: list[Any]
     error: str = ""
     text: str = ""
+    signature: str = ""
+    unix_fds: list[int] = field(default_factory=list)  # received (a `descriptors` client's), the test's
 
     @property
     def short(self) -> str:
@@ -175,16 +177,18 @@ class Signal:
 
 @dataclass
 class Client:
-    """A D-Bus connection on a LoopThread (so as that thread's user)."""
+    """A D-Bus connection on a LoopThread (so as that thread's user). `descriptors`: it negotiates unix fd
+    passing, as busctl, gdbus and godbus do, so replies may carry descriptors (and calls send some)."""
 
     lt: LoopThread
     address: str
+    descriptors: bool = False
     bus: MessageBus = field(init=False)
     signals: queue.Queue[Signal] = field(init=False, default_factory=queue.Queue)
 
     def __post_init__(self) -> None:
         async def connect() -> MessageBus:
-            return await MessageBus(bus_address=self.address).connect()
+            return await MessageBus(bus_address=self.address, negotiate_unix_fd=self.descriptors).connect()
 
         self.bus = self.lt.run(connect())
 
@@ -208,6 +212,7 @@ class Client:
         destination: str = BUS_NAME,
         flags: MessageFlag = MessageFlag.NONE,
         timeout: float = 30.0,
+        unix_fds: list[int] | None = None,
     ) -> Reply:
         msg = Message(
             destination=destination,
@@ -217,6 +222,7 @@ class Client:
             signature=signature,
             body=list(body or []),
             flags=flags,
+            unix_fds=unix_fds or [],
         )
 
         async def go() -> Message:
@@ -225,8 +231,8 @@ class Client:
         reply = self.lt.run(go(), timeout)
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            return Reply(False, list(reply.body), reply.error_name or "", text)
-        return Reply(True, list(reply.body))
+            return Reply(False, list(reply.body), reply.error_name or "", text, unix_fds=list(reply.unix_fds))
+        return Reply(True, list(reply.body), signature=reply.signature, unix_fds=list(reply.unix_fds))
 
     def m(self, member: str, signature: str, *args: Any, flags: MessageFlag = MessageFlag.NONE) -> Reply:
         """A Manager method."""
